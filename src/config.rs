@@ -1,0 +1,914 @@
+//! Configuration (SPEC §3, §4): the clap command line and the Summoner
+//! `server_config.json` format, merged into one validated [`Config`].
+//!
+//! Precedence is built-in defaults < file < flags. The file is walked as a
+//! `serde_json::Value` rather than deserialised into structs so that every error names
+//! its JSON path and every unknown key can be reported with the closest known one.
+//! Nothing outside this module sees raw CLI or JSON types.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Map, Value};
+
+/// The command line (SPEC §4).
+#[derive(Debug, Parser)]
+#[command(
+    name = "corecast",
+    version,
+    about = "Thread-per-core TCP broadcast relay, Summoner-compatible"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Validate a config file and print the effective configuration as JSON.
+    Check(ServeArgs),
+}
+
+/// Flags shared by `serve` and `check`; each one overrides the file.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ServeArgs {
+    /// Summoner-format JSON config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Listen host: IPv4, IPv6 or a hostname.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Listen port (0 picks a free one and logs it).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Number of shards (one pinned executor each); default one per usable CPU.
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Name used in log lines and the log file name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TRACE, DEBUG, INFO, WARN/WARNING, ERROR, CRITICAL or OFF (any case).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// A configuration problem; the process exits 78 (EX_CONFIG) before binding anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The file named on the command line could not be read.
+    Unreadable { path: PathBuf, reason: String },
+    /// The file is not JSON at all.
+    Syntax { path: PathBuf, reason: String },
+    /// A value has the wrong type or is out of range.
+    Invalid {
+        key: String,
+        expected: String,
+        found: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Unreadable { path, reason } => {
+                write!(f, "cannot read config file {}: {reason}", path.display())
+            }
+            ConfigError::Syntax { path, reason } => {
+                write!(
+                    f,
+                    "config file {} is not valid JSON: {reason}",
+                    path.display()
+                )
+            }
+            ConfigError::Invalid {
+                key,
+                expected,
+                found,
+            } => write!(f, "{key}: expected {expected}, found {found}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Log verbosity, with the Python names Summoner configs use mapped onto tracing's levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Off,
+}
+
+impl LogLevel {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "TRACE" => LogLevel::Trace,
+            "DEBUG" => LogLevel::Debug,
+            "INFO" => LogLevel::Info,
+            "WARN" | "WARNING" => LogLevel::Warn,
+            "ERROR" | "CRITICAL" => LogLevel::Error,
+            "OFF" => LogLevel::Off,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "TRACE",
+            LogLevel::Debug => "DEBUG",
+            LogLevel::Info => "INFO",
+            LogLevel::Warn => "WARNING",
+            LogLevel::Error => "ERROR",
+            LogLevel::Off => "OFF",
+        }
+    }
+}
+
+/// The `logger` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    /// Write log lines to stderr.
+    pub console: bool,
+    /// Append log lines to `<file_path>/<name>.log`.
+    pub file: bool,
+    pub file_path: String,
+    /// One JSON object per log line instead of the text form.
+    pub json: bool,
+    /// chrono strftime syntax for the timestamp.
+    pub date_format: String,
+    /// When set, relayed-message log lines keep only these payload keys.
+    pub log_keys: Option<Vec<String>>,
+}
+
+/// What a quarantine entry is keyed by (SPEC §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineBy {
+    /// The peer IP: every port of a misbehaving host is refused.
+    Ip,
+    /// The full ip:port, the reference server's behaviour.
+    Addr,
+}
+
+/// `hyper_parameters.backpressure_policy` (SPEC §2.2). Thresholds count messages queued
+/// for a stalled recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackpressureConfig {
+    pub enable_throttle: bool,
+    pub throttle_threshold: u64,
+    pub enable_flow_control: bool,
+    pub flow_control_threshold: u64,
+    pub enable_disconnect: bool,
+    pub disconnect_threshold: u64,
+}
+
+/// The validated, effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Listen host: IPv4, IPv6 or a hostname. Default `127.0.0.1`.
+    pub host: String,
+    /// Listen port. Default 8888; 0 asks the kernel for a free one.
+    pub port: u16,
+    /// Name in log lines and the log file name. Default `corecast`.
+    pub name: String,
+    pub log: LogConfig,
+    /// Number of shards, each one executor pinned to its own CPU. Default: usable CPUs.
+    pub shards: usize,
+    /// Idle timeout in seconds (SPEC §2.4); `None` disables. Default 300.
+    pub client_timeout_secs: Option<u64>,
+    /// Period of the per-shard idle sweep, seconds. Default 30.
+    pub timeout_check_interval_secs: u64,
+    /// Token-bucket capacity and per-minute refill (SPEC §2.1); `None` disables. Default 300.
+    pub rate_limit_msgs_per_minute: Option<u64>,
+    /// First back-off after an accept error, doubling to 1 s. Default 100 ms.
+    pub accept_error_backoff_ms: u64,
+    /// How long a quarantined key is refused. Default 300 s.
+    pub quarantine_cooldown_secs: u64,
+    /// How often expired quarantine entries are purged. Default 60 s.
+    pub quarantine_cleanup_interval_secs: u64,
+    /// Read pause for a sender while a recipient is over the throttle threshold. Default 200 ms.
+    pub throttle_delay_ms: u64,
+    /// Read pause while a recipient is over the flow-control threshold. Default 1000 ms.
+    pub flow_control_delay_ms: u64,
+    pub backpressure: BackpressureConfig,
+    /// Longest accepted line content; longer lines get N4 and a close. Default 1 MiB.
+    pub max_line_bytes: usize,
+    /// Bytes queued for one recipient before it is closed, whatever the policy. Default 8 MiB.
+    pub max_pending_bytes: usize,
+    /// Open connections per process before new ones get N6. Default: fd hard limit - 64.
+    pub max_connections: usize,
+    pub quarantine_by: QuarantineBy,
+    /// Quarantine table bound; the oldest entry is evicted first. Default 100000.
+    pub quarantine_max_entries: usize,
+    /// Bound on the whole shutdown drain. Default 5000 ms.
+    pub shutdown_grace_ms: u64,
+}
+
+/// File descriptors kept back from `max_connections` for listeners, rings and logs.
+pub const FD_RESERVE: u64 = 64;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 8888,
+            name: "corecast".into(),
+            log: LogConfig {
+                level: LogLevel::Info,
+                console: true,
+                file: false,
+                file_path: String::new(),
+                json: false,
+                date_format: "%Y-%m-%d %H:%M:%S.%3f".into(),
+                log_keys: None,
+            },
+            shards: crate::shard::usable_cpus().len().max(1),
+            client_timeout_secs: Some(300),
+            timeout_check_interval_secs: 30,
+            rate_limit_msgs_per_minute: Some(300),
+            accept_error_backoff_ms: 100,
+            quarantine_cooldown_secs: 300,
+            quarantine_cleanup_interval_secs: 60,
+            throttle_delay_ms: 200,
+            flow_control_delay_ms: 1000,
+            backpressure: BackpressureConfig {
+                enable_throttle: true,
+                throttle_threshold: 100,
+                enable_flow_control: true,
+                flow_control_threshold: 300,
+                enable_disconnect: true,
+                disconnect_threshold: 500,
+            },
+            max_line_bytes: 1 << 20,
+            max_pending_bytes: 8 << 20,
+            max_connections: default_max_connections(),
+            quarantine_by: QuarantineBy::Ip,
+            quarantine_max_entries: 100_000,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// The open-file hard limit (to which `run` raises the soft limit) minus [`FD_RESERVE`].
+fn default_max_connections() -> usize {
+    let hard = crate::startup::nofile_limit().1;
+    hard.saturating_sub(FD_RESERVE).clamp(1, 10_000_000) as usize
+}
+
+/// Keys a Summoner `logger` section may carry that only the Python server uses.
+const PYTHON_ONLY_LOGGER_KEYS: &[&str] = &[
+    "console_log_format",
+    "log_format",
+    "max_file_size",
+    "backup_count",
+];
+/// Keys of the reference's channel design: accepted, no effect.
+const INERT_HYPER_KEYS: &[&str] = &[
+    "connection_buffer_size",
+    "command_buffer_size",
+    "control_channel_capacity",
+    "queue_monitor_capacity",
+];
+
+impl Config {
+    /// Builds the effective config: defaults, then the file named by `--config`, then flags.
+    /// Unknown keys come back as warnings for the caller to log once logging is set up.
+    pub fn load(args: &ServeArgs) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut config = Config::default();
+        let mut warnings = Vec::new();
+        if let Some(path) = &args.config {
+            let text = read_file(path)?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            config.apply_json(&value, &mut warnings)?;
+        }
+        config.apply_args(args)?;
+        Ok((config, warnings))
+    }
+
+    /// Applies a parsed `server_config.json` over `self`.
+    pub fn apply_json(
+        &mut self,
+        root: &Value,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let mut top = Section::new(root, "")?;
+        top.ignore("version");
+        if let Some(host) = top.string("host")? {
+            self.host = host;
+        }
+        if let Some(port) = top.int("port", 0, 65535)? {
+            self.port = port as u16;
+        }
+        if let Some(name) = top.string("name")? {
+            self.name = name;
+        }
+        if let Some(logger) = top.section("logger")? {
+            self.apply_logger(logger, warnings)?;
+        }
+        if let Some(hyper) = top.section("hyper_parameters")? {
+            self.apply_hyper(hyper, warnings)?;
+        }
+        top.finish(warnings);
+        validate_host(&self.host, "host")?;
+        Ok(())
+    }
+
+    fn apply_logger(
+        &mut self,
+        mut s: Section,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        for key in PYTHON_ONLY_LOGGER_KEYS {
+            s.ignore(key);
+        }
+        if let Some(level) = s.string("log_level")? {
+            self.log.level = parse_level(&level, &s.path("log_level"))?;
+        }
+        set(&mut self.log.console, s.bool("enable_console_log")?);
+        set(&mut self.log.file, s.bool("enable_file_log")?);
+        set(&mut self.log.file_path, s.string("log_file_path")?);
+        set(&mut self.log.json, s.bool("enable_json_log")?);
+        if let Some(fmt) = s.string("date_format")? {
+            validate_date_format(&fmt, &s.path("date_format"))?;
+            self.log.date_format = fmt;
+        }
+        if let Some(keys) = s.nullable("log_keys", |v, path| {
+            let items = v
+                .as_array()
+                .ok_or_else(|| invalid(path, "an array of strings or null", v))?;
+            items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| invalid(path, "an array of strings or null", v))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })? {
+            self.log.log_keys = keys;
+        }
+        s.finish(warnings);
+        Ok(())
+    }
+
+    fn apply_hyper(
+        &mut self,
+        mut s: Section,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        for key in INERT_HYPER_KEYS {
+            s.ignore(key);
+        }
+        // Older Summoner configs put host and port here; the top level wins when both are set.
+        if let Some(host) = s.string("host")? {
+            if s.root_lacks("host") {
+                validate_host(&host, &s.path("host"))?;
+                self.host = host;
+            }
+        }
+        if let Some(port) = s.int("port", 0, 65535)? {
+            if s.root_lacks("port") {
+                self.port = port as u16;
+            }
+        }
+        if let Some(v) = s.nullable("client_timeout_secs", |v, p| {
+            int_value(v, p, 1, u32::MAX as u64)
+        })? {
+            self.client_timeout_secs = v;
+        }
+        set(
+            &mut self.timeout_check_interval_secs,
+            s.int("timeout_check_interval_secs", 1, 86_400)?,
+        );
+        if let Some(v) = s.nullable("rate_limit_msgs_per_minute", |v, p| {
+            int_value(v, p, 0, u32::MAX as u64)
+        })? {
+            self.rate_limit_msgs_per_minute = v;
+        }
+        set(
+            &mut self.accept_error_backoff_ms,
+            s.int("accept_error_backoff_ms", 1, 60_000)?,
+        );
+        set(
+            &mut self.quarantine_cooldown_secs,
+            s.int("quarantine_cooldown_secs", 0, u32::MAX as u64)?,
+        );
+        set(
+            &mut self.quarantine_cleanup_interval_secs,
+            s.int("quarantine_cleanup_interval_secs", 1, 86_400)?,
+        );
+        set(
+            &mut self.throttle_delay_ms,
+            s.int("throttle_delay_ms", 0, 3_600_000)?,
+        );
+        set(
+            &mut self.flow_control_delay_ms,
+            s.int("flow_control_delay_ms", 0, 3_600_000)?,
+        );
+        if let Some(v) = s.int("worker_threads", 1, 1024)? {
+            self.shards = v as usize;
+        }
+        if let Some(mut bp) = s.section("backpressure_policy")? {
+            let b = &mut self.backpressure;
+            set(&mut b.enable_throttle, bp.bool("enable_throttle")?);
+            set(
+                &mut b.throttle_threshold,
+                bp.int("throttle_threshold", 1, u32::MAX as u64)?,
+            );
+            set(&mut b.enable_flow_control, bp.bool("enable_flow_control")?);
+            set(
+                &mut b.flow_control_threshold,
+                bp.int("flow_control_threshold", 1, u32::MAX as u64)?,
+            );
+            set(&mut b.enable_disconnect, bp.bool("enable_disconnect")?);
+            set(
+                &mut b.disconnect_threshold,
+                bp.int("disconnect_threshold", 1, u32::MAX as u64)?,
+            );
+            bp.finish(warnings);
+        }
+        set_usize(
+            &mut self.max_line_bytes,
+            s.int("max_line_bytes", 1, 64 << 20)?,
+        );
+        set_usize(
+            &mut self.max_pending_bytes,
+            s.int("max_pending_bytes", 4096, 1 << 40)?,
+        );
+        set_usize(
+            &mut self.max_connections,
+            s.int("max_connections", 1, 10_000_000)?,
+        );
+        if let Some(by) = s.string("quarantine_by")? {
+            self.quarantine_by = match by.as_str() {
+                "ip" => QuarantineBy::Ip,
+                "addr" => QuarantineBy::Addr,
+                _ => {
+                    return Err(invalid(
+                        &s.path("quarantine_by"),
+                        "\"ip\" or \"addr\"",
+                        &Value::String(by),
+                    ))
+                }
+            };
+        }
+        set_usize(
+            &mut self.quarantine_max_entries,
+            s.int("quarantine_max_entries", 1, 100_000_000)?,
+        );
+        set(
+            &mut self.shutdown_grace_ms,
+            s.int("shutdown_grace_ms", 0, 3_600_000)?,
+        );
+        s.finish(warnings);
+        Ok(())
+    }
+
+    /// Applies command-line flags, the last layer.
+    pub fn apply_args(&mut self, args: &ServeArgs) -> Result<(), ConfigError> {
+        if let Some(host) = &args.host {
+            validate_host(host, "--host")?;
+            self.host = host.clone();
+        }
+        set(&mut self.port, args.port);
+        if let Some(shards) = args.shards {
+            if !(1..=1024).contains(&shards) {
+                return Err(invalid(
+                    "--shards",
+                    "an integer from 1 to 1024",
+                    &json!(shards),
+                ));
+            }
+            self.shards = shards;
+        }
+        set(&mut self.name, args.name.clone());
+        if let Some(level) = &args.log_level {
+            self.log.level = parse_level(level, "--log-level")?;
+        }
+        Ok(())
+    }
+
+    /// The effective configuration in the Summoner file shape, as `corecast check` prints it.
+    pub fn to_json(&self) -> Value {
+        let b = &self.backpressure;
+        json!({
+            "host": self.host,
+            "port": self.port,
+            "name": self.name,
+            "logger": {
+                "log_level": self.log.level.as_str(),
+                "enable_console_log": self.log.console,
+                "enable_file_log": self.log.file,
+                "log_file_path": self.log.file_path,
+                "enable_json_log": self.log.json,
+                "date_format": self.log.date_format,
+                "log_keys": self.log.log_keys,
+            },
+            "hyper_parameters": {
+                "client_timeout_secs": self.client_timeout_secs,
+                "timeout_check_interval_secs": self.timeout_check_interval_secs,
+                "rate_limit_msgs_per_minute": self.rate_limit_msgs_per_minute,
+                "accept_error_backoff_ms": self.accept_error_backoff_ms,
+                "quarantine_cooldown_secs": self.quarantine_cooldown_secs,
+                "quarantine_cleanup_interval_secs": self.quarantine_cleanup_interval_secs,
+                "throttle_delay_ms": self.throttle_delay_ms,
+                "flow_control_delay_ms": self.flow_control_delay_ms,
+                "worker_threads": self.shards,
+                "backpressure_policy": {
+                    "enable_throttle": b.enable_throttle,
+                    "throttle_threshold": b.throttle_threshold,
+                    "enable_flow_control": b.enable_flow_control,
+                    "flow_control_threshold": b.flow_control_threshold,
+                    "enable_disconnect": b.enable_disconnect,
+                    "disconnect_threshold": b.disconnect_threshold,
+                },
+                "max_line_bytes": self.max_line_bytes,
+                "max_pending_bytes": self.max_pending_bytes,
+                "max_connections": self.max_connections,
+                "quarantine_by": match self.quarantine_by { QuarantineBy::Ip => "ip", QuarantineBy::Addr => "addr" },
+                "quarantine_max_entries": self.quarantine_max_entries,
+                "shutdown_grace_ms": self.shutdown_grace_ms,
+            }
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+fn set_usize(slot: &mut usize, value: Option<u64>) {
+    if let Some(v) = value {
+        *slot = v as usize;
+    }
+}
+
+fn parse_level(s: &str, path: &str) -> Result<LogLevel, ConfigError> {
+    LogLevel::parse(s).ok_or_else(|| {
+        invalid(
+            path,
+            "one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, CRITICAL, OFF",
+            &Value::String(s.into()),
+        )
+    })
+}
+
+fn validate_host(host: &str, path: &str) -> Result<(), ConfigError> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.chars().any(|c| c.is_whitespace() || c == '/');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            "an IP address or hostname",
+            &Value::String(host.into()),
+        ))
+    }
+}
+
+fn validate_date_format(fmt: &str, path: &str) -> Result<(), ConfigError> {
+    use chrono::format::{Item, StrftimeItems};
+    if StrftimeItems::new(fmt).any(|item| matches!(item, Item::Error)) {
+        return Err(invalid(
+            path,
+            "a chrono strftime format",
+            &Value::String(fmt.into()),
+        ));
+    }
+    Ok(())
+}
+
+fn invalid(path: &str, expected: &str, found: &Value) -> ConfigError {
+    let mut shown = found.to_string();
+    if shown.len() > 60 {
+        let cut = (0..=57)
+            .rev()
+            .find(|&i| shown.is_char_boundary(i))
+            .unwrap_or(0);
+        shown.truncate(cut);
+        shown.push_str("...");
+    }
+    ConfigError::Invalid {
+        key: path.to_string(),
+        expected: expected.to_string(),
+        found: shown,
+    }
+}
+
+fn int_value(v: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let expected = || {
+        if max >= u32::MAX as u64 {
+            format!("an integer >= {min}")
+        } else {
+            format!("an integer from {min} to {max}")
+        }
+    };
+    match v.as_u64() {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        Some(_) => Err(invalid(path, &expected(), v)),
+        None if v.is_i64() => Err(invalid(path, &expected(), v)),
+        None => Err(invalid(path, "an integer", v)),
+    }
+}
+
+/// One JSON object being read: remembers which keys were consumed so the rest can be
+/// reported as unknown.
+struct Section<'a> {
+    map: &'a Map<String, Value>,
+    prefix: String,
+    root: Option<&'a Map<String, Value>>,
+    seen: Vec<&'static str>,
+}
+
+impl<'a> Section<'a> {
+    fn new(value: &'a Value, prefix: &str) -> Result<Self, ConfigError> {
+        let map = value.as_object().ok_or_else(|| {
+            invalid(
+                if prefix.is_empty() {
+                    "(top level)"
+                } else {
+                    prefix
+                },
+                "an object",
+                value,
+            )
+        })?;
+        Ok(Section {
+            map,
+            prefix: prefix.to_string(),
+            root: None,
+            seen: Vec::new(),
+        })
+    }
+
+    fn path(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn ignore(&mut self, key: &'static str) {
+        self.seen.push(key);
+    }
+
+    fn root_lacks(&self, key: &str) -> bool {
+        self.root.is_none_or(|r| !r.contains_key(key))
+    }
+
+    fn get(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.seen.push(key);
+        self.map.get(key)
+    }
+
+    fn section(&mut self, key: &'static str) -> Result<Option<Section<'a>>, ConfigError> {
+        let path = self.path(key);
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                let mut s = Section::new(v, &path)?;
+                s.root = Some(self.root.unwrap_or(self.map));
+                Ok(Some(s))
+            }
+        }
+    }
+
+    fn string(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        let path = self.path(key);
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(invalid(&path, "a string", v)),
+        }
+    }
+
+    fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        let path = self.path(key);
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(invalid(&path, "true or false", v)),
+        }
+    }
+
+    fn int(&mut self, key: &'static str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        let path = self.path(key);
+        self.get(key)
+            .map(|v| int_value(v, &path, min, max))
+            .transpose()
+    }
+
+    /// A key where `null` means "disabled": `None` if absent, `Some(None)` if null.
+    fn nullable<T>(
+        &mut self,
+        key: &'static str,
+        parse: impl FnOnce(&Value, &str) -> Result<T, ConfigError>,
+    ) -> Result<Option<Option<T>>, ConfigError> {
+        let path = self.path(key);
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(v) => parse(v, &path).map(|t| Some(Some(t))),
+        }
+    }
+
+    /// Reports every key that was not consumed, with the closest known one.
+    fn finish(self, warnings: &mut Vec<String>) {
+        for key in self.map.keys() {
+            if self.seen.contains(&key.as_str()) {
+                continue;
+            }
+            let closest = self
+                .seen
+                .iter()
+                .map(|k| (edit_distance(key, k), *k))
+                .min()
+                .filter(|(d, _)| *d <= 3 || *d * 3 <= key.len());
+            warnings.push(match closest {
+                Some((_, k)) => format!(
+                    "unknown config key {} ignored (did you mean {}?)",
+                    self.path(key),
+                    self.path(k)
+                ),
+                None => format!("unknown config key {} ignored", self.path(key)),
+            });
+        }
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut c = Config::default();
+        let mut w = Vec::new();
+        c.apply_json(&serde_json::from_str(text).unwrap(), &mut w)?;
+        Ok((c, w))
+    }
+
+    #[test]
+    fn empty_object_gives_the_defaults() {
+        let (c, w) = load("{}").unwrap();
+        assert_eq!(c, Config::default());
+        assert!(w.is_empty());
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8888));
+        assert_eq!(c.rate_limit_msgs_per_minute, Some(300));
+        assert_eq!(c.backpressure.disconnect_threshold, 500);
+    }
+
+    #[test]
+    fn wrong_type_names_the_json_path() {
+        let e = load(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":"fast"}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.rate_limit_msgs_per_minute: expected an integer, found \"fast\""
+        );
+        let e = load(r#"{"hyper_parameters":{"backpressure_policy":{"enable_throttle":1}}}"#)
+            .unwrap_err();
+        assert!(e.to_string().starts_with(
+            "hyper_parameters.backpressure_policy.enable_throttle: expected true or false"
+        ));
+        let e = load(r#"{"port":70000}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "port: expected an integer from 0 to 65535, found 70000"
+        );
+        let e = load(r#"{"logger":{"log_level":"LOUD"}}"#).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("logger.log_level: expected one of"));
+        let e = load(r#"{"hyper_parameters":{"quarantine_by":"mac"}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("hyper_parameters.quarantine_by:"));
+    }
+
+    #[test]
+    fn null_disables_nullable_limits() {
+        let (c, _) = load(r#"{"hyper_parameters":{"client_timeout_secs":null,"rate_limit_msgs_per_minute":null}}"#).unwrap();
+        assert_eq!(c.client_timeout_secs, None);
+        assert_eq!(c.rate_limit_msgs_per_minute, None);
+        assert!(load(r#"{"hyper_parameters":{"timeout_check_interval_secs":null}}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_warn_with_the_closest_known_key() {
+        let (_, w) =
+            load(r#"{"hyper_parameters":{"rate_limit_msg_per_minute":5, "zzzzzzzzzzzz":1}}"#)
+                .unwrap();
+        assert_eq!(w.len(), 2);
+        assert!(w
+            .iter()
+            .any(|m| m.contains("hyper_parameters.rate_limit_msg_per_minute")
+                && m.contains("did you mean hyper_parameters.rate_limit_msgs_per_minute")));
+        assert!(w
+            .iter()
+            .any(|m| m.ends_with("hyper_parameters.zzzzzzzzzzzz ignored")));
+    }
+
+    #[test]
+    fn python_only_and_inert_keys_are_accepted_silently() {
+        let (_, w) = load(
+            r#"{"version":"rss_3","logger":{"console_log_format":"x","log_format":"y","max_file_size":1,"backup_count":3},
+               "hyper_parameters":{"connection_buffer_size":256,"command_buffer_size":64,"control_channel_capacity":8,"queue_monitor_capacity":100}}"#,
+        )
+        .unwrap();
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn legacy_host_and_port_under_hyper_parameters_apply_unless_top_level_sets_them() {
+        let (c, _) = load(r#"{"hyper_parameters":{"host":"0.0.0.0","port":9000}}"#).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 9000));
+        let (c, _) = load(r#"{"port":7000,"hyper_parameters":{"port":9000}}"#).unwrap();
+        assert_eq!(c.port, 7000);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c = load(r#"{"port":7000,"logger":{"log_level":"debug"}}"#)
+            .unwrap()
+            .0;
+        let args = ServeArgs {
+            port: Some(7001),
+            log_level: Some("critical".into()),
+            shards: Some(3),
+            ..Default::default()
+        };
+        c.apply_args(&args).unwrap();
+        assert_eq!((c.port, c.log.level, c.shards), (7001, LogLevel::Error, 3));
+        assert!(c
+            .clone()
+            .apply_args(&ServeArgs {
+                shards: Some(0),
+                ..Default::default()
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn log_levels_accept_python_names_in_any_case() {
+        for (s, l) in [
+            ("warning", LogLevel::Warn),
+            ("CRITICAL", LogLevel::Error),
+            ("Trace", LogLevel::Trace),
+            ("off", LogLevel::Off),
+        ] {
+            assert_eq!(LogLevel::parse(s), Some(l));
+        }
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_to_json() {
+        let (c, _) = load(r#"{"hyper_parameters":{"worker_threads":2,"quarantine_by":"addr","client_timeout_secs":null}}"#).unwrap();
+        let (again, w) = load(&c.to_json().to_string()).unwrap();
+        assert_eq!(again, c);
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn bad_date_format_is_refused() {
+        assert!(load(r#"{"logger":{"date_format":"%Q"}}"#).is_err());
+        assert!(load(r#"{"logger":{"date_format":"%Y-%m-%dT%H:%M:%S.%6fZ"}}"#).is_ok());
+    }
+}

@@ -1,0 +1,260 @@
+//! Fan-out: lines accepted on a shard are encoded once into the shard's outgoing
+//! [`BatchBuilder`]; the flush task turns it into a [`Batch`], hands it to every local
+//! recipient's outbox and sends it once to every peer shard over the SPSC mesh, whose
+//! receiver tasks hand it to their own local recipients.
+//!
+//! Ordering: a sender's lines enter one builder in order, batches leave a shard in order,
+//! each SPSC ring is FIFO and outboxes are FIFO, so every recipient sees each sender's lines
+//! in the order they were sent (SPEC §1.4). A batch records which connection sent each run
+//! of envelopes so that a sender never receives its own lines.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::channels::shared_channel::{
+    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
+
+use crate::protocol::encode_envelope;
+use crate::shard::Shard;
+
+/// Batches in flight per ordered pair of shards. A full ring means the peer shard is
+/// behind: the flush task waits for room, the outgoing builder grows, and readers on this
+/// shard pause once it passes [`MAX_OUTGOING_BYTES`] (pushing back on senders through TCP).
+pub const MESH_CAPACITY: usize = 1024;
+
+/// Encoded bytes a shard may hold unflushed before its readers pause. Also keeps batch
+/// offsets far inside `u32` (one line adds at most `max_line_bytes` × 6 + 64).
+pub const MAX_OUTGOING_BYTES: usize = 4 << 20;
+
+/// Envelopes from one connection, contiguous in a batch: `[previous run's end, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub origin: u64,
+    pub end: u32,
+    pub count: u32,
+}
+
+/// Encoded envelopes plus who sent them. Immutable once built; shared by `Arc` across
+/// shards and by `Rc<Arc<_>>` among one shard's recipients.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub data: Vec<u8>,
+    pub runs: Vec<Run>,
+}
+
+/// A batch as one shard's recipients share it: one atomic reference per shard, then
+/// shard-local reference counts per recipient.
+pub type LocalBatch = Rc<Arc<Batch>>;
+
+impl Batch {
+    /// Calls `f(start, end, count)` for each maximal stretch of envelopes not sent by
+    /// `recipient`, in order.
+    pub fn for_each_stretch_except(&self, recipient: u64, mut f: impl FnMut(u32, u32, u32)) {
+        if !self.runs.iter().any(|r| r.origin == recipient) {
+            let count = self.runs.iter().map(|r| r.count).sum();
+            if count > 0 {
+                f(0, self.data.len() as u32, count);
+            }
+            return;
+        }
+        let (mut start, mut open_start, mut open_count) = (0u32, None::<u32>, 0u32);
+        for run in &self.runs {
+            if run.origin == recipient {
+                if let Some(s) = open_start.take() {
+                    f(s, start, open_count);
+                }
+                open_count = 0;
+            } else {
+                open_start.get_or_insert(start);
+                open_count += run.count;
+            }
+            start = run.end;
+        }
+        if let Some(s) = open_start {
+            f(s, start, open_count);
+        }
+    }
+}
+
+/// The shard's batch under construction.
+#[derive(Debug, Default)]
+pub struct BatchBuilder {
+    batch: Batch,
+}
+
+impl BatchBuilder {
+    /// Appends one line's envelope, sent by connection `origin` from `remote_addr`.
+    pub fn push(&mut self, origin: u64, line: &str, remote_addr: &str) {
+        let b = &mut self.batch;
+        encode_envelope(&mut b.data, line, remote_addr);
+        let end = b.data.len() as u32;
+        match b.runs.last_mut() {
+            Some(run) if run.origin == origin => {
+                run.end = end;
+                run.count += 1;
+            }
+            _ => b.runs.push(Run {
+                origin,
+                end,
+                count: 1,
+            }),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.runs.is_empty()
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.batch.data.len()
+    }
+
+    /// Takes the batch built so far, leaving the builder empty.
+    pub fn take(&mut self) -> Batch {
+        std::mem::take(&mut self.batch)
+    }
+}
+
+/// One shard's ends of the mesh, built on the main thread and moved into the shard.
+pub struct MeshEnds {
+    /// To each other shard, in shard order.
+    pub to_peers: Vec<SharedSender<Arc<Batch>>>,
+    /// From each other shard, in shard order.
+    pub from_peers: Vec<SharedReceiver<Arc<Batch>>>,
+}
+
+/// Builds a full mesh of SPSC channels, one per ordered pair of shards.
+pub fn build_mesh(shards: usize) -> Vec<MeshEnds> {
+    let mut ends: Vec<MeshEnds> = (0..shards)
+        .map(|_| MeshEnds {
+            to_peers: Vec::new(),
+            from_peers: Vec::new(),
+        })
+        .collect();
+    for from in 0..shards {
+        for to in 0..shards {
+            if from != to {
+                let (tx, rx) = glommio::channels::shared_channel::new_bounded(MESH_CAPACITY);
+                ends[from].to_peers.push(tx);
+                ends[to].from_peers.push(rx);
+            }
+        }
+    }
+    ends
+}
+
+/// Connects this shard's ends. Every endpoint is connected concurrently: `connect` is a
+/// rendezvous with the peer, and connecting one by one in the same order on every shard
+/// deadlocks.
+pub async fn connect_mesh(
+    ends: MeshEnds,
+) -> (
+    Vec<ConnectedSender<Arc<Batch>>>,
+    Vec<ConnectedReceiver<Arc<Batch>>>,
+) {
+    let senders: Vec<_> = ends
+        .to_peers
+        .into_iter()
+        .map(|s| glommio::spawn_local(s.connect()))
+        .collect();
+    let receivers: Vec<_> = ends
+        .from_peers
+        .into_iter()
+        .map(|r| glommio::spawn_local(r.connect()))
+        .collect();
+    let mut connected_senders = Vec::with_capacity(senders.len());
+    for task in senders {
+        connected_senders.push(task.await);
+    }
+    let mut connected_receivers = Vec::with_capacity(receivers.len());
+    for task in receivers {
+        connected_receivers.push(task.await);
+    }
+    (connected_senders, connected_receivers)
+}
+
+/// The shard's flush task: waits for the first line of a batch, lets the other ready
+/// readers add theirs (it runs after them), then delivers locally and to every peer.
+pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
+    loop {
+        shard.flush_wanted.wait().await;
+        while let Some(batch) = shard.take_outgoing() {
+            let batch = Arc::new(batch);
+            shard.deliver_local(&Rc::new(batch.clone()));
+            for peer in &peers {
+                // Waits while the peer's ring is full; the peer only goes away when its
+                // shard stops, which ends the process.
+                if peer.send(batch.clone()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Receives one peer shard's batches and delivers them to this shard's recipients.
+pub async fn receive_loop(shard: Rc<Shard>, from_peer: ConnectedReceiver<Arc<Batch>>) {
+    while let Some(batch) = from_peer.recv().await {
+        shard.deliver_local(&Rc::new(batch));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stretches(batch: &Batch, recipient: u64) -> Vec<(u32, u32, u32)> {
+        let mut out = Vec::new();
+        batch.for_each_stretch_except(recipient, |s, e, c| out.push((s, e, c)));
+        out
+    }
+
+    #[test]
+    fn consecutive_lines_from_one_sender_share_a_run() {
+        let mut b = BatchBuilder::default();
+        b.push(1, "a", "x:1");
+        b.push(1, "b", "x:1");
+        b.push(2, "c", "x:2");
+        let batch = b.take();
+        assert!(b.is_empty());
+        assert_eq!(batch.runs.len(), 2);
+        assert_eq!((batch.runs[0].count, batch.runs[1].count), (2, 1));
+        assert_eq!(batch.runs[1].end as usize, batch.data.len());
+    }
+
+    #[test]
+    fn a_sender_gets_everything_but_its_own_lines() {
+        let mut b = BatchBuilder::default();
+        for (origin, line) in [(1, "a"), (2, "b"), (2, "c"), (3, "d"), (1, "e"), (3, "f")] {
+            b.push(origin, line, "h:1");
+        }
+        let batch = b.take();
+        let text = |v: Vec<(u32, u32, u32)>| {
+            v.iter()
+                .map(|&(s, e, _)| {
+                    String::from_utf8(batch.data[s as usize..e as usize].to_vec()).unwrap()
+                })
+                .collect::<String>()
+        };
+        let only = |lines: &[&str]| {
+            let mut out = Vec::new();
+            for l in lines {
+                encode_envelope(&mut out, l, "h:1");
+            }
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(text(stretches(&batch, 2)), only(&["a", "d", "e", "f"]));
+        assert_eq!(stretches(&batch, 2).iter().map(|s| s.2).sum::<u32>(), 4);
+        assert_eq!(text(stretches(&batch, 1)), only(&["b", "c", "d", "f"]));
+        assert_eq!(stretches(&batch, 9), vec![(0, batch.data.len() as u32, 6)]);
+        assert_eq!(text(stretches(&batch, 3)), only(&["a", "b", "c", "e"]));
+    }
+
+    #[test]
+    fn a_batch_only_from_the_recipient_gives_nothing() {
+        let mut b = BatchBuilder::default();
+        b.push(7, "x", "h:1");
+        assert!(stretches(&b.take(), 7).is_empty());
+    }
+}

@@ -1,0 +1,99 @@
+//! Listening sockets and the per-shard accept loop.
+//!
+//! The main thread builds one SO_REUSEPORT socket per shard with socket2 (glommio's own
+//! `bind` panics on a bad address and hard-codes its backlog); each shard accepts on its own
+//! and spawns one connection task per client. Accept errors such as EMFILE return at once,
+//! so the loop backs off instead of spinning.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use socket2::{Domain, Socket, Type};
+
+use crate::shard::Shard;
+use crate::startup::{listen_error, StartupError};
+
+/// Ceiling of the accept-error back-off (SPEC §2.5).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The kernel's listen backlog ceiling, used as our backlog.
+fn backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// Binds `count` listeners sharing `addr` through SO_REUSEPORT. With port 0 the first
+/// one picks the port and the rest join it. Returns the bound address.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
+    let mut bound = addr;
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, None)
+            .map_err(|e| listen_error(addr, e))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| listen_error(addr, e))?;
+        socket
+            .set_reuse_port(true)
+            .map_err(|e| listen_error(addr, e))?;
+        socket
+            .bind(&bound.into())
+            .map_err(|e| listen_error(addr, e))?;
+        socket
+            .listen(backlog())
+            .map_err(|e| listen_error(addr, e))?;
+        if bound.port() == 0 {
+            bound = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| listen_error(addr, std::io::Error::other("no local address")))?;
+        }
+        fds.push(OwnedFd::from(socket));
+    }
+    Ok((bound, fds))
+}
+
+/// Accepts until the listener fails for good; every client gets its own task.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let first_backoff = Duration::from_millis(shard.config.accept_error_backoff_ms);
+    let mut backoff = first_backoff;
+    let mut errors_since_log = 0u64;
+    let mut last_log: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                backoff = first_backoff;
+                shard.stats.on_accept();
+                let Ok(addr) = stream.peer_addr() else {
+                    continue; // already reset by the peer
+                };
+                let _ = stream.set_nodelay(true);
+                glommio::spawn_local(crate::connection::serve(shard.clone(), stream, addr))
+                    .detach();
+            }
+            Err(e) => {
+                errors_since_log += 1;
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        "accept failed on shard {} ({errors_since_log} times since last report): {e}; backing off {} ms",
+                        shard.id,
+                        backoff.as_millis()
+                    );
+                    errors_since_log = 0;
+                    last_log = Some(Instant::now());
+                }
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}

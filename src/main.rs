@@ -1,0 +1,43 @@
+//! The `corecast` binary: parse the command line, load the config, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use corecast::config::{Cli, Command, Config};
+
+/// sysexits.h EX_CONFIG: the configuration is wrong.
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (args, check_only) = match cli.command {
+        None => (cli.serve, false),
+        Some(Command::Serve(args)) => (args, false),
+        Some(Command::Check(args)) => (args, true),
+    };
+    let (config, warnings) = match Config::load(&args) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("corecast: config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if check_only {
+        for w in &warnings {
+            eprintln!("corecast: warning: {w}");
+        }
+        println!("{:#}", config.to_json());
+        return ExitCode::SUCCESS;
+    }
+    corecast::log::init(&config.log, &config.name);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    match corecast::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corecast: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Per-shard counters (SPEC §6) and the one [`CloseReason`] enum that logs, counters and
+//! tests share. Each shard owns its [`ShardStats`] (plain `Cell`s, no atomics); the shard
+//! publishes a [`StatsSnapshot`] to the main thread, which merges them for export.
+
+use std::cell::Cell;
+use std::fmt;
+
+/// Why a connection ended. Every close has exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client closed its side (EOF).
+    PeerClosed,
+    /// Reading failed (reset, timeout at the TCP level).
+    ReadError,
+    /// Writing failed (reset, broken pipe).
+    WriteError,
+    /// A line was not valid UTF-8 (N5).
+    InvalidUtf8,
+    /// A line exceeded `max_line_bytes` (N4).
+    LineTooLong,
+    /// No inbound bytes for `client_timeout_secs` (N2).
+    IdleTimeout,
+    /// The outbox crossed the disconnect threshold or `max_pending_bytes`.
+    SlowConsumer,
+    /// The peer is in the quarantine table; closed with no bytes.
+    Quarantined,
+    /// `max_connections` reached (N6).
+    ServerFull,
+    /// The relay is shutting down (N3).
+    Shutdown,
+    /// Handling this connection panicked; only it was closed.
+    InternalError,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 11] = [
+        CloseReason::PeerClosed,
+        CloseReason::ReadError,
+        CloseReason::WriteError,
+        CloseReason::InvalidUtf8,
+        CloseReason::LineTooLong,
+        CloseReason::IdleTimeout,
+        CloseReason::SlowConsumer,
+        CloseReason::Quarantined,
+        CloseReason::ServerFull,
+        CloseReason::Shutdown,
+        CloseReason::InternalError,
+    ];
+
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::ReadError => "read_error",
+            CloseReason::WriteError => "write_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::LineTooLong => "line_too_long",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Quarantined => "quarantined",
+            CloseReason::ServerFull => "server_full",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::InternalError => "internal_error",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Counters owned by one shard. Only that shard's thread touches them.
+#[derive(Default)]
+pub struct ShardStats {
+    /// Connections accepted (including ones closed at once by admission).
+    pub accepted: Cell<u64>,
+    /// Connections currently registered for fan-out.
+    pub open: Cell<u64>,
+    /// Closes, indexed like [`CloseReason::ALL`].
+    pub closed: [Cell<u64>; CloseReason::ALL.len()],
+    /// Complete lines received and accepted for relaying.
+    pub lines_in: Cell<u64>,
+    /// Envelopes written to recipients' sockets.
+    pub envelopes_out: Cell<u64>,
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+    /// `send` calls that wrote at least one byte.
+    pub socket_writes: Cell<u64>,
+}
+
+impl ShardStats {
+    pub fn on_accept(&self) {
+        bump(&self.accepted, 1);
+    }
+
+    pub fn on_open(&self) {
+        bump(&self.open, 1);
+    }
+
+    pub fn on_close(&self, reason: CloseReason, was_open: bool) {
+        let i = CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        bump(&self.closed[i], 1);
+        if was_open {
+            self.open.set(self.open.get().saturating_sub(1));
+        }
+    }
+
+    pub fn on_read(&self, bytes: usize) {
+        bump(&self.bytes_in, bytes as u64);
+    }
+
+    pub fn on_line(&self) {
+        bump(&self.lines_in, 1);
+    }
+
+    pub fn on_write(&self, bytes: usize) {
+        bump(&self.socket_writes, 1);
+        bump(&self.bytes_out, bytes as u64);
+    }
+
+    pub fn on_delivered(&self, envelopes: u64) {
+        bump(&self.envelopes_out, envelopes);
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        let i = CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.closed[i].get()
+    }
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get().wrapping_add(n));
+}

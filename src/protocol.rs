@@ -1,0 +1,369 @@
+//! The wire protocol (SPEC §1): inbound line framing, the outbound JSON envelope and the
+//! notice texts. Pure functions over byte slices; the connection module feeds it socket
+//! reads, the load generator and the tests use it to check what comes back.
+//!
+//! Invariants: a [`Framer`] never holds more than `max_line_bytes + 1` bytes of a partial
+//! line (the `+ 1` is a trailing `\r` that may still be stripped), and every line it hands
+//! out is valid UTF-8 with the terminator and one trailing `\r` removed.
+
+use std::fmt;
+
+/// N1: a line was dropped by the rate limiter.
+pub const NOTICE_RATE_LIMITED: &str =
+    "Warning: You are sending messages too quickly. Please slow down.\n";
+/// N2: idle timeout; the connection is closed after it.
+pub const NOTICE_IDLE: &str = "Warning: You have been disconnected due to inactivity.\n";
+/// N3: shutdown; the connection is closed after it.
+pub const NOTICE_SHUTDOWN: &str = "Warning: Server is shutting down.\n";
+/// N5: invalid UTF-8; the connection is closed after it.
+pub const NOTICE_INVALID_UTF8: &str = "Warning: Message is not valid UTF-8. Disconnecting.\n";
+/// N6: `max_connections` reached; the connection is closed after it.
+pub const NOTICE_SERVER_FULL: &str = "Warning: Server is full. Please try again later.\n";
+
+/// N4: a line over `max_line_bytes`; the connection is closed after it.
+pub fn notice_line_too_long(max_line_bytes: usize) -> String {
+    format!("Warning: Message too long (limit {max_line_bytes} bytes). Disconnecting.\n")
+}
+
+/// Why a connection's input cannot be framed any further. Both end the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// A line's content exceeded `max_line_bytes` (detected while still partial).
+    LineTooLong,
+    /// A complete line was not valid UTF-8.
+    InvalidUtf8,
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::LineTooLong => f.write_str("line too long"),
+            FrameError::InvalidUtf8 => f.write_str("line is not valid UTF-8"),
+        }
+    }
+}
+
+/// Splits a byte stream into lines. Holds only the unfinished tail of the stream, so an
+/// idle connection costs no buffer at all (the bytes themselves are read into a scratch
+/// buffer owned by the shard).
+#[derive(Debug)]
+pub struct Framer {
+    /// Bytes of the current line not yet terminated; empty (and unallocated) between lines.
+    partial: Vec<u8>,
+    /// Longest line content accepted, in bytes.
+    max_line_bytes: usize,
+}
+
+impl Framer {
+    pub fn new(max_line_bytes: usize) -> Self {
+        Framer {
+            partial: Vec::new(),
+            max_line_bytes,
+        }
+    }
+
+    /// Bytes currently held for an unfinished line.
+    pub fn partial_len(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Feeds `input` and calls `on_line` with every complete line, in order. Lines before a
+    /// bad one are handed out before the error is returned; after an error the framer
+    /// must not be fed again.
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        mut on_line: impl FnMut(&str),
+    ) -> Result<(), FrameError> {
+        while let Some(pos) = memchr::memchr(b'\n', input) {
+            let (head, rest) = (&input[..pos], &input[pos + 1..]);
+            input = rest;
+            if self.partial.is_empty() {
+                on_line(self.check(head)?);
+            } else {
+                self.partial.extend_from_slice(head);
+                let line = std::mem::take(&mut self.partial);
+                on_line(self.check(&line)?);
+                // Keep the allocation only while lines keep spanning reads.
+                self.partial = line;
+                self.partial.clear();
+            }
+        }
+        if !input.is_empty() {
+            // One byte of slack: a trailing `\r` at the limit may still be stripped.
+            if self.partial.len() + input.len() > self.max_line_bytes + 1 {
+                return Err(FrameError::LineTooLong);
+            }
+            self.partial.extend_from_slice(input);
+        } else if self.partial.capacity() > 0 && self.partial.is_empty() {
+            self.partial = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Ends the stream: a final unterminated line is returned as a message (SPEC §1.1).
+    pub fn finish(&mut self, on_line: impl FnOnce(&str)) -> Result<(), FrameError> {
+        if self.partial.is_empty() {
+            return Ok(());
+        }
+        let line = std::mem::take(&mut self.partial);
+        on_line(self.check(&line)?);
+        Ok(())
+    }
+
+    /// Strips one trailing `\r`, then enforces the length limit and UTF-8.
+    fn check<'a>(&self, line: &'a [u8]) -> Result<&'a str, FrameError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() > self.max_line_bytes {
+            return Err(FrameError::LineTooLong);
+        }
+        std::str::from_utf8(line).map_err(|_| FrameError::InvalidUtf8)
+    }
+}
+
+/// What each byte becomes inside a JSON string: 0 = copied raw, `b'u'` = `\u00xx`, any
+/// other value = a two-byte escape `\<value>`. This is serde_json's compact table.
+const ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        table[i] = b'u';
+        i += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0A] = b'n';
+    table[0x0C] = b'f';
+    table[0x0D] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `s` to `out` escaped as the inside of a JSON string (SPEC §1.2).
+pub fn escape_json_into(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc = ESCAPE[b as usize];
+        if esc == 0 {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        if esc == b'u' {
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 0xF) as usize],
+            ]);
+        } else {
+            out.extend_from_slice(&[b'\\', esc]);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// Appends the envelope `{"content":"<line>","remote_addr":"<addr>"}\n` to `out`.
+/// `remote_addr` is the sender's `SocketAddr` as Display prints it; it never needs escaping.
+pub fn encode_envelope(out: &mut Vec<u8>, line: &str, remote_addr: &str) {
+    out.reserve(line.len() + remote_addr.len() + 32);
+    out.extend_from_slice(b"{\"content\":\"");
+    escape_json_into(out, line);
+    out.extend_from_slice(b"\",\"remote_addr\":\"");
+    out.extend_from_slice(remote_addr.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// A decoded envelope, for clients of the relay (the load generator, the tests).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Envelope {
+    pub content: String,
+    pub remote_addr: String,
+}
+
+/// Parses one envelope line (with or without its `\n`). `None` if it is not an envelope,
+/// for example a notice.
+pub fn decode_envelope(line: &[u8]) -> Option<Envelope> {
+    serde_json::from_slice(line).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lines(framer: &mut Framer, input: &[u8]) -> (Vec<String>, Result<(), FrameError>) {
+        let mut out = Vec::new();
+        let r = framer.feed(input, |l| out.push(l.to_string()));
+        (out, r)
+    }
+
+    fn envelope(line: &str) -> String {
+        let mut out = Vec::new();
+        encode_envelope(&mut out, line, "127.0.0.1:5000");
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn one_trailing_cr_is_stripped_and_inner_ones_kept() {
+        let mut f = Framer::new(100);
+        let (got, r) = lines(&mut f, b"a\r\nx\ry\r\r\n\n");
+        assert_eq!(r, Ok(()));
+        assert_eq!(got, vec!["a", "x\ry\r", ""]);
+    }
+
+    #[test]
+    fn lines_split_across_reads_are_joined() {
+        let mut f = Framer::new(100);
+        assert_eq!(lines(&mut f, b"hel").0, Vec::<String>::new());
+        assert_eq!(f.partial_len(), 3);
+        assert_eq!(lines(&mut f, b"lo\r").0, Vec::<String>::new());
+        assert_eq!(lines(&mut f, b"\nwor").0, vec!["hello"]);
+        let mut last = Vec::new();
+        f.finish(|l| last.push(l.to_string())).unwrap();
+        assert_eq!(last, vec!["wor"]);
+    }
+
+    #[test]
+    fn partial_line_over_the_limit_is_refused_before_buffering_it() {
+        let mut f = Framer::new(4);
+        assert_eq!(lines(&mut f, b"abcd\r").1, Ok(()));
+        assert_eq!(lines(&mut f, b"\n").0, vec!["abcd"]);
+        assert_eq!(lines(&mut f, b"abcde").1, Ok(()));
+        assert_eq!(lines(&mut f, b"f").1, Err(FrameError::LineTooLong));
+        assert!(f.partial_len() <= 5);
+    }
+
+    #[test]
+    fn complete_line_over_the_limit_is_refused() {
+        let mut f = Framer::new(4);
+        let (got, r) = lines(&mut f, b"ok\nabcde\nnext\n");
+        assert_eq!(got, vec!["ok"]);
+        assert_eq!(r, Err(FrameError::LineTooLong));
+    }
+
+    #[test]
+    fn invalid_utf8_ends_framing_after_earlier_lines() {
+        let mut f = Framer::new(100);
+        let (got, r) = lines(&mut f, b"good\n\xff\xfe\nlater\n");
+        assert_eq!(got, vec!["good"]);
+        assert_eq!(r, Err(FrameError::InvalidUtf8));
+    }
+
+    #[test]
+    fn utf8_split_across_reads_is_valid() {
+        let mut f = Framer::new(100);
+        let e = "é".as_bytes();
+        assert_eq!(lines(&mut f, &e[..1]).1, Ok(()));
+        let (got, r) = lines(&mut f, &[e[1], b'\n']);
+        assert_eq!((got, r), (vec!["é".to_string()], Ok(())));
+    }
+
+    #[test]
+    fn idle_framer_releases_its_buffer() {
+        let mut f = Framer::new(1 << 20);
+        lines(&mut f, &[b'x'; 5000]);
+        lines(&mut f, b"\n");
+        assert_eq!(f.partial.capacity(), 0);
+    }
+
+    #[test]
+    fn envelope_is_byte_exact() {
+        assert_eq!(
+            envelope("hi"),
+            "{\"content\":\"hi\",\"remote_addr\":\"127.0.0.1:5000\"}\n"
+        );
+        assert_eq!(
+            envelope(""),
+            "{\"content\":\"\",\"remote_addr\":\"127.0.0.1:5000\"}\n"
+        );
+    }
+
+    #[test]
+    fn escaping_matches_the_spec_table() {
+        let cases: &[(&str, &str)] = &[
+            ("\"", "\\\""),
+            ("\\", "\\\\"),
+            ("\u{8}\u{c}\n\r\t", "\\b\\f\\n\\r\\t"),
+            ("\u{0}\u{1b}\u{1f}", "\\u0000\\u001b\\u001f"),
+            ("\u{7f}/<>&'", "\u{7f}/<>&'"),
+            ("é😀\u{2028}", "é😀\u{2028}"),
+            ("{\"a\":1}", "{\\\"a\\\":1}"),
+        ];
+        for (input, escaped) in cases {
+            let mut out = Vec::new();
+            escape_json_into(&mut out, input);
+            assert_eq!(String::from_utf8(out).unwrap(), *escaped, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn escaping_agrees_with_serde_json_for_every_byte_below_0x80() {
+        for b in 0u8..0x80 {
+            let s = (b as char).to_string();
+            let mut ours = b"\"".to_vec();
+            escape_json_into(&mut ours, &s);
+            ours.push(b'"');
+            assert_eq!(ours, serde_json::to_vec(&s).unwrap(), "byte {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn notices_keep_the_warning_prefix() {
+        for n in [
+            NOTICE_RATE_LIMITED,
+            NOTICE_IDLE,
+            NOTICE_SHUTDOWN,
+            NOTICE_INVALID_UTF8,
+            NOTICE_SERVER_FULL,
+            &notice_line_too_long(10),
+        ] {
+            assert!(n.starts_with("Warning: ") && n.ends_with('\n'));
+        }
+        assert_eq!(
+            notice_line_too_long(1048576),
+            "Warning: Message too long (limit 1048576 bytes). Disconnecting.\n"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn envelope_round_trips_through_json(line in any::<String>()) {
+            let env = envelope(&line);
+            let decoded = decode_envelope(env.as_bytes()).unwrap();
+            prop_assert_eq!(decoded.content, line.clone());
+            prop_assert_eq!(decoded.remote_addr, "127.0.0.1:5000");
+            prop_assert!(env.ends_with("\"}\n") && env.matches('\n').count() == 1);
+            // Byte-identical to serde_json's compact output.
+            let reference = format!("{{\"content\":{},\"remote_addr\":\"127.0.0.1:5000\"}}\n",
+                serde_json::to_string(&line).unwrap());
+            prop_assert_eq!(env, reference);
+        }
+
+        #[test]
+        fn framing_is_independent_of_read_boundaries(
+            msgs in proptest::collection::vec("[^\n]{0,40}", 0..20),
+            cuts in proptest::collection::vec(0usize..400, 0..10),
+        ) {
+            let mut stream = Vec::new();
+            for m in &msgs { stream.extend_from_slice(m.as_bytes()); stream.push(b'\n'); }
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= stream.len()).collect();
+            cuts.sort();
+            let mut f = Framer::new(1 << 20);
+            let mut got = Vec::new();
+            let mut prev = 0;
+            for c in cuts.into_iter().chain(std::iter::once(stream.len())) {
+                f.feed(&stream[prev..c], |l| got.push(l.to_string())).unwrap();
+                prev = c;
+            }
+            let want: Vec<String> = msgs.iter().map(|m| m.strip_suffix('\r').unwrap_or(m).to_string()).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Start-up checks (SPEC §5), run by [`crate::run`] before any shard starts: each failure
+//! is one sentence that says what is wrong and how to fix it, and nothing is left
+//! half-started. Also raises the open-file soft limit to its hard limit (SPEC §2.5).
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+/// glommio refuses to create an executor below this `RLIMIT_MEMLOCK` (its reactor check).
+pub const MIN_MEMLOCK_BYTES: u64 = 512 << 10;
+
+/// Why the relay cannot start.
+#[derive(Debug)]
+pub enum StartupError {
+    /// io_uring cannot be set up: seccomp, `kernel.io_uring_disabled` or an old kernel.
+    IoUringUnavailable(String),
+    /// `RLIMIT_MEMLOCK` is below what the executors need.
+    MemlockTooLow { have: u64, need: u64 },
+    /// Another process already listens on the address.
+    AddressInUse(SocketAddr),
+    /// The host could not be resolved or bound.
+    Listen { addr: String, reason: String },
+}
+
+impl fmt::Display for StartupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartupError::IoUringUnavailable(why) => write!(
+                f,
+                "io_uring is not usable on this machine ({why}); see LINUX_ONLY.md for kernel, seccomp and sysctl requirements"
+            ),
+            StartupError::MemlockTooLow { have, need } => write!(
+                f,
+                "locked-memory limit (RLIMIT_MEMLOCK) is {} KiB but corecast needs at least {} KiB; raise it with `ulimit -l {}` or LimitMEMLOCK= in the systemd unit",
+                have >> 10,
+                need >> 10,
+                need >> 10
+            ),
+            StartupError::AddressInUse(addr) => {
+                write!(f, "cannot listen on {addr}: address already in use (is another relay running?)")
+            }
+            StartupError::Listen { addr, reason } => write!(f, "cannot listen on {addr}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// `(soft, hard)` open-file limits.
+pub fn nofile_limit() -> (u64, u64) {
+    rlimit(libc::RLIMIT_NOFILE).unwrap_or((1024, 1024))
+}
+
+/// Raises the open-file soft limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let (soft, hard) = nofile_limit();
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads a valid, initialised struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            return hard;
+        }
+    }
+    soft
+}
+
+fn rlimit(resource: libc::__rlimit_resource_t) -> Option<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Checks `RLIMIT_MEMLOCK`. Each shard registers three 64 KiB rings' worth of buffers;
+/// glommio itself refuses to start below 512 KiB.
+pub fn check_memlock(shards: usize) -> Result<(), StartupError> {
+    let need = MIN_MEMLOCK_BYTES.max(shards as u64 * 3 * crate::shard::IO_MEMORY_BYTES as u64);
+    match rlimit(libc::RLIMIT_MEMLOCK) {
+        Some((have, _)) if have != libc::RLIM_INFINITY && have < need => {
+            Err(StartupError::MemlockTooLow { have, need })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Sets up (and closes) a one-entry io_uring, the way glommio will. glommio itself panics
+/// or exits without a useful message when this fails.
+pub fn check_io_uring() -> Result<(), StartupError> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        match v.trim() {
+            "2" => return Err(StartupError::IoUringUnavailable("sysctl kernel.io_uring_disabled is 2".into())),
+            "1" if unsafe { libc::geteuid() } != 0 => {
+                return Err(StartupError::IoUringUnavailable(
+                    "sysctl kernel.io_uring_disabled is 1 and this process is not in kernel.io_uring_group".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    // struct io_uring_params is 120 bytes; all zero asks for defaults.
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup writes at most sizeof(io_uring_params) into `params`.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        let why = match err.raw_os_error() {
+            Some(libc::ENOSYS) => {
+                "the kernel has no io_uring (Linux 5.8 or newer is needed)".to_string()
+            }
+            Some(libc::EPERM) => {
+                "io_uring_setup was refused, likely by a seccomp profile or sysctl".to_string()
+            }
+            _ => format!("io_uring_setup failed: {err}"),
+        };
+        return Err(StartupError::IoUringUnavailable(why));
+    }
+    // SAFETY: fd is a descriptor we just opened and own.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+/// glommio's listeners always set SO_REUSEPORT, so a second relay would silently share
+/// the port. Binding once without it fails if anything already listens there.
+pub fn check_port_free(addr: SocketAddr) -> Result<(), StartupError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| listen_error(addr, e))?;
+    // SO_REUSEADDR tolerates our own sockets lingering in TIME_WAIT, never a listener.
+    let _ = socket.set_reuse_address(true);
+    match socket.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            Err(StartupError::AddressInUse(addr))
+        }
+        Err(e) => Err(listen_error(addr, e)),
+    }
+}
+
+pub fn listen_error(addr: SocketAddr, e: io::Error) -> StartupError {
+    if e.raw_os_error() == Some(libc::EADDRINUSE) {
+        return StartupError::AddressInUse(addr);
+    }
+    StartupError::Listen {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    }
+}
