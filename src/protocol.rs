@@ -268,8 +268,8 @@ mod tests {
     #[test]
     fn idle_framer_releases_its_buffer() {
         let mut f = Framer::new(1 << 20);
-        lines(&mut f, &[b'x'; 5000]);
-        lines(&mut f, b"\n");
+        assert_eq!(lines(&mut f, &[b'x'; 5000]).1, Ok(()));
+        assert_eq!(lines(&mut f, b"\n").1, Ok(()));
         assert_eq!(f.partial.capacity(), 0);
     }
 
@@ -339,7 +339,8 @@ mod tests {
             let decoded = decode_envelope(env.as_bytes()).unwrap();
             prop_assert_eq!(decoded.content, line.clone());
             prop_assert_eq!(decoded.remote_addr, "127.0.0.1:5000");
-            prop_assert!(env.ends_with("\"}\n") && env.matches('\n').count() == 1);
+            let well_formed = env.ends_with("\"}\n") && env.matches('\n').count() == 1;
+            prop_assert!(well_formed, "envelope {:?}", env);
             // Byte-identical to serde_json's compact output.
             let reference = format!("{{\"content\":{},\"remote_addr\":\"127.0.0.1:5000\"}}\n",
                 serde_json::to_string(&line).unwrap());

@@ -1,1 +1,7 @@
+//! corecast's integration tests: one binary, the real relay over real sockets.
 
+mod config;
+mod fanout;
+mod startup;
+mod util;
+mod wire;

@@ -1,0 +1,105 @@
+//! SPEC §1.4: everyone else on every shard gets every line, in per-sender order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::util::{Client, Relay};
+
+/// Rate limiting off, so bursts measure delivery rather than the limiter.
+const UNLIMITED: &str = r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#;
+
+#[test]
+fn sixteen_clients_over_two_shards_all_receive_everything() {
+    let relay = Relay::start(&["--shards", "2"]);
+    let mut clients = relay.connect_many(16);
+    assert!(
+        relay.log.count("(shard 0)") > 0 && relay.log.count("(shard 1)") > 0,
+        "clients should land on both shards:\n{}",
+        relay.log.text()
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(format!("hello from {i}\n").as_bytes());
+    }
+    let senders: HashMap<SocketAddr, usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.local_addr, i))
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut seen: Vec<usize> = (0..15)
+            .map(|_| {
+                let env = corecast::protocol::decode_envelope(&c.line()).expect("an envelope");
+                let from = senders[&env.remote_addr.parse().unwrap()];
+                assert_eq!(env.content, format!("hello from {from}"));
+                from
+            })
+            .collect();
+        seen.sort();
+        let want: Vec<usize> = (0..16).filter(|&j| j != i).collect();
+        assert_eq!(seen, want, "client {i}");
+    }
+}
+
+#[test]
+fn two_senders_bursting_5000_lines_arrive_complete_and_in_order_everywhere() {
+    const LINES: usize = 5000;
+    let relay = Relay::with_config(UNLIMITED, &["--shards", "2"]);
+    let clients = relay.connect_many(6);
+    let addrs: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr).collect();
+    // Every client reads on its own thread (senders receive each other's burst too).
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let expected = if i < 2 { LINES } else { 2 * LINES };
+            let writer = c.stream.try_clone().unwrap();
+            (
+                writer,
+                std::thread::spawn(move || read_sequences(c, expected)),
+            )
+        })
+        .collect();
+    let mut senders = Vec::new();
+    for (i, (writer, _)) in readers.iter().enumerate().take(2) {
+        let mut writer = writer.try_clone().unwrap();
+        senders.push(std::thread::spawn(move || {
+            use std::io::Write;
+            let mut burst = String::new();
+            for seq in 0..LINES {
+                burst.push_str(&format!("sender {i} line {seq}\n"));
+            }
+            writer.write_all(burst.as_bytes()).unwrap();
+        }));
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+    for (i, (_, reader)) in readers.into_iter().enumerate() {
+        let per_sender = reader.join().unwrap();
+        for (s, addr) in addrs.iter().enumerate().take(2) {
+            let got = per_sender.get(addr).cloned().unwrap_or_default();
+            if s == i {
+                assert!(got.is_empty(), "client {i} got its own lines back");
+            } else {
+                assert_eq!(got.len(), LINES, "client {i} from sender {s}");
+                assert!(
+                    got.iter().enumerate().all(|(k, &seq)| k == seq),
+                    "client {i}: sender {s} out of order"
+                );
+            }
+        }
+    }
+}
+
+/// Reads `n` envelopes and returns each sender's sequence numbers in arrival order.
+fn read_sequences(mut c: Client, n: usize) -> HashMap<SocketAddr, Vec<usize>> {
+    let mut out: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
+    for _ in 0..n {
+        let env = corecast::protocol::decode_envelope(&c.line()).expect("an envelope");
+        let seq = env.content.rsplit(' ').next().unwrap().parse().unwrap();
+        out.entry(env.remote_addr.parse().unwrap())
+            .or_default()
+            .push(seq);
+    }
+    out
+}

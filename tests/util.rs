@@ -1,0 +1,223 @@
+//! Test harness: starts the real `corecast` binary on a free port and talks to it over
+//! real sockets. Every wait has a generous deadline so a broken relay fails the test
+//! instead of hanging it; no test asserts on timing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Deadline for anything the relay should do promptly.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn corecast() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_corecast"))
+}
+
+/// Writes `json` to a fresh temporary file and returns its path.
+pub fn temp_config(json: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("corecast-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("config-{n}.json"));
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+/// Lines the relay printed on stderr, collected by a thread.
+#[derive(Default)]
+pub struct Log {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+    closed: Mutex<bool>,
+}
+
+impl Log {
+    fn collect(self: Arc<Self>, stderr: impl Read + Send + 'static) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                self.lines.lock().unwrap().push(line);
+                self.changed.notify_all();
+            }
+            *self.closed.lock().unwrap() = true;
+            self.changed.notify_all();
+        });
+    }
+
+    /// Waits until a line contains `needle`; returns it.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "relay never logged {needle:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self
+                .changed
+                .wait_timeout(lines, left.min(Duration::from_millis(100)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+/// A running relay, killed (by PID) when dropped.
+pub struct Relay {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Log>,
+}
+
+impl Relay {
+    /// Starts the relay with `args` on a free loopback port at INFO level.
+    pub fn start(args: &[&str]) -> Relay {
+        let mut cmd = corecast();
+        cmd.args(["--port", "0"]);
+        if !args.contains(&"--log-level") {
+            cmd.args(["--log-level", "info"]);
+        }
+        cmd.args(args);
+        Relay::spawn(cmd)
+    }
+
+    /// Starts the relay with a config file holding `json`, plus `args`.
+    pub fn with_config(json: &str, args: &[&str]) -> Relay {
+        let path = temp_config(json);
+        let mut full = vec!["--config", path.to_str().unwrap()];
+        full.extend_from_slice(args);
+        Relay::start(&full)
+    }
+
+    pub fn spawn(mut cmd: Command) -> Relay {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start corecast");
+        let log = Arc::new(Log::default());
+        log.clone().collect(child.stderr.take().unwrap());
+        let line = log.wait_for("listening on ");
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("cannot parse the address from {line:?}"));
+        Relay { child, addr, log }
+    }
+
+    /// Connects a client and waits until the relay has registered it, so that it will
+    /// receive every line sent after this returns.
+    pub fn connect(&self) -> Client {
+        let client = Client::connect(self.addr);
+        self.log
+            .wait_for(&format!("client connected: {}", client.local_addr));
+        client
+    }
+
+    pub fn connect_many(&self, n: usize) -> Vec<Client> {
+        (0..n).map(|_| self.connect()).collect()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One client connection with a line reader.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    pub local_addr: SocketAddr,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        Client::from_stream(TcpStream::connect(addr).expect("connect to relay"))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let local_addr = stream.local_addr().unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client {
+            stream,
+            reader,
+            local_addr,
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send to relay");
+    }
+
+    /// The next line including its `\n`; panics on EOF or timeout.
+    pub fn line(&mut self) -> Vec<u8> {
+        self.try_line()
+            .unwrap_or_else(|| panic!("{} got EOF instead of a line", self.local_addr))
+    }
+
+    /// The next line, or `None` at EOF. Panics on timeout.
+    pub fn try_line(&mut self) -> Option<Vec<u8>> {
+        let mut buf = Vec::new();
+        match self.reader.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => Some(buf),
+            Err(e) => panic!(
+                "{} timed out waiting for a line ({e}); partial {buf:?}",
+                self.local_addr
+            ),
+        }
+    }
+
+    pub fn line_str(&mut self) -> String {
+        String::from_utf8(self.line()).expect("relay sent invalid UTF-8")
+    }
+
+    /// Reads until EOF; returns everything that arrived first.
+    pub fn read_to_eof(&mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest).expect("read until EOF");
+        rest
+    }
+
+    /// The exact envelope bytes the relay sends for `content` from this client.
+    pub fn envelope(&self, content: &str) -> String {
+        envelope(content, self.local_addr)
+    }
+}
+
+/// The envelope for `content` from `from`, built with serde_json (independent of the
+/// relay's own encoder).
+pub fn envelope(content: &str, from: SocketAddr) -> String {
+    format!(
+        "{{\"content\":{},\"remote_addr\":\"{from}\"}}\n",
+        serde_json::to_string(content).unwrap()
+    )
+}
