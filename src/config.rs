@@ -80,17 +80,9 @@ impl fmt::Display for ConfigError {
                 write!(f, "cannot read config file {}: {reason}", path.display())
             }
             ConfigError::Syntax { path, reason } => {
-                write!(
-                    f,
-                    "config file {} is not valid JSON: {reason}",
-                    path.display()
-                )
+                write!(f, "config file {} is not valid JSON: {reason}", path.display())
             }
-            ConfigError::Invalid {
-                key,
-                expected,
-                found,
-            } => write!(f, "{key}: expected {expected}, found {found}"),
+            ConfigError::Invalid { key, expected, found } => write!(f, "{key}: expected {expected}, found {found}"),
         }
     }
 }
@@ -265,12 +257,7 @@ fn default_max_connections() -> usize {
 }
 
 /// Keys a Summoner `logger` section may carry that only the Python server uses.
-const PYTHON_ONLY_LOGGER_KEYS: &[&str] = &[
-    "console_log_format",
-    "log_format",
-    "max_file_size",
-    "backup_count",
-];
+const PYTHON_ONLY_LOGGER_KEYS: &[&str] = &["console_log_format", "log_format", "max_file_size", "backup_count"];
 /// Keys of the reference's channel design: accepted, no effect.
 const INERT_HYPER_KEYS: &[&str] = &[
     "connection_buffer_size",
@@ -298,11 +285,7 @@ impl Config {
     }
 
     /// Applies a parsed `server_config.json` over `self`.
-    pub fn apply_json(
-        &mut self,
-        root: &Value,
-        warnings: &mut Vec<String>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_json(&mut self, root: &Value, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
         let mut top = Section::new(root, "")?;
         top.ignore("version");
         if let Some(host) = top.string("host")? {
@@ -325,11 +308,7 @@ impl Config {
         Ok(())
     }
 
-    fn apply_logger(
-        &mut self,
-        mut s: Section,
-        warnings: &mut Vec<String>,
-    ) -> Result<(), ConfigError> {
+    fn apply_logger(&mut self, mut s: Section, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
         for key in PYTHON_ONLY_LOGGER_KEYS {
             s.ignore(key);
         }
@@ -363,11 +342,7 @@ impl Config {
         Ok(())
     }
 
-    fn apply_hyper(
-        &mut self,
-        mut s: Section,
-        warnings: &mut Vec<String>,
-    ) -> Result<(), ConfigError> {
+    fn apply_hyper(&mut self, mut s: Section, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
         for key in INERT_HYPER_KEYS {
             s.ignore(key);
         }
@@ -383,18 +358,14 @@ impl Config {
                 self.port = port as u16;
             }
         }
-        if let Some(v) = s.nullable("client_timeout_secs", |v, p| {
-            int_value(v, p, 1, u32::MAX as u64)
-        })? {
+        if let Some(v) = s.nullable("client_timeout_secs", |v, p| int_value(v, p, 1, u32::MAX as u64))? {
             self.client_timeout_secs = v;
         }
         set(
             &mut self.timeout_check_interval_secs,
             s.int("timeout_check_interval_secs", 1, 86_400)?,
         );
-        if let Some(v) = s.nullable("rate_limit_msgs_per_minute", |v, p| {
-            int_value(v, p, 0, u32::MAX as u64)
-        })? {
+        if let Some(v) = s.nullable("rate_limit_msgs_per_minute", |v, p| int_value(v, p, 0, u32::MAX as u64))? {
             self.rate_limit_msgs_per_minute = v;
         }
         set(
@@ -409,10 +380,7 @@ impl Config {
             &mut self.quarantine_cleanup_interval_secs,
             s.int("quarantine_cleanup_interval_secs", 1, 86_400)?,
         );
-        set(
-            &mut self.throttle_delay_ms,
-            s.int("throttle_delay_ms", 0, 3_600_000)?,
-        );
+        set(&mut self.throttle_delay_ms, s.int("throttle_delay_ms", 0, 3_600_000)?);
         set(
             &mut self.flow_control_delay_ms,
             s.int("flow_control_delay_ms", 0, 3_600_000)?,
@@ -439,18 +407,9 @@ impl Config {
             );
             bp.finish(warnings);
         }
-        set_usize(
-            &mut self.max_line_bytes,
-            s.int("max_line_bytes", 1, 64 << 20)?,
-        );
-        set_usize(
-            &mut self.max_pending_bytes,
-            s.int("max_pending_bytes", 4096, 1 << 40)?,
-        );
-        set_usize(
-            &mut self.max_connections,
-            s.int("max_connections", 1, 10_000_000)?,
-        );
+        set_usize(&mut self.max_line_bytes, s.int("max_line_bytes", 1, 64 << 20)?);
+        set_usize(&mut self.max_pending_bytes, s.int("max_pending_bytes", 4096, 1 << 40)?);
+        set_usize(&mut self.max_connections, s.int("max_connections", 1, 10_000_000)?);
         if let Some(by) = s.string("quarantine_by")? {
             self.quarantine_by = match by.as_str() {
                 "ip" => QuarantineBy::Ip,
@@ -468,10 +427,7 @@ impl Config {
             &mut self.quarantine_max_entries,
             s.int("quarantine_max_entries", 1, 100_000_000)?,
         );
-        set(
-            &mut self.shutdown_grace_ms,
-            s.int("shutdown_grace_ms", 0, 3_600_000)?,
-        );
+        set(&mut self.shutdown_grace_ms, s.int("shutdown_grace_ms", 0, 3_600_000)?);
         s.finish(warnings);
         Ok(())
     }
@@ -485,11 +441,7 @@ impl Config {
         set(&mut self.port, args.port);
         if let Some(shards) = args.shards {
             if !(1..=1024).contains(&shards) {
-                return Err(invalid(
-                    "--shards",
-                    "an integer from 1 to 1024",
-                    &json!(shards),
-                ));
+                return Err(invalid("--shards", "an integer from 1 to 1024", &json!(shards)));
             }
             self.shards = shards;
         }
@@ -575,28 +527,18 @@ fn parse_level(s: &str, path: &str) -> Result<LogLevel, ConfigError> {
 }
 
 fn validate_host(host: &str, path: &str) -> Result<(), ConfigError> {
-    let ok = !host.is_empty()
-        && host.len() <= 253
-        && !host.chars().any(|c| c.is_whitespace() || c == '/');
+    let ok = !host.is_empty() && host.len() <= 253 && !host.chars().any(|c| c.is_whitespace() || c == '/');
     if ok {
         Ok(())
     } else {
-        Err(invalid(
-            path,
-            "an IP address or hostname",
-            &Value::String(host.into()),
-        ))
+        Err(invalid(path, "an IP address or hostname", &Value::String(host.into())))
     }
 }
 
 fn validate_date_format(fmt: &str, path: &str) -> Result<(), ConfigError> {
     use chrono::format::{Item, StrftimeItems};
     if StrftimeItems::new(fmt).any(|item| matches!(item, Item::Error)) {
-        return Err(invalid(
-            path,
-            "a chrono strftime format",
-            &Value::String(fmt.into()),
-        ));
+        return Err(invalid(path, "a chrono strftime format", &Value::String(fmt.into())));
     }
     Ok(())
 }
@@ -604,10 +546,7 @@ fn validate_date_format(fmt: &str, path: &str) -> Result<(), ConfigError> {
 fn invalid(path: &str, expected: &str, found: &Value) -> ConfigError {
     let mut shown = found.to_string();
     if shown.len() > 60 {
-        let cut = (0..=57)
-            .rev()
-            .find(|&i| shown.is_char_boundary(i))
-            .unwrap_or(0);
+        let cut = (0..=57).rev().find(|&i| shown.is_char_boundary(i)).unwrap_or(0);
         shown.truncate(cut);
         shown.push_str("...");
     }
@@ -647,11 +586,7 @@ impl<'a> Section<'a> {
     fn new(value: &'a Value, prefix: &str) -> Result<Self, ConfigError> {
         let map = value.as_object().ok_or_else(|| {
             invalid(
-                if prefix.is_empty() {
-                    "(top level)"
-                } else {
-                    prefix
-                },
+                if prefix.is_empty() { "(top level)" } else { prefix },
                 "an object",
                 value,
             )
@@ -717,9 +652,7 @@ impl<'a> Section<'a> {
 
     fn int(&mut self, key: &'static str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
         let path = self.path(key);
-        self.get(key)
-            .map(|v| int_value(v, &path, min, max))
-            .transpose()
+        self.get(key).map(|v| int_value(v, &path, min, max)).transpose()
     }
 
     /// A key where `null` means "disabled": `None` if absent, `Some(None)` if null.
@@ -766,11 +699,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -805,27 +734,22 @@ mod tests {
             e.to_string(),
             "hyper_parameters.rate_limit_msgs_per_minute: expected an integer, found \"fast\""
         );
-        let e = load(r#"{"hyper_parameters":{"backpressure_policy":{"enable_throttle":1}}}"#)
-            .unwrap_err();
-        assert!(e.to_string().starts_with(
-            "hyper_parameters.backpressure_policy.enable_throttle: expected true or false"
-        ));
-        let e = load(r#"{"port":70000}"#).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "port: expected an integer from 0 to 65535, found 70000"
-        );
-        let e = load(r#"{"logger":{"log_level":"LOUD"}}"#).unwrap_err();
+        let e = load(r#"{"hyper_parameters":{"backpressure_policy":{"enable_throttle":1}}}"#).unwrap_err();
         assert!(e
             .to_string()
-            .starts_with("logger.log_level: expected one of"));
+            .starts_with("hyper_parameters.backpressure_policy.enable_throttle: expected true or false"));
+        let e = load(r#"{"port":70000}"#).unwrap_err();
+        assert_eq!(e.to_string(), "port: expected an integer from 0 to 65535, found 70000");
+        let e = load(r#"{"logger":{"log_level":"LOUD"}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("logger.log_level: expected one of"));
         let e = load(r#"{"hyper_parameters":{"quarantine_by":"mac"}}"#).unwrap_err();
         assert!(e.to_string().starts_with("hyper_parameters.quarantine_by:"));
     }
 
     #[test]
     fn null_disables_nullable_limits() {
-        let (c, _) = load(r#"{"hyper_parameters":{"client_timeout_secs":null,"rate_limit_msgs_per_minute":null}}"#).unwrap();
+        let (c, _) =
+            load(r#"{"hyper_parameters":{"client_timeout_secs":null,"rate_limit_msgs_per_minute":null}}"#).unwrap();
         assert_eq!(c.client_timeout_secs, None);
         assert_eq!(c.rate_limit_msgs_per_minute, None);
         assert!(load(r#"{"hyper_parameters":{"timeout_check_interval_secs":null}}"#).is_err());
@@ -833,17 +757,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_warn_with_the_closest_known_key() {
-        let (_, w) =
-            load(r#"{"hyper_parameters":{"rate_limit_msg_per_minute":5, "zzzzzzzzzzzz":1}}"#)
-                .unwrap();
+        let (_, w) = load(r#"{"hyper_parameters":{"rate_limit_msg_per_minute":5, "zzzzzzzzzzzz":1}}"#).unwrap();
         assert_eq!(w.len(), 2);
         assert!(w
             .iter()
             .any(|m| m.contains("hyper_parameters.rate_limit_msg_per_minute")
                 && m.contains("did you mean hyper_parameters.rate_limit_msgs_per_minute")));
-        assert!(w
-            .iter()
-            .any(|m| m.ends_with("hyper_parameters.zzzzzzzzzzzz ignored")));
+        assert!(w.iter().any(|m| m.ends_with("hyper_parameters.zzzzzzzzzzzz ignored")));
     }
 
     #[test]
@@ -866,9 +786,7 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let mut c = load(r#"{"port":7000,"logger":{"log_level":"debug"}}"#)
-            .unwrap()
-            .0;
+        let mut c = load(r#"{"port":7000,"logger":{"log_level":"debug"}}"#).unwrap().0;
         let args = ServeArgs {
             port: Some(7001),
             log_level: Some("critical".into()),
@@ -900,7 +818,9 @@ mod tests {
 
     #[test]
     fn effective_config_round_trips_through_to_json() {
-        let (c, _) = load(r#"{"hyper_parameters":{"worker_threads":2,"quarantine_by":"addr","client_timeout_secs":null}}"#).unwrap();
+        let (c, _) =
+            load(r#"{"hyper_parameters":{"worker_threads":2,"quarantine_by":"addr","client_timeout_secs":null}}"#)
+                .unwrap();
         let (again, w) = load(&c.to_json().to_string()).unwrap();
         assert_eq!(again, c);
         assert!(w.is_empty(), "{w:?}");

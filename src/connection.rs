@@ -269,15 +269,10 @@ async fn write_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>)
     }
 }
 
-async fn write_all(
-    shard: &Shard,
-    stream: &RefCell<TcpStream>,
-    bytes: &[u8],
-) -> Result<(), CloseReason> {
+async fn write_all(shard: &Shard, stream: &RefCell<TcpStream>, bytes: &[u8]) -> Result<(), CloseReason> {
     let mut done = 0;
     while done < bytes.len() {
-        let written =
-            poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &bytes[done..])).await;
+        let written = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &bytes[done..])).await;
         match written {
             Ok(n) if n > 0 => {
                 done += n;
@@ -310,11 +305,7 @@ async fn farewell(stream: &RefCell<TcpStream>, reason: CloseReason, max_line_byt
     let linger = async {
         let mut done = 0;
         while done < text.len() {
-            match poll_fn(|cx| {
-                Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &text.as_bytes()[done..])
-            })
-            .await
-            {
+            match poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &text.as_bytes()[done..])).await {
                 Ok(n) if n > 0 => done += n,
                 _ => return,
             }

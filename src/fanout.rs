@@ -11,9 +11,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use glommio::channels::shared_channel::{
-    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use crate::protocol::encode_envelope;
 use crate::shard::Shard;
@@ -94,11 +92,7 @@ impl BatchBuilder {
                 run.end = end;
                 run.count += 1;
             }
-            _ => b.runs.push(Run {
-                origin,
-                end,
-                count: 1,
-            }),
+            _ => b.runs.push(Run { origin, end, count: 1 }),
         }
     }
 
@@ -147,12 +141,7 @@ pub fn build_mesh(shards: usize) -> Vec<MeshEnds> {
 /// Connects this shard's ends. Every endpoint is connected concurrently: `connect` is a
 /// rendezvous with the peer, and connecting one by one in the same order on every shard
 /// deadlocks.
-pub async fn connect_mesh(
-    ends: MeshEnds,
-) -> (
-    Vec<ConnectedSender<Arc<Batch>>>,
-    Vec<ConnectedReceiver<Arc<Batch>>>,
-) {
+pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, Vec<ConnectedReceiver<Arc<Batch>>>) {
     let senders: Vec<_> = ends
         .to_peers
         .into_iter()
@@ -232,9 +221,7 @@ mod tests {
         let batch = b.take();
         let text = |v: Vec<(u32, u32, u32)>| {
             v.iter()
-                .map(|&(s, e, _)| {
-                    String::from_utf8(batch.data[s as usize..e as usize].to_vec()).unwrap()
-                })
+                .map(|&(s, e, _)| String::from_utf8(batch.data[s as usize..e as usize].to_vec()).unwrap())
                 .collect::<String>()
         };
         let only = |lines: &[&str]| {

@@ -29,27 +29,15 @@ fn backlog() -> i32 {
 
 /// Binds `count` listeners sharing `addr` through SO_REUSEPORT. With port 0 the first
 /// one picks the port and the rest join it. Returns the bound address.
-pub fn bind_listeners(
-    addr: SocketAddr,
-    count: usize,
-) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
     let mut bound = addr;
     let mut fds = Vec::with_capacity(count);
     for _ in 0..count {
-        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, None)
-            .map_err(|e| listen_error(addr, e))?;
-        socket
-            .set_reuse_address(true)
-            .map_err(|e| listen_error(addr, e))?;
-        socket
-            .set_reuse_port(true)
-            .map_err(|e| listen_error(addr, e))?;
-        socket
-            .bind(&bound.into())
-            .map_err(|e| listen_error(addr, e))?;
-        socket
-            .listen(backlog())
-            .map_err(|e| listen_error(addr, e))?;
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, None).map_err(|e| listen_error(addr, e))?;
+        socket.set_reuse_address(true).map_err(|e| listen_error(addr, e))?;
+        socket.set_reuse_port(true).map_err(|e| listen_error(addr, e))?;
+        socket.bind(&bound.into()).map_err(|e| listen_error(addr, e))?;
+        socket.listen(backlog()).map_err(|e| listen_error(addr, e))?;
         if bound.port() == 0 {
             bound = socket
                 .local_addr()
@@ -77,8 +65,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     continue; // already reset by the peer
                 };
                 let _ = stream.set_nodelay(true);
-                glommio::spawn_local(crate::connection::serve(shard.clone(), stream, addr))
-                    .detach();
+                glommio::spawn_local(crate::connection::serve(shard.clone(), stream, addr)).detach();
             }
             Err(e) => {
                 errors_since_log += 1;

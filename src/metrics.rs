@@ -100,10 +100,7 @@ impl ShardStats {
     }
 
     pub fn on_close(&self, reason: CloseReason, was_open: bool) {
-        let i = CloseReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
+        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         bump(&self.closed[i], 1);
         if was_open {
             self.open.set(self.open.get().saturating_sub(1));
@@ -128,10 +125,7 @@ impl ShardStats {
     }
 
     pub fn closed(&self, reason: CloseReason) -> u64 {
-        let i = CloseReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
+        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.closed[i].get()
     }
 }

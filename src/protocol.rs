@@ -9,8 +9,7 @@
 use std::fmt;
 
 /// N1: a line was dropped by the rate limiter.
-pub const NOTICE_RATE_LIMITED: &str =
-    "Warning: You are sending messages too quickly. Please slow down.\n";
+pub const NOTICE_RATE_LIMITED: &str = "Warning: You are sending messages too quickly. Please slow down.\n";
 /// N2: idle timeout; the connection is closed after it.
 pub const NOTICE_IDLE: &str = "Warning: You have been disconnected due to inactivity.\n";
 /// N3: shutdown; the connection is closed after it.
@@ -70,11 +69,7 @@ impl Framer {
     /// Feeds `input` and calls `on_line` with every complete line, in order. Lines before a
     /// bad one are handed out before the error is returned; after an error the framer
     /// must not be fed again.
-    pub fn feed(
-        &mut self,
-        mut input: &[u8],
-        mut on_line: impl FnMut(&str),
-    ) -> Result<(), FrameError> {
+    pub fn feed(&mut self, mut input: &[u8], mut on_line: impl FnMut(&str)) -> Result<(), FrameError> {
         while let Some(pos) = memchr::memchr(b'\n', input) {
             let (head, rest) = (&input[..pos], &input[pos + 1..]);
             input = rest;
@@ -153,14 +148,7 @@ pub fn escape_json_into(out: &mut Vec<u8>, s: &str) {
         }
         out.extend_from_slice(&bytes[start..i]);
         if esc == b'u' {
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 0xF) as usize],
-            ]);
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xF) as usize]]);
         } else {
             out.extend_from_slice(&[b'\\', esc]);
         }
@@ -279,10 +267,7 @@ mod tests {
             envelope("hi"),
             "{\"content\":\"hi\",\"remote_addr\":\"127.0.0.1:5000\"}\n"
         );
-        assert_eq!(
-            envelope(""),
-            "{\"content\":\"\",\"remote_addr\":\"127.0.0.1:5000\"}\n"
-        );
+        assert_eq!(envelope(""), "{\"content\":\"\",\"remote_addr\":\"127.0.0.1:5000\"}\n");
     }
 
     #[test]

@@ -128,9 +128,7 @@ impl Shard {
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the one we own.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let ok =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
-            == 0;
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
         .ok()
         .map(|s| parse_cpu_list(s.trim()));
@@ -199,13 +197,7 @@ pub fn spawn_all(
     Ok(handles)
 }
 
-async fn shard_main(
-    id: usize,
-    config: Arc<Config>,
-    listener: OwnedFd,
-    ends: MeshEnds,
-    guard: StopGuard,
-) {
+async fn shard_main(id: usize, config: Arc<Config>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
     let shard = Rc::new(Shard::new(id, config));
     let (to_peers, from_peers) = fanout::connect_mesh(ends).await;
     for from_peer in from_peers {

@@ -89,39 +89,30 @@ pub fn check_memlock(shards: usize) -> Result<(), StartupError> {
 }
 
 /// Sets up (and closes) a one-entry io_uring, the way glommio will. glommio itself panics
-/// or exits without a useful message when this fails.
+/// or exits without a useful message when this fails. The syscall decides; the sysctl only
+/// explains a refusal.
 pub fn check_io_uring() -> Result<(), StartupError> {
-    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-        match v.trim() {
-            "2" => return Err(StartupError::IoUringUnavailable("sysctl kernel.io_uring_disabled is 2".into())),
-            "1" if unsafe { libc::geteuid() } != 0 => {
-                return Err(StartupError::IoUringUnavailable(
-                    "sysctl kernel.io_uring_disabled is 1 and this process is not in kernel.io_uring_group".into(),
-                ))
-            }
-            _ => {}
-        }
-    }
     // struct io_uring_params is 120 bytes; all zero asks for defaults.
     let mut params = [0u8; 120];
     // SAFETY: io_uring_setup writes at most sizeof(io_uring_params) into `params`.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        let err = io::Error::last_os_error();
-        let why = match err.raw_os_error() {
-            Some(libc::ENOSYS) => {
-                "the kernel has no io_uring (Linux 5.8 or newer is needed)".to_string()
-            }
-            Some(libc::EPERM) => {
-                "io_uring_setup was refused, likely by a seccomp profile or sysctl".to_string()
-            }
-            _ => format!("io_uring_setup failed: {err}"),
-        };
-        return Err(StartupError::IoUringUnavailable(why));
+    if fd >= 0 {
+        // SAFETY: fd is a descriptor we just opened and own.
+        unsafe { libc::close(fd as i32) };
+        return Ok(());
     }
-    // SAFETY: fd is a descriptor we just opened and own.
-    unsafe { libc::close(fd as i32) };
-    Ok(())
+    let err = io::Error::last_os_error();
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+    let why = match (err.raw_os_error(), sysctl.trim()) {
+        (Some(libc::ENOSYS), _) => "the kernel has no io_uring; Linux 5.8 or newer is needed".to_string(),
+        (Some(libc::EPERM), "2") => "sysctl kernel.io_uring_disabled is 2".to_string(),
+        (Some(libc::EPERM), "1") => {
+            "sysctl kernel.io_uring_disabled is 1 and this process is not in kernel.io_uring_group".to_string()
+        }
+        (Some(libc::EPERM), _) => "io_uring_setup was refused, likely by a seccomp profile".to_string(),
+        _ => format!("io_uring_setup failed: {err}"),
+    };
+    Err(StartupError::IoUringUnavailable(why))
 }
 
 /// glommio's listeners always set SO_REUSEPORT, so a second relay would silently share
@@ -130,19 +121,13 @@ pub fn check_port_free(addr: SocketAddr) -> Result<(), StartupError> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .map_err(|e| listen_error(addr, e))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+        .map_err(|e| listen_error(addr, e))?;
     // SO_REUSEADDR tolerates our own sockets lingering in TIME_WAIT, never a listener.
     let _ = socket.set_reuse_address(true);
     match socket.bind(&addr.into()) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
-            Err(StartupError::AddressInUse(addr))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(StartupError::AddressInUse(addr)),
         Err(e) => Err(listen_error(addr, e)),
     }
 }

@@ -29,24 +29,13 @@ fn every_shipped_config_validates_without_warnings() {
             seen += 1;
         }
     }
-    assert!(
-        seen >= 3,
-        "expected default.json, dev.json and server_config.json"
-    );
+    assert!(seen >= 3, "expected default.json, dev.json and server_config.json");
 }
 
 #[test]
 fn check_prints_the_effective_config_with_flags_over_file_over_defaults() {
-    let path =
-        temp_config(r#"{"port": 7000, "host": "0.0.0.0", "logger": {"log_level": "warning"}}"#);
-    let out = check(&[
-        "--config",
-        path.to_str().unwrap(),
-        "--port",
-        "7001",
-        "--shards",
-        "3",
-    ]);
+    let path = temp_config(r#"{"port": 7000, "host": "0.0.0.0", "logger": {"log_level": "warning"}}"#);
+    let out = check(&["--config", path.to_str().unwrap(), "--port", "7001", "--shards", "3"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let effective: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(effective["port"], 7001, "flag beats file");
@@ -70,9 +59,7 @@ fn a_wrong_type_names_the_json_path_and_exits_78() {
             .unwrap();
         assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
         assert!(
-            stderr(&out).contains(
-                r#"hyper_parameters.rate_limit_msgs_per_minute: expected an integer, found "fast""#
-            ),
+            stderr(&out).contains(r#"hyper_parameters.rate_limit_msgs_per_minute: expected an integer, found "fast""#),
             "{}",
             stderr(&out)
         );
@@ -87,19 +74,12 @@ fn a_missing_or_malformed_config_file_exits_78() {
     let path = temp_config("{ not json");
     let out = check(&["--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78));
-    assert!(
-        stderr(&out).contains("is not valid JSON"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("is not valid JSON"), "{}", stderr(&out));
 }
 
 #[test]
 fn an_unknown_key_is_a_warning_that_suggests_the_closest_key() {
-    let relay = Relay::with_config(
-        r#"{"hyper_parameters": {"rate_limit_msg_per_minute": 5}}"#,
-        &[],
-    );
+    let relay = Relay::with_config(r#"{"hyper_parameters": {"rate_limit_msg_per_minute": 5}}"#, &[]);
     let line = relay
         .log
         .wait_for("unknown config key hyper_parameters.rate_limit_msg_per_minute");
@@ -133,10 +113,7 @@ fn relayed_messages_are_logged_only_at_debug() {
         b.line();
     }
     verbose.log.wait_for("secret payload");
-    assert!(verbose
-        .log
-        .wait_for("secret payload")
-        .contains(" - DEBUG - "));
+    assert!(verbose.log.wait_for("secret payload").contains(" - DEBUG - "));
     assert_eq!(quiet.log.count("secret payload"), 0);
 }
 

@@ -20,11 +20,7 @@ fn sixteen_clients_over_two_shards_all_receive_everything() {
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(format!("hello from {i}\n").as_bytes());
     }
-    let senders: HashMap<SocketAddr, usize> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.local_addr, i))
-        .collect();
+    let senders: HashMap<SocketAddr, usize> = clients.iter().enumerate().map(|(i, c)| (c.local_addr, i)).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         let mut seen: Vec<usize> = (0..15)
             .map(|_| {
@@ -53,10 +49,7 @@ fn two_senders_bursting_5000_lines_arrive_complete_and_in_order_everywhere() {
         .map(|(i, c)| {
             let expected = if i < 2 { LINES } else { 2 * LINES };
             let writer = c.stream.try_clone().unwrap();
-            (
-                writer,
-                std::thread::spawn(move || read_sequences(c, expected)),
-            )
+            (writer, std::thread::spawn(move || read_sequences(c, expected)))
         })
         .collect();
     let mut senders = Vec::new();
@@ -97,9 +90,7 @@ fn read_sequences(mut c: Client, n: usize) -> HashMap<SocketAddr, Vec<usize>> {
     for _ in 0..n {
         let env = corecast::protocol::decode_envelope(&c.line()).expect("an envelope");
         let seq = env.content.rsplit(' ').next().unwrap().parse().unwrap();
-        out.entry(env.remote_addr.parse().unwrap())
-            .or_default()
-            .push(seq);
+        out.entry(env.remote_addr.parse().unwrap()).or_default().push(seq);
     }
     out
 }

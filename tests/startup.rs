@@ -15,11 +15,7 @@ fn a_second_relay_on_a_busy_port_fails_with_address_in_use() {
     let port = first.addr.port().to_string();
     let out = corecast().args(["--port", &port]).output().unwrap();
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("address already in use"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("address already in use"), "{}", stderr(&out));
     // The first relay still serves.
     let mut a = first.connect();
     let mut b = first.connect();
@@ -33,11 +29,7 @@ fn a_port_held_by_another_program_is_refused_too() {
     let port = other.local_addr().unwrap().port().to_string();
     let out = corecast().args(["--port", &port]).output().unwrap();
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("address already in use"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("address already in use"), "{}", stderr(&out));
 }
 
 #[test]
@@ -74,7 +66,7 @@ fn io_uring_blocked_by_seccomp_is_reported_before_anything_starts() {
     cmd.args(["--port", "0"]);
     // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
     unsafe {
-        cmd.pre_exec(|| deny_io_uring_setup());
+        cmd.pre_exec(deny_io_uring_setup);
     }
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
@@ -93,18 +85,8 @@ fn deny_io_uring_setup() -> std::io::Result<()> {
     const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
     const RET_ERRNO_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
     const RET_ALLOW: u32 = 0x7fff_0000;
-    let stmt = |code: u16, k: u32| libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: 0x15,
-        jt,
-        jf,
-        k,
-    };
+    let stmt = |code: u16, k: u32| libc::sock_filter { code, jt: 0, jf: 0, k };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter { code: 0x15, jt, jf, k };
     let filter = [
         stmt(0x20, 4), // ld arch
         jeq(AUDIT_ARCH_X86_64, 1, 0),
@@ -121,11 +103,7 @@ fn deny_io_uring_setup() -> std::io::Result<()> {
     // SAFETY: prctl with a valid, live filter program.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            || libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const _,
-            ) != 0
+            || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const _) != 0
         {
             return Err(std::io::Error::last_os_error());
         }

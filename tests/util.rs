@@ -71,12 +71,7 @@ impl Log {
     }
 
     pub fn count(&self, needle: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
     pub fn text(&self) -> String {
@@ -133,8 +128,7 @@ impl Relay {
     /// receive every line sent after this returns.
     pub fn connect(&self) -> Client {
         let client = Client::connect(self.addr);
-        self.log
-            .wait_for(&format!("client connected: {}", client.local_addr));
+        self.log.wait_for(&format!("client connected: {}", client.local_addr));
         client
     }
 

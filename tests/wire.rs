@@ -8,24 +8,15 @@ fn envelopes_are_byte_exact_for_awkward_content() {
     let mut sender = relay.connect();
     let mut receiver = relay.connect();
 
-    let mut every_control: String = (0u8..0x20)
-        .filter(|b| *b != b'\n')
-        .map(char::from)
-        .collect();
+    let mut every_control: String = (0u8..0x20).filter(|b| *b != b'\n').map(char::from).collect();
     every_control.push('\u{7f}');
     let cases: Vec<(Vec<u8>, String)> = vec![
         (b"say \"hi\"".to_vec(), r#"say \"hi\""#.into()),
         (b"back\\slash \\n".to_vec(), r#"back\\slash \\n"#.into()),
         (b"tab\there\x08\x0c".to_vec(), r#"tab\there\b\f"#.into()),
-        (
-            b"nul\x00esc\x1bus\x1f".to_vec(),
-            r#"nul\u0000esc\u001bus\u001f"#.into(),
-        ),
+        (b"nul\x00esc\x1bus\x1f".to_vec(), r#"nul\u0000esc\u001bus\u001f"#.into()),
         (b"del\x7f / < > & '".to_vec(), "del\u{7f} / < > & '".into()),
-        (
-            "é 😀 \u{2028} 中文".as_bytes().to_vec(),
-            "é 😀 \u{2028} 中文".into(),
-        ),
+        ("é 😀 \u{2028} 中文".as_bytes().to_vec(), "é 😀 \u{2028} 中文".into()),
         (
             br#"{"content":"x","remote_addr":"1.2.3.4:5"}"#.to_vec(),
             r#"{\"content\":\"x\",\"remote_addr\":\"1.2.3.4:5\"}"#.into(),
@@ -33,10 +24,7 @@ fn envelopes_are_byte_exact_for_awkward_content() {
         (b"inner\rcr".to_vec(), r#"inner\rcr"#.into()),
         (
             every_control.clone().into_bytes(),
-            serde_json::to_string(&every_control)
-                .unwrap()
-                .trim_matches('"')
-                .into(),
+            serde_json::to_string(&every_control).unwrap().trim_matches('"').into(),
         ),
     ];
     for (raw, escaped) in &cases {
@@ -50,10 +38,7 @@ fn envelopes_are_byte_exact_for_awkward_content() {
         );
         assert_eq!(got, want, "raw line {raw:?}");
         // Independently: the same bytes serde_json would produce for the decoded line.
-        assert_eq!(
-            got,
-            envelope(std::str::from_utf8(raw).unwrap(), sender.local_addr)
-        );
+        assert_eq!(got, envelope(std::str::from_utf8(raw).unwrap(), sender.local_addr));
     }
 }
 
@@ -105,13 +90,9 @@ fn a_partial_line_at_eof_is_relayed_then_the_connection_closes() {
     sender.send(b"complete\nno newline at the end");
     sender.stream.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(receiver.line_str(), sender.envelope("complete"));
-    assert_eq!(
-        receiver.line_str(),
-        sender.envelope("no newline at the end")
-    );
+    assert_eq!(receiver.line_str(), sender.envelope("no newline at the end"));
     assert_eq!(sender.read_to_eof(), b"");
-    relay.log.wait_for(&format!(
-        "client disconnected: {} (peer_closed)",
-        sender.local_addr
-    ));
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (peer_closed)", sender.local_addr));
 }
