@@ -1,6 +1,7 @@
-//! One client connection: a reader half that frames lines into the shard's outgoing batch,
-//! a writer half that drains the client's outbox with as few socket writes as possible,
-//! and the close path (notice, lingering close, counters, log line).
+//! One client connection: a reader half that frames lines into the shard's outgoing batch
+//! (through the token bucket), a writer half that drains the client's outbox with as few
+//! socket writes as possible, and the close path (final flush at shutdown, notice,
+//! lingering close, counters, log line).
 //!
 //! Both halves run in one task, sharing the stream through a `RefCell` that is borrowed
 //! only inside a single `poll_*` call, never across an `.await`. The reader reads into the
@@ -14,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::future::{or, poll_fn};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
@@ -22,10 +23,11 @@ use glommio::net::TcpStream;
 use tracing::info;
 
 use crate::fanout::LocalBatch;
-use crate::metrics::CloseReason;
+use crate::limiter::{Decision, TokenBucket};
+use crate::metrics::{CloseReason, DropReason};
 use crate::notify::Notify;
 use crate::protocol::{self, FrameError, Framer};
-use crate::shard::Shard;
+use crate::shard::{undelivered_reason, Shard};
 
 /// Most bytes gathered into one socket write when several batches are queued.
 const MAX_WRITE_BYTES: usize = 256 << 10;
@@ -40,7 +42,7 @@ struct Segment {
     batch: LocalBatch,
     start: u32,
     end: u32,
-    /// Envelopes in the stretch.
+    /// Envelopes in the stretch (0 for a notice).
     count: u32,
 }
 
@@ -50,12 +52,14 @@ impl Segment {
     }
 }
 
-/// Envelopes queued for one client and not yet written to its socket.
+/// Envelopes queued for one client and not yet handed to the writer.
 #[derive(Default)]
 struct Outbox {
     segments: VecDeque<Segment>,
     /// Bytes in `segments`.
     bytes: usize,
+    /// Envelopes in `segments`.
+    msgs: u64,
 }
 
 /// What the writer sends next: one queued stretch as it is, or several copied together.
@@ -81,23 +85,29 @@ impl WriteJob {
 }
 
 impl Outbox {
+    fn pop(&mut self) -> Option<Segment> {
+        let s = self.segments.pop_front()?;
+        self.bytes -= s.bytes().len();
+        self.msgs -= s.count as u64;
+        Some(s)
+    }
+
     fn take_job(&mut self) -> Option<WriteJob> {
-        let first = self.segments.pop_front()?;
-        self.bytes -= first.bytes().len();
+        let first = self.pop()?;
         if self.segments.is_empty() || first.bytes().len() >= MAX_WRITE_BYTES {
             return Some(WriteJob::Single(first));
         }
         let mut bytes = Vec::with_capacity(self.bytes.min(MAX_WRITE_BYTES) + first.bytes().len());
         bytes.extend_from_slice(first.bytes());
         let mut count = first.count as u64;
-        while let Some(next) = self.segments.front() {
-            if bytes.len() + next.bytes().len() > MAX_WRITE_BYTES {
-                break;
-            }
+        while self
+            .segments
+            .front()
+            .is_some_and(|next| bytes.len() + next.bytes().len() <= MAX_WRITE_BYTES)
+        {
+            let next = self.pop().expect("front() was Some");
             bytes.extend_from_slice(next.bytes());
             count += next.count as u64;
-            self.bytes -= next.bytes().len();
-            self.segments.pop_front();
         }
         Some(WriteJob::Gathered { bytes, count })
     }
@@ -105,12 +115,18 @@ impl Outbox {
 
 /// The state fan-out and policies share with one connection's task.
 pub struct Client {
-    /// Unique per process: the shard id in the top bits.
+    /// Unique per process: the shard id in the top bits, never 0.
     pub id: u64,
     pub addr: SocketAddr,
     /// `addr` as the envelope's `remote_addr` shows it.
     pub remote_addr: Box<str>,
     outbox: RefCell<Outbox>,
+    /// Envelopes and bytes of the write in progress not yet accepted by the socket.
+    in_flight: Cell<(u64, usize)>,
+    /// The socket refused data and has not taken everything since (SPEC §2.2).
+    stalled: Cell<bool>,
+    /// When the last inbound bytes arrived (idle timeout).
+    last_inbound: Cell<Instant>,
     /// Wakes the writer half when the outbox goes from empty to non-empty.
     writer_wake: Notify,
     /// Set by a policy to end the connection; `close_wake` tells the connection task.
@@ -125,6 +141,9 @@ impl Client {
             addr,
             remote_addr: addr.to_string().into_boxed_str(),
             outbox: RefCell::default(),
+            in_flight: Cell::new((0, 0)),
+            stalled: Cell::new(false),
+            last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
             close_request: Cell::new(None),
             close_wake: Notify::default(),
@@ -137,6 +156,7 @@ impl Client {
         let was_empty = outbox.segments.is_empty();
         batch.for_each_stretch_except(self.id, |start, end, count| {
             outbox.bytes += (end - start) as usize;
+            outbox.msgs += count as u64;
             outbox.segments.push_back(Segment {
                 batch: batch.clone(),
                 start,
@@ -150,9 +170,30 @@ impl Client {
         }
     }
 
-    /// Bytes queued and not yet written.
-    pub fn outbox_bytes(&self) -> usize {
-        self.outbox.borrow().bytes
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.get()
+    }
+
+    /// `d`: messages queued while the socket refuses data; 0 while it keeps up.
+    pub fn stalled_depth(&self) -> u64 {
+        if self.stalled.get() {
+            self.queued_msgs()
+        } else {
+            0
+        }
+    }
+
+    /// `b`: bytes queued and not yet accepted by the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.borrow().bytes + self.in_flight.get().1
+    }
+
+    fn queued_msgs(&self) -> u64 {
+        self.outbox.borrow().msgs + self.in_flight.get().0
+    }
+
+    pub fn last_inbound(&self) -> Instant {
+        self.last_inbound.get()
     }
 
     /// Asks the connection task to close with `reason` (the first request wins).
@@ -162,9 +203,16 @@ impl Client {
             self.close_wake.notify();
         }
     }
+
+    /// The close reason if this client takes no more envelopes. A client closing for
+    /// shutdown still takes them: they are flushed before N3.
+    pub fn refusing_envelopes(&self) -> Option<CloseReason> {
+        self.close_request.get().filter(|r| *r != CloseReason::Shutdown)
+    }
 }
 
-/// Runs one accepted connection to its end.
+/// Runs one admitted connection to its end. The connection slot taken at admission is
+/// given back when this returns.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
     let client = shard.register(addr);
     let registration = Registration {
@@ -172,6 +220,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
         client: &client,
     };
     info!("client connected: {addr} (shard {})", shard.id);
+    if shard.is_shutting_down() {
+        client.request_close(CloseReason::Shutdown);
+    }
     let stream = RefCell::new(stream);
     let halves = or(
         wait_for_close_request(&client),
@@ -180,7 +231,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
             write_half(&shard, &client, &stream),
         ),
     );
-    let reason = match AssertUnwindSafe(halves).catch_unwind().await {
+    let mut reason = match AssertUnwindSafe(halves).catch_unwind().await {
         Ok(reason) => reason,
         Err(panic) => {
             let what = panic
@@ -192,10 +243,31 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
             CloseReason::InternalError
         }
     };
+    if reason == CloseReason::Shutdown {
+        // Everything already relayed reaches this client before N3.
+        shard.deliveries_finished().await;
+        if let Err(e) = flush_outbox(&shard, &client, &stream).await {
+            reason = e;
+        }
+    }
+    let lost = client.queued_msgs();
+    if lost > 0 {
+        shard.stats.on_drop(undelivered_reason(reason), lost);
+    }
     drop(registration);
-    farewell(&stream, reason, shard.config.max_line_bytes).await;
+    farewell(&stream, reason, shard.config().max_line_bytes).await;
+    drop(stream);
     shard.stats.on_close(reason, true);
+    shard.shared.release();
+    shard.on_connection_closed();
     info!("client disconnected: {addr} ({reason})");
+}
+
+/// Turns away a connection over `max_connections` with N6 (SPEC §2.5).
+pub async fn refuse_full(shard: Rc<Shard>, stream: TcpStream) {
+    let stream = RefCell::new(stream);
+    farewell(&stream, CloseReason::ServerFull, 0).await;
+    shard.stats.on_close(CloseReason::ServerFull, false);
 }
 
 /// Removes the client from fan-out when the connection ends, however it ends.
@@ -206,7 +278,7 @@ struct Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.shard.unregister(self.client.id);
+        self.shard.unregister(self.client);
     }
 }
 
@@ -219,9 +291,14 @@ async fn wait_for_close_request(client: &Client) -> CloseReason {
     }
 }
 
-/// Reads into the shard's scratch buffer, frames lines and hands them to the shard.
+/// Reads into the shard's scratch buffer, frames lines, applies the token bucket and hands
+/// lines to the shard; pauses when backpressure says so.
 async fn read_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> CloseReason {
-    let mut framer = Framer::new(shard.config.max_line_bytes);
+    let config = shard.config();
+    let mut framer = Framer::new(config.max_line_bytes);
+    let mut limiter = config
+        .rate_limit_msgs_per_minute
+        .map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
     loop {
         while shard.outgoing_full() {
             shard.outgoing_drained.wait().await;
@@ -237,51 +314,95 @@ async fn read_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) 
             Ok(n) => n,
             Err(_) => return CloseReason::ReadError,
         };
+        let now = Instant::now();
+        client.last_inbound.set(now);
         shard.stats.on_read(n);
+        let (mut relayed, mut notify) = (0u64, false);
+        let mut on_line = |line: &str| match limiter.as_mut().map_or(Decision::Allow, |b| b.check(now)) {
+            Decision::Allow => {
+                relayed += 1;
+                shard.relay(client, line);
+            }
+            Decision::Drop { notify: n } => {
+                shard.stats.on_drop(DropReason::RateLimited, 1);
+                notify |= n;
+            }
+        };
         let result = if n == 0 {
-            framer.finish(|line| shard.relay(client, line))
+            framer.finish(&mut on_line)
         } else {
             let scratch = shard.read_scratch.borrow();
-            framer.feed(&scratch[..n], |line| shard.relay(client, line))
+            framer.feed(&scratch[..n], &mut on_line)
         };
+        if notify {
+            shard.send_rate_limit_notice(client);
+        }
         match result {
-            Err(FrameError::LineTooLong) => return CloseReason::LineTooLong,
-            Err(FrameError::InvalidUtf8) => return CloseReason::InvalidUtf8,
+            Err(FrameError::LineTooLong) => {
+                shard.stats.on_drop(DropReason::LineTooLong, 1);
+                return CloseReason::LineTooLong;
+            }
+            Err(FrameError::InvalidUtf8) => {
+                shard.stats.on_drop(DropReason::InvalidUtf8, 1);
+                return CloseReason::InvalidUtf8;
+            }
             Ok(()) if n == 0 => return CloseReason::PeerClosed,
             Ok(()) => {}
         }
+        if relayed > 0 {
+            if let Some(pause) = shard.sender_pause() {
+                glommio::timer::sleep(pause).await;
+            }
+        }
     }
 }
 
-/// Drains the outbox: one write per queued stretch, or several gathered into one.
+/// Drains the outbox for as long as the connection lives.
 async fn write_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> CloseReason {
     loop {
-        let job = loop {
-            if let Some(job) = client.outbox.borrow_mut().take_job() {
-                break job;
-            }
-            client.writer_wake.wait().await;
-        };
-        if let Err(reason) = write_all(shard, stream, job.bytes()).await {
+        if let Err(reason) = flush_outbox(shard, client, stream).await {
             return reason;
         }
-        shard.stats.on_delivered(job.count());
+        client.writer_wake.wait().await;
     }
 }
 
-async fn write_all(shard: &Shard, stream: &RefCell<TcpStream>, bytes: &[u8]) -> Result<(), CloseReason> {
-    let mut done = 0;
-    while done < bytes.len() {
-        let written = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &bytes[done..])).await;
-        match written {
-            Ok(n) if n > 0 => {
-                done += n;
-                shard.stats.on_write(n);
+/// Writes everything queued: one write per queued stretch, or several gathered into one.
+async fn flush_outbox(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> Result<(), CloseReason> {
+    loop {
+        let Some(job) = client.outbox.borrow_mut().take_job() else {
+            return Ok(());
+        };
+        let bytes = job.bytes();
+        client.in_flight.set((job.count(), bytes.len()));
+        let mut done = 0;
+        while done < bytes.len() {
+            let written = poll_fn(|cx| {
+                let poll = Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &bytes[done..]);
+                if poll.is_pending() && !client.stalled.replace(true) {
+                    shard.on_stall(client);
+                }
+                poll
+            })
+            .await;
+            match written {
+                Ok(n) if n > 0 => {
+                    done += n;
+                    client.in_flight.set((job.count(), bytes.len() - done));
+                    shard.stats.on_write(n);
+                    if done < bytes.len() && !client.stalled.replace(true) {
+                        shard.on_stall(client);
+                    }
+                }
+                _ => return Err(CloseReason::WriteError),
             }
-            _ => return Err(CloseReason::WriteError),
+        }
+        client.in_flight.set((0, 0));
+        shard.stats.on_delivered(job.count());
+        if client.stalled.replace(false) {
+            shard.on_unstall(client);
         }
     }
-    Ok(())
 }
 
 /// The notice a client gets before the relay closes it, if any (SPEC §1.3).

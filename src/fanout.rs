@@ -164,7 +164,9 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
 }
 
 /// The shard's flush task: waits for the first line of a batch, lets the other ready
-/// readers add theirs (it runs after them), then delivers locally and to every peer.
+/// readers add theirs (it runs after them), then delivers locally and to every peer. At
+/// shutdown it sends what is left and returns, which closes its senders: peer receivers
+/// then drain their ring and end.
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
     loop {
         shard.flush_wanted.wait().await;
@@ -172,21 +174,25 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
             let batch = Arc::new(batch);
             shard.deliver_local(&Rc::new(batch.clone()));
             for peer in &peers {
-                // Waits while the peer's ring is full; the peer only goes away when its
-                // shard stops, which ends the process.
-                if peer.send(batch.clone()).await.is_err() {
-                    return;
-                }
+                // Waits while the peer's ring is full (readers here pause meanwhile). An
+                // error means the peer shard is gone, which only happens as the process stops.
+                let _ = peer.send(batch.clone()).await;
             }
+        }
+        if shard.is_shutting_down() {
+            shard.on_flush_done();
+            return;
         }
     }
 }
 
-/// Receives one peer shard's batches and delivers them to this shard's recipients.
+/// Receives one peer shard's batches and delivers them to this shard's recipients, until
+/// the peer closes its sender.
 pub async fn receive_loop(shard: Rc<Shard>, from_peer: ConnectedReceiver<Arc<Batch>>) {
     while let Some(batch) = from_peer.recv().await {
         shard.deliver_local(&Rc::new(batch));
     }
+    shard.on_receiver_done();
 }
 
 #[cfg(test)]

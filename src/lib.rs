@@ -9,29 +9,35 @@
 //! - [`connection`]: one client's reader and writer halves and its outbox.
 //! - [`fanout`]: batches of envelopes, local delivery and the cross-shard SPSC mesh.
 //! - [`protocol`]: line framing and envelope encoding (pure, no I/O).
-//! - [`metrics`]: per-shard counters and the close-reason enum.
+//! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
+//! - [`shutdown`]: the signal that starts every shard's drain.
+//! - [`metrics`]: per-shard counters, the close-reason and drop-reason enums.
 //!
 //! Data flow: reader → shard batch → flush task → local outboxes + one SPSC send per peer
 //! shard → peer receiver → its local outboxes → writer (one socket write per drain).
 
+pub mod backpressure;
 pub mod config;
 pub mod connection;
 pub mod fanout;
+pub mod limiter;
 pub mod listener;
 pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;
+pub mod quarantine;
 pub mod shard;
+pub mod shutdown;
 pub mod startup;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use config::Config;
-use shard::ShardEvent;
+use shard::{ShardEvent, Shared};
 use startup::StartupError;
 
 /// Why `run` returned with an error.
@@ -76,7 +82,8 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
         .ok_or_else(|| unresolved("host resolves to no address".into()))
 }
 
-/// Runs the relay until a shard stops. Start-up failures return before anything listens.
+/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`).
+/// Start-up failures return before anything listens.
 pub fn run(config: Config) -> Result<(), Error> {
     startup::check_io_uring()?;
     startup::check_memlock(config.shards)?;
@@ -84,10 +91,14 @@ pub fn run(config: Config) -> Result<(), Error> {
     let addr = resolve(&config.host, config.port)?;
     startup::check_port_free(addr)?;
     let (bound, listeners) = listener::bind_listeners(addr, config.shards)?;
+    let signals = signal_channel().map_err(|e| Error::Shard(format!("cannot install signal handlers: {e}")))?;
 
     let shards = config.shards;
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
+    let shared = Arc::new(Shared::new(config));
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
-    let handles = shard::spawn_all(Arc::new(config), listeners, events_tx)
+    let handles = shard::spawn_all(shared.clone(), listeners, events_tx)
         .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     let mut started = 0;
@@ -100,11 +111,66 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
 
-    match events.recv() {
-        Ok(ShardEvent::Stopped(id)) => Err(shard_failure(id, handles)),
-        Ok(ShardEvent::Started(id)) => Err(Error::Shard(format!("shard {id} started twice"))),
-        Err(_) => Err(Error::Shard("all shards exited".into())),
+    // The control loop: signals, shard exits, and the quarantine purge.
+    let mut drain_deadline: Option<Instant> = None;
+    let mut stopped = 0;
+    let mut next_purge = Instant::now() + purge_every;
+    loop {
+        let wake_at = drain_deadline.map_or(next_purge, |d| d.min(next_purge));
+        crossbeam_channel::select! {
+            recv(signals) -> sig => {
+                let name = if sig == Ok(signal_hook::consts::SIGINT) { "SIGINT" } else { "SIGTERM" };
+                if drain_deadline.is_some() {
+                    tracing::warn!("second signal ({name}) during the drain; exiting now");
+                    std::process::exit(shutdown::EXIT_SECOND_SIGNAL);
+                }
+                tracing::info!("{name} received; draining (grace {} ms)", grace.as_millis());
+                // Margin past the grace: the shards bound their own drain by it.
+                drain_deadline = Some(Instant::now() + grace + Duration::from_millis(500));
+                shared.shutdown.trigger();
+            }
+            recv(events) -> event => match event {
+                Ok(ShardEvent::Stopped(id)) if drain_deadline.is_none() => return Err(shard_failure(id, handles)),
+                Ok(ShardEvent::Stopped(_)) => {
+                    stopped += 1;
+                    if stopped == shards {
+                        tracing::info!("all shards drained; exiting");
+                        return Ok(());
+                    }
+                }
+                Ok(ShardEvent::Started(id)) => return Err(Error::Shard(format!("shard {id} started twice"))),
+                Err(_) => return Err(Error::Shard("all shards exited".into())),
+            },
+            recv(crossbeam_channel::at(wake_at)) -> _ => {
+                let now = Instant::now();
+                if drain_deadline.is_some_and(|d| now >= d) {
+                    tracing::warn!("shutdown grace exceeded; exiting with connections still open");
+                    return Ok(());
+                }
+                if now >= next_purge {
+                    shared.quarantine.purge(now);
+                    next_purge = now + purge_every;
+                }
+            }
+        }
     }
+}
+
+/// SIGINT and SIGTERM, delivered by a small thread into a channel the control loop selects on.
+fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    std::thread::Builder::new()
+        .name("corecast-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(rx)
 }
 
 /// Collects the reason a shard ended, from its thread's join result.

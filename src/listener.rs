@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use socket2::{Domain, Socket, Type};
 
+use crate::metrics::{CloseReason, DropReason};
 use crate::shard::Shard;
 use crate::startup::{listen_error, StartupError};
 
@@ -50,9 +51,28 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec
     Ok((bound, fds))
 }
 
-/// Accepts until the listener fails for good; every client gets its own task.
+/// Admission (SPEC §2.3, §2.5): a quarantined peer is closed at once with no bytes; over
+/// `max_connections` the client gets N6; everyone else gets a connection task.
+fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
+    if shard.shared.quarantine.contains(addr, Instant::now()) {
+        shard.stats.on_drop(DropReason::Quarantined, 1);
+        shard.stats.on_close(CloseReason::Quarantined, false);
+        tracing::debug!("refused quarantined peer {addr}");
+        return; // dropping the stream closes it
+    }
+    if !shard.shared.try_admit() {
+        shard.stats.on_drop(DropReason::ServerFull, 1);
+        tracing::debug!("refused {addr}: server full");
+        glommio::spawn_local(crate::connection::refuse_full(shard.clone(), stream)).detach();
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    glommio::spawn_local(crate::connection::serve(shard.clone(), stream, addr)).detach();
+}
+
+/// Accepts until the shard stops it; every client gets its own task.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    let first_backoff = Duration::from_millis(shard.config.accept_error_backoff_ms);
+    let first_backoff = Duration::from_millis(shard.config().accept_error_backoff_ms);
     let mut backoff = first_backoff;
     let mut errors_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -64,8 +84,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 let Ok(addr) = stream.peer_addr() else {
                     continue; // already reset by the peer
                 };
-                let _ = stream.set_nodelay(true);
-                glommio::spawn_local(crate::connection::serve(shard.clone(), stream, addr)).detach();
+                admit(&shard, stream, addr);
             }
             Err(e) => {
                 errors_since_log += 1;

@@ -1,6 +1,6 @@
-//! Per-shard counters (SPEC §6) and the one [`CloseReason`] enum that logs, counters and
-//! tests share. Each shard owns its [`ShardStats`] (plain `Cell`s, no atomics); the shard
-//! publishes a [`StatsSnapshot`] to the main thread, which merges them for export.
+//! Per-shard counters (SPEC §6), the one [`CloseReason`] enum that logs, counters and tests
+//! share, and [`DropReason`] for everything that was not delivered. Each shard owns its
+//! [`ShardStats`] (plain `Cell`s, no atomics) and logs them when it stops.
 
 use std::cell::Cell;
 use std::fmt;
@@ -71,6 +71,50 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// Why something was not delivered. Units differ by reason and are part of the name in
+/// the docs: lines for the first three, envelopes for the next two, connections for the last two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A line the sender's token bucket refused (lines).
+    RateLimited,
+    /// The line that exceeded `max_line_bytes` (lines).
+    LineTooLong,
+    /// The line that was not valid UTF-8 (lines).
+    InvalidUtf8,
+    /// Envelopes queued for a recipient closed as a slow consumer (envelopes).
+    SlowConsumer,
+    /// Envelopes queued for a recipient that closed for any other reason (envelopes).
+    RecipientGone,
+    /// Connections refused because the peer is quarantined (connections).
+    Quarantined,
+    /// Connections refused because `max_connections` was reached (connections).
+    ServerFull,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::RateLimited,
+        DropReason::LineTooLong,
+        DropReason::InvalidUtf8,
+        DropReason::SlowConsumer,
+        DropReason::RecipientGone,
+        DropReason::Quarantined,
+        DropReason::ServerFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::RateLimited => "rate_limited",
+            DropReason::LineTooLong => "line_too_long",
+            DropReason::InvalidUtf8 => "invalid_utf8",
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::RecipientGone => "recipient_gone",
+            DropReason::Quarantined => "quarantined",
+            DropReason::ServerFull => "server_full",
+        }
+    }
+}
+
 /// Counters owned by one shard. Only that shard's thread touches them.
 #[derive(Default)]
 pub struct ShardStats {
@@ -88,6 +132,10 @@ pub struct ShardStats {
     pub bytes_out: Cell<u64>,
     /// `send` calls that wrote at least one byte.
     pub socket_writes: Cell<u64>,
+    /// Drops, indexed like [`DropReason::ALL`].
+    pub dropped: [Cell<u64>; DropReason::ALL.len()],
+    /// Largest number of messages queued for a stalled recipient seen on this shard.
+    pub max_stalled_depth: Cell<u64>,
 }
 
 impl ShardStats {
@@ -124,9 +172,47 @@ impl ShardStats {
         bump(&self.envelopes_out, envelopes);
     }
 
+    pub fn on_drop(&self, reason: DropReason, n: u64) {
+        let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        bump(&self.dropped[i], n);
+    }
+
+    pub fn on_stalled_depth(&self, depth: u64) {
+        if depth > self.max_stalled_depth.get() {
+            self.max_stalled_depth.set(depth);
+        }
+    }
+
     pub fn closed(&self, reason: CloseReason) -> u64 {
         let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.closed[i].get()
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.dropped[i].get()
+    }
+
+    /// One line with every counter, `key=value` separated by spaces (logged at shutdown).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "accepted={} open={} lines_in={} envelopes_out={} bytes_in={} bytes_out={} socket_writes={} max_stalled_depth={}",
+            self.accepted.get(),
+            self.open.get(),
+            self.lines_in.get(),
+            self.envelopes_out.get(),
+            self.bytes_in.get(),
+            self.bytes_out.get(),
+            self.socket_writes.get(),
+            self.max_stalled_depth.get(),
+        );
+        for r in CloseReason::ALL {
+            s.push_str(&format!(" closed.{}={}", r.as_str(), self.closed(r)));
+        }
+        for r in DropReason::ALL {
+            s.push_str(&format!(" dropped.{}={}", r.as_str(), self.dropped(r)));
+        }
+        s
     }
 }
 

@@ -1,24 +1,30 @@
 //! Shards: one glommio executor per usable CPU, each pinned to its CPU, each with its own
 //! listener, clients, outgoing batch and counters. [`spawn_all`] starts them from the main
 //! thread; [`Shard`] is the per-shard context every task on that shard shares through an
-//! `Rc`. Nothing in a `Shard` is touched by another thread.
+//! `Rc`, and [`Shared`] is the little that all shards share on purpose.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use futures_lite::future::or;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
+use crate::backpressure::Policy;
 use crate::config::Config;
 use crate::connection::Client;
-use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, MAX_OUTGOING_BYTES};
-use crate::metrics::ShardStats;
+use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
+use crate::metrics::{CloseReason, DropReason, ShardStats};
 use crate::notify::{Notify, NotifyAll};
+use crate::protocol;
+use crate::quarantine::Quarantine;
+use crate::shutdown::ShutdownSignal;
 
 /// glommio's DMA buffer arena per executor. TCP never uses it, and glommio registers it
 /// with three rings against RLIMIT_MEMLOCK, so it is kept at glommio's minimum.
@@ -30,47 +36,136 @@ const PREEMPT_TIMER: Duration = Duration::from_millis(2);
 const RING_DEPTH: usize = 1024;
 /// One read's worth of input, shared by all readers on the shard.
 const READ_SCRATCH_BYTES: usize = 64 << 10;
+/// Period of the summary log lines for repeated events (drops, refusals).
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a shard tells the main thread (crossbeam, `try_send`: never blocks a shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShardEvent {
     /// The shard is connected to its peers and accepting.
     Started(usize),
-    /// The shard's thread ended (or never started); the process must stop.
+    /// The shard's thread ended (or never started).
     Stopped(usize),
+}
+
+/// State shared by every shard. It crosses threads on purpose, and none of it is touched
+/// per message except one relaxed load per shard when a sender's read relayed lines.
+pub struct Shared {
+    pub config: Config,
+    pub policy: Policy,
+    /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
+    pub quarantine: Quarantine,
+    /// Each shard's largest stalled depth `d`, written only by that shard (SPEC §2.2).
+    largest_stalled: Box<[AtomicU64]>,
+    /// Open connections in the process, against `max_connections`.
+    connections: AtomicUsize,
+    pub shutdown: ShutdownSignal,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Self {
+        Shared {
+            policy: Policy::from_config(&config),
+            quarantine: Quarantine::new(
+                config.quarantine_by,
+                Duration::from_secs(config.quarantine_cooldown_secs),
+                config.quarantine_max_entries,
+            ),
+            largest_stalled: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
+            connections: AtomicUsize::new(0),
+            shutdown: ShutdownSignal::default(),
+            config,
+        }
+    }
+
+    /// Takes a connection slot, or returns false when `max_connections` are open.
+    pub fn try_admit(&self) -> bool {
+        let before = self.connections.fetch_add(1, Ordering::Relaxed);
+        if before >= self.config.max_connections {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn release(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn largest_stalled_anywhere(&self) -> u64 {
+        self.largest_stalled
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// The per-shard context.
 pub struct Shard {
     pub id: usize,
-    pub config: Arc<Config>,
+    pub shared: Arc<Shared>,
     pub stats: ShardStats,
     /// Connected clients on this shard, by client id.
     clients: RefCell<HashMap<u64, Rc<Client>>>,
+    /// Clients whose socket currently refuses data (usually none or a few).
+    stalled: RefCell<HashSet<u64>>,
+    /// The largest `d` among `stalled`, as last published.
+    largest_stalled: Cell<u64>,
     /// Envelopes accepted on this shard and not yet flushed.
     outgoing: RefCell<BatchBuilder>,
-    /// Wakes the flush task when `outgoing` becomes non-empty.
+    /// Wakes the flush task when `outgoing` becomes non-empty (and at shutdown).
     pub flush_wanted: Notify,
     /// Releases readers paused because `outgoing` passed [`MAX_OUTGOING_BYTES`].
     pub outgoing_drained: NotifyAll,
     /// Every reader's read lands here; see `connection::read_half`.
     pub read_scratch: RefCell<Box<[u8]>>,
     next_client: Cell<u64>,
+    /// N1, shared by every rate-limited client on the shard.
+    rate_limit_notice: LocalBatch,
+    /// Set when the drain starts: no more accepts or reads.
+    shutting_down: Cell<bool>,
+    /// Drain progress: the flush task has sent its last batch, and how many peer
+    /// receivers have not yet seen their sender close. `drain_progress` signals both.
+    flush_done: Cell<bool>,
+    open_receivers: Cell<usize>,
+    drain_progress: NotifyAll,
 }
 
 impl Shard {
-    pub fn new(id: usize, config: Arc<Config>) -> Self {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+        let notice = protocol::NOTICE_RATE_LIMITED.as_bytes().to_vec();
+        let end = notice.len() as u32;
         Shard {
             id,
-            config,
+            shared,
             stats: ShardStats::default(),
             clients: RefCell::default(),
+            stalled: RefCell::default(),
+            largest_stalled: Cell::new(0),
             outgoing: RefCell::default(),
             flush_wanted: Notify::default(),
             outgoing_drained: NotifyAll::default(),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
             next_client: Cell::new(1),
+            // Origin 0 is never a client id, so every client gets it; count 0: not an envelope.
+            rate_limit_notice: Rc::new(Arc::new(Batch {
+                data: notice,
+                runs: vec![Run {
+                    origin: 0,
+                    end,
+                    count: 0,
+                }],
+            })),
+            shutting_down: Cell::new(false),
+            flush_done: Cell::new(false),
+            open_receivers: Cell::new(0),
+            drain_progress: NotifyAll::default(),
         }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
     }
 
     /// Adds a client to this shard's fan-out.
@@ -83,19 +178,33 @@ impl Shard {
         client
     }
 
-    pub fn unregister(&self, client_id: u64) {
-        self.clients.borrow_mut().remove(&client_id);
+    pub fn unregister(&self, client: &Client) {
+        self.clients.borrow_mut().remove(&client.id);
+        if self.stalled.borrow_mut().remove(&client.id) {
+            self.publish_largest_stalled();
+        }
+    }
+
+    pub fn open_clients(&self) -> usize {
+        self.clients.borrow().len()
     }
 
     /// Accepts one line from `client` for relaying to everyone else.
     pub fn relay(&self, client: &Client, line: &str) {
         self.stats.on_line();
         tracing::debug!("relay from {}: {line}", client.remote_addr);
+        #[cfg(debug_assertions)]
+        test_panic_trigger(line);
         let mut outgoing = self.outgoing.borrow_mut();
         if outgoing.is_empty() {
             self.flush_wanted.notify();
         }
         outgoing.push(client.id, line, &client.remote_addr);
+    }
+
+    /// Queues N1 for a rate-limited client, in order with its envelopes.
+    pub fn send_rate_limit_notice(&self, client: &Client) {
+        client.enqueue(&self.rate_limit_notice);
     }
 
     /// True while readers should pause: the flush task is behind (a peer ring is full).
@@ -116,11 +225,152 @@ impl Shard {
         Some(batch)
     }
 
-    /// Queues `batch` for every client on this shard except each envelope's sender.
+    /// Queues `batch` for every client on this shard except each envelope's sender, and
+    /// applies the slow-consumer policy to recipients that are stalled.
     pub fn deliver_local(&self, batch: &LocalBatch) {
         for client in self.clients.borrow().values() {
+            if let Some(reason) = client.refusing_envelopes() {
+                let lost: u32 = batch
+                    .runs
+                    .iter()
+                    .filter(|r| r.origin != client.id)
+                    .map(|r| r.count)
+                    .sum();
+                self.stats.on_drop(undelivered_reason(reason), lost as u64);
+                continue;
+            }
             client.enqueue(batch);
+            if client.is_stalled() {
+                self.check_stalled(client);
+            }
         }
+    }
+
+    /// A recipient's socket refused data: it now counts toward `d`.
+    pub fn on_stall(&self, client: &Client) {
+        self.stalled.borrow_mut().insert(client.id);
+        self.check_stalled(client);
+    }
+
+    /// A stalled recipient's socket took everything queued: it no longer counts.
+    pub fn on_unstall(&self, client: &Client) {
+        if self.stalled.borrow_mut().remove(&client.id) {
+            self.publish_largest_stalled();
+        }
+    }
+
+    /// Publishes a stalled client's depth and closes it if the policy says so.
+    fn check_stalled(&self, client: &Client) {
+        let depth = client.stalled_depth();
+        self.stats.on_stalled_depth(depth);
+        if depth > self.largest_stalled.get() {
+            self.largest_stalled.set(depth);
+            self.shared.largest_stalled[self.id].store(depth, Ordering::Relaxed);
+        }
+        if self.shared.policy.must_disconnect(depth, client.queued_bytes()) && client.refusing_envelopes().is_none() {
+            let cooldown = self.config().quarantine_cooldown_secs;
+            tracing::warn!(
+                "slow consumer {}: {depth} messages / {} bytes queued; closing it and quarantining it for {cooldown} s",
+                client.addr,
+                client.queued_bytes()
+            );
+            self.shared.quarantine.insert(client.addr, Instant::now());
+            client.request_close(CloseReason::SlowConsumer);
+        }
+    }
+
+    fn publish_largest_stalled(&self) {
+        let clients = self.clients.borrow();
+        let largest = self
+            .stalled
+            .borrow()
+            .iter()
+            .filter_map(|id| clients.get(id))
+            .map(|c| c.stalled_depth())
+            .max()
+            .unwrap_or(0);
+        self.largest_stalled.set(largest);
+        self.shared.largest_stalled[self.id].store(largest, Ordering::Relaxed);
+    }
+
+    /// How long a sender whose line was just relayed stops reading (SPEC §2.2).
+    pub fn sender_pause(&self) -> Option<Duration> {
+        self.shared.policy.sender_pause(self.shared.largest_stalled_anywhere())
+    }
+
+    /// Asks every idle client to close (SPEC §2.4); one sweep per shard.
+    fn sweep_idle(&self, timeout: Duration, now: Instant) {
+        for client in self.clients.borrow().values() {
+            if now.saturating_duration_since(client.last_inbound()) >= timeout {
+                client.request_close(CloseReason::IdleTimeout);
+            }
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    /// Starts this shard's drain: every client stops reading (its task sees the close
+    /// request before it reads again) and the flush task sends what is left, then stops.
+    fn begin_shutdown(&self) {
+        self.shutting_down.set(true);
+        for client in self.clients.borrow().values() {
+            client.request_close(CloseReason::Shutdown);
+        }
+        self.flush_wanted.notify();
+    }
+
+    pub fn on_flush_done(&self) {
+        self.flush_done.set(true);
+        self.drain_progress.notify_all();
+    }
+
+    pub fn on_receiver_done(&self) {
+        self.open_receivers.set(self.open_receivers.get().saturating_sub(1));
+        self.drain_progress.notify_all();
+    }
+
+    /// Resolves once no more batches can arrive for this shard's clients: its own flush
+    /// task has finished and every peer shard has closed its sender.
+    pub async fn deliveries_finished(&self) {
+        while !(self.flush_done.get() && self.open_receivers.get() == 0) {
+            self.drain_progress.wait().await;
+        }
+    }
+
+    /// Called by a connection task when it has closed; wakes the drain.
+    pub fn on_connection_closed(&self) {
+        self.drain_progress.notify_all();
+    }
+
+    async fn all_connections_closed(&self) {
+        while self.stats.open.get() > 0 {
+            self.drain_progress.wait().await;
+        }
+    }
+}
+
+/// What envelopes that a closing recipient will never get are counted as.
+pub fn undelivered_reason(close: CloseReason) -> DropReason {
+    if close == CloseReason::SlowConsumer {
+        DropReason::SlowConsumer
+    } else {
+        DropReason::RecipientGone
+    }
+}
+
+/// Debug builds only: panics on the line named by `CORECAST_TEST_PANIC_LINE`, so the tests
+/// can show that a panic closes one connection and nothing else.
+#[cfg(debug_assertions)]
+fn test_panic_trigger(line: &str) {
+    static TRIGGER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if TRIGGER
+        .get_or_init(|| std::env::var("CORECAST_TEST_PANIC_LINE").ok())
+        .as_deref()
+        == Some(line)
+    {
+        panic!("test-only panic trigger");
     }
 }
 
@@ -168,7 +418,7 @@ impl Drop for StopGuard {
 /// Starts one pinned executor per listener. Shard `i` runs on the `i`-th usable CPU
 /// (wrapping around when there are more shards than CPUs).
 pub fn spawn_all(
-    config: Arc<Config>,
+    shared: Arc<Shared>,
     listeners: Vec<OwnedFd>,
     events: Sender<ShardEvent>,
 ) -> std::io::Result<Vec<ExecutorJoinHandle<()>>> {
@@ -180,7 +430,7 @@ pub fn spawn_all(
             Some(&cpu) => Placement::Fixed(cpu),
             None => Placement::Unbound,
         };
-        let config = config.clone();
+        let shared = shared.clone();
         let guard = StopGuard {
             id,
             events: events.clone(),
@@ -190,25 +440,90 @@ pub fn spawn_all(
             .io_memory(IO_MEMORY_BYTES)
             .preempt_timer(PREEMPT_TIMER)
             .ring_depth(RING_DEPTH)
-            .spawn(move || shard_main(id, config, listener, ends, guard))
+            .spawn(move || shard_main(id, shared, listener, ends, guard))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         handles.push(handle);
     }
     Ok(handles)
 }
 
-async fn shard_main(id: usize, config: Arc<Config>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
-    let shard = Rc::new(Shard::new(id, config));
+async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
+    let shard = Rc::new(Shard::new(id, shared.clone()));
     let (to_peers, from_peers) = fanout::connect_mesh(ends).await;
+    shard.open_receivers.set(from_peers.len());
     for from_peer in from_peers {
         glommio::spawn_local(fanout::receive_loop(shard.clone(), from_peer)).detach();
     }
     glommio::spawn_local(fanout::flush_loop(shard.clone(), to_peers)).detach();
+    if let Some(timeout) = shard.config().client_timeout_secs {
+        glommio::spawn_local(idle_sweep_loop(shard.clone(), Duration::from_secs(timeout))).detach();
+    }
+    glommio::spawn_local(summary_loop(shard.clone())).detach();
     // SAFETY: the fd is a listening TCP socket we own; from here glommio owns it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let _ = guard.events.try_send(ShardEvent::Started(id));
-    crate::listener::accept_loop(shard, listener).await;
+
+    // Dropping the accept loop drops (closes) the listener.
+    or(
+        crate::listener::accept_loop(shard.clone(), listener),
+        shared.shutdown.wait(),
+    )
+    .await;
+    shard.begin_shutdown();
+    let grace = Duration::from_millis(shard.config().shutdown_grace_ms);
+    let drained = async {
+        shard.all_connections_closed().await;
+        true
+    };
+    let complete = or(drained, async {
+        glommio::timer::sleep(grace).await;
+        false
+    })
+    .await;
+    if !complete {
+        tracing::warn!(
+            "shard {id}: shutdown grace of {} ms ran out with {} connections open; closing them",
+            grace.as_millis(),
+            shard.open_clients()
+        );
+    }
+    tracing::info!("shard {id} stopped: {}", shard.stats.summary());
     drop(guard);
+}
+
+/// Closes idle clients, one sweep per `timeout_check_interval_secs`.
+async fn idle_sweep_loop(shard: Rc<Shard>, timeout: Duration) {
+    let every = Duration::from_secs(shard.config().timeout_check_interval_secs);
+    while !shard.is_shutting_down() {
+        glommio::timer::sleep(every).await;
+        shard.sweep_idle(timeout, Instant::now());
+    }
+}
+
+/// Logs repeated events once per interval as counts instead of one line each.
+async fn summary_loop(shard: Rc<Shard>) {
+    let kinds = [DropReason::RateLimited, DropReason::Quarantined, DropReason::ServerFull];
+    let mut reported = kinds.map(|k| shard.stats.dropped(k));
+    while !shard.is_shutting_down() {
+        glommio::timer::sleep(SUMMARY_INTERVAL).await;
+        for (kind, last) in kinds.iter().zip(reported.iter_mut()) {
+            let now = shard.stats.dropped(*kind);
+            if now > *last {
+                let what = match kind {
+                    DropReason::RateLimited => "lines dropped by the rate limiter",
+                    DropReason::Quarantined => "connections refused from quarantined peers",
+                    _ => "connections refused because the server is full",
+                };
+                tracing::warn!(
+                    "shard {}: {} {what} in the last {} s",
+                    shard.id,
+                    now - *last,
+                    SUMMARY_INTERVAL.as_secs()
+                );
+                *last = now;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

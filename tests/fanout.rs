@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 
 use crate::util::{Client, Relay};
 
-/// Rate limiting off, so bursts measure delivery rather than the limiter.
-const UNLIMITED: &str = r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#;
+/// Rate limiting and backpressure off: these tests are about delivery and order, and a
+/// test reader thread descheduled on a busy machine must not count as a slow consumer.
+const UNLIMITED: &str = r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,
+    "backpressure_policy":{"enable_throttle":false,"enable_flow_control":false,"enable_disconnect":false}}}"#;
 
 #[test]
 fn sixteen_clients_over_two_shards_all_receive_everything() {
