@@ -50,9 +50,9 @@ impl Batch {
     /// `recipient`, in order.
     pub fn for_each_stretch_except(&self, recipient: u64, mut f: impl FnMut(u32, u32, u32)) {
         if !self.runs.iter().any(|r| r.origin == recipient) {
-            let count = self.runs.iter().map(|r| r.count).sum();
-            if count > 0 {
-                f(0, self.data.len() as u32, count);
+            // Notices are runs of count 0: still sent, never counted as envelopes.
+            if !self.data.is_empty() {
+                f(0, self.data.len() as u32, self.runs.iter().map(|r| r.count).sum());
             }
             return;
         }

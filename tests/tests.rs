@@ -2,6 +2,7 @@
 
 mod config;
 mod fanout;
+mod policy;
 mod startup;
 mod util;
 mod wire;

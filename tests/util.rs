@@ -44,7 +44,6 @@ impl Log {
                 self.changed.notify_all();
             }
             *self.closed.lock().unwrap() = true;
-            self.changed.notify_all();
         });
     }
 
@@ -67,6 +66,14 @@ impl Log {
                 .wait_timeout(lines, left.min(Duration::from_millis(100)))
                 .unwrap()
                 .0;
+        }
+    }
+
+    /// Waits until the relay's stderr is closed (the process has exited).
+    pub fn wait_closed(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        while !*self.closed.lock().unwrap() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -106,6 +113,16 @@ impl Relay {
         Relay::start(&full)
     }
 
+    /// Starts the relay with `json` as its config, extra environment, and `args`.
+    pub fn with_env(json: &str, env: &[(&str, &str)], args: &[&str]) -> Relay {
+        let path = temp_config(json);
+        let mut cmd = corecast();
+        cmd.args(["--port", "0", "--log-level", "info", "--config", path.to_str().unwrap()])
+            .args(args);
+        cmd.envs(env.iter().copied());
+        Relay::spawn(cmd)
+    }
+
     pub fn spawn(mut cmd: Command) -> Relay {
         let mut child = cmd
             .stdin(Stdio::null())
@@ -134,6 +151,69 @@ impl Relay {
 
     pub fn connect_many(&self, n: usize) -> Vec<Client> {
         (0..n).map(|_| self.connect()).collect()
+    }
+
+    /// Connects from a chosen local address (`127.0.0.x:port`, port 0 for any) with an
+    /// optional small receive buffer, and waits until the relay has registered it.
+    pub fn connect_from(&self, local: SocketAddr, rcvbuf: Option<usize>) -> Client {
+        let client = Client::from_stream(connect_socket(self.addr, local, rcvbuf).expect("connect"));
+        self.log.wait_for(&format!("client connected: {}", client.local_addr));
+        client
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` to the relay (by PID).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// Waits for the relay to exit by itself and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.log.wait_closed();
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit; log:\n{}",
+                self.log.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The relay's CPU time (user + system) so far, from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        // After the command name: state is field 3, utime 14, stime 15 (1-based).
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Counter `key` summed over the "shard N stopped: k=v ..." lines logged at shutdown.
+    pub fn final_counter(&self, key: &str) -> u64 {
+        let text = self.log.text();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" stopped: accepted=")).collect();
+        assert!(!lines.is_empty(), "no final stats in the log:\n{text}");
+        lines
+            .iter()
+            .map(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                    .unwrap_or_else(|| panic!("no {key} in {l}"))
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum()
     }
 }
 
@@ -205,6 +285,19 @@ impl Client {
     pub fn envelope(&self, content: &str) -> String {
         envelope(content, self.local_addr)
     }
+}
+
+/// A client socket bound to `local`, with `rcvbuf` set before connecting (so the window
+/// the relay sees is small from the start).
+pub fn connect_socket(to: SocketAddr, local: SocketAddr, rcvbuf: Option<usize>) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size)?;
+    }
+    socket.bind(&local.into())?;
+    socket.connect(&to.into())?;
+    Ok(socket.into())
 }
 
 /// The envelope for `content` from `from`, built with serde_json (independent of the

@@ -1,0 +1,335 @@
+//! SPEC §1.1 limits, §1.3 notices, §2 policies and §6 counters, over real sockets.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use corecast::protocol::{self, decode_envelope};
+
+use crate::util::{connect_socket, corecast, temp_config, Client, Relay};
+
+fn local(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Reads `n` envelopes and checks they are `prefix0 .. prefix{n-1}` from `from`, in order.
+fn expect_sequence(c: &mut Client, from: SocketAddr, prefix: &str, n: usize) {
+    for i in 0..n {
+        let env = decode_envelope(&c.line()).unwrap_or_else(|| panic!("line {i} is not an envelope"));
+        assert_eq!(env.remote_addr, from.to_string());
+        assert_eq!(env.content, format!("{prefix}{i}"), "out of order or lost at {i}");
+    }
+}
+
+#[test]
+fn rate_limited_lines_are_dropped_counted_and_noticed_once() {
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":3}}"#,
+        &["--shards", "1"],
+    );
+    let mut fast = relay.connect();
+    let mut other = relay.connect();
+    let burst: String = (0..10).map(|i| format!("line {i}\n")).collect();
+    fast.send(burst.as_bytes());
+    for i in 0..3 {
+        assert_eq!(other.line_str(), fast.envelope(&format!("line {i}")));
+    }
+    // The notice comes once for the whole burst, before anything relayed later.
+    assert_eq!(fast.line_str(), protocol::NOTICE_RATE_LIMITED);
+    other.send(b"marker\n");
+    assert_eq!(fast.line_str(), other.envelope("marker"));
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("dropped.rate_limited"), 7);
+    assert_eq!(relay.final_counter("lines_in"), 4);
+}
+
+#[test]
+fn a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one_gets_everything_in_order() {
+    const LINES: usize = 40_000;
+    let relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60}}"#,
+        &["--shards", "2"],
+    );
+    let slow = relay.connect_from(local("127.0.0.2:0"), Some(4096));
+    let healthy = relay.connect();
+    let mut sender = relay.connect_from(local("127.0.0.4:0"), None);
+    let payload = "x".repeat(80);
+    // The healthy consumer reads raw bytes as fast as it can and checks them afterwards.
+    let reader = std::thread::spawn(move || read_lines_raw(healthy, LINES));
+    let burst: String = (0..LINES).map(|i| format!("{payload}{i}\n")).collect();
+    sender.send(burst.as_bytes());
+    let received = reader.join().unwrap();
+    for (i, line) in received.iter().enumerate() {
+        assert_eq!(
+            *line,
+            sender.envelope(&format!("{payload}{i}")),
+            "healthy consumer, line {i}"
+        );
+    }
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (slow_consumer)", slow.local_addr));
+
+    // Quarantined by IP: any port of 127.0.0.2 is accepted and closed with no bytes...
+    let mut again = Client::from_stream(connect_socket(relay.addr, local("127.0.0.2:0"), None).unwrap());
+    assert_eq!(again.read_to_eof(), b"");
+    // ...while another address is served.
+    let mut other = relay.connect_from(local("127.0.0.3:0"), None);
+    sender.send(b"after\n");
+    assert_eq!(other.line_str(), sender.envelope("after"));
+    drop(slow);
+}
+
+/// Reads exactly `n` lines with large raw reads, then splits them.
+fn read_lines_raw(c: Client, n: usize) -> Vec<String> {
+    let mut stream = c.stream;
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut newlines = 0;
+    while newlines < n {
+        let got = stream.read(&mut buf).expect("healthy consumer read");
+        assert!(got > 0, "healthy consumer was closed after {newlines} lines");
+        newlines += buf[..got].iter().filter(|&&b| b == b'\n').count();
+        data.extend_from_slice(&buf[..got]);
+    }
+    String::from_utf8(data)
+        .unwrap()
+        .split_inclusive('\n')
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn quarantine_by_addr_refuses_only_the_same_ip_and_port() {
+    let relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_by":"addr",
+            "backpressure_policy":{"disconnect_threshold":50}}}"#,
+        &["--shards", "1"],
+    );
+    let slow = relay.connect_from(local("127.0.0.5:0"), Some(4096));
+    let slow_addr = slow.local_addr;
+    let mut sender = relay.connect();
+    let line = format!("{}\n", "y".repeat(200));
+    let burst = line.repeat(30_000);
+    sender.send(burst.as_bytes());
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {slow_addr} (slow_consumer)"));
+    drop(slow);
+    // Another port on the same IP is served.
+    let _same_ip = relay.connect_from(local("127.0.0.5:0"), None);
+    // The same ip:port is refused: accepted, then closed with no bytes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = loop {
+        match connect_socket(relay.addr, slow_addr, None) {
+            Ok(s) => break Client::from_stream(s),
+            // The old connection's port may take a moment to be reusable.
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("cannot reconnect from {slow_addr}: {e}"),
+        }
+    };
+    assert_eq!(refused.read_to_eof(), b"");
+}
+
+#[test]
+fn an_idle_client_gets_the_notice_then_is_closed() {
+    let relay = Relay::with_config(
+        r#"{"logger":{"log_level":"debug"},"hyper_parameters":{"client_timeout_secs":1,"timeout_check_interval_secs":1}}"#,
+        &["--log-level", "debug"],
+    );
+    let mut idle = relay.connect();
+    assert_eq!(idle.line_str(), protocol::NOTICE_IDLE);
+    assert_eq!(idle.read_to_eof(), b"");
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (idle_timeout)", idle.local_addr));
+}
+
+#[test]
+fn an_oversize_line_without_newline_gets_the_notice_and_a_close() {
+    let relay = Relay::with_config(r#"{"hyper_parameters":{"max_line_bytes":1000}}"#, &[]);
+    let mut big = relay.connect();
+    let mut other = relay.connect();
+    big.send(b"fine\n");
+    assert_eq!(other.line_str(), big.envelope("fine"));
+    // Never terminated: the relay must refuse it while it is still partial.
+    big.send(&[b'z'; 5000]);
+    assert_eq!(
+        big.line_str(),
+        "Warning: Message too long (limit 1000 bytes). Disconnecting.\n"
+    );
+    assert_eq!(big.read_to_eof(), b"");
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (line_too_long)", big.local_addr));
+}
+
+#[test]
+fn invalid_utf8_gets_the_notice_after_earlier_lines_are_relayed() {
+    let relay = Relay::start(&[]);
+    let mut bad = relay.connect();
+    let mut other = relay.connect();
+    bad.send(b"good line\nbad \xff\xfe line\nnever relayed\n");
+    assert_eq!(other.line_str(), bad.envelope("good line"));
+    assert_eq!(bad.line_str(), protocol::NOTICE_INVALID_UTF8);
+    assert_eq!(bad.read_to_eof(), b"");
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (invalid_utf8)", bad.local_addr));
+    bad_free_line(&mut other, &relay);
+}
+
+/// Nothing else from the closed client reached `other`: the next line is a fresh marker.
+fn bad_free_line(other: &mut Client, relay: &Relay) {
+    let mut marker = relay.connect();
+    marker.send(b"marker\n");
+    assert_eq!(other.line_str(), marker.envelope("marker"));
+}
+
+#[test]
+fn a_full_server_turns_new_clients_away_with_a_notice() {
+    let relay = Relay::with_config(r#"{"hyper_parameters":{"max_connections":2}}"#, &["--shards", "2"]);
+    let mut a = relay.connect();
+    let mut b = relay.connect();
+    let mut third = Client::connect(relay.addr);
+    assert_eq!(third.line_str(), protocol::NOTICE_SERVER_FULL);
+    assert_eq!(third.read_to_eof(), b"");
+    a.send(b"still relayed\n");
+    assert_eq!(b.line_str(), a.envelope("still relayed"));
+    // A slot frees up when a client leaves.
+    drop(a);
+    relay.log.wait_for("(peer_closed)");
+    let mut c = relay.connect();
+    c.send(b"welcome\n");
+    assert_eq!(b.line_str(), c.envelope("welcome"));
+}
+
+#[test]
+fn fd_exhaustion_backs_off_without_spinning_and_existing_clients_keep_relaying() {
+    let path = temp_config(r#"{"hyper_parameters":{"max_connections":1000,"accept_error_backoff_ms":50}}"#);
+    let mut cmd = corecast();
+    cmd.args([
+        "--port",
+        "0",
+        "--log-level",
+        "info",
+        "--shards",
+        "1",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 40,
+                rlim_max: 40,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let relay = Relay::spawn(cmd);
+    let mut a = relay.connect();
+    let mut b = relay.connect();
+    // More connections than the relay has descriptors left: the kernel completes them,
+    // the relay's accept fails with EMFILE.
+    let mut extra = Vec::new();
+    for _ in 0..60 {
+        extra.push(std::net::TcpStream::connect(relay.addr).unwrap());
+    }
+    relay.log.wait_for("accept failed");
+    let cpu_before = relay.cpu_time();
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, elapsed) = (relay.cpu_time() - cpu_before, wall.elapsed());
+    // A spinning accept loop burns a whole core (cpu ≈ elapsed); backing off burns ~nothing.
+    assert!(
+        cpu * 4 < elapsed,
+        "relay used {cpu:?} of CPU in {elapsed:?} while out of descriptors"
+    );
+    a.send(b"still here\n");
+    assert_eq!(b.line_str(), a.envelope("still here"));
+    // Repeated errors are summarised, not logged one per attempt.
+    assert!(relay.log.count("accept failed") < 10, "{}", relay.log.text());
+    // Once descriptors free up, accepting resumes.
+    drop(extra);
+    let mut c = relay.connect();
+    c.send(b"back\n");
+    assert_eq!(b.line_str(), c.envelope("back"));
+}
+
+#[test]
+fn sigterm_flushes_queued_lines_then_sends_the_notice_and_exits_zero() {
+    const LINES: usize = 3000;
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"backpressure_policy":{"enable_disconnect":false}}}"#,
+        &["--shards", "2"],
+    );
+    let mut lagging = relay.connect_from(local("127.0.0.6:0"), Some(4096));
+    let mut watcher = relay.connect();
+    let mut sender = relay.connect();
+    let payload = "q".repeat(100);
+    let burst: String = (0..LINES).map(|i| format!("{payload}{i}\n")).collect();
+    sender.send(burst.as_bytes());
+    // Once the watcher has every line, the relay has read them all; much of it is still
+    // queued for the lagging client, which has not read anything yet.
+    expect_sequence(&mut watcher, sender.local_addr, &payload, LINES);
+    relay.signal(libc::SIGTERM);
+    expect_sequence(&mut lagging, sender.local_addr, &payload, LINES);
+    assert_eq!(lagging.line_str(), protocol::NOTICE_SHUTDOWN);
+    assert_eq!(lagging.read_to_eof(), b"");
+    for c in [&mut watcher, &mut sender] {
+        assert_eq!(c.line_str(), protocol::NOTICE_SHUTDOWN);
+        assert_eq!(c.read_to_eof(), b"");
+    }
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("closed.shutdown"), 3);
+    assert_eq!(relay.final_counter("envelopes_out"), 2 * LINES as u64);
+}
+
+#[test]
+fn a_second_signal_during_the_drain_exits_at_once() {
+    const LINES: usize = 60_000;
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"shutdown_grace_ms":600000,
+            "backpressure_policy":{"enable_disconnect":false,"enable_throttle":false,"enable_flow_control":false},
+            "max_pending_bytes":1099511627776}}"#,
+        &["--shards", "1"],
+    );
+    // A client that never reads holds megabytes in its outbox, so the drain would wait
+    // for the whole (ten-minute) grace period.
+    let _stuck = relay.connect_from(local("127.0.0.7:0"), Some(4096));
+    let watcher = relay.connect();
+    let mut sender = relay.connect();
+    let reader = std::thread::spawn(move || read_lines_raw(watcher, LINES));
+    let burst: String = (0..LINES).map(|i| format!("{}{i}\n", "w".repeat(100))).collect();
+    sender.send(burst.as_bytes());
+    reader.join().unwrap();
+    relay.signal(libc::SIGTERM);
+    relay.log.wait_for("draining");
+    relay.signal(libc::SIGINT);
+    assert_eq!(relay.wait_exit(), Some(130));
+}
+
+#[test]
+fn a_panic_while_handling_one_connection_closes_only_that_connection() {
+    let relay = Relay::with_env("{}", &[("CORECAST_TEST_PANIC_LINE", "boom")], &["--shards", "1"]);
+    let mut a = relay.connect();
+    let mut b = relay.connect();
+    let mut victim = relay.connect();
+    victim.send(b"boom\n");
+    assert_eq!(victim.read_to_eof(), b"");
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (internal_error)", victim.local_addr));
+    a.send(b"after the panic\n");
+    assert_eq!(b.line_str(), a.envelope("after the panic"));
+    let mut late = relay.connect();
+    late.send(b"new clients too\n");
+    assert_eq!(a.line_str(), late.envelope("new clients too"));
+}
