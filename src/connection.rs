@@ -351,6 +351,7 @@ async fn read_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) 
         }
         if relayed > 0 {
             if let Some(pause) = shard.sender_pause() {
+                shard.stats.on_sender_pause();
                 glommio::timer::sleep(pause).await;
             }
         }

@@ -245,6 +245,19 @@ mod tests {
     }
 
     #[test]
+    fn a_notice_batch_reaches_everyone_and_counts_no_envelopes() {
+        let notice = Batch {
+            data: b"Warning: x\n".to_vec(),
+            runs: vec![Run {
+                origin: 0,
+                end: 11,
+                count: 0,
+            }],
+        };
+        assert_eq!(stretches(&notice, 5), vec![(0, 11, 0)]);
+    }
+
+    #[test]
     fn a_batch_only_from_the_recipient_gives_nothing() {
         let mut b = BatchBuilder::default();
         b.push(7, "x", "h:1");

@@ -136,6 +136,8 @@ pub struct ShardStats {
     pub dropped: [Cell<u64>; DropReason::ALL.len()],
     /// Largest number of messages queued for a stalled recipient seen on this shard.
     pub max_stalled_depth: Cell<u64>,
+    /// Times a sender's reads were paused by throttle or flow control.
+    pub sender_pauses: Cell<u64>,
 }
 
 impl ShardStats {
@@ -173,8 +175,11 @@ impl ShardStats {
     }
 
     pub fn on_drop(&self, reason: DropReason, n: u64) {
-        let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-        bump(&self.dropped[i], n);
+        bump(self.drop_counter(reason), n);
+    }
+
+    pub fn on_sender_pause(&self) {
+        bump(&self.sender_pauses, 1);
     }
 
     pub fn on_stalled_depth(&self, depth: u64) {
@@ -189,14 +194,18 @@ impl ShardStats {
     }
 
     pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drop_counter(reason).get()
+    }
+
+    pub fn drop_counter(&self, reason: DropReason) -> &Cell<u64> {
         let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-        self.dropped[i].get()
+        &self.dropped[i]
     }
 
     /// One line with every counter, `key=value` separated by spaces (logged at shutdown).
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "accepted={} open={} lines_in={} envelopes_out={} bytes_in={} bytes_out={} socket_writes={} max_stalled_depth={}",
+            "accepted={} open={} lines_in={} envelopes_out={} bytes_in={} bytes_out={} socket_writes={} max_stalled_depth={} sender_pauses={}",
             self.accepted.get(),
             self.open.get(),
             self.lines_in.get(),
@@ -205,6 +214,7 @@ impl ShardStats {
             self.bytes_out.get(),
             self.socket_writes.get(),
             self.max_stalled_depth.get(),
+            self.sender_pauses.get(),
         );
         for r in CloseReason::ALL {
             s.push_str(&format!(" closed.{}={}", r.as_str(), self.closed(r)));

@@ -502,18 +502,28 @@ async fn idle_sweep_loop(shard: Rc<Shard>, timeout: Duration) {
 
 /// Logs repeated events once per interval as counts instead of one line each.
 async fn summary_loop(shard: Rc<Shard>) {
-    let kinds = [DropReason::RateLimited, DropReason::Quarantined, DropReason::ServerFull];
-    let mut reported = kinds.map(|k| shard.stats.dropped(k));
+    let stats = &shard.stats;
+    let counters: [(&Cell<u64>, &str); 4] = [
+        (
+            stats.drop_counter(DropReason::RateLimited),
+            "lines dropped by the rate limiter",
+        ),
+        (
+            stats.drop_counter(DropReason::Quarantined),
+            "connections refused from quarantined peers",
+        ),
+        (
+            stats.drop_counter(DropReason::ServerFull),
+            "connections refused because the server is full",
+        ),
+        (&stats.sender_pauses, "sender read pauses for backpressure"),
+    ];
+    let mut reported = counters.map(|(c, _)| c.get());
     while !shard.is_shutting_down() {
         glommio::timer::sleep(SUMMARY_INTERVAL).await;
-        for (kind, last) in kinds.iter().zip(reported.iter_mut()) {
-            let now = shard.stats.dropped(*kind);
+        for ((counter, what), last) in counters.iter().zip(reported.iter_mut()) {
+            let now = counter.get();
             if now > *last {
-                let what = match kind {
-                    DropReason::RateLimited => "lines dropped by the rate limiter",
-                    DropReason::Quarantined => "connections refused from quarantined peers",
-                    _ => "connections refused because the server is full",
-                };
                 tracing::warn!(
                     "shard {}: {} {what} in the last {} s",
                     shard.id,

@@ -289,7 +289,12 @@ fn sigterm_flushes_queued_lines_then_sends_the_notice_and_exits_zero() {
     }
     assert_eq!(relay.wait_exit(), Some(0));
     assert_eq!(relay.final_counter("closed.shutdown"), 3);
+    // Every relayed line reached both other clients: nothing was dropped anywhere.
+    assert_eq!(relay.final_counter("lines_in"), LINES as u64);
     assert_eq!(relay.final_counter("envelopes_out"), 2 * LINES as u64);
+    for reason in ["slow_consumer", "recipient_gone", "rate_limited"] {
+        assert_eq!(relay.final_counter(&format!("dropped.{reason}")), 0, "{reason}");
+    }
 }
 
 #[test]
@@ -332,4 +337,65 @@ fn a_panic_while_handling_one_connection_closes_only_that_connection() {
     let mut late = relay.connect();
     late.send(b"new clients too\n");
     assert_eq!(a.line_str(), late.envelope("new clients too"));
+}
+
+#[test]
+fn senders_pause_while_a_consumer_is_stalled_and_stop_once_it_is_gone() {
+    const PHASE1: usize = 40_000;
+    const PHASE2: usize = 20_000;
+    let relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"throttle_delay_ms":20,"flow_control_delay_ms":50,
+            "backpressure_policy":{"throttle_threshold":50,"flow_control_threshold":200,"disconnect_threshold":1000}}}"#,
+        &["--shards", "1"],
+    );
+    let slow = relay.connect_from(local("127.0.0.8:0"), Some(4096));
+    let healthy = relay.connect();
+    let mut sender = relay.connect();
+    let reader = std::thread::spawn(move || read_lines_raw(healthy, PHASE1 + PHASE2));
+    let line = |i: usize| format!("{}{i}", "p".repeat(90));
+    let burst: String = (0..PHASE1).map(|i| line(i) + "\n").collect();
+    sender.send(burst.as_bytes());
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (slow_consumer)", slow.local_addr));
+    relay.log.wait_for("sender read pauses for backpressure");
+    // Let the summary of the last phase-1 pauses reach the log.
+    std::thread::sleep(Duration::from_millis(2500));
+    let pause_reports = relay.log.count("sender read pauses");
+
+    let burst: String = (PHASE1..PHASE1 + PHASE2).map(|i| line(i) + "\n").collect();
+    sender.send(burst.as_bytes());
+    let received = reader.join().unwrap();
+    for (i, got) in received.iter().enumerate() {
+        assert_eq!(*got, sender.envelope(&line(i)), "healthy consumer, line {i}");
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        relay.log.count("sender read pauses"),
+        pause_reports,
+        "{}",
+        relay.log.text()
+    );
+    drop(slow);
+}
+
+#[test]
+fn max_pending_bytes_closes_a_stuck_recipient_even_with_disconnect_disabled() {
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"max_pending_bytes":65536,
+            "backpressure_policy":{"enable_disconnect":false,"enable_throttle":false,"enable_flow_control":false}}}"#,
+        &["--shards", "2"],
+    );
+    let stuck = relay.connect_from(local("127.0.0.9:0"), Some(4096));
+    let mut sender = relay.connect();
+    let burst = format!("{}\n", "m".repeat(500)).repeat(20_000);
+    sender.send(burst.as_bytes());
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (slow_consumer)", stuck.local_addr));
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    // What it never got is counted, not silently lost.
+    assert!(relay.final_counter("dropped.slow_consumer") > 0);
+    assert_eq!(relay.final_counter("closed.slow_consumer"), 1);
 }
