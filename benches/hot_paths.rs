@@ -1,10 +1,32 @@
-//! Criterion benches of the relay's pure hot paths: envelope encoding, line framing and
-//! batch building. `cargo bench` runs them; throughput is reported per byte or element.
+//! Criterion benches of the relay's hot paths: envelope encoding, line framing, batch
+//! building, the token bucket, the quarantine lookup on accept, fan-out into recipients'
+//! outboxes, and one end-to-end fan-out through the real binary over loopback.
+//! `cargo bench` runs them all; each reports throughput per byte or element.
+//!
+//! The pure benches drive time with a fake `Instant` stepped forward by hand. The
+//! end-to-end bench starts the `corecast` binary as a child process that a guard kills
+//! when the bench function returns or unwinds.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use corecast::fanout::BatchBuilder;
+use corecast::config::QuarantineBy;
+use corecast::connection::Client;
+use corecast::fanout::{BatchBuilder, LocalBatch};
+use corecast::limiter::{Decision, TokenBucket};
 use corecast::protocol::{encode_envelope, Framer};
+use corecast::quarantine::Quarantine;
 
 const ADDR: &str = "127.0.0.1:54321";
 
@@ -74,5 +96,362 @@ fn batch_building(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, envelope_encoding, line_framing, batch_building);
+/// Checks per timed iteration of the token-bucket benches.
+const BUCKET_CHECKS: u64 = 1024;
+
+/// Runs `BUCKET_CHECKS` checks, stepping the fake clock by `step` before each; returns how
+/// many were allowed.
+fn run_checks(bucket: &mut TokenBucket, now: &mut Instant, step: Duration) -> u64 {
+    let mut allowed = 0;
+    for _ in 0..BUCKET_CHECKS {
+        *now += step;
+        allowed += u64::from(bucket.check(black_box(*now)) == Decision::Allow);
+    }
+    allowed
+}
+
+fn token_bucket(c: &mut Criterion) {
+    let mut group = c.benchmark_group("token_bucket");
+    group.throughput(Throughput::Elements(BUCKET_CHECKS));
+    group.bench_function("allow", |b| {
+        let mut now = Instant::now();
+        // u32::MAX per minute refills ~70 tokens per 1 µs step: the bucket never runs dry.
+        let mut bucket = TokenBucket::per_minute(u64::from(u32::MAX), now);
+        let (mut checks, mut allowed) = (0, 0);
+        b.iter(|| {
+            checks += BUCKET_CHECKS;
+            allowed += run_checks(&mut bucket, &mut now, Duration::from_micros(1));
+        });
+        assert_eq!(allowed, checks, "the allow bench must only take the allow path");
+    });
+    group.bench_function("drop", |b| {
+        let mut now = Instant::now();
+        // One per minute, spent at once; 1 ns steps refill one token per 60e9 checks, far
+        // more than a run makes. The N1 notice check still fires once per fake second.
+        let mut bucket = TokenBucket::per_minute(1, now);
+        assert_eq!(bucket.check(now), Decision::Allow);
+        let mut allowed = 0;
+        b.iter(|| allowed += run_checks(&mut bucket, &mut now, Duration::from_nanos(1)));
+        assert_eq!(allowed, 0, "the drop bench must only take the drop path");
+    });
+    group.finish();
+}
+
+/// A distinct IPv4 peer per `i` (below 2^24) in the `/8` network `net`.
+fn peer(net: u8, i: u32, port: u16) -> SocketAddr {
+    let [_, a, b, c] = i.to_be_bytes();
+    SocketAddr::from(([net, a, b, c], port))
+}
+
+fn quarantine_lookup(c: &mut Criterion) {
+    const ENTRIES: u32 = 100_000;
+    /// Lookups per timed iteration, spread over the table so that they are not all served
+    /// from one cache line.
+    const PROBES: u32 = 1024;
+    let t0 = Instant::now();
+    let table = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(300), ENTRIES as usize);
+    // `insert` copies the whole table, so this fill is quadratic; it runs once, untimed.
+    for i in 0..ENTRIES {
+        table.insert(peer(10, i, 40_000), t0);
+    }
+    assert_eq!(table.len(), ENTRIES as usize);
+    // By IP, any port of a quarantined host matches.
+    let hits: Vec<_> = (0..PROBES).map(|k| peer(10, k * (ENTRIES / PROBES), 50_000)).collect();
+    let misses: Vec<_> = (0..PROBES).map(|k| peer(11, k * (ENTRIES / PROBES), 50_000)).collect();
+    let now = t0 + Duration::from_secs(1);
+
+    let mut group = c.benchmark_group("quarantine_lookup");
+    group.throughput(Throughput::Elements(u64::from(PROBES)));
+    for (name, probes, expected) in [("hit_in_100k", &hits, PROBES), ("miss_in_100k", &misses, 0)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let found = probes
+                    .iter()
+                    .filter(|&&addr| table.contains(black_box(addr), now))
+                    .count() as u32;
+                assert_eq!(found, expected);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn fanout_enqueue(c: &mut Criterion) {
+    const LINES: u64 = 64;
+    /// Origins are connections 1..=4; recipient ids start above them, so every recipient
+    /// takes the whole batch as one stretch of `LINES` envelopes.
+    const FIRST_RECIPIENT: u64 = 1000;
+    let line = "x".repeat(100);
+    let mut builder = BatchBuilder::default();
+    for i in 0..LINES {
+        let origin = 1 + i / 16;
+        builder.push(origin, &line, &format!("127.0.0.1:{}", 40_000 + origin));
+    }
+    let batch: LocalBatch = Rc::new(Arc::new(builder.take()));
+    let recipients = |n: u64| -> Vec<Client> {
+        (0..n)
+            .map(|i| Client::new(FIRST_RECIPIENT + i, peer(127, i as u32 + 1, 50_000)))
+            .collect()
+    };
+    let probe = &recipients(1)[0];
+    probe.enqueue(&batch);
+    assert_eq!(probe.queued_bytes(), batch.data.len());
+
+    let mut group = c.benchmark_group("fanout_enqueue");
+    for n in [1u64, 64, 1024] {
+        group.throughput(Throughput::Elements(n * LINES));
+        // Outboxes only grow here (no writer drains them), so each timed pass gets fresh,
+        // idle clients; building and dropping them is outside the timing.
+        group.bench_function(format!("to_{n}_recipients"), |b| {
+            b.iter_batched(
+                || recipients(n),
+                |clients| {
+                    for client in &clients {
+                        client.enqueue(&batch);
+                    }
+                    clients
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// The end-to-end bench's relay config: no rate limit, no idle timeout, and no slow
+/// consumer policy, so that a burst to receivers that are briefly descheduled on a small
+/// machine is measured rather than throttled or cut off.
+const RELAY_CONFIG: &str = r#"{
+    "hyper_parameters": {
+        "rate_limit_msgs_per_minute": null,
+        "client_timeout_secs": null,
+        "backpressure_policy": {
+            "enable_throttle": false,
+            "enable_flow_control": false,
+            "enable_disconnect": false
+        }
+    }
+}"#;
+/// Longest wait for any one event from the relay or a receiver; past it the bench panics.
+const LOOPBACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The relay binary, running until this guard is dropped (also when a bench panics).
+struct Relay {
+    child: Child,
+    config_path: PathBuf,
+    /// Lines from the relay's stderr, read by a thread that drains the pipe until the
+    /// process exits so that logging never blocks the relay.
+    log: Receiver<String>,
+}
+
+impl Relay {
+    fn start() -> Relay {
+        let config_path = std::env::temp_dir().join(format!("corecast-bench-{}.json", std::process::id()));
+        std::fs::write(&config_path, RELAY_CONFIG).expect("cannot write the bench relay config");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_corecast"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--port", "0", "--shards", "1", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent. It
+        // kills the relay if the bench process dies without unwinding (Ctrl-C, abort).
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("cannot start the corecast binary");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, log) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Keep draining after the bench stops listening.
+                let _ = tx.send(line);
+            }
+        });
+        Relay {
+            child,
+            config_path,
+            log,
+        }
+    }
+
+    /// Reads log lines until one contains `needle`; returns the text that follows it.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + LOOPBACK_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(at) = line.find(needle) {
+                        return line[at + needle.len()..].to_string();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("relay did not log {needle:?} within {LOOPBACK_TIMEOUT:?}"),
+                Err(RecvTimeoutError::Disconnected) => panic!("relay exited before logging {needle:?}"),
+            }
+        }
+    }
+
+    fn listening_addr(&self) -> SocketAddr {
+        let rest = self.wait_for("listening on ");
+        let addr = rest.split_whitespace().next().unwrap_or_default();
+        addr.parse()
+            .unwrap_or_else(|_| panic!("cannot parse the relay's address from {rest:?}"))
+    }
+
+    /// Waits until the relay has registered a client from each of `addrs`.
+    fn wait_for_clients(&self, addrs: &[SocketAddr]) {
+        let mut pending: HashSet<String> = addrs.iter().map(SocketAddr::to_string).collect();
+        while !pending.is_empty() {
+            let rest = self.wait_for("client connected: ");
+            pending.remove(rest.split_whitespace().next().unwrap_or_default());
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Kills this child by its PID; nothing else.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+/// One sender and some receivers connected to a running relay. Reader threads live for
+/// the whole bench; each reports once per `lines` newlines it has read.
+struct Loopback {
+    sender: TcpStream,
+    burst: Vec<u8>,
+    receivers: Vec<TcpStream>,
+    /// One message per receiver per completed burst; `Err` when its stream failed.
+    done: Receiver<Result<(), String>>,
+    readers: Vec<JoinHandle<()>>,
+    /// Kept only to be dropped last, after the readers have been stopped and joined.
+    _relay: Relay,
+}
+
+impl Loopback {
+    fn start(receivers: usize, lines: usize, line_bytes: usize) -> Loopback {
+        let relay = Relay::start();
+        let addr = relay.listening_addr();
+        let connect = || {
+            let s = TcpStream::connect(addr).expect("cannot connect to the relay");
+            s.set_nodelay(true).expect("set_nodelay");
+            s.set_read_timeout(Some(LOOPBACK_TIMEOUT)).expect("set_read_timeout");
+            s
+        };
+        let sender = connect();
+        let receivers: Vec<TcpStream> = (0..receivers).map(|_| connect()).collect();
+        let mut locals = vec![sender.local_addr().expect("local_addr")];
+        locals.extend(receivers.iter().map(|r| r.local_addr().expect("local_addr")));
+        relay.wait_for_clients(&locals);
+
+        let (tx, done) = mpsc::channel();
+        let readers = receivers
+            .iter()
+            .map(|r| {
+                let mut stream = r.try_clone().expect("cannot clone a receiver stream");
+                let tx = tx.clone();
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut newlines = 0;
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => newlines += buf[..n].iter().filter(|&&b| b == b'\n').count(),
+                            Err(e) => {
+                                let _ = tx.send(Err(format!("receiver read failed: {e}")));
+                                return;
+                            }
+                        }
+                        while newlines >= lines {
+                            newlines -= lines;
+                            if tx.send(Ok(())).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+
+        let mut burst = Vec::with_capacity(lines * (line_bytes + 1));
+        for i in 0..lines {
+            let line = format!("{i:08} {}", "y".repeat(line_bytes - 9));
+            burst.extend_from_slice(line.as_bytes());
+            burst.push(b'\n');
+        }
+        Loopback {
+            sender,
+            burst,
+            receivers,
+            done,
+            readers,
+            _relay: relay,
+        }
+    }
+
+    /// Sends one burst and waits until every receiver has all of it.
+    fn round(&mut self) {
+        self.sender.write_all(&self.burst).expect("sender write failed");
+        for _ in 0..self.receivers.len() {
+            match self.done.recv_timeout(LOOPBACK_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => panic!("receivers did not get a burst within {LOOPBACK_TIMEOUT:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        // Ends each reader's blocking read at once, then waits for the threads.
+        for r in &self.receivers {
+            let _ = r.shutdown(Shutdown::Both);
+        }
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        // `_relay` drops after this, killing the process.
+    }
+}
+
+fn loopback_fanout(c: &mut Criterion) {
+    const RECEIVERS: usize = 8;
+    const LINES: usize = 1000;
+    const LINE_BYTES: usize = 100;
+    let mut group = c.benchmark_group("loopback_fanout");
+    group.throughput(Throughput::Elements((RECEIVERS * LINES) as u64));
+    // Each iteration is a few milliseconds of real I/O; ten samples are enough.
+    group.sample_size(10);
+    // Started on first use, so that filtering this bench out starts no process; the guard
+    // drops at the end of this function or while a panic unwinds through it.
+    let mut fixture: Option<Loopback> = None;
+    group.bench_function("1_sender_8_receivers_1000_lines_of_100_bytes", |b| {
+        let loopback = fixture.get_or_insert_with(|| Loopback::start(RECEIVERS, LINES, LINE_BYTES));
+        b.iter(|| loopback.round())
+    });
+    group.finish();
+    drop(fixture);
+}
+
+criterion_group!(
+    benches,
+    envelope_encoding,
+    line_framing,
+    batch_building,
+    token_bucket,
+    quarantine_lookup,
+    fanout_enqueue,
+    loopback_fanout
+);
 criterion_main!(benches);

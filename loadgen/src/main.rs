@@ -1,1 +1,142 @@
-fn main() {}
+//! corecast-loadgen: open-loop load generator for corecast, and for nats-server and
+//! redis-server running the same workload shape, so the three can be compared.
+//!
+//! `corecast-loadgen [run] --target HOST:PORT ...` runs one workload and prints a summary
+//! (and JSON with `--json`); `corecast-loadgen compare ...` starts the servers pinned to
+//! one CPU and runs the standard workloads against each in alternating rounds.
+
+mod accounting;
+mod compare;
+mod engine;
+mod proto;
+mod report;
+mod runner;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use proto::Protocol;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "corecast-loadgen",
+    version,
+    about = "Load generator for corecast, NATS and Redis pub/sub"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one workload against one server (the default).
+    Run(RunArgs),
+    /// Start corecast (and nats-server / redis-server when installed) pinned to one CPU and
+    /// compare them on the standard workloads in alternating rounds.
+    Compare(compare::CompareArgs),
+}
+
+/// What the run exercises besides plain fan-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Every client receives; publishers send at the rate.
+    Fanout,
+    /// Like fanout, but `--slow` receivers never read; accounting covers the others.
+    SlowConsumer,
+    /// Like fanout at a rate meant to exceed the server's limit: counts notices and loss.
+    OverRate,
+    /// Connections that stay open and silent; reports the server's memory per connection.
+    Idle,
+    /// Fan-out while extra connections open and close at `--connect-rate`.
+    Churn,
+    /// Fan-out while extra clients send invalid UTF-8 and oversize lines once a second.
+    BadInput,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:8888")]
+    pub target: String,
+    #[arg(long, value_enum, default_value_t = Protocol::Summoner)]
+    pub protocol: Protocol,
+    /// Connections that receive.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// How many of the clients also publish.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Lines per second per publisher (0 = as fast as the socket takes them).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Payload bytes per line (at least 42, the header).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds to wait after the last send for deliveries still in flight.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+    /// Connections opened per second (0 = as fast as possible); in `churn`, the churn rate.
+    #[arg(long, default_value_t = 0.0)]
+    pub connect_rate: f64,
+    /// Local addresses to connect from, round-robin: `127.0.0.2-127.0.0.9` or a comma list.
+    #[arg(long)]
+    pub source_ips: Option<String>,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// CPUs to pin the generator's threads to, e.g. `1` or `2-3` or `1,3`.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Server process to charge CPU (and, for `idle`, memory) to.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the result as one JSON object to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// No progress bar even on a TTY.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[arg(long, value_enum, default_value_t = Scenario::Fanout)]
+    pub scenario: Scenario,
+    /// Receivers that never read, in the slow-consumer scenario (default: a tenth).
+    #[arg(long)]
+    pub slow: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Compare(args)) => compare::run(&args),
+        Some(Command::Run(args)) => run_once(&args),
+        None => run_once(&cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corecast-loadgen: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_once(args: &RunArgs) -> Result<(), String> {
+    let result = runner::run(args)?;
+    print!("{}", result.human());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! `corecast-loadgen compare`: corecast against nats-server and redis-server on the
+//! standard workloads. Each server runs pinned to one CPU (corecast with one shard), the
+//! generator pinned to another, in alternating rounds (A B C A B C ...), a fresh server per
+//! run, started on a free loopback port and stopped by PID. Prints a markdown table of the
+//! medians and the corecast/peer ratios (median of the per-round ratios).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::proto::Protocol;
+use crate::report::RunResult;
+use crate::runner::{parse_cpus, pin_current_thread};
+use crate::{RunArgs, Scenario};
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// The corecast binary (default: `corecast` next to this program).
+    #[arg(long)]
+    pub corecast_bin: Option<PathBuf>,
+    /// CPU the servers are pinned to.
+    #[arg(long, default_value = "0")]
+    pub server_cpu: String,
+    /// CPU(s) the generator is pinned to.
+    #[arg(long, default_value = "1")]
+    pub loadgen_cpus: String,
+    /// Generator threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Rounds per workload; each round runs every server once.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Payload bytes per line.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Workloads `T<clients>x<lines/s each>`, every client publishing.
+    #[arg(long, value_delimiter = ',', default_value = "T100x30,T10x30000,T100x100,T1000x2")]
+    pub workloads: Vec<String>,
+    /// Peers to include when installed.
+    #[arg(long, value_delimiter = ',', default_value = "nats,redis")]
+    pub peers: Vec<String>,
+    /// Write every run's result and the medians as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// A server under test.
+#[derive(Debug, Clone)]
+struct Server {
+    name: &'static str,
+    protocol: Protocol,
+    program: PathBuf,
+}
+
+impl Server {
+    fn command(&self, port: u16, scratch: &std::path::Path) -> Command {
+        let mut cmd = Command::new(&self.program);
+        match self.protocol {
+            Protocol::Summoner => {
+                let config = scratch.join("corecast-bench.json");
+                let _ = std::fs::write(
+                    &config,
+                    r#"{"logger":{"log_level":"WARNING"},"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#,
+                );
+                cmd.args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--shards",
+                    "1",
+                    "--config",
+                ])
+                .arg(config);
+            }
+            Protocol::Nats => {
+                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            }
+            Protocol::Redis => {
+                cmd.args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]);
+                cmd.args(["--client-output-buffer-limit", "pubsub 0 0 0", "--daemonize", "no"]);
+            }
+        }
+        cmd
+    }
+}
+
+/// A started server, stopped by PID when dropped.
+struct Running {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(server: &Server, cpu: usize, scratch: &std::path::Path) -> Result<Running, String> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port: {e}"))?
+        .port();
+    let mut cmd = server.command(port, scratch);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: only sched_setaffinity (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", server.program.display()))?;
+    let running = Running { child, port };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not start listening on {addr}", server.name));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(running)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| PathBuf::from(dir).join(name))
+        .find(|p| p.is_file())
+        .or_else(|| {
+            ["/usr/sbin", "/usr/bin", "/usr/local/bin"]
+                .iter()
+                .map(|d| PathBuf::from(d).join(name))
+                .find(|p| p.is_file())
+        })
+}
+
+/// `T100x30` → (100 clients, 30 lines/s each).
+fn parse_workload(w: &str) -> Result<(usize, f64), String> {
+    let bad = || format!("bad workload {w:?}: want T<clients>x<rate>");
+    let (c, r) = w.strip_prefix('T').and_then(|s| s.split_once('x')).ok_or_else(bad)?;
+    Ok((c.parse().map_err(|_| bad())?, r.parse().map_err(|_| bad())?))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+pub fn run(args: &CompareArgs) -> Result<(), String> {
+    let corecast = match &args.corecast_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("corecast"),
+    };
+    if !corecast.is_file() {
+        return Err(format!(
+            "{} not found; build it with `cargo build --release` or pass --corecast-bin",
+            corecast.display()
+        ));
+    }
+    let mut servers = vec![Server {
+        name: "corecast",
+        protocol: Protocol::Summoner,
+        program: corecast,
+    }];
+    for peer in &args.peers {
+        let (name, protocol, program) = match peer.as_str() {
+            "nats" => ("nats-server", Protocol::Nats, "nats-server"),
+            "redis" => ("redis-server", Protocol::Redis, "redis-server"),
+            other => return Err(format!("unknown peer {other:?} (nats, redis)")),
+        };
+        match find_on_path(program) {
+            Some(path) => servers.push(Server {
+                name,
+                protocol,
+                program: path,
+            }),
+            None => eprintln!("note: {program} is not installed; skipping it (Debian package {program})"),
+        }
+    }
+    let server_cpu: usize = args.server_cpu.parse().map_err(|_| "bad --server-cpu".to_string())?;
+    let loadgen_cpus = parse_cpus(&args.loadgen_cpus)?;
+    if let Some(&cpu) = loadgen_cpus.first() {
+        pin_current_thread(cpu);
+    }
+    let scratch = std::env::temp_dir().join(format!("corecast-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+
+    let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
+    let mut table = String::from(
+        "| workload | server | delivered msgs/s | p99 latency | server CPU ns/delivery | lost | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for workload in &args.workloads {
+        let (clients, rate) = parse_workload(workload)?;
+        for round in 0..args.rounds {
+            for server in &servers {
+                let running = start(server, server_cpu, &scratch)?;
+                let run_args = RunArgs {
+                    target: format!("127.0.0.1:{}", running.port),
+                    protocol: server.protocol,
+                    clients,
+                    publishers: clients,
+                    rate,
+                    size: args.size,
+                    duration: args.duration,
+                    warmup: args.warmup,
+                    drain: 5.0,
+                    connect_rate: 0.0,
+                    source_ips: None,
+                    threads: args.threads,
+                    cpus: Some(args.loadgen_cpus.clone()),
+                    server_pid: Some(running.child.id()),
+                    json: None,
+                    no_progress: true,
+                    scenario: Scenario::Fanout,
+                    slow: None,
+                };
+                let result = crate::runner::run(&run_args)?;
+                eprintln!(
+                    "{workload} round {} {:<13} {:>10.0} msgs/s  p99 {:>7} µs  {:>7.0} ns/delivery  lost {}",
+                    round + 1,
+                    server.name,
+                    result.msgs_per_sec,
+                    result.latency_us.p99,
+                    result.server_cpu_ns_per_delivery.unwrap_or(f64::NAN),
+                    result.lost
+                );
+                drop(running);
+                all.push((workload.clone(), round, server.name, result));
+            }
+        }
+        for server in &servers {
+            let runs: Vec<&RunResult> = all
+                .iter()
+                .filter(|r| &r.0 == workload && r.2 == server.name)
+                .map(|r| &r.3)
+                .collect();
+            let med = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
+            let ratio = if server.name == "corecast" {
+                "1.00".to_string()
+            } else {
+                // Median over rounds of (peer / corecast) CPU per delivery: > 1 means the peer costs more.
+                let per_round: Vec<f64> = (0..args.rounds)
+                    .filter_map(|round| {
+                        let get = |name: &str| {
+                            all.iter()
+                                .find(|r| &r.0 == workload && r.1 == round && r.2 == name)
+                                .and_then(|r| r.3.server_cpu_ns_per_delivery)
+                        };
+                        Some(get("corecast")? / get(server.name)?)
+                    })
+                    .collect();
+                median(per_round).map_or("-".into(), |r| format!("{r:.2}"))
+            };
+            table.push_str(&format!(
+                "| {workload} | {} | {:.0} | {:.2} ms | {:.0} | {:.0} | {ratio} |\n",
+                server.name,
+                med(&|r| r.msgs_per_sec).unwrap_or(0.0),
+                med(&|r| r.latency_us.p99 as f64).unwrap_or(0.0) / 1000.0,
+                med(&|r| r.server_cpu_ns_per_delivery.unwrap_or(f64::NAN)).unwrap_or(f64::NAN),
+                med(&|r| r.lost as f64).unwrap_or(0.0),
+            ));
+        }
+    }
+    println!("{table}");
+    println!("(medians of {} rounds; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds);
+    if let Some(path) = &args.json {
+        let runs: Vec<_> = all
+            .iter()
+            .map(|(w, round, name, r)| serde_json::json!({"workload": w, "round": round, "server": name, "result": r}))
+            .collect();
+        let doc = serde_json::json!({ "runs": runs, "table_markdown": table });
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n",
+        )
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_parse_and_medians_ignore_missing_values() {
+        assert_eq!(parse_workload("T100x30").unwrap(), (100, 30.0));
+        assert!(parse_workload("100x30").is_err());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0]), Some(2.0));
+        assert_eq!(median(vec![]), None);
+    }
+}

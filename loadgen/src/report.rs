@@ -1,0 +1,147 @@
+//! The result of one run: the JSON object `--json` writes and the human summary.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::proto::Protocol;
+use crate::Scenario;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+/// One second of the run, counted from the start of the warm-up.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tick {
+    pub t: u64,
+    pub delivered: u64,
+    pub p99_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub protocol: Protocol,
+    pub scenario: Scenario,
+    pub target: String,
+    pub clients: usize,
+    pub publishers: usize,
+    /// Lines per second per publisher (0 = unpaced).
+    pub rate: f64,
+    /// Payload bytes per line.
+    pub size: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub threads: usize,
+    /// Lines published (all phases).
+    pub sent: u64,
+    /// Deliveries owed: every line to every other counted receiver.
+    pub expected: u64,
+    /// Unique deliveries.
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    /// Deliveries of lines scheduled in the measured window, per second.
+    pub msgs_per_sec: f64,
+    /// The same in payload megabytes (10^6) per second.
+    pub mb_per_sec: f64,
+    /// Scheduled send time to receipt, for lines scheduled in the measured window.
+    pub latency_us: Latency,
+    pub timeline: Vec<Tick>,
+    /// The generator's CPU time during the measured window.
+    pub loadgen_cpu_s: f64,
+    pub loadgen_saturated: bool,
+    /// The server's CPU time during the measured window (`--server-pid`).
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_ns_per_delivery: Option<f64>,
+    /// The server's resident memory once every client was connected (`--server-pid`).
+    pub server_rss_kib: Option<u64>,
+    /// Idle scenario: growth of the server's RSS per connection.
+    pub server_rss_bytes_per_connection: Option<f64>,
+    pub slow_consumers: usize,
+    /// Notices (`Warning: ...`) or server errors received by the clients.
+    pub notices: u64,
+    /// Connections the server closed before the end.
+    pub closed_by_server: u64,
+    /// Churn / bad-input connections made, and notices they got back.
+    pub side_connections: u64,
+    pub side_notices: u64,
+    pub errors: Vec<String>,
+}
+
+impl RunResult {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} {:?}: {} clients, {} publishers at {} lines/s, {} B, {:.1} s (+{:.1} s warm-up)",
+            self.protocol,
+            self.scenario,
+            self.clients,
+            self.publishers,
+            self.rate,
+            self.size,
+            self.duration_s,
+            self.warmup_s
+        );
+        let _ = writeln!(
+            s,
+            "  delivered {:>12.0} msgs/s  {:>8.2} MB/s   ({} of {} expected; lost {}, duplicated {}, reordered {})",
+            self.msgs_per_sec,
+            self.mb_per_sec,
+            self.delivered,
+            self.expected,
+            self.lost,
+            self.duplicated,
+            self.reordered
+        );
+        let l = &self.latency_us;
+        let _ = writeln!(
+            s,
+            "  latency µs   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        let _ = write!(s, "  cpu          loadgen {:.2} s", self.loadgen_cpu_s);
+        if let (Some(cpu), Some(ns)) = (self.server_cpu_s, self.server_cpu_ns_per_delivery) {
+            let _ = write!(s, ", server {cpu:.2} s = {ns:.0} ns per delivery");
+        }
+        s.push('\n');
+        if let Some(rss) = self.server_rss_kib {
+            let _ = write!(s, "  server rss   {rss} KiB");
+            if let Some(per) = self.server_rss_bytes_per_connection {
+                let _ = write!(s, " ({per:.0} B per connection)");
+            }
+            s.push('\n');
+        }
+        if self.notices + self.closed_by_server + self.side_connections > 0 || self.slow_consumers > 0 {
+            let _ = writeln!(
+                s,
+                "  events       notices {}, closed by server {}, slow consumers {}, side connections {} ({} notices)",
+                self.notices, self.closed_by_server, self.slow_consumers, self.side_connections, self.side_notices
+            );
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "  warning: {e}");
+        }
+        s
+    }
+}
+
+/// A progress bar over the run's seconds, only on a TTY and without `--no-progress`.
+pub fn progress_bar(disabled: bool, seconds: f64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if disabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new((seconds * 1000.0) as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}") {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
