@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::{or, poll_fn};
@@ -40,15 +41,33 @@ const LINGER_READ_BYTES: usize = 256 << 10;
 /// A stretch of one batch queued for this client.
 struct Segment {
     batch: LocalBatch,
-    start: u32,
-    end: u32,
+    start: usize,
+    end: usize,
     /// Envelopes in the stretch (0 for a notice).
     count: u32,
 }
 
 impl Segment {
     fn bytes(&self) -> &[u8] {
-        &self.batch.data[self.start as usize..self.end as usize]
+        &self.batch.data[self.start..self.end]
+    }
+}
+
+/// A write job some of whose bytes may already be on the socket. It lives on the
+/// [`Client`], not in the writer future, so a close that cancels the writer can still
+/// finish it (shutdown flush, closing notice) and count it exactly.
+struct InFlight {
+    job: WriteJob,
+    /// Bytes already written.
+    done: usize,
+}
+
+impl InFlight {
+    /// Envelopes not yet completely written: every envelope (and notice) ends with the
+    /// only raw `\n` it contains.
+    fn unwritten_envelopes(&self) -> u64 {
+        let rest = &self.job.bytes()[self.done..];
+        (memchr::memchr_iter(b'\n', rest).count() as u64).min(self.job.count())
     }
 }
 
@@ -121,8 +140,8 @@ pub struct Client {
     /// `addr` as the envelope's `remote_addr` shows it.
     pub remote_addr: Box<str>,
     outbox: RefCell<Outbox>,
-    /// Envelopes and bytes of the write in progress not yet accepted by the socket.
-    in_flight: Cell<(u64, usize)>,
+    /// The write in progress, taken from the outbox.
+    in_flight: RefCell<Option<InFlight>>,
     /// The socket refused data and has not taken everything since (SPEC §2.2).
     stalled: Cell<bool>,
     /// When the last inbound bytes arrived (idle timeout).
@@ -141,7 +160,7 @@ impl Client {
             addr,
             remote_addr: addr.to_string().into_boxed_str(),
             outbox: RefCell::default(),
-            in_flight: Cell::new((0, 0)),
+            in_flight: RefCell::new(None),
             stalled: Cell::new(false),
             last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
@@ -150,19 +169,40 @@ impl Client {
         }
     }
 
-    /// Queues every envelope of `batch` this client did not send itself.
+    /// Queues every envelope of `batch` this client did not send itself. A stalled client
+    /// may hold its segments for long: a stretch much smaller than its batch is copied out,
+    /// so that what the client pins is what `queued_bytes` counts.
     pub fn enqueue(&self, batch: &LocalBatch) {
         let mut outbox = self.outbox.borrow_mut();
         let was_empty = outbox.segments.is_empty();
+        let stalled = self.stalled.get();
         batch.for_each_stretch_except(self.id, |start, end, count| {
-            outbox.bytes += (end - start) as usize;
+            let len = end - start;
+            let segment = if stalled && len * 2 < batch.data.len() {
+                let data = batch.data[start..end].to_vec();
+                let runs = vec![crate::fanout::Run {
+                    origin: 0,
+                    end: len,
+                    count,
+                }];
+                let own = Rc::new(std::sync::Arc::new(crate::fanout::Batch { data, runs }));
+                Segment {
+                    batch: own,
+                    start: 0,
+                    end: len,
+                    count,
+                }
+            } else {
+                Segment {
+                    batch: batch.clone(),
+                    start,
+                    end,
+                    count,
+                }
+            };
+            outbox.bytes += len;
             outbox.msgs += count as u64;
-            outbox.segments.push_back(Segment {
-                batch: batch.clone(),
-                start,
-                end,
-                count,
-            });
+            outbox.segments.push_back(segment);
         });
         if was_empty && !outbox.segments.is_empty() {
             drop(outbox);
@@ -185,11 +225,32 @@ impl Client {
 
     /// `b`: bytes queued and not yet accepted by the socket.
     pub fn queued_bytes(&self) -> usize {
-        self.outbox.borrow().bytes + self.in_flight.get().1
+        let in_flight = self
+            .in_flight
+            .borrow()
+            .as_ref()
+            .map_or(0, |f| f.job.bytes().len() - f.done);
+        self.outbox.borrow().bytes + in_flight
     }
 
     fn queued_msgs(&self) -> u64 {
-        self.outbox.borrow().msgs + self.in_flight.get().0
+        self.outbox.borrow().msgs + self.in_flight.borrow().as_ref().map_or(0, |f| f.job.count())
+    }
+
+    /// At close: envelopes that will never be written. Those of a half-written job that
+    /// did go out completely are counted as delivered.
+    fn settle(&self, shard: &Shard) -> u64 {
+        let in_flight = self.in_flight.borrow_mut().take();
+        let lost_in_flight = in_flight.as_ref().map_or(0, InFlight::unwritten_envelopes);
+        if let Some(f) = &in_flight {
+            shard.stats.on_delivered(f.job.count() - lost_in_flight);
+        }
+        self.outbox.borrow().msgs + lost_in_flight
+    }
+
+    /// True once any close has been requested.
+    pub fn is_closing(&self) -> bool {
+        self.close_request.get().is_some()
     }
 
     pub fn last_inbound(&self) -> Instant {
@@ -250,12 +311,28 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
             reason = e;
         }
     }
-    let lost = client.queued_msgs();
+    let mut closing_notice = notice(reason, shard.config().max_line_bytes);
+    if closing_notice.is_some() {
+        // A notice must start on a line of its own: finish a half-written envelope first,
+        // or send no notice at all.
+        let finished = or(
+            async { write_in_flight(&shard, &client, &stream).await.is_ok() },
+            async {
+                glommio::timer::sleep(FAREWELL_TIMEOUT).await;
+                false
+            },
+        )
+        .await;
+        if !finished {
+            closing_notice = None;
+        }
+    }
+    let lost = client.settle(&shard);
     if lost > 0 {
         shard.stats.on_drop(undelivered_reason(reason), lost);
     }
     drop(registration);
-    farewell(&stream, reason, shard.config().max_line_bytes).await;
+    farewell(&stream, closing_notice).await;
     drop(stream);
     shard.stats.on_close(reason, true);
     shard.shared.release();
@@ -266,8 +343,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
 /// Turns away a connection over `max_connections` with N6 (SPEC §2.5).
 pub async fn refuse_full(shard: Rc<Shard>, stream: TcpStream) {
     let stream = RefCell::new(stream);
-    farewell(&stream, CloseReason::ServerFull, 0).await;
+    farewell(&stream, notice(CloseReason::ServerFull, 0)).await;
     shard.stats.on_close(CloseReason::ServerFull, false);
+    shard.on_refusal_done();
 }
 
 /// Removes the client from fan-out when the connection ends, however it ends.
@@ -371,38 +449,55 @@ async fn write_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>)
 /// Writes everything queued: one write per queued stretch, or several gathered into one.
 async fn flush_outbox(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> Result<(), CloseReason> {
     loop {
+        write_in_flight(shard, client, stream).await?;
         let Some(job) = client.outbox.borrow_mut().take_job() else {
             return Ok(());
         };
-        let bytes = job.bytes();
-        client.in_flight.set((job.count(), bytes.len()));
-        let mut done = 0;
-        while done < bytes.len() {
-            let written = poll_fn(|cx| {
-                let poll = Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &bytes[done..]);
-                if poll.is_pending() && !client.stalled.replace(true) {
-                    shard.on_stall(client);
-                }
-                poll
-            })
-            .await;
-            match written {
-                Ok(n) if n > 0 => {
-                    done += n;
-                    client.in_flight.set((job.count(), bytes.len() - done));
-                    shard.stats.on_write(n);
-                    if done < bytes.len() && !client.stalled.replace(true) {
-                        shard.on_stall(client);
-                    }
-                }
-                _ => return Err(CloseReason::WriteError),
+        *client.in_flight.borrow_mut() = Some(InFlight { job, done: 0 });
+    }
+}
+
+/// Finishes the client's in-flight job, if any, tracking whether its socket is stalled.
+async fn write_in_flight(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> Result<(), CloseReason> {
+    loop {
+        // The job is borrowed only inside this poll, never across the await.
+        let written = poll_fn(|cx| {
+            let in_flight = client.in_flight.borrow();
+            let Some(f) = in_flight.as_ref() else {
+                return Poll::Ready(None);
+            };
+            let poll = Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &f.job.bytes()[f.done..]);
+            drop(in_flight);
+            if poll.is_pending() && !client.stalled.replace(true) {
+                shard.on_stall(client);
             }
+            poll.map(Some)
+        })
+        .await;
+        let n = match written {
+            None => return Ok(()),
+            Some(Ok(n)) if n > 0 => n,
+            Some(_) => return Err(CloseReason::WriteError),
+        };
+        shard.stats.on_write(n);
+        let mut slot = client.in_flight.borrow_mut();
+        let f = slot.as_mut().expect("the job is only taken here and at close");
+        f.done += n;
+        if f.done < f.job.bytes().len() {
+            drop(slot);
+            if !client.stalled.replace(true) {
+                shard.on_stall(client);
+            }
+            continue;
         }
-        client.in_flight.set((0, 0));
-        shard.stats.on_delivered(job.count());
+        let count = f.job.count();
+        *slot = None;
+        drop(slot);
+        shard.stats.on_delivered(count);
         if client.stalled.replace(false) {
             shard.on_unstall(client);
         }
+        return Ok(());
     }
 }
 
@@ -420,8 +515,8 @@ fn notice(reason: CloseReason, max_line_bytes: usize) -> Option<String> {
 
 /// Sends the closing notice, then half-closes and discards unread input for a moment so
 /// that the kernel sends FIN rather than a reset that would destroy the notice in flight.
-async fn farewell(stream: &RefCell<TcpStream>, reason: CloseReason, max_line_bytes: usize) {
-    let Some(text) = notice(reason, max_line_bytes) else {
+async fn farewell(stream: &RefCell<TcpStream>, notice: Option<String>) {
+    let Some(text) = notice else {
         return;
     };
     let linger = async {
@@ -444,4 +539,56 @@ async fn farewell(stream: &RefCell<TcpStream>, reason: CloseReason, max_line_byt
         }
     };
     or(linger, glommio::timer::sleep(FAREWELL_TIMEOUT)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::BatchBuilder;
+
+    fn batch_from(lines: &[(u64, &str)]) -> LocalBatch {
+        let mut b = BatchBuilder::default();
+        for (origin, line) in lines {
+            b.push(*origin, line, "127.0.0.1:1");
+        }
+        Rc::new(std::sync::Arc::new(b.take()))
+    }
+
+    #[test]
+    fn a_stalled_client_does_not_pin_big_batches_for_small_stretches() {
+        let client = Client::new(7, "127.0.0.1:2".parse().unwrap());
+        let own = "o".repeat(100_000);
+        let batch = batch_from(&[(7, own.as_str()), (8, "small")]);
+        client.enqueue(&batch);
+        assert!(
+            Rc::ptr_eq(&client.outbox.borrow().segments[0].batch, &batch),
+            "healthy: shared, no copy"
+        );
+        client.stalled.set(true);
+        client.enqueue(&batch);
+        let outbox = client.outbox.borrow();
+        assert!(!Rc::ptr_eq(&outbox.segments[1].batch, &batch), "stalled: copied out");
+        assert_eq!(outbox.segments[1].batch.data.len(), outbox.segments[1].bytes().len());
+        assert_eq!(outbox.msgs, 2);
+    }
+
+    #[test]
+    fn a_half_written_job_counts_only_its_unwritten_envelopes_as_lost() {
+        let batch = batch_from(&[(1, "aaaa"), (2, "bbbb"), (3, "cccc")]);
+        let job = WriteJob::Single(Segment {
+            batch: batch.clone(),
+            start: 0,
+            end: batch.data.len(),
+            count: 3,
+        });
+        let first_end = memchr::memchr(b'\n', job.bytes()).unwrap() + 1;
+        assert_eq!(
+            InFlight {
+                job,
+                done: first_end + 3
+            }
+            .unwritten_envelopes(),
+            2
+        );
+    }
 }

@@ -21,15 +21,15 @@ use crate::shard::Shard;
 /// shard pause once it passes [`MAX_OUTGOING_BYTES`] (pushing back on senders through TCP).
 pub const MESH_CAPACITY: usize = 1024;
 
-/// Encoded bytes a shard may hold unflushed before its readers pause. Also keeps batch
-/// offsets far inside `u32` (one line adds at most `max_line_bytes` × 6 + 64).
+/// Encoded bytes a shard may hold unflushed before its readers pause. Readers already
+/// waiting in a read may each add one more read's worth, so this is a soft bound.
 pub const MAX_OUTGOING_BYTES: usize = 4 << 20;
 
 /// Envelopes from one connection, contiguous in a batch: `[previous run's end, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub origin: u64,
-    pub end: u32,
+    pub end: usize,
     pub count: u32,
 }
 
@@ -48,15 +48,15 @@ pub type LocalBatch = Rc<Arc<Batch>>;
 impl Batch {
     /// Calls `f(start, end, count)` for each maximal stretch of envelopes not sent by
     /// `recipient`, in order.
-    pub fn for_each_stretch_except(&self, recipient: u64, mut f: impl FnMut(u32, u32, u32)) {
+    pub fn for_each_stretch_except(&self, recipient: u64, mut f: impl FnMut(usize, usize, u32)) {
         if !self.runs.iter().any(|r| r.origin == recipient) {
             // Notices are runs of count 0: still sent, never counted as envelopes.
             if !self.data.is_empty() {
-                f(0, self.data.len() as u32, self.runs.iter().map(|r| r.count).sum());
+                f(0, self.data.len(), self.runs.iter().map(|r| r.count).sum());
             }
             return;
         }
-        let (mut start, mut open_start, mut open_count) = (0u32, None::<u32>, 0u32);
+        let (mut start, mut open_start, mut open_count) = (0usize, None::<usize>, 0u32);
         for run in &self.runs {
             if run.origin == recipient {
                 if let Some(s) = open_start.take() {
@@ -86,7 +86,7 @@ impl BatchBuilder {
     pub fn push(&mut self, origin: u64, line: &str, remote_addr: &str) {
         let b = &mut self.batch;
         encode_envelope(&mut b.data, line, remote_addr);
-        let end = b.data.len() as u32;
+        let end = b.data.len();
         match b.runs.last_mut() {
             Some(run) if run.origin == origin => {
                 run.end = end;
@@ -199,7 +199,7 @@ pub async fn receive_loop(shard: Rc<Shard>, from_peer: ConnectedReceiver<Arc<Bat
 mod tests {
     use super::*;
 
-    fn stretches(batch: &Batch, recipient: u64) -> Vec<(u32, u32, u32)> {
+    fn stretches(batch: &Batch, recipient: u64) -> Vec<(usize, usize, u32)> {
         let mut out = Vec::new();
         batch.for_each_stretch_except(recipient, |s, e, c| out.push((s, e, c)));
         out
@@ -215,7 +215,7 @@ mod tests {
         assert!(b.is_empty());
         assert_eq!(batch.runs.len(), 2);
         assert_eq!((batch.runs[0].count, batch.runs[1].count), (2, 1));
-        assert_eq!(batch.runs[1].end as usize, batch.data.len());
+        assert_eq!(batch.runs[1].end, batch.data.len());
     }
 
     #[test]
@@ -225,9 +225,9 @@ mod tests {
             b.push(origin, line, "h:1");
         }
         let batch = b.take();
-        let text = |v: Vec<(u32, u32, u32)>| {
+        let text = |v: Vec<(usize, usize, u32)>| {
             v.iter()
-                .map(|&(s, e, _)| String::from_utf8(batch.data[s as usize..e as usize].to_vec()).unwrap())
+                .map(|&(s, e, _)| String::from_utf8(batch.data[s..e].to_vec()).unwrap())
                 .collect::<String>()
         };
         let only = |lines: &[&str]| {
@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(text(stretches(&batch, 2)), only(&["a", "d", "e", "f"]));
         assert_eq!(stretches(&batch, 2).iter().map(|s| s.2).sum::<u32>(), 4);
         assert_eq!(text(stretches(&batch, 1)), only(&["b", "c", "d", "f"]));
-        assert_eq!(stretches(&batch, 9), vec![(0, batch.data.len() as u32, 6)]);
+        assert_eq!(stretches(&batch, 9), vec![(0, batch.data.len(), 6)]);
         assert_eq!(text(stretches(&batch, 3)), only(&["a", "b", "c", "e"]));
     }
 

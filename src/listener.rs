@@ -63,7 +63,11 @@ fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
     if !shard.shared.try_admit() {
         shard.stats.on_drop(DropReason::ServerFull, 1);
         tracing::debug!("refused {addr}: server full");
-        glommio::spawn_local(crate::connection::refuse_full(shard.clone(), stream)).detach();
+        if shard.try_start_refusal() {
+            glommio::spawn_local(crate::connection::refuse_full(shard.clone(), stream)).detach();
+        } else {
+            shard.stats.on_close(CloseReason::ServerFull, false);
+        }
         return;
     }
     let _ = stream.set_nodelay(true);

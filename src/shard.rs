@@ -36,6 +36,8 @@ const PREEMPT_TIMER: Duration = Duration::from_millis(2);
 const RING_DEPTH: usize = 1024;
 /// One read's worth of input, shared by all readers on the shard.
 const READ_SCRATCH_BYTES: usize = 64 << 10;
+/// N6 refusals a shard sends at once; past this a refused connection is just closed.
+const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 /// Period of the summary log lines for repeated events (drops, refusals).
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -121,6 +123,8 @@ pub struct Shard {
     /// Every reader's read lands here; see `connection::read_half`.
     pub read_scratch: RefCell<Box<[u8]>>,
     next_client: Cell<u64>,
+    /// N6 refusals in progress (each holds a descriptor for up to the farewell timeout).
+    refusals: Cell<usize>,
     /// N1, shared by every rate-limited client on the shard.
     rate_limit_notice: LocalBatch,
     /// Set when the drain starts: no more accepts or reads.
@@ -135,7 +139,7 @@ pub struct Shard {
 impl Shard {
     pub fn new(id: usize, shared: Arc<Shared>) -> Self {
         let notice = protocol::NOTICE_RATE_LIMITED.as_bytes().to_vec();
-        let end = notice.len() as u32;
+        let end = notice.len();
         Shard {
             id,
             shared,
@@ -148,6 +152,7 @@ impl Shard {
             outgoing_drained: NotifyAll::default(),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
             next_client: Cell::new(1),
+            refusals: Cell::new(0),
             // Origin 0 is never a client id, so every client gets it; count 0: not an envelope.
             rate_limit_notice: Rc::new(Arc::new(Batch {
                 data: notice,
@@ -183,6 +188,20 @@ impl Shard {
         if self.stalled.borrow_mut().remove(&client.id) {
             self.publish_largest_stalled();
         }
+    }
+
+    /// Takes a slot for sending N6 to a refused client; false when too many are in
+    /// progress, and the connection is then closed without the notice.
+    pub fn try_start_refusal(&self) -> bool {
+        if self.refusals.get() >= MAX_REFUSALS_IN_PROGRESS {
+            return false;
+        }
+        self.refusals.set(self.refusals.get() + 1);
+        true
+    }
+
+    pub fn on_refusal_done(&self) {
+        self.refusals.set(self.refusals.get().saturating_sub(1));
     }
 
     pub fn open_clients(&self) -> usize {
@@ -229,7 +248,13 @@ impl Shard {
     /// applies the slow-consumer policy to recipients that are stalled.
     pub fn deliver_local(&self, batch: &LocalBatch) {
         for client in self.clients.borrow().values() {
-            if let Some(reason) = client.refusing_envelopes() {
+            // Closing clients take no more, except for shutdown, which flushes them within
+            // the usual per-connection byte bound.
+            let refuse = client.refusing_envelopes().or_else(|| {
+                (client.is_closing() && client.queued_bytes() > self.shared.policy.max_pending_bytes)
+                    .then_some(CloseReason::SlowConsumer)
+            });
+            if let Some(reason) = refuse {
                 let lost: u32 = batch
                     .runs
                     .iter()
@@ -267,7 +292,7 @@ impl Shard {
             self.largest_stalled.set(depth);
             self.shared.largest_stalled[self.id].store(depth, Ordering::Relaxed);
         }
-        if self.shared.policy.must_disconnect(depth, client.queued_bytes()) && client.refusing_envelopes().is_none() {
+        if self.shared.policy.must_disconnect(depth, client.queued_bytes()) && !client.is_closing() {
             let cooldown = self.config().quarantine_cooldown_secs;
             tracing::warn!(
                 "slow consumer {}: {depth} messages / {} bytes queued; closing it and quarantining it for {cooldown} s",
@@ -471,8 +496,11 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
     .await;
     shard.begin_shutdown();
     let grace = Duration::from_millis(shard.config().shutdown_grace_ms);
+    // Done when every client is closed and this shard's own flush and peer receivers have
+    // finished (so its senders are closed and its peers can finish their drains too).
     let drained = async {
         shard.all_connections_closed().await;
+        shard.deliveries_finished().await;
         true
     };
     let complete = or(drained, async {

@@ -40,10 +40,12 @@ impl ShutdownSignal {
             if self.is_triggered() {
                 return Poll::Ready(());
             }
-            self.wakers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(cx.waker().clone());
+            let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            // One waker per waiting task, however often it is polled.
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            drop(wakers);
             // Re-check: a trigger between the first check and the push would be missed.
             if self.is_triggered() {
                 Poll::Ready(())

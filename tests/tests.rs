@@ -3,6 +3,7 @@
 mod config;
 mod fanout;
 mod policy;
+mod regression;
 mod startup;
 mod util;
 mod wire;

@@ -200,8 +200,11 @@ fn decode_nats(buf: &[u8], on_event: &mut impl FnMut(Event)) -> Result<Option<us
     Ok(Some(eol + 2))
 }
 
+/// Where a bulk string's bytes are in the buffer.
+type Span = (usize, usize);
+
 /// One RESP value: returns (end offset, bulk string payload if it was one).
-fn resp_value(buf: &[u8], pos: usize) -> Result<Option<(usize, Option<(usize, usize)>)>, String> {
+fn resp_value(buf: &[u8], pos: usize) -> Result<Option<(usize, Option<Span>)>, String> {
     let Some(eol) = memchr::memmem::find(&buf[pos..], b"\r\n").map(|e| pos + e) else {
         return Ok(None);
     };

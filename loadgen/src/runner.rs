@@ -151,7 +151,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
             break (own_cpu(), args.server_pid.and_then(server_cpu_ticks));
         }
         if let Some(bar) = &progress {
-            bar.set_position(((now.saturating_sub(start)) / 1_000_000).min(u64::MAX));
+            bar.set_position(now.saturating_sub(start) / 1_000_000);
             bar.set_message(format!("{} delivered", control.delivered.load(Ordering::Relaxed)));
         }
         side.step(now, &plan, &mut errors);
