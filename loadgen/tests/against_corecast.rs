@@ -1,0 +1,146 @@
+//! Runs the generator against a real corecast for a few seconds and checks its accounting.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// The relay, built from this workspace, killed by PID when dropped.
+struct Relay {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn corecast_binary() -> PathBuf {
+    // Built beside this test's own binary (target/<profile>/deps/..).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "corecast", "--bin", "corecast"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot build corecast");
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("corecast")
+}
+
+fn start_relay(config: &str) -> Relay {
+    let dir = std::env::temp_dir().join(format!("corecast-loadgen-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("config-{}.json", config.len()));
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(corecast_binary())
+        .args(["--port", "0", "--shards", "2", "--log-level", "info", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let port = loop {
+        let line = lines.next().expect("relay exited before listening").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr: std::net::SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            break addr.port();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Relay { child, port }
+}
+
+fn loadgen(relay: &Relay, args: &[&str]) -> serde_json::Value {
+    let json = std::env::temp_dir().join(format!("corecast-loadgen-{}-{}.json", std::process::id(), relay.port));
+    let out = Command::new(env!("CARGO_BIN_EXE_corecast-loadgen"))
+        .args([
+            "--target",
+            &format!("127.0.0.1:{}", relay.port),
+            "--no-progress",
+            "--json",
+        ])
+        .arg(&json)
+        .args(["--server-pid", &relay.child.id().to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loadgen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+#[test]
+fn fan_out_against_corecast_is_complete_in_order_and_without_duplicates() {
+    let relay = start_relay(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#);
+    let r = loadgen(
+        &relay,
+        &[
+            "--clients",
+            "20",
+            "--publishers",
+            "5",
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "2",
+        ],
+    );
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["reordered"], 0, "{r:#}");
+    assert_eq!(r["duplicated"], 0, "{r:#}");
+    assert!(r["expected"].as_u64().unwrap() > 0);
+    assert_eq!(r["delivered"], r["expected"], "{r:#}");
+    // 5 publishers × 200 lines/s × 19 recipients, over 4 s including the warm-up.
+    assert!(r["sent"].as_u64().unwrap() >= 5 * 200 * 3);
+    for key in [
+        "msgs_per_sec",
+        "mb_per_sec",
+        "loadgen_cpu_s",
+        "server_cpu_s",
+        "server_cpu_ns_per_delivery",
+    ] {
+        assert!(r[key].as_f64().is_some(), "{key} missing: {r:#}");
+    }
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(r["latency_us"][key].as_u64().is_some(), "latency {key} missing");
+    }
+    assert!(r["timeline"].as_array().unwrap().len() >= 3, "{r:#}");
+}
+
+#[test]
+fn over_rate_senders_are_reported_as_lost_with_notices() {
+    // The relay's default limit: 300 lines per minute per connection, a minute's burst.
+    let relay = start_relay("{}");
+    let r = loadgen(
+        &relay,
+        &[
+            "--clients",
+            "4",
+            "--publishers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+            "--warmup",
+            "1",
+            "--scenario",
+            "over-rate",
+        ],
+    );
+    assert!(r["lost"].as_u64().unwrap() > 0, "{r:#}");
+    assert!(r["notices"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["duplicated"], 0);
+    assert_eq!(r["reordered"], 0);
+}
