@@ -210,7 +210,7 @@ fn fanout_enqueue(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n * LINES));
         // Outboxes only grow here (no writer drains them), so each timed pass gets fresh,
         // idle clients; building and dropping them is outside the timing.
-        group.bench_function(format!("to_{n}_recipients"), |b| {
+        group.bench_function(format!("recipients_{n}"), |b| {
             b.iter_batched(
                 || recipients(n),
                 |clients| {

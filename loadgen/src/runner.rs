@@ -16,6 +16,8 @@ use crate::{RunArgs, Scenario};
 
 /// How long every receiver has to confirm its subscription.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle scenario: wait before reading the server's memory.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
 /// Share of the generator's CPUs above which it warns that it measured itself.
 const SATURATION: f64 = 0.9;
 
@@ -128,6 +130,10 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+    if args.scenario == Scenario::Idle {
+        // Nothing confirms an idle connection: give the server a moment to accept them all.
+        std::thread::sleep(IDLE_SETTLE);
     }
     let rss_after = args.server_pid.and_then(server_rss_kib);
 
