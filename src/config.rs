@@ -203,6 +203,11 @@ pub struct Config {
     pub quarantine_max_entries: usize,
     /// Bound on the whole shutdown drain. Default 5000 ms.
     pub shutdown_grace_ms: u64,
+    /// Flush window: a shard sends out its batch of relayed lines at most once per window,
+    /// so one socket write per recipient carries every line of the window. Adds at most
+    /// this much latency, and only when lines arrive faster than one per window; 0 flushes
+    /// at once. Default 1000 µs.
+    pub flush_window_us: u64,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
@@ -246,6 +251,7 @@ impl Default for Config {
             quarantine_by: QuarantineBy::Ip,
             quarantine_max_entries: 100_000,
             shutdown_grace_ms: 5000,
+            flush_window_us: 1000,
         }
     }
 }
@@ -428,6 +434,7 @@ impl Config {
             s.int("quarantine_max_entries", 1, 100_000_000)?,
         );
         set(&mut self.shutdown_grace_ms, s.int("shutdown_grace_ms", 0, 3_600_000)?);
+        set(&mut self.flush_window_us, s.int("flush_window_us", 0, 1_000_000)?);
         s.finish(warnings);
         Ok(())
     }
@@ -492,6 +499,7 @@ impl Config {
                 "quarantine_by": match self.quarantine_by { QuarantineBy::Ip => "ip", QuarantineBy::Addr => "addr" },
                 "quarantine_max_entries": self.quarantine_max_entries,
                 "shutdown_grace_ms": self.shutdown_grace_ms,
+                "flush_window_us": self.flush_window_us,
             }
         })
     }
@@ -824,6 +832,19 @@ mod tests {
         let (again, w) = load(&c.to_json().to_string()).unwrap();
         assert_eq!(again, c);
         assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn flush_window_is_bounded() {
+        assert_eq!(Config::default().flush_window_us, 1000);
+        assert_eq!(
+            load(r#"{"hyper_parameters":{"flush_window_us":0}}"#)
+                .unwrap()
+                .0
+                .flush_window_us,
+            0
+        );
+        assert!(load(r#"{"hyper_parameters":{"flush_window_us":2000000}}"#).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
@@ -168,8 +169,18 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
 /// shutdown it sends what is left and returns, which closes its senders: peer receivers
 /// then drain their ring and end.
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
+    let window = Duration::from_micros(shard.config().flush_window_us);
+    let mut last_flush: Option<Instant> = None;
     loop {
         shard.flush_wanted.wait().await;
+        // At most one flush per window: under load every recipient then gets one write per
+        // window instead of one per line; a line arriving after a quiet spell goes at once.
+        if let Some(wait) = last_flush.and_then(|t| window.checked_sub(t.elapsed())) {
+            if !wait.is_zero() && !shard.is_shutting_down() {
+                glommio::timer::sleep(wait).await;
+            }
+        }
+        last_flush = Some(Instant::now());
         while let Some(batch) = shard.take_outgoing() {
             let batch = Arc::new(batch);
             shard.deliver_local(&Rc::new(batch.clone()));
