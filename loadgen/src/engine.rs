@@ -115,6 +115,31 @@ struct Live {
     trackers: Vec<SeqTracker>,
 }
 
+/// One publisher's schedule, on the connection `conn` (an index into the worker's list).
+struct Publisher {
+    conn: usize,
+    id: u32,
+    /// Next sequence number.
+    seq: u64,
+    /// When the next line is due, in ns since the epoch.
+    next_due: u64,
+}
+
+impl Publisher {
+    /// Appends the next line, stamped with its scheduled time.
+    fn append(&mut self, plan: &Plan, out: &mut Vec<u8>, payload: &mut Vec<u8>, sched_ns: u64) {
+        payload.clear();
+        let header = Header {
+            publisher: self.id,
+            seq: self.seq,
+            sched_ns,
+        };
+        proto::write_payload(payload, header, plan.size);
+        plan.protocol.publish(out, payload);
+        self.seq += 1;
+    }
+}
+
 /// What a worker hands back.
 pub struct Report {
     pub latency: Histogram<u64>,
@@ -176,11 +201,17 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
     }
     let mut report = empty_report();
     let interval_ns = if plan.rate > 0.0 { (1e9 / plan.rate) as u64 } else { 0 };
-    // (live index, publisher id, next sequence number, next due time)
-    let mut pubs: Vec<(usize, u32, u64, u64)> = live
+    let mut pubs: Vec<Publisher> = live
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| l.conn.publishes.map(|p| (i, p, 0, 0)))
+        .filter_map(|(i, l)| {
+            l.conn.publishes.map(|id| Publisher {
+                conn: i,
+                id,
+                seq: 0,
+                next_due: 0,
+            })
+        })
         .collect();
     let mut scheduled = false;
     let mut last_probe = 0u64;
@@ -210,54 +241,32 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 // Spread publishers across one interval so they do not all fire together.
                 let n = plan.publishers.max(1) as u64;
                 for p in pubs.iter_mut() {
-                    p.3 = start + interval_ns * p.1 as u64 / n;
+                    p.next_due = start + interval_ns * p.id as u64 / n;
                 }
             }
             for p in pubs.iter_mut() {
-                let l = &mut live[p.0];
-                let before = p.2;
+                let l = &mut live[p.conn];
+                let before = p.seq;
                 if interval_ns > 0 {
-                    while p.3 <= now && p.3 < send_end {
+                    while p.next_due <= now && p.next_due < send_end {
                         if l.wbuf.len() - l.wpos < MAX_PENDING_BYTES {
-                            payload.clear();
-                            proto::write_payload(
-                                &mut payload,
-                                Header {
-                                    publisher: p.1,
-                                    seq: p.2,
-                                    sched_ns: p.3,
-                                },
-                                plan.size,
-                            );
-                            plan.protocol.publish(&mut l.wbuf, &payload);
-                            p.2 += 1;
+                            p.append(&plan, &mut l.wbuf, &mut payload, p.next_due);
                         }
-                        p.3 += interval_ns;
+                        p.next_due += interval_ns;
                     }
-                    if p.3 < send_end {
-                        timeout = timeout.min(Duration::from_nanos(p.3.saturating_sub(now)));
+                    if p.next_due < send_end {
+                        timeout = timeout.min(Duration::from_nanos(p.next_due.saturating_sub(now)));
                     }
                 } else if now >= start && now < send_end {
                     if l.wbuf.len() - l.wpos < UNPACED_PENDING_BYTES {
                         for _ in 0..UNPACED_BURST {
-                            payload.clear();
-                            proto::write_payload(
-                                &mut payload,
-                                Header {
-                                    publisher: p.1,
-                                    seq: p.2,
-                                    sched_ns: now,
-                                },
-                                plan.size,
-                            );
-                            plan.protocol.publish(&mut l.wbuf, &payload);
-                            p.2 += 1;
+                            p.append(&plan, &mut l.wbuf, &mut payload, now);
                         }
                     }
                     timeout = Duration::from_micros(200);
                 }
-                if p.2 > before {
-                    control.sent[p.1 as usize].fetch_add(p.2 - before, Ordering::Relaxed);
+                if p.seq > before {
+                    control.sent[p.id as usize].fetch_add(p.seq - before, Ordering::Relaxed);
                 }
             }
         }
