@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -32,6 +32,8 @@ use crate::shard::{undelivered_reason, Shard};
 
 /// Most bytes gathered into one socket write when several batches are queued.
 const MAX_WRITE_BYTES: usize = 256 << 10;
+/// Most queued stretches one direct write hands the kernel.
+const MAX_IOVECS: usize = 64;
 /// Bound on sending a closing notice and draining unread input before the final close.
 const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Unread input discarded after a notice, so that closing does not turn into a reset
@@ -132,11 +134,30 @@ impl Outbox {
     }
 }
 
+/// Where a client stands in its shard's write schedule (see `pacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sched {
+    /// Not in any list.
+    Idle,
+    /// In its slot's list, waiting for its next period.
+    Waiting,
+    /// In the list written at the next tick.
+    Due,
+}
+
 /// The state fan-out and policies share with one connection's task.
 pub struct Client {
     /// Unique per process: the shard id in the top bits, never 0.
     pub id: u64,
     pub addr: SocketAddr,
+    /// The socket, for direct writes from the shard's flush task. Valid while the client
+    /// is not closing: the connection task marks it closing before it closes the socket.
+    fd: RawFd,
+    /// This client's slot in the staggered write schedule.
+    pub slot: u64,
+    /// The last period in which the flush task wrote to this client (0: never).
+    pub written_period: Cell<u64>,
+    pub sched: Cell<Sched>,
     /// `addr` as the envelope's `remote_addr` shows it.
     pub remote_addr: Box<str>,
     outbox: RefCell<Outbox>,
@@ -146,7 +167,7 @@ pub struct Client {
     stalled: Cell<bool>,
     /// When the last inbound bytes arrived (idle timeout).
     last_inbound: Cell<Instant>,
-    /// Wakes the writer half when the outbox goes from empty to non-empty.
+    /// Wakes the writer half, which drains the outbox while the socket is stalled.
     writer_wake: Notify,
     /// Set by a policy to end the connection; `close_wake` tells the connection task.
     close_request: Cell<Option<CloseReason>>,
@@ -154,10 +175,14 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(id: u64, addr: SocketAddr) -> Self {
+    pub fn new(id: u64, addr: SocketAddr, fd: RawFd, slot: u64) -> Self {
         Client {
             id,
             addr,
+            fd,
+            slot,
+            written_period: Cell::new(0),
+            sched: Cell::new(Sched::Idle),
             remote_addr: addr.to_string().into_boxed_str(),
             outbox: RefCell::default(),
             in_flight: RefCell::new(None),
@@ -174,7 +199,6 @@ impl Client {
     /// so that what the client pins is what `queued_bytes` counts.
     pub fn enqueue(&self, batch: &LocalBatch) {
         let mut outbox = self.outbox.borrow_mut();
-        let was_empty = outbox.segments.is_empty();
         let stalled = self.stalled.get();
         batch.for_each_stretch_except(self.id, |start, end, count| {
             let len = end - start;
@@ -204,10 +228,90 @@ impl Client {
             outbox.msgs += count as u64;
             outbox.segments.push_back(segment);
         });
-        if was_empty && !outbox.segments.is_empty() {
-            drop(outbox);
-            self.writer_wake.notify();
+    }
+
+    /// True when the writer half owns the socket's output: a write is in progress or the
+    /// socket refused data. The flush task then leaves this client to it.
+    pub fn writer_busy(&self) -> bool {
+        self.stalled.get() || self.in_flight.borrow().is_some()
+    }
+
+    pub fn wake_writer(&self) {
+        self.writer_wake.notify();
+    }
+
+    /// Writes what is queued with as few `sendmsg` calls as the socket allows, without
+    /// waiting. What the socket refuses goes to the writer half, which waits for room.
+    /// Only for a client that is not closing and whose writer is not busy.
+    pub fn write_now(&self, shard: &Shard) {
+        debug_assert!(!self.is_closing() && !self.writer_busy());
+        let mut outbox = self.outbox.borrow_mut();
+        while !outbox.segments.is_empty() {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOVECS];
+            let (mut parts, mut total) = (0, 0);
+            for segment in outbox.segments.iter().take(MAX_IOVECS) {
+                let bytes = segment.bytes();
+                if total > 0 && total + bytes.len() > MAX_WRITE_BYTES {
+                    break;
+                }
+                iov[parts] = libc::iovec {
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                };
+                parts += 1;
+                total += bytes.len();
+            }
+            // SAFETY: an all-zero msghdr is valid; it points at `iov`, which outlives the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = parts as _;
+            // SAFETY: `fd` is this client's open socket (it is not closing), and every iovec
+            // points into a segment the outbox keeps alive during the call.
+            let sent = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if sent < 0 {
+                match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => break,
+                    _ => {
+                        drop(outbox);
+                        self.request_close(CloseReason::WriteError);
+                        return;
+                    }
+                }
+            }
+            let mut left = sent as usize;
+            shard.stats.on_write(left);
+            while let Some(front) = outbox.segments.front() {
+                let len = front.bytes().len();
+                if len > left {
+                    break;
+                }
+                left -= len;
+                let done = outbox.pop().expect("front() was Some");
+                shard.stats.on_delivered(done.count as u64);
+            }
+            if left > 0 {
+                let partial = outbox.pop().expect("a partly written segment is queued");
+                *self.in_flight.borrow_mut() = Some(InFlight {
+                    job: WriteJob::Single(partial),
+                    done: left,
+                });
+            }
+            if (sent as usize) < total {
+                break;
+            }
         }
+        if outbox.segments.is_empty() && self.in_flight.borrow().is_none() {
+            return;
+        }
+        drop(outbox);
+        // The socket is full: the writer half waits for room and drains the rest.
+        self.stalled.set(true);
+        shard.on_stall(self);
+        self.writer_wake.notify();
     }
 
     pub fn is_stalled(&self) -> bool {
@@ -275,7 +379,7 @@ impl Client {
 /// Runs one admitted connection to its end. The connection slot taken at admission is
 /// given back when this returns.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
-    let client = shard.register(addr);
+    let client = shard.register(addr, stream.as_raw_fd());
     let registration = Registration {
         shard: &shard,
         client: &client,
@@ -304,6 +408,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
             CloseReason::InternalError
         }
     };
+    // From here the flush task no longer writes to the socket directly.
+    client.request_close(reason);
     if reason == CloseReason::Shutdown {
         // Everything already relayed reaches this client before N3.
         shard.deliveries_finished().await;
@@ -371,7 +477,7 @@ async fn wait_for_close_request(client: &Client) -> CloseReason {
 
 /// Reads into the shard's scratch buffer, frames lines, applies the token bucket and hands
 /// lines to the shard; pauses when backpressure says so.
-async fn read_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> CloseReason {
+async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStream>) -> CloseReason {
     let config = shard.config();
     let mut framer = Framer::new(config.max_line_bytes);
     let mut limiter = config
@@ -436,13 +542,13 @@ async fn read_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) 
     }
 }
 
-/// Drains the outbox for as long as the connection lives.
+/// Drains the outbox whenever the flush task found the socket full, waiting for room.
 async fn write_half(shard: &Shard, client: &Client, stream: &RefCell<TcpStream>) -> CloseReason {
     loop {
+        client.writer_wake.wait().await;
         if let Err(reason) = flush_outbox(shard, client, stream).await {
             return reason;
         }
-        client.writer_wake.wait().await;
     }
 }
 
@@ -556,7 +662,7 @@ mod tests {
 
     #[test]
     fn a_stalled_client_does_not_pin_big_batches_for_small_stretches() {
-        let client = Client::new(7, "127.0.0.1:2".parse().unwrap());
+        let client = Client::new(7, "127.0.0.1:2".parse().unwrap(), -1, 0);
         let own = "o".repeat(100_000);
         let batch = batch_from(&[(7, own.as_str()), (8, "small")]);
         client.enqueue(&batch);

@@ -10,7 +10,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
@@ -164,23 +164,28 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
     (connected_senders, connected_receivers)
 }
 
-/// The shard's flush task: waits for the first line of a batch, lets the other ready
-/// readers add theirs (it runs after them), then delivers locally and to every peer. At
-/// shutdown it sends what is left and returns, which closes its senders: peer receivers
-/// then drain their ring and end.
+/// The shard's flush task. At most once per tick (see `pacing`) it turns the lines
+/// accepted since the last run into one batch, hands it to every local recipient's outbox
+/// and once to every peer shard over the SPSC mesh, then writes to the recipients that are
+/// due. At shutdown it sends what is left and returns, which closes its senders: peer
+/// receivers then drain their ring and end.
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
-    let window = Duration::from_micros(shard.config().flush_window_us);
-    let mut last_flush: Option<Instant> = None;
+    let mut last_tick: Option<u64> = None;
     loop {
-        shard.flush_wanted.wait().await;
-        // At most one flush per window: under load every recipient then gets one write per
-        // window instead of one per line; a line arriving after a quiet spell goes at once.
-        if let Some(wait) = last_flush.and_then(|t| window.checked_sub(t.elapsed())) {
-            if !wait.is_zero() && !shard.is_shutting_down() {
+        let stopping = shard.is_shutting_down();
+        if !stopping && !shard.has_flush_work() {
+            shard.flush_wanted.wait().await;
+            continue;
+        }
+        let tick = shard.refresh_tick();
+        if let (Some(pacer), Some(last)) = (shard.pacer(), last_tick) {
+            if tick <= last && !stopping {
+                // One run per tick: what arrived since goes at the next one.
+                let wait = pacer.start_of(last + 1).saturating_duration_since(Instant::now());
                 glommio::timer::sleep(wait).await;
+                continue;
             }
         }
-        last_flush = Some(Instant::now());
         while let Some(batch) = shard.take_outgoing() {
             let batch = Arc::new(batch);
             shard.deliver_local(&Rc::new(batch.clone()));
@@ -190,7 +195,9 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
                 let _ = peer.send(batch.clone()).await;
             }
         }
-        if shard.is_shutting_down() {
+        shard.write_due(last_tick.unwrap_or(tick.saturating_sub(1)));
+        last_tick = Some(tick);
+        if stopping {
             shard.on_flush_done();
             return;
         }
@@ -201,6 +208,7 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
 /// the peer closes its sender.
 pub async fn receive_loop(shard: Rc<Shard>, from_peer: ConnectedReceiver<Arc<Batch>>) {
     while let Some(batch) = from_peer.recv().await {
+        shard.refresh_tick();
         shard.deliver_local(&Rc::new(batch));
     }
     shard.on_receiver_done();

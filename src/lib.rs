@@ -25,6 +25,7 @@ pub mod listener;
 pub mod log;
 pub mod metrics;
 pub mod notify;
+pub mod pacing;
 pub mod protocol;
 pub mod quarantine;
 pub mod shard;

@@ -18,10 +18,11 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use crate::backpressure::Policy;
 use crate::config::Config;
-use crate::connection::Client;
+use crate::connection::{Client, Sched};
 use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
 use crate::metrics::{CloseReason, DropReason, ShardStats};
 use crate::notify::{Notify, NotifyAll};
+use crate::pacing::{Pacer, FLUSH_BYTES, SLOTS};
 use crate::protocol;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
@@ -116,8 +117,17 @@ pub struct Shard {
     largest_stalled: Cell<u64>,
     /// Envelopes accepted on this shard and not yet flushed.
     outgoing: RefCell<BatchBuilder>,
-    /// Wakes the flush task when `outgoing` becomes non-empty (and at shutdown).
+    /// Wakes the flush task when `outgoing` becomes non-empty, when a client becomes due,
+    /// and at shutdown.
     pub flush_wanted: Notify,
+    /// The write schedule's clock; `None` when the flush window is 0.
+    pacer: Option<Pacer>,
+    /// The latest tick the shard has seen.
+    tick: Cell<u64>,
+    /// Clients to write at the next tick.
+    due: RefCell<Vec<Rc<Client>>>,
+    /// Clients waiting for their next period, by slot.
+    waiting: RefCell<Vec<Vec<Rc<Client>>>>,
     /// Releases readers paused because `outgoing` passed [`MAX_OUTGOING_BYTES`].
     pub outgoing_drained: NotifyAll,
     /// Every reader's read lands here; see `connection::read_half`.
@@ -138,6 +148,7 @@ pub struct Shard {
 
 impl Shard {
     pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+        let pacer = Pacer::new(Duration::from_micros(shared.config.flush_window_us), Instant::now());
         let notice = protocol::NOTICE_RATE_LIMITED.as_bytes().to_vec();
         let end = notice.len();
         Shard {
@@ -149,6 +160,10 @@ impl Shard {
             largest_stalled: Cell::new(0),
             outgoing: RefCell::default(),
             flush_wanted: Notify::default(),
+            pacer,
+            tick: Cell::new(SLOTS),
+            due: RefCell::default(),
+            waiting: RefCell::new(vec![Vec::new(); SLOTS as usize]),
             outgoing_drained: NotifyAll::default(),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
             next_client: Cell::new(1),
@@ -174,10 +189,10 @@ impl Shard {
     }
 
     /// Adds a client to this shard's fan-out.
-    pub fn register(&self, addr: SocketAddr) -> Rc<Client> {
+    pub fn register(&self, addr: SocketAddr, fd: std::os::fd::RawFd) -> Rc<Client> {
         let n = self.next_client.get();
         self.next_client.set(n + 1);
-        let client = Rc::new(Client::new(((self.id as u64) << 48) | n, addr));
+        let client = Rc::new(Client::new(((self.id as u64) << 48) | n, addr, fd, n % SLOTS));
         self.clients.borrow_mut().insert(client.id, client.clone());
         self.stats.on_open();
         client
@@ -222,8 +237,9 @@ impl Shard {
     }
 
     /// Queues N1 for a rate-limited client, in order with its envelopes.
-    pub fn send_rate_limit_notice(&self, client: &Client) {
+    pub fn send_rate_limit_notice(&self, client: &Rc<Client>) {
         client.enqueue(&self.rate_limit_notice);
+        self.schedule(client);
     }
 
     /// True while readers should pause: the flush task is behind (a peer ring is full).
@@ -268,6 +284,88 @@ impl Shard {
             if client.is_stalled() {
                 self.check_stalled(client);
             }
+            self.schedule(client);
+        }
+    }
+
+    /// Decides when `client`'s newly queued envelopes are written (see `pacing`).
+    fn schedule(&self, client: &Rc<Client>) {
+        if client.is_closing() {
+            // Its connection task flushes it (shutdown) or it takes nothing more.
+            return;
+        }
+        if client.writer_busy() {
+            client.wake_writer();
+            return;
+        }
+        let due = match (client.sched.get(), &self.pacer) {
+            (Sched::Due, _) => return,
+            (_, None) => true,
+            (Sched::Waiting, Some(_)) => client.queued_bytes() >= FLUSH_BYTES,
+            (Sched::Idle, Some(_)) => {
+                let fresh_period = Pacer::period(client.slot, self.tick.get()) > client.written_period.get();
+                if !fresh_period && client.queued_bytes() < FLUSH_BYTES {
+                    client.sched.set(Sched::Waiting);
+                    self.waiting.borrow_mut()[client.slot as usize].push(client.clone());
+                    // The flush task may be parked with nothing to do (a peer's batch).
+                    self.flush_wanted.notify();
+                }
+                fresh_period || client.queued_bytes() >= FLUSH_BYTES
+            }
+        };
+        if due {
+            client.sched.set(Sched::Due);
+            self.due.borrow_mut().push(client.clone());
+            self.flush_wanted.notify();
+        }
+    }
+
+    /// Reads the clock into the shard's current tick.
+    pub fn refresh_tick(&self) -> u64 {
+        if let Some(pacer) = &self.pacer {
+            self.tick.set(pacer.tick_at(Instant::now()));
+        }
+        self.tick.get()
+    }
+
+    pub fn pacer(&self) -> Option<&Pacer> {
+        self.pacer.as_ref()
+    }
+
+    /// True while the flush task has something to do now or at a coming tick.
+    pub fn has_flush_work(&self) -> bool {
+        !self.outgoing.borrow().is_empty()
+            || !self.due.borrow().is_empty()
+            || self.waiting.borrow().iter().any(|w| !w.is_empty())
+    }
+
+    /// Writes every due client and every waiting client whose period started after tick
+    /// `last` and up to the current tick.
+    pub fn write_due(&self, last: u64) {
+        let tick = self.tick.get();
+        let mut clients = std::mem::take(&mut *self.due.borrow_mut());
+        {
+            let mut waiting = self.waiting.borrow_mut();
+            for slot in Pacer::slots_starting(last, tick) {
+                clients.append(&mut waiting[slot as usize]);
+            }
+        }
+        for client in &clients {
+            // A client can be listed twice (waiting, then due on size); write it once.
+            if client.sched.replace(Sched::Idle) == Sched::Idle {
+                continue;
+            }
+            if client.is_closing() || client.writer_busy() {
+                continue;
+            }
+            client.written_period.set(Pacer::period(client.slot, tick));
+            client.write_now(self);
+        }
+        // Keep the allocation for the next tick.
+        clients.clear();
+        let mut due = self.due.borrow_mut();
+        if due.is_empty() {
+            *due = clients;
         }
     }
 

@@ -127,3 +127,36 @@ fn the_flush_window_coalesces_writes_and_zero_turns_it_off() {
         "a 500 ms window should gather 20 lines sent 5 ms apart: {coalesced} writes"
     );
 }
+
+/// Connects until there is one client on shard 0 and one on shard 1 (SO_REUSEPORT spreads
+/// connections by hash) and returns them in that order.
+fn one_client_per_shard(relay: &Relay) -> (Client, Client) {
+    let mut by_shard: [Option<Client>; 2] = [None, None];
+    for _ in 0..64 {
+        let c = Client::connect(relay.addr);
+        let line = relay.log.wait_for(&format!("client connected: {}", c.local_addr));
+        let shard = usize::from(line.contains("(shard 1)"));
+        by_shard[shard].get_or_insert(c);
+        if by_shard.iter().all(Option::is_some) {
+            let [a, b] = by_shard;
+            return (a.unwrap(), b.unwrap());
+        }
+    }
+    panic!("64 connections all landed on one shard:\n{}", relay.log.text());
+}
+
+/// A line from another shard that reaches a recipient already written in its current
+/// period waits for the next period, and the recipient's shard must wake up for it even
+/// when it has nothing of its own to do.
+#[test]
+fn a_line_from_another_shard_waiting_for_the_next_period_is_delivered() {
+    let config = r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"flush_window_us":300000}}"#;
+    let relay = Relay::with_config(config, &["--shards", "2"]);
+    let (mut sender, mut receiver) = one_client_per_shard(&relay);
+    // The first line opens the receiver's period; the second one, sent once the first
+    // has arrived, has to wait for the next period.
+    for i in 0..3 {
+        sender.send(format!("line {i}\n").as_bytes());
+        assert_eq!(receiver.line_str(), sender.envelope(&format!("line {i}")));
+    }
+}
