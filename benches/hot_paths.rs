@@ -198,7 +198,8 @@ fn fanout_enqueue(c: &mut Criterion) {
     let batch: LocalBatch = Rc::new(Arc::new(builder.take()));
     let recipients = |n: u64| -> Vec<Client> {
         (0..n)
-            .map(|i| Client::new(FIRST_RECIPIENT + i, peer(127, i as u32 + 1, 50_000)))
+            // No socket (fd -1): enqueueing never writes.
+            .map(|i| Client::new(FIRST_RECIPIENT + i, peer(127, i as u32 + 1, 50_000), -1, i % 8))
             .collect()
     };
     let probe = &recipients(1)[0];
