@@ -141,12 +141,9 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 pub fn escape_json_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc = ESCAPE[b as usize];
-        if esc == 0 {
-            continue;
-        }
+    while let Some(i) = next_to_escape(bytes, start) {
         out.extend_from_slice(&bytes[start..i]);
+        let (b, esc) = (bytes[i], ESCAPE[bytes[i] as usize]);
         if esc == b'u' {
             out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xF) as usize]]);
         } else {
@@ -155,6 +152,28 @@ pub fn escape_json_into(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+/// The index of the first byte at or after `from` that JSON needs escaped. Skips eight
+/// bytes at a time while none of them is a control byte, `"` or `\\`.
+fn next_to_escape(bytes: &[u8], mut from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Non-zero iff some byte of `w` is below `n` (n <= 128); a borrow only spreads upward
+    // from a byte that already is.
+    let any_below = |w: u64, n: u8| w.wrapping_sub(ONES * n as u64) & !w & HIGHS;
+    let any_equal = |w: u64, b: u8| any_below(w ^ (ONES * b as u64), 1);
+    while let Some(chunk) = bytes.get(from..from + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        if any_below(w, 0x20) | any_equal(w, b'"') | any_equal(w, b'\\') != 0 {
+            break;
+        }
+        from += 8;
+    }
+    bytes[from..]
+        .iter()
+        .position(|&b| ESCAPE[b as usize] != 0)
+        .map(|i| from + i)
 }
 
 /// Appends the envelope `{"content":"<line>","remote_addr":"<addr>"}\n` to `out`.
@@ -315,6 +334,34 @@ mod tests {
             notice_line_too_long(1048576),
             "Warning: Message too long (limit 1048576 bytes). Disconnecting.\n"
         );
+    }
+
+    /// The eight-bytes-at-a-time scan must find a special byte at any offset, next to
+    /// multi-byte characters, and in the short tail.
+    #[test]
+    fn escaping_matches_serde_json_for_each_special_byte_at_each_offset() {
+        let specials = (0u8..0x20).chain([b'"', b'\\']).map(char::from);
+        for special in specials {
+            for len in [7, 8, 9, 16, 23] {
+                for at in 0..len {
+                    let line: String = (0..len)
+                        .map(|i| {
+                            if i == at {
+                                special
+                            } else if i % 3 == 0 {
+                                'é'
+                            } else {
+                                'a'
+                            }
+                        })
+                        .collect();
+                    let mut out = Vec::new();
+                    escape_json_into(&mut out, &line);
+                    let reference = serde_json::to_string(&line).unwrap();
+                    assert_eq!(String::from_utf8(out).unwrap(), reference[1..reference.len() - 1]);
+                }
+            }
+        }
     }
 
     proptest! {
