@@ -62,14 +62,33 @@ struct InFlight {
     job: WriteJob,
     /// Bytes already written.
     done: usize,
+    /// Envelopes (and notices) not yet completely written.
+    unwritten: u64,
 }
 
 impl InFlight {
-    /// Envelopes not yet completely written: every envelope (and notice) ends with the
-    /// only raw `\n` it contains.
+    fn new(job: WriteJob, done: usize) -> Self {
+        let unwritten = job.count();
+        let mut f = InFlight {
+            job,
+            done: 0,
+            unwritten,
+        };
+        f.advance(done);
+        f
+    }
+
+    /// Records `n` more bytes written. Every envelope (and notice) ends with the only raw
+    /// `\n` it contains, so each `\n` written completes one.
+    fn advance(&mut self, n: usize) {
+        let written = &self.job.bytes()[self.done..self.done + n];
+        let completed = memchr::memchr_iter(b'\n', written).count() as u64;
+        self.unwritten = self.unwritten.saturating_sub(completed);
+        self.done += n;
+    }
+
     fn unwritten_envelopes(&self) -> u64 {
-        let rest = &self.job.bytes()[self.done..];
-        (memchr::memchr_iter(b'\n', rest).count() as u64).min(self.job.count())
+        self.unwritten
     }
 }
 
@@ -295,10 +314,7 @@ impl Client {
             }
             if left > 0 {
                 let partial = outbox.pop().expect("a partly written segment is queued");
-                *self.in_flight.borrow_mut() = Some(InFlight {
-                    job: WriteJob::Single(partial),
-                    done: left,
-                });
+                *self.in_flight.borrow_mut() = Some(InFlight::new(WriteJob::Single(partial), left));
             }
             if (sent as usize) < total {
                 break;
@@ -338,7 +354,12 @@ impl Client {
     }
 
     fn queued_msgs(&self) -> u64 {
-        self.outbox.borrow().msgs + self.in_flight.borrow().as_ref().map_or(0, |f| f.job.count())
+        self.outbox.borrow().msgs
+            + self
+                .in_flight
+                .borrow()
+                .as_ref()
+                .map_or(0, InFlight::unwritten_envelopes)
     }
 
     /// At close: envelopes that will never be written. Those of a half-written job that
@@ -539,6 +560,9 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
                 glommio::timer::sleep(pause).await;
             }
         }
+        // A socket with a backlog is readable every time: let timers (the flush tick) and
+        // other tasks run once the preempt period is up.
+        glommio::executor().yield_if_needed().await;
     }
 }
 
@@ -559,7 +583,7 @@ async fn flush_outbox(shard: &Shard, client: &Client, stream: &RefCell<TcpStream
         let Some(job) = client.outbox.borrow_mut().take_job() else {
             return Ok(());
         };
-        *client.in_flight.borrow_mut() = Some(InFlight { job, done: 0 });
+        *client.in_flight.borrow_mut() = Some(InFlight::new(job, 0));
     }
 }
 
@@ -588,7 +612,7 @@ async fn write_in_flight(shard: &Shard, client: &Client, stream: &RefCell<TcpStr
         shard.stats.on_write(n);
         let mut slot = client.in_flight.borrow_mut();
         let f = slot.as_mut().expect("the job is only taken here and at close");
-        f.done += n;
+        f.advance(n);
         if f.done < f.job.bytes().len() {
             drop(slot);
             if !client.stalled.replace(true) {
@@ -688,13 +712,23 @@ mod tests {
             count: 3,
         });
         let first_end = memchr::memchr(b'\n', job.bytes()).unwrap() + 1;
-        assert_eq!(
-            InFlight {
-                job,
-                done: first_end + 3
-            }
-            .unwritten_envelopes(),
-            2
-        );
+        let mut f = InFlight::new(job, first_end + 3);
+        // What a stalled client's depth `d` counts: not the envelope already written.
+        let client = Client::new(9, "127.0.0.1:3".parse().unwrap(), -1, 0);
+        *client.in_flight.borrow_mut() = Some(InFlight::new(
+            WriteJob::Single(Segment {
+                batch: batch.clone(),
+                start: 0,
+                end: batch.data.len(),
+                count: 3,
+            }),
+            first_end,
+        ));
+        client.stalled.set(true);
+        assert_eq!(client.stalled_depth(), 2);
+        assert_eq!(f.unwritten_envelopes(), 2);
+        let rest = f.job.bytes().len() - f.done;
+        f.advance(rest);
+        assert_eq!(f.unwritten_envelopes(), 0);
     }
 }
