@@ -659,7 +659,8 @@ async fn farewell(stream: &RefCell<TcpStream>, notice: Option<String>) {
         }
         // SAFETY: the fd is open for as long as `stream` lives; shutdown(2) does not block.
         unsafe { libc::shutdown(stream.borrow().as_raw_fd(), libc::SHUT_WR) };
-        let mut sink = [0u8; 4096];
+        // On the heap: a buffer here would sit in every connection task's state.
+        let mut sink = vec![0u8; 4096];
         let mut drained = 0;
         while drained < LINGER_READ_BYTES {
             match poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut sink)).await {
