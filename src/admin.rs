@@ -399,7 +399,7 @@ const SERIES: [Series; 9] = [
     ),
     (
         "bytes_out",
-        "Bytes written to client sockets (envelopes and notices).",
+        "Bytes written to client sockets by their writers: envelopes and rate-limit notices (closing notices are not counted).",
         MetricType::Counter,
         |s| s.bytes_out,
     ),

@@ -487,6 +487,20 @@ fn the_admin_endpoint_is_off_by_default_and_a_busy_admin_port_stops_start_up() {
     let relay = Relay::start(&[]);
     assert_eq!(relay.log.count("admin listening"), 0);
     drop(relay);
+    let effective = |args: &[&str]| -> Value {
+        let out = corecast().arg("check").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(effective(&[])["hyper_parameters"]["admin_addr"], Value::Null);
+    let with_flag = effective(&["--admin", "127.0.0.1:9100"]);
+    assert_eq!(with_flag["hyper_parameters"]["admin_addr"], "127.0.0.1:9100");
+    let bad = corecast()
+        .args(["--port", "0", "--admin", "localhost:9100"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--admin: expected an ip:port"));
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = busy.local_addr().unwrap().to_string();
