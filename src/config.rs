@@ -7,6 +7,7 @@
 //! Nothing outside this module sees raw CLI or JSON types.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
@@ -56,6 +57,10 @@ pub struct ServeArgs {
     /// TRACE, DEBUG, INFO, WARN/WARNING, ERROR, CRITICAL or OFF (any case).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Serve /metrics, /healthz and /stats over HTTP on this ip:port (port 0 picks one and
+    /// logs it). Off unless given here or as hyper_parameters.admin_addr.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
 }
 
 /// A configuration problem; the process exits 78 (EX_CONFIG) before binding anything.
@@ -208,6 +213,9 @@ pub struct Config {
     /// this much latency, and only when lines arrive faster than one per window; 0 flushes
     /// at once. Default 1000 µs.
     pub flush_window_us: u64,
+    /// Where the admin HTTP endpoint (`/metrics`, `/healthz`, `/stats`) listens; `None`
+    /// (the default) serves none. It has no authentication: bind it to loopback.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
@@ -252,6 +260,7 @@ impl Default for Config {
             quarantine_max_entries: 100_000,
             shutdown_grace_ms: 5000,
             flush_window_us: 1000,
+            admin_addr: None,
         }
     }
 }
@@ -435,6 +444,12 @@ impl Config {
         );
         set(&mut self.shutdown_grace_ms, s.int("shutdown_grace_ms", 0, 3_600_000)?);
         set(&mut self.flush_window_us, s.int("flush_window_us", 0, 1_000_000)?);
+        if let Some(addr) = s.nullable("admin_addr", |v, path| match v {
+            Value::String(text) => parse_admin_addr(text, path),
+            _ => Err(invalid(path, ADMIN_ADDR_EXPECTED, v)),
+        })? {
+            self.admin_addr = addr;
+        }
         s.finish(warnings);
         Ok(())
     }
@@ -455,6 +470,9 @@ impl Config {
         set(&mut self.name, args.name.clone());
         if let Some(level) = &args.log_level {
             self.log.level = parse_level(level, "--log-level")?;
+        }
+        if let Some(addr) = &args.admin {
+            self.admin_addr = Some(parse_admin_addr(addr, "--admin")?);
         }
         Ok(())
     }
@@ -500,6 +518,7 @@ impl Config {
                 "quarantine_max_entries": self.quarantine_max_entries,
                 "shutdown_grace_ms": self.shutdown_grace_ms,
                 "flush_window_us": self.flush_window_us,
+                "admin_addr": self.admin_addr.map(|a| a.to_string()),
             }
         })
     }
@@ -541,6 +560,13 @@ fn validate_host(host: &str, path: &str) -> Result<(), ConfigError> {
     } else {
         Err(invalid(path, "an IP address or hostname", &Value::String(host.into())))
     }
+}
+
+const ADMIN_ADDR_EXPECTED: &str = "an ip:port address such as \"127.0.0.1:9100\", or null";
+
+fn parse_admin_addr(text: &str, path: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(path, ADMIN_ADDR_EXPECTED, &Value::String(text.into())))
 }
 
 fn validate_date_format(fmt: &str, path: &str) -> Result<(), ConfigError> {
@@ -845,6 +871,42 @@ mod tests {
             0
         );
         assert!(load(r#"{"hyper_parameters":{"flush_window_us":2000000}}"#).is_err());
+    }
+
+    #[test]
+    fn admin_addr_is_off_by_default_and_the_flag_beats_the_file() {
+        assert_eq!(Config::default().admin_addr, None);
+        let mut c = load(r#"{"hyper_parameters":{"admin_addr":"127.0.0.1:9100"}}"#)
+            .unwrap()
+            .0;
+        assert_eq!(c.admin_addr, Some("127.0.0.1:9100".parse().unwrap()));
+        c.apply_args(&ServeArgs {
+            admin: Some("[::1]:0".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.admin_addr, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(
+            load(r#"{"hyper_parameters":{"admin_addr":null}}"#)
+                .unwrap()
+                .0
+                .admin_addr,
+            None
+        );
+        let e = load(r#"{"hyper_parameters":{"admin_addr":"localhost"}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.admin_addr: expected an ip:port"),
+            "{e}"
+        );
+        assert!(load(r#"{"hyper_parameters":{"admin_addr":9100}}"#).is_err());
+        let e = c
+            .apply_args(&ServeArgs {
+                admin: Some("127.0.0.1".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--admin: expected an ip:port"), "{e}");
     }
 
     #[test]

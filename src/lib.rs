@@ -12,10 +12,14 @@
 //! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
 //! - [`shutdown`]: the signal that starts every shard's drain.
 //! - [`metrics`]: per-shard counters, the close-reason and drop-reason enums.
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`) on its own thread.
+//! - [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`) for `Type=notify` units.
+//! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //!
 //! Data flow: reader → shard batch → flush task → local outboxes + one SPSC send per peer
 //! shard → peer receiver → its local outboxes → writer (one socket write per drain).
 
+pub mod admin;
 pub mod backpressure;
 pub mod config;
 pub mod connection;
@@ -28,6 +32,7 @@ pub mod notify;
 pub mod pacing;
 pub mod protocol;
 pub mod quarantine;
+pub mod sd_notify;
 pub mod shard;
 pub mod shutdown;
 pub mod startup;
@@ -47,6 +52,11 @@ pub enum Error {
     Startup(StartupError),
     /// A shard failed to start or stopped unexpectedly.
     Shard(String),
+    /// The admin endpoint could not listen or start.
+    Admin {
+        addr: SocketAddr,
+        reason: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -54,6 +64,7 @@ impl fmt::Display for Error {
         match self {
             Error::Startup(e) => e.fmt(f),
             Error::Shard(e) => f.write_str(e),
+            Error::Admin { addr, reason } => write!(f, "cannot serve the admin endpoint on {addr}: {reason}"),
         }
     }
 }
@@ -92,6 +103,14 @@ pub fn run(config: Config) -> Result<(), Error> {
     let addr = resolve(&config.host, config.port)?;
     startup::check_port_free(addr)?;
     let (bound, listeners) = listener::bind_listeners(addr, config.shards)?;
+    // Bound now so that a bad admin address stops start-up before any shard runs.
+    let admin = match config.admin_addr {
+        Some(addr) => Some(admin::bind(addr).map_err(|e| Error::Admin {
+            addr,
+            reason: e.to_string(),
+        })?),
+        None => None,
+    };
     let signals = signal_channel().map_err(|e| Error::Shard(format!("cannot install signal handlers: {e}")))?;
 
     let shards = config.shards;
@@ -111,6 +130,18 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
     }
     tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
+    if let Some(listener) = admin {
+        let at = listener.local_addr().map_err(|e| Error::Admin {
+            addr: shared.config.admin_addr.unwrap_or(bound),
+            reason: e.to_string(),
+        })?;
+        admin::spawn(listener, shared.clone()).map_err(|e| Error::Admin {
+            addr: at,
+            reason: e.to_string(),
+        })?;
+        tracing::info!("admin listening on {at} (/metrics, /healthz, /stats)");
+    }
+    systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
 
     // The control loop: signals, shard exits, and the quarantine purge.
     let mut drain_deadline: Option<Instant> = None;
@@ -126,6 +157,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                     std::process::exit(shutdown::EXIT_SECOND_SIGNAL);
                 }
                 tracing::info!("{name} received; draining (grace {} ms)", grace.as_millis());
+                systemd_notify("STOPPING=1\nSTATUS=draining");
                 // Margin past the grace: the shards bound their own drain by it.
                 drain_deadline = Some(Instant::now() + grace + Duration::from_millis(500));
                 shared.shutdown.trigger();
@@ -154,6 +186,16 @@ pub fn run(config: Config) -> Result<(), Error> {
                 }
             }
         }
+    }
+}
+
+/// Tells systemd about a state change when it started us with `Type=notify`; a failure is
+/// logged, never fatal (the relay works the same without a supervisor).
+fn systemd_notify(state: &str) {
+    match sd_notify::notify(state) {
+        Ok(true) => tracing::debug!("told systemd: {}", state.replace('\n', ", ")),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("cannot notify systemd through NOTIFY_SOCKET: {e}"),
     }
 }
 

@@ -1,22 +1,41 @@
-//! Logging: tracing to stderr in the Summoner form `<date> - <name> - <LEVEL> - <message>`,
-//! with Python's level names (WARNING) and a chrono date format from the config. glommio
-//! logs through the `log` crate; `tracing-log` forwards those records here too.
+//! Logging (SPEC §3 `logger.*`, §4): tracing events written in the Summoner form
+//! `<date> - <name> - <LEVEL> - <message>` with Python's level names (WARNING), or with
+//! `enable_json_log` as one JSON object per line (`timestamp`, `level`, `name`, `message`,
+//! then the event's structured fields), to stderr (`enable_console_log`) and/or appended to
+//! `<log_file_path>/<name>.log` (`enable_file_log`). glommio logs through the `log` crate;
+//! `tracing-log` forwards those records here too.
+//!
+//! `main` calls [`init`] once, before any shard starts. The file is written by a
+//! `tracing-appender` worker thread, so shard threads never wait on the disk; its queue
+//! is bounded (lines past it are dropped, not buffered without limit) and the returned
+//! [`LogGuard`] flushes it when `main` returns. Relayed messages are logged by
+//! [`relayed`], at DEBUG only, with `log_keys` applied by [`prune_payload`].
 
+use std::borrow::Cow;
 use std::fmt;
+use std::fs::OpenOptions;
+use std::path::PathBuf;
 
+use serde_json::Value;
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogLevel};
 
-/// Formats one event as a Summoner log line.
+/// The target of the one-line-per-relayed-message DEBUG events.
+pub const RELAY_TARGET: &str = "corecast::relay";
+
+/// Formats one event as a Summoner text line or a JSON object.
 struct SummonerFormat {
     name: String,
     date_format: String,
+    json: bool,
 }
 
 impl<S, N> FormatEvent<S, N> for SummonerFormat
@@ -25,17 +44,87 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let now = chrono::Local::now();
-        write!(
-            writer,
-            "{} - {} - {} - ",
-            now.format(&self.date_format),
-            self.name,
-            level_name(*event.metadata().level())
-        )?;
+        let now = chrono::Local::now().format(&self.date_format).to_string();
+        let level = level_name(*event.metadata().level());
+        if self.json {
+            return writer.write_str(&json_line(&now, level, &self.name, event));
+        }
+        write!(writer, "{now} - {} - {level} - ", self.name)?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }
+}
+
+/// The event's message and other fields, as JSON values.
+#[derive(Default)]
+struct JsonFields {
+    message: String,
+    fields: Vec<(&'static str, Value)>,
+}
+
+impl JsonFields {
+    fn record(&mut self, field: &Field, value: Value) {
+        match field.name() {
+            "message" => {
+                self.message = match value {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                }
+            }
+            // tracing-log's copies of a `log` record's metadata, as the text format skips them.
+            name if name.starts_with("log.") => {}
+            name => self.fields.push((name, value)),
+        }
+    }
+}
+
+impl Visit for JsonFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.record(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.record(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.record(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.record(field, value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        // `%x` fields arrive here too, already in their Display form.
+        self.record(field, format!("{value:?}").into());
+    }
+}
+
+/// One JSON object on one line: `timestamp`, `level`, `name`, `message`, then the fields
+/// in the order the event gave them (a field named like one of the four gets `field_`).
+fn json_line(timestamp: &str, level: &str, name: &str, event: &Event<'_>) -> String {
+    let mut fields = JsonFields::default();
+    event.record(&mut fields);
+    let mut out = String::with_capacity(128 + fields.message.len());
+    let mut push = |key: &str, value: &Value| {
+        out.push(if out.is_empty() { '{' } else { ',' });
+        out.push_str(&Value::from(key).to_string());
+        out.push(':');
+        out.push_str(&value.to_string());
+    };
+    push("timestamp", &timestamp.into());
+    push("level", &level.into());
+    push("name", &name.into());
+    push("message", &Value::from(fields.message));
+    for (key, value) in &fields.fields {
+        if matches!(*key, "timestamp" | "level" | "name" | "message") {
+            push(&format!("field_{key}"), value);
+        } else {
+            push(key, value);
+        }
+    }
+    out.push_str("}\n");
+    out
 }
 
 fn level_name(level: Level) -> &'static str {
@@ -59,30 +148,127 @@ fn filter(level: LogLevel) -> LevelFilter {
     }
 }
 
-/// The subscriber for `config`, writing to `writer`.
-fn subscriber<W>(config: &LogConfig, name: &str, writer: W) -> impl Subscriber + Send + Sync
+/// The subscriber for `config`: a console sink and a file sink, each optional.
+fn subscriber<C, F>(
+    config: &LogConfig,
+    name: &str,
+    console: Option<C>,
+    file: Option<F>,
+) -> impl Subscriber + Send + Sync
 where
-    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    C: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    F: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let level = if config.console {
+    let format = || SummonerFormat {
+        name: name.to_string(),
+        date_format: config.date_format.clone(),
+        json: config.json,
+    };
+    let level = if console.is_some() || file.is_some() {
         filter(config.level)
     } else {
         LevelFilter::OFF
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(writer)
-        .event_format(SummonerFormat {
-            name: name.to_string(),
-            date_format: config.date_format.clone(),
-        })
-        .finish()
+    tracing_subscriber::registry()
+        .with(level)
+        .with(console.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())))
+        .with(file.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())))
+}
+
+/// The log file could not be opened.
+#[derive(Debug)]
+pub struct LogFileError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for LogFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "logger.log_file_path: cannot open log file {}: {}",
+            self.path.display(),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for LogFileError {}
+
+/// Keeps the file writer's worker alive; dropping it flushes what is queued.
+pub struct LogGuard {
+    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+/// `<log_file_path>/<name>.log`; an empty path means the working directory.
+pub fn log_file_path(config: &LogConfig, name: &str) -> PathBuf {
+    let dir = if config.file_path.is_empty() {
+        PathBuf::from(".")
+    } else {
+        PathBuf::from(&config.file_path)
+    };
+    dir.join(format!("{name}.log"))
 }
 
 /// Installs the global subscriber and forwards `log` records (glommio's) to it. Call once,
-/// before any shard starts.
-pub fn init(config: &LogConfig, name: &str) {
-    let _ = subscriber(config, name, std::io::stderr).try_init();
+/// before any shard starts. With `enable_file_log`, creates the log directory if needed
+/// and opens the file for appending, or says why it cannot.
+pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
+    let (file, guard) = if config.file {
+        let path = log_file_path(config, name);
+        let opened = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| OpenOptions::new().create(true).append(true).open(&path));
+        let file = opened.map_err(|e| LogFileError {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let (writer, guard) = tracing_appender::non_blocking(file);
+        (Some(writer), Some(guard))
+    } else {
+        (None, None)
+    };
+    let console = config.console.then_some(std::io::stderr);
+    let _ = subscriber(config, name, console, file).try_init();
+    Ok(LogGuard { _worker: guard })
+}
+
+/// Logs one relayed line at DEBUG (the caller checks that DEBUG is enabled first, so the
+/// hot path pays nothing when it is not), keeping only `log_keys` of a JSON payload.
+pub fn relayed(remote_addr: &str, line: &str, log_keys: Option<&[String]>) {
+    let content = prune_payload(line, log_keys);
+    tracing::debug!(target: RELAY_TARGET, remote_addr = %remote_addr, content = %content, "relayed line");
+}
+
+/// `log_keys` for a relayed line: when set and the line is a JSON object, only the listed
+/// keys are kept (in the listed order; absent ones are skipped). Anything else (no
+/// `log_keys`, not JSON, JSON that is not an object) is logged unchanged: there are no keys
+/// to choose from, and dropping the line would hide traffic from the log.
+pub fn prune_payload<'a>(line: &'a str, log_keys: Option<&[String]>) -> Cow<'a, str> {
+    let Some(keys) = log_keys else {
+        return Cow::Borrowed(line);
+    };
+    if !line.trim_start().starts_with('{') {
+        return Cow::Borrowed(line);
+    }
+    let Ok(Value::Object(mut object)) = serde_json::from_str::<Value>(line) else {
+        return Cow::Borrowed(line);
+    };
+    let mut out = String::with_capacity(line.len());
+    out.push('{');
+    for key in keys {
+        if let Some(value) = object.remove(key) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str(&Value::from(key.as_str()).to_string());
+            out.push(':');
+            out.push_str(&value.to_string());
+        }
+    }
+    out.push('}');
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -109,7 +295,7 @@ mod tests {
         let out = Captured::default();
         let writer = out.clone();
         let config = crate::config::Config::default().log;
-        let sub = subscriber(&config, "relay", move || writer.clone());
+        let sub = subscriber(&config, "relay", Some(move || writer.clone()), NO_FILE);
         tracing::subscriber::with_default(sub, || {
             log::warn!(target: "glommio::sys::uring", "Error: registering buffers in the main ring. Skipping");
             log::debug!(target: "glommio", "below the INFO level");
@@ -120,5 +306,74 @@ mod tests {
         assert_eq!(lines.len(), 2, "{text}");
         assert!(lines[0].ends_with(" - relay - WARNING - Error: registering buffers in the main ring. Skipping"));
         assert!(lines[1].ends_with(" - relay - INFO - plain tracing event"));
+    }
+
+    const NO_FILE: Option<fn() -> std::io::Sink> = None;
+
+    fn capture(config: &LogConfig, f: impl FnOnce()) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let sub = subscriber(config, "relay", Some(move || writer.clone()), NO_FILE);
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn json_lines_carry_timestamp_level_name_message_and_fields() {
+        let _ = tracing_log::LogTracer::init();
+        let mut config = crate::config::Config::default().log;
+        config.json = true;
+        config.date_format = "%Y".into();
+        let text = capture(&config, || {
+            tracing::warn!(peer = "1.2.3.4:5", count = 3u64, ok = true, "slow \"consumer\"");
+            log::error!(target: "glommio", "from the log crate");
+            relayed("1.2.3.4:5", "hello", None);
+        });
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "DEBUG is below INFO: {text}");
+        let year = chrono::Local::now().format("%Y").to_string();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"timestamp": year, "level": "WARNING", "name": "relay",
+                "message": "slow \"consumer\"", "peer": "1.2.3.4:5", "count": 3, "ok": true})
+        );
+        assert!(text.starts_with("{\"timestamp\":"), "field order: {text}");
+        assert_eq!(lines[1]["message"], "from the log crate");
+        assert_eq!(lines[1]["level"], "ERROR");
+        assert_eq!(lines[1].as_object().unwrap().len(), 4, "no log.* fields: {}", lines[1]);
+    }
+
+    #[test]
+    fn relayed_lines_are_logged_at_debug_with_their_sender() {
+        let mut config = crate::config::Config::default().log;
+        config.level = LogLevel::Debug;
+        let text = capture(&config, || relayed("[::1]:7", "a b", None));
+        assert!(
+            text.ends_with(" - relay - DEBUG - relayed line remote_addr=[::1]:7 content=a b\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn log_keys_keep_only_the_listed_keys_of_a_json_object() {
+        let keys = ["type".to_string(), "id".to_string(), "absent".to_string()];
+        let keys = Some(&keys[..]);
+        assert_eq!(
+            prune_payload(r#"{"secret":"x","id":7,"type":{"k":[1,2]}}"#, keys),
+            r#"{"type":{"k":[1,2]},"id":7}"#
+        );
+        assert_eq!(prune_payload(r#"{"secret":"x"}"#, keys), "{}");
+        for unchanged in [
+            "plain text",
+            "[1,2]",
+            "{not json",
+            "  ",
+            "\"str\"",
+            "{\"a\":1} trailing",
+        ] {
+            assert_eq!(prune_payload(unchanged, keys), unchanged);
+        }
+        assert_eq!(prune_payload(r#"{"secret":"x"}"#, None), r#"{"secret":"x"}"#);
     }
 }

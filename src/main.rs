@@ -29,7 +29,14 @@ fn main() -> ExitCode {
         println!("{:#}", config.to_json());
         return ExitCode::SUCCESS;
     }
-    corecast::log::init(&config.log, &config.name);
+    // Dropped when main returns, after `run`: flushes the file log.
+    let _log_guard = match corecast::log::init(&config.log, &config.name) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("corecast: config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     for w in &warnings {
         tracing::warn!("{w}");
     }

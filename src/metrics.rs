@@ -1,9 +1,15 @@
 //! Per-shard counters (SPEC §6), the one [`CloseReason`] enum that logs, counters and tests
-//! share, and [`DropReason`] for everything that was not delivered. Each shard owns its
-//! [`ShardStats`] (plain `Cell`s, no atomics) and logs them when it stops.
+//! share, and [`DropReason`] for everything that was not delivered. Each shard is the only
+//! writer of its [`ShardStats`] and logs them when it stops; the admin thread
+//! ([`crate::admin`]) reads them at any time through [`ShardStats::snapshot`].
+//!
+//! A [`Counter`] is an `AtomicU64` that only its shard writes, so an update is a relaxed
+//! load and a relaxed store (a plain `mov`/`add` on x86, no `lock` prefix) rather than a
+//! `fetch_add`: the hot path costs what the `Cell`s it replaced cost, and a reader on
+//! another thread sees each counter whole, possibly a few updates behind.
 
-use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 
 /// Why a connection ended. Every close has exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,29 +121,95 @@ impl DropReason {
     }
 }
 
-/// Counters owned by one shard. Only that shard's thread touches them.
+/// A counter with one writer (its shard's thread) and any number of readers.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+
+    /// Only the owning shard calls this: load + store is not atomic as a whole, which is
+    /// fine with a single writer and cheaper than `fetch_add`.
+    pub fn add(&self, n: u64) {
+        self.0.store(self.get().wrapping_add(n), Relaxed);
+    }
+
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+}
+
+/// Where a shard is in its life, as the admin endpoint reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardState {
+    /// Spawned, not yet accepting.
+    Starting,
+    /// Connected to its peers and accepting.
+    Running,
+    /// Shutdown started: no more accepts or reads, flushing what is queued.
+    Draining,
+    /// Its thread's future ended or unwound.
+    Stopped,
+}
+
+impl ShardState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Starting => "starting",
+            ShardState::Running => "running",
+            ShardState::Draining => "draining",
+            ShardState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Counters owned by one shard: only that shard's thread writes them; the admin thread
+/// reads them. Shared through an `Arc` held by the shard and by [`crate::shard::Shared`].
 #[derive(Default)]
 pub struct ShardStats {
     /// Connections accepted (including ones closed at once by admission).
-    pub accepted: Cell<u64>,
+    pub accepted: Counter,
     /// Connections currently registered for fan-out.
-    pub open: Cell<u64>,
+    pub open: Counter,
     /// Closes, indexed like [`CloseReason::ALL`].
-    pub closed: [Cell<u64>; CloseReason::ALL.len()],
+    pub closed: [Counter; CloseReason::ALL.len()],
     /// Complete lines received and accepted for relaying.
-    pub lines_in: Cell<u64>,
+    pub lines_in: Counter,
     /// Envelopes written to recipients' sockets.
-    pub envelopes_out: Cell<u64>,
-    pub bytes_in: Cell<u64>,
-    pub bytes_out: Cell<u64>,
+    pub envelopes_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
     /// `send` calls that wrote at least one byte.
-    pub socket_writes: Cell<u64>,
+    pub socket_writes: Counter,
     /// Drops, indexed like [`DropReason::ALL`].
-    pub dropped: [Cell<u64>; DropReason::ALL.len()],
+    pub dropped: [Counter; DropReason::ALL.len()],
     /// Largest number of messages queued for a stalled recipient seen on this shard.
-    pub max_stalled_depth: Cell<u64>,
+    pub max_stalled_depth: Counter,
     /// Times a sender's reads were paused by throttle or flow control.
-    pub sender_pauses: Cell<u64>,
+    pub sender_pauses: Counter,
+    /// [`ShardState`] as a `u8`, written by the shard (and by its stop guard).
+    state: AtomicU8,
+    /// Milliseconds since [`crate::shard::Shared::epoch`] at the shard's last heartbeat, written
+    /// by a timer task on the shard: it stops moving when the shard's thread is stuck.
+    heartbeat_ms: Counter,
+}
+
+/// Every figure of one shard at one moment, for export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub accepted: u64,
+    pub open: u64,
+    pub closed: [u64; CloseReason::ALL.len()],
+    pub lines_in: u64,
+    pub envelopes_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub socket_writes: u64,
+    pub dropped: [u64; DropReason::ALL.len()],
+    pub max_stalled_depth: u64,
+    pub sender_pauses: u64,
 }
 
 impl ShardStats {
@@ -197,35 +269,118 @@ impl ShardStats {
         self.drop_counter(reason).get()
     }
 
-    pub fn drop_counter(&self, reason: DropReason) -> &Cell<u64> {
+    pub fn drop_counter(&self, reason: DropReason) -> &Counter {
         let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         &self.dropped[i]
     }
 
+    pub fn set_state(&self, state: ShardState) {
+        self.state.store(state as u8, Relaxed);
+    }
+
+    pub fn state(&self) -> ShardState {
+        match self.state.load(Relaxed) {
+            s if s == ShardState::Running as u8 => ShardState::Running,
+            s if s == ShardState::Draining as u8 => ShardState::Draining,
+            s if s == ShardState::Stopped as u8 => ShardState::Stopped,
+            _ => ShardState::Starting,
+        }
+    }
+
+    /// Records that the shard's thread ran a timer task `now_ms` after the epoch.
+    pub fn on_heartbeat(&self, now_ms: u64) {
+        self.heartbeat_ms.set(now_ms);
+    }
+
+    pub fn last_heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.get()
+    }
+
+    /// Every counter as plain numbers (each read on its own; see the module docs).
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            accepted: self.accepted.get(),
+            open: self.open.get(),
+            closed: std::array::from_fn(|i| self.closed[i].get()),
+            lines_in: self.lines_in.get(),
+            envelopes_out: self.envelopes_out.get(),
+            bytes_in: self.bytes_in.get(),
+            bytes_out: self.bytes_out.get(),
+            socket_writes: self.socket_writes.get(),
+            dropped: std::array::from_fn(|i| self.dropped[i].get()),
+            max_stalled_depth: self.max_stalled_depth.get(),
+            sender_pauses: self.sender_pauses.get(),
+        }
+    }
+
     /// One line with every counter, `key=value` separated by spaces (logged at shutdown).
     pub fn summary(&self) -> String {
-        let mut s = format!(
-            "accepted={} open={} lines_in={} envelopes_out={} bytes_in={} bytes_out={} socket_writes={} max_stalled_depth={} sender_pauses={}",
-            self.accepted.get(),
-            self.open.get(),
-            self.lines_in.get(),
-            self.envelopes_out.get(),
-            self.bytes_in.get(),
-            self.bytes_out.get(),
-            self.socket_writes.get(),
-            self.max_stalled_depth.get(),
-            self.sender_pauses.get(),
-        );
-        for r in CloseReason::ALL {
-            s.push_str(&format!(" closed.{}={}", r.as_str(), self.closed(r)));
-        }
-        for r in DropReason::ALL {
-            s.push_str(&format!(" dropped.{}={}", r.as_str(), self.dropped(r)));
-        }
-        s
+        self.snapshot().summary()
     }
 }
 
-fn bump(c: &Cell<u64>, n: u64) {
-    c.set(c.get().wrapping_add(n));
+impl StatsSnapshot {
+    /// The plain counters (everything but the per-reason arrays), by name.
+    pub fn scalars(&self) -> [(&'static str, u64); 9] {
+        [
+            ("accepted", self.accepted),
+            ("open", self.open),
+            ("lines_in", self.lines_in),
+            ("envelopes_out", self.envelopes_out),
+            ("bytes_in", self.bytes_in),
+            ("bytes_out", self.bytes_out),
+            ("socket_writes", self.socket_writes),
+            ("max_stalled_depth", self.max_stalled_depth),
+            ("sender_pauses", self.sender_pauses),
+        ]
+    }
+
+    /// Adds `other` into `self` (the high-water mark takes the larger of the two).
+    pub fn merge(&mut self, other: &StatsSnapshot) {
+        self.accepted += other.accepted;
+        self.open += other.open;
+        self.lines_in += other.lines_in;
+        self.envelopes_out += other.envelopes_out;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.socket_writes += other.socket_writes;
+        self.max_stalled_depth = self.max_stalled_depth.max(other.max_stalled_depth);
+        self.sender_pauses += other.sender_pauses;
+        for (a, b) in self.closed.iter_mut().zip(other.closed) {
+            *a += b;
+        }
+        for (a, b) in self.dropped.iter_mut().zip(other.dropped) {
+            *a += b;
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.closed[i]
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.dropped[i]
+    }
+
+    /// One line with every counter, `key=value` separated by spaces.
+    pub fn summary(&self) -> String {
+        let mut parts: Vec<String> = self.scalars().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.extend(
+            CloseReason::ALL
+                .iter()
+                .map(|r| format!("closed.{}={}", r.as_str(), self.closed(*r))),
+        );
+        parts.extend(
+            DropReason::ALL
+                .iter()
+                .map(|r| format!("dropped.{}={}", r.as_str(), self.dropped(*r))),
+        );
+        parts.join(" ")
+    }
+}
+
+fn bump(c: &Counter, n: u64) {
+    c.add(n);
 }

@@ -20,7 +20,7 @@ use crate::backpressure::Policy;
 use crate::config::Config;
 use crate::connection::{Client, Sched};
 use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
-use crate::metrics::{CloseReason, DropReason, ShardStats};
+use crate::metrics::{CloseReason, Counter, DropReason, ShardState, ShardStats};
 use crate::notify::{Notify, NotifyAll};
 use crate::pacing::{Pacer, FLUSH_BYTES, SLOTS};
 use crate::protocol;
@@ -41,6 +41,9 @@ const READ_SCRATCH_BYTES: usize = 64 << 10;
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 /// Period of the summary log lines for repeated events (drops, refusals).
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a shard's timer task proves that its thread is still running tasks (the
+/// admin endpoint's `/healthz` reads it; see `admin::HEARTBEAT_STALE`).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What a shard tells the main thread (crossbeam, `try_send`: never blocks a shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,10 @@ pub struct Shared {
     /// Open connections in the process, against `max_connections`.
     connections: AtomicUsize,
     pub shutdown: ShutdownSignal,
+    /// Each shard's counters: written only by that shard, read by the admin thread.
+    pub stats: Box<[Arc<ShardStats>]>,
+    /// Start of the process's clock for shard heartbeats.
+    pub epoch: Instant,
 }
 
 impl Shared {
@@ -77,6 +84,8 @@ impl Shared {
             largest_stalled: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
             connections: AtomicUsize::new(0),
             shutdown: ShutdownSignal::default(),
+            stats: (0..config.shards).map(|_| Arc::default()).collect(),
+            epoch: Instant::now(),
             config,
         }
     }
@@ -95,6 +104,16 @@ impl Shared {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Shard `id`'s current largest stalled depth `d`.
+    pub fn largest_stalled(&self, id: usize) -> u64 {
+        self.largest_stalled.get(id).map_or(0, |d| d.load(Ordering::Relaxed))
+    }
+
+    /// Milliseconds since [`Shared::epoch`].
+    pub fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn largest_stalled_anywhere(&self) -> u64 {
         self.largest_stalled
             .iter()
@@ -108,7 +127,8 @@ impl Shared {
 pub struct Shard {
     pub id: usize,
     pub shared: Arc<Shared>,
-    pub stats: ShardStats,
+    /// This shard's entry in [`Shared::stats`].
+    pub stats: Arc<ShardStats>,
     /// Connected clients on this shard, by client id.
     clients: RefCell<HashMap<u64, Rc<Client>>>,
     /// Clients whose socket currently refuses data (usually none or a few).
@@ -153,8 +173,8 @@ impl Shard {
         let end = notice.len();
         Shard {
             id,
+            stats: shared.stats[id].clone(),
             shared,
-            stats: ShardStats::default(),
             clients: RefCell::default(),
             stalled: RefCell::default(),
             largest_stalled: Cell::new(0),
@@ -226,9 +246,11 @@ impl Shard {
     /// Accepts one line from `client` for relaying to everyone else.
     pub fn relay(&self, client: &Client, line: &str) {
         self.stats.on_line();
-        tracing::debug!("relay from {}: {line}", client.remote_addr);
+        if tracing::enabled!(target: crate::log::RELAY_TARGET, tracing::Level::DEBUG) {
+            crate::log::relayed(&client.remote_addr, line, self.config().log.log_keys.as_deref());
+        }
         #[cfg(debug_assertions)]
-        test_panic_trigger(line);
+        test_triggers(line);
         let mut outgoing = self.outgoing.borrow_mut();
         if outgoing.is_empty() {
             self.flush_wanted.notify();
@@ -484,16 +506,27 @@ pub fn undelivered_reason(close: CloseReason) -> DropReason {
 }
 
 /// Debug builds only: panics on the line named by `CORECAST_TEST_PANIC_LINE`, so the tests
-/// can show that a panic closes one connection and nothing else.
+/// can show that a panic closes one connection and nothing else; blocks the shard's thread
+/// for `CORECAST_TEST_STALL_MS` on the line named by `CORECAST_TEST_STALL_LINE`, so they
+/// can show that `/healthz` notices a stuck shard.
 #[cfg(debug_assertions)]
-fn test_panic_trigger(line: &str) {
-    static TRIGGER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if TRIGGER
+fn test_triggers(line: &str) {
+    static PANIC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static STALL: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    if PANIC
         .get_or_init(|| std::env::var("CORECAST_TEST_PANIC_LINE").ok())
         .as_deref()
         == Some(line)
     {
         panic!("test-only panic trigger");
+    }
+    let stall = STALL.get_or_init(|| {
+        let line = std::env::var("CORECAST_TEST_STALL_LINE").ok()?;
+        let ms = std::env::var("CORECAST_TEST_STALL_MS").ok()?.parse().ok()?;
+        Some((line, ms))
+    });
+    if let Some((_, ms)) = stall.as_ref().filter(|(l, _)| l == line) {
+        std::thread::sleep(Duration::from_millis(*ms));
     }
 }
 
@@ -526,14 +559,17 @@ fn parse_cpu_list(s: &str) -> Vec<usize> {
     cpus
 }
 
-/// Sends `Stopped` when a shard's future ends or is dropped without ever running.
+/// Sends `Stopped` (and marks the shard stopped for `/healthz`) when a shard's future ends,
+/// unwinds, or is dropped without ever running.
 struct StopGuard {
     id: usize,
     events: Sender<ShardEvent>,
+    stats: Arc<ShardStats>,
 }
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
+        self.stats.set_state(ShardState::Stopped);
         let _ = self.events.try_send(ShardEvent::Stopped(self.id));
     }
 }
@@ -557,6 +593,7 @@ pub fn spawn_all(
         let guard = StopGuard {
             id,
             events: events.clone(),
+            stats: shared.stats[id].clone(),
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("corecast-shard{id}"))
@@ -582,8 +619,11 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
         glommio::spawn_local(idle_sweep_loop(shard.clone(), Duration::from_secs(timeout))).detach();
     }
     glommio::spawn_local(summary_loop(shard.clone())).detach();
+    glommio::spawn_local(heartbeat_loop(shared.clone(), shard.stats.clone())).detach();
     // SAFETY: the fd is a listening TCP socket we own; from here glommio owns it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    shard.stats.on_heartbeat(shared.clock_ms());
+    shard.stats.set_state(ShardState::Running);
     let _ = guard.events.try_send(ShardEvent::Started(id));
 
     // Dropping the accept loop drops (closes) the listener.
@@ -592,6 +632,7 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
         shared.shutdown.wait(),
     )
     .await;
+    shard.stats.set_state(ShardState::Draining);
     shard.begin_shutdown();
     let grace = Duration::from_millis(shard.config().shutdown_grace_ms);
     // Done when every client is closed and this shard's own flush and peer receivers have
@@ -626,10 +667,19 @@ async fn idle_sweep_loop(shard: Rc<Shard>, timeout: Duration) {
     }
 }
 
+/// Proves the shard's thread still runs tasks, for `/healthz`. Runs until the executor
+/// ends (it is detached, so it does not hold the shard's future open).
+async fn heartbeat_loop(shared: Arc<Shared>, stats: Arc<ShardStats>) {
+    loop {
+        stats.on_heartbeat(shared.clock_ms());
+        glommio::timer::sleep(HEARTBEAT_INTERVAL).await;
+    }
+}
+
 /// Logs repeated events once per interval as counts instead of one line each.
 async fn summary_loop(shard: Rc<Shard>) {
     let stats = &shard.stats;
-    let counters: [(&Cell<u64>, &str); 4] = [
+    let counters: [(&Counter, &str); 4] = [
         (
             stats.drop_counter(DropReason::RateLimited),
             "lines dropped by the rate limiter",

@@ -2,6 +2,7 @@
 
 mod config;
 mod fanout;
+mod ops;
 mod policy;
 mod regression;
 mod startup;
