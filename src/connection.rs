@@ -554,15 +554,17 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
             Ok(()) if n == 0 => return CloseReason::PeerClosed,
             Ok(()) => {}
         }
-        if relayed > 0 {
-            if let Some(pause) = shard.sender_pause() {
-                shard.stats.on_sender_pause();
-                glommio::timer::sleep(pause).await;
-            }
+        if relayed == 0 {
+            // A socket with a backlog is readable every time: let timers and other tasks
+            // run once the preempt period is up.
+            glommio::executor().yield_if_needed().await;
+        } else if let Some(pause) = shard.sender_pause() {
+            shard.stats.on_sender_pause();
+            glommio::timer::sleep(pause).await;
+        } else {
+            // The lines just relayed make the flush task run soon; read again then.
+            shard.read_turn.wait().await;
         }
-        // A socket with a backlog is readable every time: let timers (the flush tick) and
-        // other tasks run once the preempt period is up.
-        glommio::executor().yield_if_needed().await;
     }
 }
 

@@ -186,6 +186,11 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
                 continue;
             }
         }
+        if shard.read_turn.has_waiters() {
+            // Readers read what arrived since their last turn; their lines join this run.
+            shard.read_turn.notify_all();
+            futures_lite::future::yield_now().await;
+        }
         while let Some(batch) = shard.take_outgoing() {
             let batch = Arc::new(batch);
             shard.deliver_local(&Rc::new(batch.clone()));

@@ -58,6 +58,11 @@ impl NotifyAll {
         }
     }
 
+    /// True while any `wait` future is alive.
+    pub fn has_waiters(&self) -> bool {
+        self.slots.borrow().len() > self.free.borrow().len()
+    }
+
     /// Resolves at the next `notify_all` after this call.
     pub fn wait(&self) -> Wait<'_> {
         Wait {

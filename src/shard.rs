@@ -150,6 +150,11 @@ pub struct Shard {
     waiting: RefCell<Vec<Vec<Rc<Client>>>>,
     /// Releases readers paused because `outgoing` passed [`MAX_OUTGOING_BYTES`].
     pub outgoing_drained: NotifyAll,
+    /// Readers that just relayed lines wait here for the flush task's next run and read
+    /// again at its start. Under load each socket is then read once per run with all that
+    /// arrived since, instead of at every readiness wake-up (half of which would find
+    /// nothing and re-arm a poll), and no line waits longer than it would in the batch.
+    pub read_turn: NotifyAll,
     /// Every reader's read lands here; see `connection::read_half`.
     pub read_scratch: RefCell<Box<[u8]>>,
     next_client: Cell<u64>,
@@ -185,6 +190,7 @@ impl Shard {
             due: RefCell::default(),
             waiting: RefCell::new(vec![Vec::new(); SLOTS as usize]),
             outgoing_drained: NotifyAll::default(),
+            read_turn: NotifyAll::default(),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
             next_client: Cell::new(1),
             refusals: Cell::new(0),
@@ -358,6 +364,7 @@ impl Shard {
     pub fn has_flush_work(&self) -> bool {
         !self.outgoing.borrow().is_empty()
             || !self.due.borrow().is_empty()
+            || self.read_turn.has_waiters()
             || self.waiting.borrow().iter().any(|w| !w.is_empty())
     }
 

@@ -160,3 +160,33 @@ fn a_line_from_another_shard_waiting_for_the_next_period_is_delivered() {
         assert_eq!(receiver.line_str(), sender.envelope(&format!("line {i}")));
     }
 }
+
+/// A steady stream: the reader keeps finding new lines each time the flush task lets it
+/// read, and every one of them must still go out (a reader waiting for its next turn
+/// keeps the flush task running).
+#[test]
+fn a_steady_stream_of_small_writes_arrives_complete() {
+    const LINES: usize = 3000;
+    // With no window the flush task runs only when asked, so nothing else would wake it.
+    let config = UNLIMITED.replace(
+        "\"rate_limit_msgs_per_minute\":null",
+        "\"rate_limit_msgs_per_minute\":null,\"flush_window_us\":0",
+    );
+    assert!(config.contains("flush_window_us"));
+    let relay = Relay::with_config(&config, &["--shards", "1"]);
+    let mut sender = relay.connect();
+    let mut receiver = relay.connect();
+    let writer = std::thread::spawn(move || {
+        for chunk in 0..LINES / 10 {
+            let text: String = (chunk * 10..chunk * 10 + 10).map(|i| format!("line {i}\n")).collect();
+            sender.send(text.as_bytes());
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        sender
+    });
+    for i in 0..LINES {
+        let env = corecast::protocol::decode_envelope(&receiver.line()).expect("an envelope");
+        assert_eq!(env.content, format!("line {i}"));
+    }
+    writer.join().unwrap();
+}
