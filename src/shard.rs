@@ -326,26 +326,23 @@ impl Shard {
             client.wake_writer();
             return;
         }
-        let due = match (client.sched.get(), &self.pacer) {
-            (Sched::Due, _) => return,
-            (_, None) => true,
-            (Sched::Waiting, Some(_)) => client.queued_bytes() >= FLUSH_BYTES,
-            (Sched::Idle, Some(_)) => {
-                let fresh_period = Pacer::period(client.slot, self.tick.get()) > client.written_period.get();
-                if !fresh_period && client.queued_bytes() < FLUSH_BYTES {
-                    client.sched.set(Sched::Waiting);
-                    self.waiting.borrow_mut()[client.slot as usize].push(client.clone());
-                    // The flush task may be parked with nothing to do (a peer's batch).
-                    self.flush_wanted.notify();
-                }
-                fresh_period || client.queued_bytes() >= FLUSH_BYTES
+        let state = client.sched.get();
+        let due = self.pacer.is_none()
+            || client.queued_bytes() >= FLUSH_BYTES
+            || (state == Sched::Idle && Pacer::period(client.slot, self.tick.get()) > client.written_period.get());
+        match (due, state) {
+            (_, Sched::Due) | (false, Sched::Waiting) => return,
+            (true, _) => {
+                client.sched.set(Sched::Due);
+                self.due.borrow_mut().push(client.clone());
             }
-        };
-        if due {
-            client.sched.set(Sched::Due);
-            self.due.borrow_mut().push(client.clone());
-            self.flush_wanted.notify();
+            (false, Sched::Idle) => {
+                client.sched.set(Sched::Waiting);
+                self.waiting.borrow_mut()[client.slot as usize].push(client.clone());
+            }
         }
+        // The flush task may be parked with nothing to do (a peer's batch).
+        self.flush_wanted.notify();
     }
 
     /// Reads the clock into the shard's current tick.

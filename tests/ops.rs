@@ -398,27 +398,14 @@ fn healthz_is_200_while_serving_and_503_while_draining() {
 #[cfg(debug_assertions)]
 #[test]
 fn healthz_reports_a_stuck_shard_until_it_runs_again() {
-    let relay = {
-        let path = temp_config("{}");
-        let mut cmd = corecast();
-        cmd.args([
-            "--port",
-            "0",
-            "--log-level",
-            "info",
-            "--shards",
-            "1",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(path)
-        .envs([
+    let relay = Relay::with_env(
+        "{}",
+        &[
             ("CORECAST_TEST_STALL_LINE", "stall"),
             ("CORECAST_TEST_STALL_MS", "6000"),
-        ]);
-        Relay::spawn(cmd)
-    };
+        ],
+        &["--shards", "1", "--admin", "127.0.0.1:0"],
+    );
     let admin = admin_addr(&relay);
     assert_eq!(get(admin, "/healthz").status, 200);
     let mut c = relay.connect();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use corecast::protocol::{self, decode_envelope};
 
-use crate::util::{connect_socket, corecast, temp_config, Client, Relay};
+use crate::util::{connect_socket, Client, Relay};
 
 fn local(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -208,18 +208,10 @@ fn a_full_server_turns_new_clients_away_with_a_notice() {
 
 #[test]
 fn fd_exhaustion_backs_off_without_spinning_and_existing_clients_keep_relaying() {
-    let path = temp_config(r#"{"hyper_parameters":{"max_connections":1000,"accept_error_backoff_ms":50}}"#);
-    let mut cmd = corecast();
-    cmd.args([
-        "--port",
-        "0",
-        "--log-level",
-        "info",
-        "--shards",
-        "1",
-        "--config",
-        path.to_str().unwrap(),
-    ]);
+    let mut cmd = Relay::command(
+        r#"{"hyper_parameters":{"max_connections":1000,"accept_error_backoff_ms":50}}"#,
+        &["--shards", "1"],
+    );
     // SAFETY: setrlimit is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {

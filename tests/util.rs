@@ -115,12 +115,18 @@ impl Relay {
 
     /// Starts the relay with `json` as its config, extra environment, and `args`.
     pub fn with_env(json: &str, env: &[(&str, &str)], args: &[&str]) -> Relay {
+        let mut cmd = Relay::command(json, args);
+        cmd.envs(env.iter().copied());
+        Relay::spawn(cmd)
+    }
+
+    /// The command `with_env` runs, for tests that adjust it further before `spawn`.
+    pub fn command(json: &str, args: &[&str]) -> Command {
         let path = temp_config(json);
         let mut cmd = corecast();
         cmd.args(["--port", "0", "--log-level", "info", "--config", path.to_str().unwrap()])
             .args(args);
-        cmd.envs(env.iter().copied());
-        Relay::spawn(cmd)
+        cmd
     }
 
     pub fn spawn(mut cmd: Command) -> Relay {
