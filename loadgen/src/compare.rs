@@ -42,6 +42,9 @@ pub struct CompareArgs {
     /// Payload bytes per line.
     #[arg(long, default_value_t = 100)]
     pub size: usize,
+    /// As for `run`.
+    #[arg(long, default_value_t = crate::DEFAULT_BURST_US)]
+    pub burst_us: u64,
     /// Workloads `T<clients>x<lines/s each>`, every client publishing.
     #[arg(long, value_delimiter = ',', default_value = "T100x30,T10x30000,T100x100,T1000x2")]
     pub workloads: Vec<String>,
@@ -248,6 +251,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     publishers: clients,
                     rate,
                     size: args.size,
+                    burst_us: args.burst_us,
                     duration: args.duration,
                     warmup: args.warmup,
                     drain: 5.0,

@@ -1,6 +1,7 @@
 //! The generator's worker threads. Each owns a share of the connections and runs one mio
-//! event loop: publishers append lines at their scheduled times (open loop: a late send
-//! keeps its scheduled time, so latency includes any queueing the server caused),
+//! event loop: publishers append lines at their scheduled times, a burst per `--burst-us`
+//! (open loop: a late send keeps its scheduled time, so latency includes any queueing the
+//! server caused),
 //! receivers decode what arrives, account for every (receiver, publisher) sequence and
 //! record latency in an HDR histogram. The main thread moves the shared [`Control`]
 //! through the phases: sync (wait until every receiver is subscribed), run, stop.
@@ -37,6 +38,8 @@ pub struct Plan {
     pub publishers: usize,
     /// Lines per second per publisher; 0 = as fast as the socket takes them.
     pub rate: f64,
+    /// Time between one publisher's bursts (see `--burst-us`); 0 = a line at a time.
+    pub burst_ns: u64,
     pub size: usize,
     /// Clients `[clients - slow, clients)` never read (slow-consumer scenario).
     pub slow: usize,
@@ -121,8 +124,21 @@ struct Publisher {
     id: u32,
     /// Next sequence number.
     seq: u64,
-    /// When the next line is due, in ns since the epoch.
+    /// When the next line is due on an even schedule, in ns since the epoch.
     next_due: u64,
+    /// This publisher's bursts go out at `burst_phase + k * burst_ns`.
+    burst_phase: u64,
+}
+
+/// When a line due at `due` on the even schedule goes out, and the time it carries: the
+/// last burst at or before `due` (a burst takes the lines due before the next one), or
+/// `due` itself without bursts.
+fn send_time(due: u64, burst_phase: u64, burst_ns: u64) -> u64 {
+    if burst_ns == 0 || due < burst_phase {
+        due.max(burst_phase)
+    } else {
+        due - (due - burst_phase) % burst_ns
+    }
 }
 
 impl Publisher {
@@ -210,12 +226,14 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 id,
                 seq: 0,
                 next_due: 0,
+                burst_phase: 0,
             })
         })
         .collect();
     let mut scheduled = false;
     let mut last_probe = 0u64;
     let mut events = Events::with_capacity(1024);
+    let mut chunk = vec![0u8; READ_CHUNK];
     let mut payload = Vec::with_capacity(plan.size + 64);
     let mut delivered_reported = 0u64;
     let mut delivered = 0u64;
@@ -242,20 +260,22 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 let n = plan.publishers.max(1) as u64;
                 for p in pubs.iter_mut() {
                     p.next_due = start + interval_ns * p.id as u64 / n;
+                    p.burst_phase = start + plan.burst_ns * p.id as u64 / n;
                 }
             }
             for p in pubs.iter_mut() {
                 let l = &mut live[p.conn];
                 let before = p.seq;
                 if interval_ns > 0 {
-                    while p.next_due <= now && p.next_due < send_end {
+                    let at = |p: &Publisher| send_time(p.next_due, p.burst_phase, plan.burst_ns);
+                    while at(p) <= now && p.next_due < send_end {
                         if l.wbuf.len() - l.wpos < MAX_PENDING_BYTES {
-                            p.append(&plan, &mut l.wbuf, &mut payload, p.next_due);
+                            p.append(&plan, &mut l.wbuf, &mut payload, at(p));
                         }
                         p.next_due += interval_ns;
                     }
                     if p.next_due < send_end {
-                        timeout = timeout.min(Duration::from_nanos(p.next_due.saturating_sub(now)));
+                        timeout = timeout.min(Duration::from_nanos(at(p).saturating_sub(now)));
                     }
                 } else if now >= start && now < send_end {
                     if l.wbuf.len() - l.wpos < UNPACED_PENDING_BYTES {
@@ -285,7 +305,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
             let i = event.token().0;
             let l = &mut live[i];
             if event.is_readable() && !l.closed {
-                delivered += read(l, &plan, &control, &mut report);
+                delivered += read(l, &mut chunk, &plan, &control, &mut report);
             }
             if event.is_writable() && l.wpos < l.wbuf.len() && !l.closed {
                 flush(l, &control, i);
@@ -341,12 +361,16 @@ fn flush(l: &mut Live, control: &Control, i: usize) {
     }
 }
 
-/// Reads everything available and accounts for it; returns unique deliveries.
-fn read(l: &mut Live, plan: &Plan, control: &Control, report: &mut Report) -> u64 {
-    let mut chunk = [0u8; 64 << 10];
+/// Bytes read from a socket per `read` call, into the worker's one scratch buffer.
+pub const READ_CHUNK: usize = 64 << 10;
+
+/// Reads everything available and accounts for it; returns unique deliveries. Each read
+/// lands in `chunk` (the worker's, allocated once) and is decoded from there; only an
+/// incomplete last message is kept in the connection's own buffer.
+fn read(l: &mut Live, chunk: &mut [u8], plan: &Plan, control: &Control, report: &mut Report) -> u64 {
     let mut delivered = 0;
     loop {
-        match l.conn.stream.read(&mut chunk) {
+        let n = match l.conn.stream.read(chunk) {
             Ok(0) => {
                 l.closed = true;
                 if control.phase.load(Ordering::Relaxed) != PHASE_STOP {
@@ -354,16 +378,33 @@ fn read(l: &mut Live, plan: &Plan, control: &Control, report: &mut Report) -> u6
                 }
                 return delivered;
             }
-            Ok(n) => l.rbuf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return delivered,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => {
                 l.closed = true;
                 report.closed_by_server += 1;
                 return delivered;
             }
+        };
+        if l.rbuf.is_empty() {
+            let used = decode(l, &chunk[..n], plan, control, report, &mut delivered);
+            l.rbuf.extend_from_slice(&chunk[used..n]);
+        } else {
+            l.rbuf.extend_from_slice(&chunk[..n]);
+            let rbuf = std::mem::take(&mut l.rbuf);
+            let used = decode(l, &rbuf, plan, control, report, &mut delivered);
+            l.rbuf = rbuf;
+            l.rbuf.drain(..used);
+        }
+        if l.closed {
+            return delivered;
         }
     }
+}
+
+/// Accounts for the complete messages in `buf`; returns the bytes they took.
+fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut Report, delivered: &mut u64) -> usize {
     let now = plan.now_ns();
     let start = control.start_ns.load(Ordering::Relaxed);
     let warmup_end = control.warmup_end_ns.load(Ordering::Relaxed);
@@ -371,7 +412,7 @@ fn read(l: &mut Live, plan: &Plan, control: &Control, report: &mut Report) -> u6
     let (mut pong, mut subscribed) = (false, false);
     let own = l.conn.client as u32;
     let trackers = &mut l.trackers;
-    let decoded = plan.protocol.decode(&l.rbuf, |event| match event {
+    let decoded = plan.protocol.decode(buf, |event| match event {
         Event::Message(p) if p.starts_with(SYNC_PREFIX) => subscribed = true,
         Event::Message(p) => {
             let Some(h) = proto::parse_header(p) else { return };
@@ -385,7 +426,7 @@ fn read(l: &mut Live, plan: &Plan, control: &Control, report: &mut Report) -> u6
             if tracker.on_arrival(h.seq) == Arrival::Duplicate {
                 return;
             }
-            delivered += 1;
+            *delivered += 1;
             if h.sched_ns >= warmup_end && h.sched_ns < send_end {
                 report.delivered_in_window += 1;
                 let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
@@ -402,15 +443,11 @@ fn read(l: &mut Live, plan: &Plan, control: &Control, report: &mut Report) -> u6
         Event::Ping => pong = true,
         Event::Notice(_) => report.notices += 1,
     });
-    match decoded {
-        Ok(used) => {
-            l.rbuf.drain(..used);
-        }
-        Err(e) => {
-            control.error(format!("client {}: {e}", l.conn.client));
-            l.closed = true;
-        }
-    }
+    let used = decoded.unwrap_or_else(|e| {
+        control.error(format!("client {}: {e}", l.conn.client));
+        l.closed = true;
+        buf.len()
+    });
     if subscribed && !l.subscribed {
         l.subscribed = true;
         control.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -418,5 +455,24 @@ fn read(l: &mut Live, plan: &Plan, control: &Control, report: &mut Report) -> u6
     if pong {
         l.wbuf.extend_from_slice(b"PONG\r\n");
     }
-    delivered
+    used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::send_time;
+
+    #[test]
+    fn a_burst_takes_the_lines_due_before_the_next_one() {
+        // Bursts every 1000 ns from 250: lines due in [250, 1250) go at 250, and so on.
+        assert_eq!(send_time(250, 250, 1000), 250);
+        assert_eq!(send_time(1249, 250, 1000), 250);
+        assert_eq!(send_time(1250, 250, 1000), 1250);
+        assert_eq!(send_time(5000, 250, 1000), 4250);
+        // Lines due before the first burst wait for it.
+        assert_eq!(send_time(100, 250, 1000), 250);
+        // Without bursts a line goes at its own time.
+        assert_eq!(send_time(777, 0, 0), 777);
+        assert!((0..10_000).all(|d| send_time(d, 250, 1000) <= d.max(250)));
+    }
 }

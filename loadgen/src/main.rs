@@ -18,6 +18,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use proto::Protocol;
 
+/// Default `--burst-us`: at most a thousand writes a second per publisher.
+pub const DEFAULT_BURST_US: u64 = 1000;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "corecast-loadgen",
@@ -78,6 +81,12 @@ pub struct RunArgs {
     /// Payload bytes per line (at least 42, the header).
     #[arg(long, default_value_t = 100)]
     pub size: usize,
+    /// A publisher's lines go out in bursts, one every this many µs: each burst holds the
+    /// lines due before the next one and carries its own scheduled time, so a client that
+    /// writes in batches is modelled without hiding any delay (0 = each line at its own
+    /// time, one write per line).
+    #[arg(long, default_value_t = DEFAULT_BURST_US)]
+    pub burst_us: u64,
     /// Measured seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,

@@ -42,9 +42,12 @@ pub struct Header {
 
 /// Appends a payload of `size` bytes (at least [`HEADER_LEN`]).
 pub fn write_payload(out: &mut Vec<u8>, h: Header, size: usize) {
-    use std::io::Write;
     let start = out.len();
-    let _ = write!(out, "{:08} {:012} {:020}", h.publisher, h.seq, h.sched_ns);
+    push_digits(out, h.publisher as u64, 8);
+    out.push(b' ');
+    push_digits(out, h.seq, 12);
+    out.push(b' ');
+    push_digits(out, h.sched_ns, 20);
     let pad = size.saturating_sub(out.len() - start);
     if pad > 0 {
         out.push(b' ');
@@ -52,21 +55,51 @@ pub fn write_payload(out: &mut Vec<u8>, h: Header, size: usize) {
     }
 }
 
+/// Appends `n` in decimal, zero-padded to `width` digits (its low digits if wider).
+fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for d in out[start..].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
 pub fn parse_header(p: &[u8]) -> Option<Header> {
     if p.len() < HEADER_LEN || p[8] != b' ' || p[21] != b' ' {
         return None;
     }
-    let num = |s: &[u8]| -> Option<u64> {
-        s.iter().try_fold(0u64, |acc, &b| {
-            b.is_ascii_digit()
-                .then(|| acc.wrapping_mul(10).wrapping_add((b - b'0') as u64))
-        })
-    };
     Some(Header {
-        publisher: num(&p[..8])? as u32,
-        seq: num(&p[9..21])?,
-        sched_ns: num(&p[22..42])?,
+        publisher: parse_digits(&p[..8])? as u32,
+        seq: parse_digits(&p[9..21])?,
+        sched_ns: parse_digits(&p[22..42])?,
     })
+}
+
+/// Parses ASCII decimal digits (wrapping past `u64`), eight at a time: this runs for every
+/// message received, millions of times a second.
+fn parse_digits(s: &[u8]) -> Option<u64> {
+    let (head, eights) = s.split_at(s.len() % 8);
+    let mut n = head.iter().try_fold(0u64, |acc, &b| {
+        b.is_ascii_digit()
+            .then(|| acc.wrapping_mul(10).wrapping_add((b - b'0') as u64))
+    })?;
+    for chunk in eights.chunks_exact(8) {
+        let v = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
+        // Every byte is 0x30..=0x39: its high nibble is 3 and adding 6 does not carry.
+        let digits = v.wrapping_sub(0x3030_3030_3030_3030);
+        if v & 0xF0F0_F0F0_F0F0_F0F0 != 0x3030_3030_3030_3030
+            || (digits.wrapping_add(0x0606_0606_0606_0606) & 0xF0F0_F0F0_F0F0_F0F0) != 0
+        {
+            return None;
+        }
+        // Combine neighbours: pairs, then fours, then the eight (first byte most significant).
+        let v = (digits.wrapping_mul(10) + (digits >> 8)) & 0x00FF_00FF_00FF_00FF;
+        let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+        let v = (v.wrapping_mul(10000) + (v >> 32)) & 0xFFFF_FFFF;
+        n = n.wrapping_mul(100_000_000).wrapping_add(v);
+    }
+    Some(n)
 }
 
 /// Something a receiving connection read.
@@ -156,14 +189,14 @@ fn resp(parts: &[&[u8]]) -> Vec<u8> {
 }
 
 const ENVELOPE_PREFIX: &[u8] = b"{\"content\":\"";
-const ENVELOPE_MIDDLE: &[u8] = b"\",\"remote_addr\":\"";
 
 fn decode_summoner(buf: &[u8], on_event: &mut impl FnMut(Event)) -> Option<usize> {
     let end = memchr::memchr(b'\n', buf)?;
     let line = &buf[..end];
     if let Some(body) = line.strip_prefix(ENVELOPE_PREFIX) {
-        // Payloads are plain ASCII without quotes, so the content ends at the middle marker.
-        let content_end = memchr::memmem::find(body, ENVELOPE_MIDDLE).unwrap_or(body.len());
+        // Payloads are plain ASCII without quotes, so the content ends at the first quote
+        // (the start of the middle marker).
+        let content_end = memchr::memchr(b'"', body).unwrap_or(body.len());
         on_event(Event::Message(&body[..content_end]));
     } else {
         on_event(Event::Notice(line));
@@ -171,8 +204,21 @@ fn decode_summoner(buf: &[u8], on_event: &mut impl FnMut(Event)) -> Option<usize
     Some(end + 1)
 }
 
+/// Where the first `\r\n` starts. Control lines hold no bare `\n`, so the first `\n` ends
+/// the line (a plain `memchr`; `memmem::find` builds a searcher on every call).
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    loop {
+        let nl = from + memchr::memchr(b'\n', &buf[from..])?;
+        if nl > 0 && buf[nl - 1] == b'\r' {
+            return Some(nl - 1);
+        }
+        from = nl + 1;
+    }
+}
+
 fn decode_nats(buf: &[u8], on_event: &mut impl FnMut(Event)) -> Result<Option<usize>, String> {
-    let Some(eol) = memchr::memmem::find(buf, b"\r\n") else {
+    let Some(eol) = find_crlf(buf) else {
         return Ok(None);
     };
     let line = &buf[..eol];
@@ -205,7 +251,7 @@ type Span = (usize, usize);
 
 /// One RESP value: returns (end offset, bulk string payload if it was one).
 fn resp_value(buf: &[u8], pos: usize) -> Result<Option<(usize, Option<Span>)>, String> {
-    let Some(eol) = memchr::memmem::find(&buf[pos..], b"\r\n").map(|e| pos + e) else {
+    let Some(eol) = find_crlf(&buf[pos..]).map(|e| pos + e) else {
         return Ok(None);
     };
     let header = &buf[pos..eol];
@@ -227,7 +273,7 @@ fn resp_value(buf: &[u8], pos: usize) -> Result<Option<(usize, Option<Span>)>, S
 }
 
 fn decode_redis(buf: &[u8], on_event: &mut impl FnMut(Event)) -> Result<Option<usize>, String> {
-    let Some(eol) = memchr::memmem::find(buf, b"\r\n") else {
+    let Some(eol) = find_crlf(buf) else {
         return Ok(None);
     };
     let header = &buf[..eol];
@@ -296,6 +342,23 @@ mod tests {
             assert_eq!(parse_header(&p), Some(h));
         }
         assert_eq!(parse_header(b"SYNC 1"), None);
+    }
+
+    #[test]
+    fn digits_parse_eight_at_a_time_and_reject_anything_else() {
+        for n in [0u64, 7, 12345678, 99999999, 123456789012, 18446744073709551615] {
+            for width in [8, 12, 20] {
+                let mut s = Vec::new();
+                push_digits(&mut s, n, width);
+                let expect = if width == 20 { n } else { n % 10u64.pow(width as u32) };
+                assert_eq!(parse_digits(&s), Some(expect), "{n} in {width}");
+            }
+        }
+        for bad in [*b"1234567/", *b":2345678", *b"12 45678", *b"1234567a"] {
+            assert_eq!(parse_digits(&bad), None, "{:?}", String::from_utf8_lossy(&bad));
+        }
+        assert_eq!(find_crlf(b"a\nb\r\nc"), Some(3));
+        assert_eq!(find_crlf(b"\nab\r"), None);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct RunResult {
     pub publishers: usize,
     /// Lines per second per publisher (0 = unpaced).
     pub rate: f64,
+    /// Lines of one publisher go out in bursts this far apart (0 = one line at a time).
+    pub burst_us: u64,
     /// Payload bytes per line.
     pub size: usize,
     pub duration_s: f64,
