@@ -34,6 +34,9 @@ use crate::shard::{undelivered_reason, Shard};
 const MAX_WRITE_BYTES: usize = 256 << 10;
 /// Most queued stretches one direct write hands the kernel.
 const MAX_IOVECS: usize = 64;
+/// Read turns in a row that may find nothing before a reader waits for readiness again: a
+/// sender that writes in bursts a little further apart than read rounds stays on turns.
+const EMPTY_TURNS: u32 = 2;
 /// Bound on sending a closing notice and draining unread input before the final close.
 const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Unread input discarded after a notice, so that closing does not turn into a reset
@@ -498,29 +501,52 @@ async fn wait_for_close_request(client: &Client) -> CloseReason {
 
 /// Reads into the shard's scratch buffer, frames lines, applies the token bucket and hands
 /// lines to the shard; pauses when backpressure says so.
+///
+/// A read waits for readiness, except on a read turn (see `Shard::read_turn`): that read
+/// is a plain non-blocking `recv`, so lines that arrived since the last read join the
+/// flush task's current run, and a sender that keeps sending arms no readiness poll (whose
+/// completion would wake the shard for nothing). After [`EMPTY_TURNS`] turns in a row
+/// that find nothing, the reader goes back to waiting for readiness.
 async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStream>) -> CloseReason {
     let config = shard.config();
     let mut framer = Framer::new(config.max_line_bytes);
     let mut limiter = config
         .rate_limit_msgs_per_minute
         .map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
+    let (mut turn, mut empty_turns) = (false, 0);
     loop {
         while shard.outgoing_full() {
             shard.outgoing_drained.wait().await;
         }
-        // The scratch buffer is borrowed only inside this poll; its bytes are consumed
-        // below before the next `.await`, so no other reader can overwrite them first.
-        let read = poll_fn(|cx| {
-            let mut scratch = shard.read_scratch.borrow_mut();
-            Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
-        })
-        .await;
+        // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
+        // consumed below before the next `.await`, so no other reader can overwrite them.
+        let read = if std::mem::take(&mut turn) {
+            // A statement of its own: the borrows must end before the `.await` below.
+            let read = recv_now(stream.borrow().as_raw_fd(), &mut shard.read_scratch.borrow_mut());
+            match read {
+                Some(read) => read,
+                None => {
+                    empty_turns += 1;
+                    if empty_turns < EMPTY_TURNS {
+                        shard.read_turn.wait().await;
+                        turn = true;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            poll_fn(|cx| {
+                let mut scratch = shard.read_scratch.borrow_mut();
+                Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
+            })
+            .await
+        };
         let n = match read {
             Ok(n) => n,
             Err(_) => return CloseReason::ReadError,
         };
         let now = Instant::now();
-        client.last_inbound.set(now);
+        let previous_read = client.last_inbound.replace(now);
         shard.stats.on_read(n);
         let (mut relayed, mut notify) = (0u64, false);
         let mut on_line = |line: &str| match limiter.as_mut().map_or(Decision::Allow, |b| b.check(now)) {
@@ -561,9 +587,29 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
         } else if let Some(pause) = shard.sender_pause() {
             shard.stats.on_sender_pause();
             glommio::timer::sleep(pause).await;
-        } else {
-            // The lines just relayed make the flush task run soon; read again then.
+        } else if relayed >= 2 || now.saturating_duration_since(previous_read) < shard.read_round_interval() {
+            // A sender that keeps sending: read it again at the next read round, with all
+            // that arrived by then. (An occasional single line waits for readiness instead:
+            // a read turn would only delay its next line.)
             shard.read_turn.wait().await;
+            (turn, empty_turns) = (true, 0);
+        }
+    }
+}
+
+/// One non-blocking `recv` into `buf`; `None` when the socket has nothing to read.
+fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    loop {
+        // SAFETY: `fd` is the connection's open socket and `buf` is writable for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Some(Ok(n as usize));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return None,
+            _ => return Some(Err(e)),
         }
     }
 }

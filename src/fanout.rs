@@ -12,10 +12,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_lite::future::or;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
+use crate::pacing::Pacer;
 use crate::protocol::encode_envelope;
-use crate::shard::Shard;
+use crate::shard::{NextRun, Shard};
 
 /// Batches in flight per ordered pair of shards. A full ring means the peer shard is
 /// behind: the flush task waits for room, the outgoing builder grows, and readers on this
@@ -164,29 +166,37 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
     (connected_senders, connected_receivers)
 }
 
-/// The shard's flush task. At most once per tick (see `pacing`) it turns the lines
-/// accepted since the last run into one batch, hands it to every local recipient's outbox
-/// and once to every peer shard over the SPSC mesh, then writes to the recipients that are
-/// due. At shutdown it sends what is left and returns, which closes its senders: peer
-/// receivers then drain their ring and end.
+/// The shard's flush task. At most once per tick, and only at ticks with something to do
+/// (see `pacing` and [`Shard::next_run`]), it lets waiting readers read (at read rounds),
+/// turns the lines accepted since the last run into one batch, hands it to every local
+/// recipient's outbox and once to every peer shard over the SPSC mesh, then writes to the
+/// recipients that are due. At shutdown it sends what is left and returns, which closes
+/// its senders: peer receivers then drain their ring and end.
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
     let mut last_tick: Option<u64> = None;
     loop {
         let stopping = shard.is_shutting_down();
-        if !stopping && !shard.has_flush_work() {
-            shard.flush_wanted.wait().await;
-            continue;
-        }
-        let tick = shard.refresh_tick();
-        if let (Some(pacer), Some(last)) = (shard.pacer(), last_tick) {
-            if tick <= last && !stopping {
-                // One run per tick: what arrived since goes at the next one.
-                let wait = pacer.start_of(last + 1).saturating_duration_since(Instant::now());
-                glommio::timer::sleep(wait).await;
-                continue;
+        if !stopping {
+            match shard.next_run(last_tick) {
+                NextRun::Idle => {
+                    shard.flush_wanted.wait().await;
+                    continue;
+                }
+                NextRun::At(when) if when > Instant::now() => {
+                    // Something new may want an earlier run: wake for it too.
+                    let wait = when.saturating_duration_since(Instant::now());
+                    or(glommio::timer::sleep(wait), shard.flush_wanted.wait()).await;
+                    continue;
+                }
+                NextRun::At(_) | NextRun::Now => {}
             }
         }
-        if shard.read_turn.has_waiters() {
+        let tick = shard.refresh_tick();
+        let read_round = match (shard.pacer(), last_tick) {
+            (Some(_), Some(last)) => Pacer::read_round_between(last, tick),
+            _ => true,
+        };
+        if read_round && shard.read_turn.has_waiters() {
             // Readers read what arrived since their last turn; their lines join this run.
             shard.read_turn.notify_all();
             futures_lite::future::yield_now().await;

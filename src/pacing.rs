@@ -12,6 +12,10 @@
 //! A recipient not yet written in its current period is written at once, so a line after a
 //! quiet spell is not delayed. One that has [`FLUSH_BYTES`] queued is written at the next
 //! tick whatever its period, which bounds latency when traffic is heavy.
+//!
+//! New clients fill one slot up to [`SLOT_GROUP`] before the next slot is used, so a shard
+//! with few clients wakes at few ticks. Senders that keep sending are read in *read rounds*,
+//! every [`READ_ROUND_TICKS`] ticks, each read taking all that arrived since.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +24,20 @@ pub const SLOTS: u64 = 8;
 
 /// Queued bytes that make a recipient due at the next tick even within its period.
 pub const FLUSH_BYTES: usize = 16 << 10;
+
+/// Clients a slot takes before the next slot is used (while any slot has room).
+pub const SLOT_GROUP: usize = 16;
+
+/// Ticks between read rounds: half a window.
+pub const READ_ROUND_TICKS: u64 = SLOTS / 2;
+
+/// The slot for a new client, given how many clients each slot has: the first slot with
+/// room in its group, else the emptiest.
+pub fn pick_slot(load: &[usize]) -> usize {
+    load.iter()
+        .position(|&n| n < SLOT_GROUP)
+        .unwrap_or_else(|| (0..load.len()).min_by_key(|&s| load[s]).unwrap_or(0))
+}
 
 /// The tick clock of one shard.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +60,11 @@ impl Pacer {
         (elapsed / self.tick.as_nanos()) as u64 + SLOTS
     }
 
+    /// Time between read rounds.
+    pub fn read_round_interval(&self) -> Duration {
+        self.tick * READ_ROUND_TICKS as u32
+    }
+
     /// When tick `tick` begins.
     pub fn start_of(&self, tick: u64) -> Instant {
         let n = tick.saturating_sub(SLOTS);
@@ -52,6 +75,21 @@ impl Pacer {
     /// that slot.
     pub fn period(slot: u64, tick: u64) -> u64 {
         (tick + SLOTS - slot) / SLOTS
+    }
+
+    /// The first tick at or after `from` that belongs to `slot`.
+    pub fn next_tick_of(slot: u64, from: u64) -> u64 {
+        from + (slot + SLOTS - from % SLOTS) % SLOTS
+    }
+
+    /// The first read-round tick at or after `from`.
+    pub fn next_read_round(from: u64) -> u64 {
+        from.div_ceil(READ_ROUND_TICKS) * READ_ROUND_TICKS
+    }
+
+    /// True when a read round falls in `(last, now]`.
+    pub fn read_round_between(last: u64, now: u64) -> bool {
+        now / READ_ROUND_TICKS > last / READ_ROUND_TICKS
     }
 
     /// The slots whose period starts at a tick in `(last, now]`, each once.
@@ -89,6 +127,40 @@ mod tests {
         let mut all: Vec<u64> = Pacer::slots_starting(3, 1000).collect();
         all.sort();
         assert_eq!(all, (0..SLOTS).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn next_ticks_land_on_their_slot_and_read_rounds() {
+        for from in SLOTS..SLOTS * 3 {
+            for slot in 0..SLOTS {
+                let t = Pacer::next_tick_of(slot, from);
+                assert!(
+                    t >= from && t < from + SLOTS && t % SLOTS == slot,
+                    "{slot} from {from}: {t}"
+                );
+            }
+            let r = Pacer::next_read_round(from);
+            assert!(r >= from && r < from + READ_ROUND_TICKS && r % READ_ROUND_TICKS == 0);
+            assert_eq!(Pacer::read_round_between(from - 1, from), from % READ_ROUND_TICKS == 0);
+        }
+        assert!(Pacer::read_round_between(11, 12));
+        assert!(!Pacer::read_round_between(12, 15));
+        assert!(Pacer::read_round_between(12, 100));
+    }
+
+    #[test]
+    fn slots_fill_in_groups_then_balance() {
+        let mut load = vec![0usize; SLOTS as usize];
+        for _ in 0..SLOT_GROUP {
+            assert_eq!(pick_slot(&load), 0);
+            load[0] += 1;
+        }
+        assert_eq!(pick_slot(&load), 1);
+        load.iter_mut().for_each(|n| *n = SLOT_GROUP + 3);
+        load[5] = SLOT_GROUP + 1;
+        assert_eq!(pick_slot(&load), 5);
+        load[2] = 4;
+        assert_eq!(pick_slot(&load), 2);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::connection::{Client, Sched};
 use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
 use crate::metrics::{CloseReason, Counter, DropReason, ShardState, ShardStats};
 use crate::notify::{Notify, NotifyAll};
-use crate::pacing::{Pacer, FLUSH_BYTES, SLOTS};
+use crate::pacing::{self, Pacer, FLUSH_BYTES, SLOTS};
 use crate::protocol;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
@@ -44,6 +44,17 @@ const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a shard's timer task proves that its thread is still running tasks (the
 /// admin endpoint's `/healthz` reads it; see `admin::HEARTBEAT_STALE`).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What the flush task does next (see [`Shard::next_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextRun {
+    /// Nothing to do until something new arrives.
+    Idle,
+    /// Run as soon as possible.
+    Now,
+    /// Run at this time (or as soon as possible if it has passed).
+    At(Instant),
+}
 
 /// What a shard tells the main thread (crossbeam, `try_send`: never blocks a shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,12 +159,14 @@ pub struct Shard {
     due: RefCell<Vec<Rc<Client>>>,
     /// Clients waiting for their next period, by slot.
     waiting: RefCell<Vec<Vec<Rc<Client>>>>,
+    /// Connected clients per slot.
+    slot_load: RefCell<Vec<usize>>,
     /// Releases readers paused because `outgoing` passed [`MAX_OUTGOING_BYTES`].
     pub outgoing_drained: NotifyAll,
-    /// Readers that just relayed lines wait here for the flush task's next run and read
-    /// again at its start. Under load each socket is then read once per run with all that
-    /// arrived since, instead of at every readiness wake-up (half of which would find
-    /// nothing and re-arm a poll), and no line waits longer than it would in the batch.
+    /// Readers that just relayed lines wait here for the next read round (see `pacing`)
+    /// and then read at the start of the flush task's run, so their lines join its batch.
+    /// A sender that keeps sending is then read a few times per window, each read taking
+    /// all that arrived since, instead of at every readiness wake-up.
     pub read_turn: NotifyAll,
     /// Every reader's read lands here; see `connection::read_half`.
     pub read_scratch: RefCell<Box<[u8]>>,
@@ -189,6 +202,7 @@ impl Shard {
             tick: Cell::new(SLOTS),
             due: RefCell::default(),
             waiting: RefCell::new(vec![Vec::new(); SLOTS as usize]),
+            slot_load: RefCell::new(vec![0; SLOTS as usize]),
             outgoing_drained: NotifyAll::default(),
             read_turn: NotifyAll::default(),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
@@ -218,7 +232,13 @@ impl Shard {
     pub fn register(&self, addr: SocketAddr, fd: std::os::fd::RawFd) -> Rc<Client> {
         let n = self.next_client.get();
         self.next_client.set(n + 1);
-        let client = Rc::new(Client::new(((self.id as u64) << 48) | n, addr, fd, n % SLOTS));
+        let slot = {
+            let mut load = self.slot_load.borrow_mut();
+            let slot = pacing::pick_slot(&load);
+            load[slot] += 1;
+            slot as u64
+        };
+        let client = Rc::new(Client::new(((self.id as u64) << 48) | n, addr, fd, slot));
         self.clients.borrow_mut().insert(client.id, client.clone());
         self.stats.on_open();
         client
@@ -226,6 +246,7 @@ impl Shard {
 
     pub fn unregister(&self, client: &Client) {
         self.clients.borrow_mut().remove(&client.id);
+        self.slot_load.borrow_mut()[client.slot as usize] -= 1;
         if self.stalled.borrow_mut().remove(&client.id) {
             self.publish_largest_stalled();
         }
@@ -357,12 +378,37 @@ impl Shard {
         self.pacer.as_ref()
     }
 
-    /// True while the flush task has something to do now or at a coming tick.
-    pub fn has_flush_work(&self) -> bool {
-        !self.outgoing.borrow().is_empty()
-            || !self.due.borrow().is_empty()
-            || self.read_turn.has_waiters()
-            || self.waiting.borrow().iter().any(|w| !w.is_empty())
+    /// Time between read rounds (zero without a flush window).
+    pub fn read_round_interval(&self) -> Duration {
+        self.pacer.map_or(Duration::ZERO, |p| p.read_round_interval())
+    }
+
+    /// When the flush task runs next, given the tick of its last run (`None`: it has not
+    /// run yet): at the next tick when lines or due clients wait, else at the first tick
+    /// that starts a waiting client's period or (for waiting readers) a read round.
+    pub fn next_run(&self, last: Option<u64>) -> NextRun {
+        let work_now = !self.outgoing.borrow().is_empty() || !self.due.borrow().is_empty();
+        let readers = self.read_turn.has_waiters();
+        let Some(pacer) = &self.pacer else {
+            return if work_now || readers {
+                NextRun::Now
+            } else {
+                NextRun::Idle
+            };
+        };
+        let from = last.map_or(self.tick.get(), |l| l + 1);
+        let tick = if work_now {
+            Some(from)
+        } else {
+            let waiting = self.waiting.borrow();
+            let slots = (0..SLOTS).filter(|&s| !waiting[s as usize].is_empty());
+            let read_round = readers.then(|| Pacer::next_read_round(from));
+            slots.map(|s| Pacer::next_tick_of(s, from)).chain(read_round).min()
+        };
+        match tick {
+            None => NextRun::Idle,
+            Some(t) => NextRun::At(pacer.start_of(t)),
+        }
     }
 
     /// Writes every due client and every waiting client whose period started after tick

@@ -190,3 +190,39 @@ fn a_steady_stream_of_small_writes_arrives_complete() {
     }
     writer.join().unwrap();
 }
+
+#[test]
+fn senders_pausing_between_bursts_are_read_again_whenever_they_resume() {
+    // Bursts of several lines make a reader wait for read rounds; pauses shorter and longer
+    // than a round send it back to readiness in between, while the other sender reads.
+    const BURSTS: usize = 120;
+    let relay = Relay::with_config(UNLIMITED, &["--shards", "1"]);
+    let mut receiver = relay.connect();
+    let senders: Vec<_> = (0..2).map(|_| relay.connect()).collect();
+    let names: Vec<String> = senders.iter().map(|s| s.local_addr.to_string()).collect();
+    let writers: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut sender)| {
+            std::thread::spawn(move || {
+                for burst in 0..BURSTS {
+                    let text: String = (0..5).map(|i| format!("s{k} {}\n", burst * 5 + i)).collect();
+                    sender.send(text.as_bytes());
+                    let pause_us = [100, 900, 3000][(burst + k) % 3];
+                    std::thread::sleep(std::time::Duration::from_micros(pause_us));
+                }
+                sender
+            })
+        })
+        .collect();
+    let mut next = [0usize; 2];
+    while next.iter().sum::<usize>() < 2 * BURSTS * 5 {
+        let env = corecast::protocol::decode_envelope(&receiver.line()).expect("an envelope");
+        let k = names.iter().position(|n| *n == env.remote_addr).expect("a known sender");
+        assert_eq!(env.content, format!("s{k} {}", next[k]), "lost or out of order");
+        next[k] += 1;
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+}

@@ -7,6 +7,7 @@
 //! through the phases: sync (wait until every receiver is subscribed), run, stop.
 
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -215,6 +216,15 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
             trackers,
         });
     }
+    let timer = Timer::new()
+        .and_then(|t| {
+            let fd = t.fd.as_raw_fd();
+            poll.registry()
+                .register(&mut mio::unix::SourceFd(&fd), TIMER_TOKEN, Interest::READABLE)
+                .map(|_| t)
+        })
+        .map_err(|e| control.error(format!("cannot create a timer (sends may be up to 1 ms late): {e}")))
+        .ok();
     let mut report = empty_report();
     let interval_ns = if plan.rate > 0.0 { (1e9 / plan.rate) as u64 } else { 0 };
     let mut pubs: Vec<Publisher> = live
@@ -295,7 +305,12 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 flush(l, &control, i);
             }
         }
-        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+        // epoll's own timeout has millisecond resolution: a timer descriptor wakes the loop
+        // when the next line is due (the epoll timeout is only a backstop).
+        if let Some(timer) = &timer {
+            timer.arm(timeout);
+        }
+        if let Err(e) = poll.poll(&mut events, Some(timeout + Duration::from_millis(1))) {
             if e.kind() != ErrorKind::Interrupted {
                 control.error(format!("poll failed: {e}"));
                 break;
@@ -303,6 +318,12 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
         }
         for event in events.iter() {
             let i = event.token().0;
+            if i == TIMER_TOKEN.0 {
+                if let Some(timer) = &timer {
+                    timer.clear();
+                }
+                continue;
+            }
             let l = &mut live[i];
             if event.is_readable() && !l.closed {
                 delivered += read(l, &mut chunk, &plan, &control, &mut report);
@@ -324,6 +345,49 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
         .map(|l| (l.conn.client, l.trackers))
         .collect();
     report
+}
+
+/// The poll loop's token for its [`Timer`] (connections use their index).
+const TIMER_TOKEN: Token = Token(usize::MAX);
+
+/// A `timerfd`: wakes the poll loop with nanosecond resolution.
+struct Timer {
+    fd: OwnedFd,
+}
+
+impl Timer {
+    fn new() -> std::io::Result<Timer> {
+        // SAFETY: plain syscall; on success we own the returned descriptor.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(Timer {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fires once, `after` from now (at once for zero).
+    fn arm(&self, after: Duration) {
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec and the descriptor is ours.
+        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// Consumes an expiry so the descriptor can signal the next one.
+    fn clear(&self) {
+        let mut expirations = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a buffer of 8; a failed read changes nothing.
+        unsafe { libc::read(self.fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+    }
 }
 
 fn empty_report() -> Report {
