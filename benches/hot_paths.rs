@@ -1,6 +1,7 @@
 //! Criterion benches of the relay's hot paths: envelope encoding, line framing, batch
 //! building, the token bucket, the quarantine lookup on accept, fan-out into recipients'
-//! outboxes, and one end-to-end fan-out through the real binary over loopback.
+//! outboxes, one end-to-end fan-out through the real binary over loopback, and the
+//! kernel's own cost of one loopback send by size (the floor under every delivery).
 //! `cargo bench` runs them all; each reports throughput per byte or element.
 //!
 //! The pure benches drive time with a fake `Instant` stepped forward by hand. The
@@ -453,6 +454,31 @@ fn loopback_fanout(c: &mut Criterion) {
     drop(fixture);
 }
 
+/// What one `send` of a given size costs on a loopback TCP socket whose peer drains it on
+/// another thread: the part of every delivery that no relay code can avoid. Per-write
+/// overhead dominates small sends, copying dominates large ones.
+fn loopback_send(c: &mut Criterion) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
+    let mut writer = TcpStream::connect(listener.local_addr().expect("local_addr")).expect("connect");
+    writer.set_nodelay(true).expect("set_nodelay");
+    let (mut reader, _) = listener.accept().expect("accept");
+    let drain = thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut group = c.benchmark_group("loopback_send");
+    for size in [700usize, 4 << 10, 16 << 10, 32 << 10, 64 << 10] {
+        let data = vec![b'x'; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(format!("{size}_bytes"), |b| {
+            b.iter(|| writer.write_all(&data).expect("loopback write"))
+        });
+    }
+    group.finish();
+    let _ = writer.shutdown(Shutdown::Both);
+    let _ = drain.join();
+}
+
 criterion_group!(
     benches,
     envelope_encoding,
@@ -461,6 +487,7 @@ criterion_group!(
     token_bucket,
     quarantine_lookup,
     fanout_enqueue,
-    loopback_fanout
+    loopback_fanout,
+    loopback_send
 );
 criterion_main!(benches);

@@ -28,8 +28,9 @@ pub const FLUSH_BYTES: usize = 16 << 10;
 /// Clients a slot takes before the next slot is used (while any slot has room).
 pub const SLOT_GROUP: usize = 16;
 
-/// Ticks between read rounds: half a window.
-pub const READ_ROUND_TICKS: u64 = SLOTS / 2;
+/// Ticks between read rounds (3/8 of a window). A busy sender's lines wait up to this long
+/// to be read; more often costs a `recv` per sender per round for little gain.
+pub const READ_ROUND_TICKS: u64 = 3;
 
 /// The slot for a new client, given how many clients each slot has: the first slot with
 /// room in its group, else the emptiest.
@@ -143,9 +144,10 @@ mod tests {
             assert!(r >= from && r < from + READ_ROUND_TICKS && r % READ_ROUND_TICKS == 0);
             assert_eq!(Pacer::read_round_between(from - 1, from), from % READ_ROUND_TICKS == 0);
         }
-        assert!(Pacer::read_round_between(11, 12));
-        assert!(!Pacer::read_round_between(12, 15));
-        assert!(Pacer::read_round_between(12, 100));
+        let r = READ_ROUND_TICKS * 5;
+        assert!(Pacer::read_round_between(r - 1, r));
+        assert!(!Pacer::read_round_between(r, r + READ_ROUND_TICKS - 1));
+        assert!(Pacer::read_round_between(r, r + 100));
     }
 
     #[test]

@@ -218,7 +218,10 @@ fn senders_pausing_between_bursts_are_read_again_whenever_they_resume() {
     let mut next = [0usize; 2];
     while next.iter().sum::<usize>() < 2 * BURSTS * 5 {
         let env = corecast::protocol::decode_envelope(&receiver.line()).expect("an envelope");
-        let k = names.iter().position(|n| *n == env.remote_addr).expect("a known sender");
+        let k = names
+            .iter()
+            .position(|n| *n == env.remote_addr)
+            .expect("a known sender");
         assert_eq!(env.content, format!("s{k} {}", next[k]), "lost or out of order");
         next[k] += 1;
     }
