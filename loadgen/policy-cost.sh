@@ -19,7 +19,12 @@ on='{"logger":{"log_level":"WARNING"},"hyper_parameters":{"rate_limit_msgs_per_m
   "client_timeout_secs":300,"timeout_check_interval_secs":1}}'
 off='{"logger":{"log_level":"WARNING"},"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":null,
   "backpressure_policy":{"enable_throttle":false,"enable_flow_control":false,"enable_disconnect":false}}}'
+# The order alternates between rounds, so that a drift in the machine's speed does not
+# always favour the same side.
 for round in $(seq "$rounds"); do
-    run_corecast "round $round policies on" "$on" "${workload%x*}" "${workload#*x}"
-    run_corecast "round $round policies off" "$off" "${workload%x*}" "${workload#*x}"
+    if ((round % 2)); then order="on off"; else order="off on"; fi
+    for side in $order; do
+        if [[ $side == on ]]; then config=$on; else config=$off; fi
+        run_corecast "round $round policies $side" "$config" "${workload%x*}" "${workload#*x}"
+    done
 done

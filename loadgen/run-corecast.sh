@@ -42,7 +42,7 @@ run_corecast() {
     loadgen --clients "$clients" --publishers "$clients" --rate "$rate" --duration "$duration" --warmup 1 \
         >"$scratch/run.txt"
     stop_relay
-    local delivered p99 ns lost
+    local delivered p99 ns lost gen
     delivered=$(sed -n 's/.*delivered *\([0-9.]*\) msgs\/s.*/\1/p' "$scratch/run.txt")
     p99=$(sed -n 's/.* p99 \([0-9]*\) .*/\1/p' "$scratch/run.txt")
     ns=$(sed -n 's/.*= \([0-9]*\) ns per delivery.*/\1/p' "$scratch/run.txt")
