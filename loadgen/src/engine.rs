@@ -1,9 +1,8 @@
 //! The generator's worker threads. Each owns a share of the connections and runs one mio
-//! event loop: publishers append lines at their scheduled times, a burst per `--burst-us`
-//! (open loop: a late send keeps its scheduled time, so latency includes any queueing the
-//! server caused),
-//! receivers decode what arrives, account for every (receiver, publisher) sequence and
-//! record latency in an HDR histogram. The main thread moves the shared [`Control`]
+//! event loop: publishers append lines at their scheduled times, in bursts `--burst-us`
+//! apart (open loop: a late send keeps its scheduled time, so latency includes any
+//! queueing the server caused), receivers decode what arrives, account for every
+//! (receiver, publisher) sequence and record latency in an HDR histogram. The main thread moves the shared [`Control`]
 //! through the phases: sync (wait until every receiver is subscribed), run, stop.
 
 use std::io::{ErrorKind, Read, Write};
@@ -426,7 +425,7 @@ fn flush(l: &mut Live, control: &Control, i: usize) {
 }
 
 /// Bytes read from a socket per `read` call, into the worker's one scratch buffer.
-pub const READ_CHUNK: usize = 64 << 10;
+const READ_CHUNK: usize = 64 << 10;
 
 /// Reads everything available and accounts for it; returns unique deliveries. Each read
 /// lands in `chunk` (the worker's, allocated once) and is decoded from there; only an
