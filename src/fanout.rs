@@ -175,6 +175,10 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
     let mut last_tick: Option<u64> = None;
     loop {
+        // Everything a notification announces (lines, due or waiting clients, readers, the
+        // shutdown) is read below, so an earlier one, such as those the last run raised
+        // itself, need not wake this loop again.
+        shard.flush_wanted.clear();
         let stopping = shard.is_shutting_down();
         if !stopping {
             match shard.next_run(last_tick) {

@@ -25,6 +25,12 @@ impl Notify {
         }
     }
 
+    /// Forgets a notification not yet waited for. For a waiter that is about to re-read
+    /// the state notifications announce: what it reads covers them.
+    pub fn clear(&self) {
+        self.notified.set(false);
+    }
+
     /// Resolves once `notify` has been called since the last `wait` returned.
     pub fn wait(&self) -> impl Future<Output = ()> + '_ {
         futures_lite::future::poll_fn(move |cx| {
