@@ -1,7 +1,8 @@
 //! Criterion benches of the relay's hot paths: envelope encoding, line framing, batch
 //! building, the token bucket, the quarantine lookup on accept, fan-out into recipients'
 //! outboxes, one end-to-end fan-out through the real binary over loopback, and the
-//! kernel's own cost of one loopback send by size (the floor under every delivery).
+//! kernel's own cost of one loopback send by size (the floor under every delivery), and
+//! the CPU a shard spends each time it sleeps until its next tick and wakes.
 //! `cargo bench` runs them all; each reports throughput per byte or element.
 //!
 //! The pure benches drive time with a fake `Instant` stepped forward by hand. The
@@ -479,6 +480,61 @@ fn loopback_send(c: &mut Criterion) {
     let _ = drain.join();
 }
 
+/// The tick the shard sleeps to in these benches: the default flush window's eighth.
+const TICK: Duration = Duration::from_micros(187);
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write to.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Runs `sleeps` sleeps of one tick on a fresh glommio executor set up like a shard's, the
+/// glommio way (`timer::sleep`, which parks the reactor) or by blocking the thread, and
+/// returns the CPU time the executor's thread used for them.
+fn cpu_for_tick_sleeps(sleeps: u64, glommio_timer: bool) -> Duration {
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(corecast::shard::IO_MEMORY_BYTES)
+        .spawn(move || async move {
+            let before = thread_cpu_time();
+            for _ in 0..sleeps {
+                if glommio_timer {
+                    glommio::timer::sleep(TICK).await;
+                } else {
+                    thread::sleep(TICK);
+                }
+            }
+            thread_cpu_time() - before
+        })
+        .expect("start a glommio executor")
+        .join()
+        .expect("executor thread")
+}
+
+/// What a shard's CPU pays per wake-up, apart from the work it wakes for. The reported
+/// time is the sleeping thread's **CPU time** per sleep of one tick, not wall time: a busy
+/// shard wakes at up to every tick, so this times the tick rate is its floor. Sleeping in
+/// the thread (`std::thread::sleep`) is the comparison: the difference is glommio's
+/// reactor (several `io_uring_enter` calls and timer re-arms per park).
+fn shard_wakeup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("shard_wakeup_cpu");
+    // Criterion plans iterations from the CPU time returned, but each one also sleeps a
+    // tick of wall time; keep the plan short.
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(200));
+    group.measurement_time(Duration::from_millis(300));
+    group.throughput(Throughput::Elements(1));
+    for (name, glommio_timer) in [("glommio_timer_sleep_187us", true), ("thread_sleep_187us", false)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|sleeps| cpu_for_tick_sleeps(sleeps, glommio_timer))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     envelope_encoding,
@@ -488,6 +544,7 @@ criterion_group!(
     quarantine_lookup,
     fanout_enqueue,
     loopback_fanout,
-    loopback_send
+    loopback_send,
+    shard_wakeup
 );
 criterion_main!(benches);
