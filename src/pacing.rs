@@ -165,6 +165,10 @@ mod tests {
         for _ in 0..SLOT_GROUP * SLOTS as usize {
             let slot = pick_slot(&load);
             if load[slot] == 0 {
+                assert!(
+                    opened.iter().all(|&s| load[s] == SLOT_GROUP),
+                    "{slot} opened early: {load:?}"
+                );
                 opened.push(slot);
             }
             load[slot] += 1;
