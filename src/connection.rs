@@ -292,7 +292,7 @@ impl Client {
             msg.msg_iovlen = parts as _;
             // SAFETY: `fd` is this client's open socket (it is not closing), and every iovec
             // points into a segment the outbox keeps alive during the call.
-            let sent = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let sent = unsafe { sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if sent < 0 {
                 match std::io::Error::last_os_error().kind() {
                     std::io::ErrorKind::Interrupted => continue,
@@ -597,11 +597,31 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
     }
 }
 
+/// `sendmsg(2)` through `syscall(2)`, as is the `recv` below: glibc's own wrappers are
+/// thread-cancellation points and bracket every call with cancellation bookkeeping that a
+/// shard thread, never cancelled, does not need (about 1 % of the relay's CPU at `T100x30`).
+///
+/// # Safety
+/// As for `sendmsg(2)`: `fd` is open and `msg` points at valid iovecs.
+unsafe fn sendmsg(fd: RawFd, msg: &libc::msghdr, flags: libc::c_int) -> isize {
+    libc::syscall(libc::SYS_sendmsg, fd, msg as *const libc::msghdr, flags) as isize
+}
+
 /// One non-blocking `recv` into `buf`; `None` when the socket has nothing to read.
 fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
     loop {
         // SAFETY: `fd` is the connection's open socket and `buf` is writable for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                fd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut::<libc::sockaddr>(),
+                std::ptr::null_mut::<libc::socklen_t>(),
+            )
+        };
         if n >= 0 {
             return Some(Ok(n as usize));
         }
