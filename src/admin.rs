@@ -366,7 +366,7 @@ impl std::fmt::Debug for ShardCollector {
 /// One per-shard series family: name (without prefix), help, type, and the value.
 type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
 
-const SERIES: [Series; 9] = [
+const SERIES: [Series; 10] = [
     (
         "connections",
         "Connections currently open on the shard.",
@@ -420,6 +420,12 @@ const SERIES: [Series; 9] = [
         "Times a sender's reads were paused by throttle or flow control.",
         MetricType::Counter,
         |s| s.sender_pauses,
+    ),
+    (
+        "reads_at_runs",
+        "Socket reads done at the flush task's runs instead of on a readiness wake-up of their own.",
+        MetricType::Counter,
+        |s| s.reads_at_runs,
     ),
 ];
 

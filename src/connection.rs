@@ -191,6 +191,8 @@ pub struct Client {
     last_inbound: Cell<Instant>,
     /// Wakes the writer half, which drains the outbox while the socket is stalled.
     writer_wake: Notify,
+    /// Wakes the reader half while it waits in the shard's ready set.
+    reader_wake: Notify,
     /// Set by a policy to end the connection; `close_wake` tells the connection task.
     close_request: Cell<Option<CloseReason>>,
     close_wake: Notify,
@@ -211,6 +213,7 @@ impl Client {
             stalled: Cell::new(false),
             last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
+            reader_wake: Notify::default(),
             close_request: Cell::new(None),
             close_wake: Notify::default(),
         }
@@ -260,6 +263,15 @@ impl Client {
 
     pub fn wake_writer(&self) {
         self.writer_wake.notify();
+    }
+
+    pub fn wake_reader(&self) {
+        self.reader_wake.notify();
+    }
+
+    /// The socket, while the client is not closing (see `fd`).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
     }
 
     /// Writes what is queued with as few `sendmsg` calls as the socket allows, without
@@ -499,47 +511,70 @@ async fn wait_for_close_request(client: &Client) -> CloseReason {
     }
 }
 
+/// How a reader's next read happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NextRead {
+    /// Wait for readiness (glommio's io_uring poll).
+    Readiness,
+    /// A plain `recv` at a read round (the flush task released the read turn).
+    Turn,
+    /// A plain `recv`: the flush task found the socket readable in the shard's ready set,
+    /// or sent the reader back to readiness.
+    Woken,
+}
+
 /// Reads into the shard's scratch buffer, frames lines, applies the token bucket and hands
 /// lines to the shard; pauses when backpressure says so.
 ///
-/// A read waits for readiness, except on a read turn (see `Shard::read_turn`): that read
-/// is a plain non-blocking `recv`, so lines that arrived since the last read join the
-/// flush task's current run, and a sender that keeps sending arms no readiness poll (whose
-/// completion would wake the shard for nothing). After [`EMPTY_TURNS`] turns in a row
-/// that find nothing, the reader goes back to waiting for readiness.
+/// A read waits for readiness, except in two cases where it is a plain non-blocking `recv`
+/// at the flush task's run, so that the lines join that run and no readiness poll (whose
+/// completion would wake the shard) is armed:
+/// - a sender that keeps sending is read at read rounds (see `Shard::read_turn`); after
+///   [`EMPTY_TURNS`] turns in a row that find nothing it goes back to readiness;
+/// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
+///   first run that finds its socket readable (see `Shard::read_at_runs`); when the shard
+///   stops running often, it goes back to readiness.
 async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStream>) -> CloseReason {
     let config = shard.config();
     let mut framer = Framer::new(config.max_line_bytes);
     let mut limiter = config
         .rate_limit_msgs_per_minute
         .map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
-    let (mut turn, mut empty_turns) = (false, 0);
+    let (mut next, mut empty_turns) = (NextRead::Readiness, 0);
     loop {
         while shard.outgoing_full() {
             shard.outgoing_drained.wait().await;
         }
         // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
         // consumed below before the next `.await`, so no other reader can overwrite them.
-        let read = if std::mem::take(&mut turn) {
-            // A statement of its own: the borrows must end before the `.await` below.
-            let read = recv_now(stream.borrow().as_raw_fd(), &mut shard.read_scratch.borrow_mut());
-            match read {
-                Some(read) => read,
-                None => {
-                    empty_turns += 1;
-                    if empty_turns < EMPTY_TURNS {
-                        shard.read_turn.wait().await;
-                        turn = true;
+        let read = match std::mem::replace(&mut next, NextRead::Readiness) {
+            NextRead::Readiness => {
+                poll_fn(|cx| {
+                    let mut scratch = shard.read_scratch.borrow_mut();
+                    Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
+                })
+                .await
+            }
+            how => {
+                // A statement of its own: the borrows must end before any `.await` below.
+                let read = recv_now(stream.borrow().as_raw_fd(), &mut shard.read_scratch.borrow_mut());
+                match read {
+                    Some(read) => {
+                        shard.stats.on_read_at_run();
+                        read
                     }
-                    continue;
+                    None if how == NextRead::Turn => {
+                        empty_turns += 1;
+                        if empty_turns < EMPTY_TURNS {
+                            shard.read_turn.wait().await;
+                            next = NextRead::Turn;
+                        }
+                        continue;
+                    }
+                    // Sent back from the ready set with nothing to read.
+                    None => continue,
                 }
             }
-        } else {
-            poll_fn(|cx| {
-                let mut scratch = shard.read_scratch.borrow_mut();
-                Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
-            })
-            .await
         };
         let n = match read {
             Ok(n) => n,
@@ -589,10 +624,17 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
             glommio::timer::sleep(pause).await;
         } else if relayed >= 2 || now.saturating_duration_since(previous_read) < shard.read_round_interval() {
             // A sender that keeps sending: read it again at the next read round, with all
-            // that arrived by then. (An occasional single line waits for readiness instead:
-            // a read turn would only delay its next line.)
+            // that arrived by then.
+            shard.leave_ready_set(client);
             shard.read_turn.wait().await;
-            (turn, empty_turns) = (true, 0);
+            (next, empty_turns) = (NextRead::Turn, 0);
+        } else if shard.read_at_runs(client) {
+            // An occasional single line on a busy shard: read the next one at the run that
+            // finds it. (Otherwise it waits for readiness: a read turn would only delay it.)
+            // What the flush task reported before this read is stale now.
+            client.reader_wake.clear();
+            client.reader_wake.wait().await;
+            next = NextRead::Woken;
         }
     }
 }

@@ -177,10 +177,10 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
 }
 
 /// The shard's flush task. At most once per tick, and only at ticks with something to do
-/// (see `pacing` and [`Shard::next_run`]), it lets waiting readers read (at read rounds),
-/// turns the lines accepted since the last run into one batch, hands it to every local
-/// recipient's outbox and once to every peer shard over the SPSC mesh, then writes to the
-/// recipients that are due. At shutdown it sends what is left and returns, which closes
+/// (see `pacing` and [`Shard::next_run`]), it lets waiting readers read (at read rounds,
+/// and those in the ready set whose socket is readable), turns the lines accepted since
+/// the last run into one batch, hands it to every local recipient's outbox and once to
+/// every peer shard over the SPSC mesh, then writes to the recipients that are due. At shutdown it sends what is left and returns, which closes
 /// its senders: peer receivers then drain their ring and end.
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
     let mut last_tick: Option<u64> = None;
@@ -191,7 +191,9 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
         shard.flush_wanted.clear();
         let stopping = shard.is_shutting_down();
         if !stopping {
-            match shard.next_run(last_tick) {
+            let next = shard.next_run(last_tick);
+            shard.set_next_run(next);
+            match next {
                 NextRun::Idle => {
                     shard.flush_wanted.wait().await;
                     continue;
@@ -210,9 +212,14 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
             (Some(_), Some(last)) => Pacer::read_round_between(last, tick),
             _ => true,
         };
-        if read_round && shard.read_turn.has_waiters() {
-            // Readers read what arrived since their last turn; their lines join this run.
+        // Readers read what arrived since their last turn, and readers in the ready set
+        // whose socket is readable; their lines join this run.
+        let woken = shard.wake_ready_readers();
+        let turns = read_round && shard.read_turn.has_waiters();
+        if turns {
             shard.read_turn.notify_all();
+        }
+        if woken || turns {
             futures_lite::future::yield_now().await;
         }
         while let Some(batch) = shard.take_outgoing() {

@@ -8,6 +8,7 @@
 //! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
 //! - [`connection`]: one client's reader and writer halves and its outbox.
 //! - [`fanout`]: batches of envelopes, local delivery and the cross-shard SPSC mesh.
+//! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
 //! - [`protocol`]: line framing and envelope encoding (pure, no I/O).
 //! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
 //! - [`shutdown`]: the signal that starts every shard's drain.
@@ -32,6 +33,7 @@ pub mod notify;
 pub mod pacing;
 pub mod protocol;
 pub mod quarantine;
+pub mod ready_set;
 pub mod sd_notify;
 pub mod shard;
 pub mod shutdown;

@@ -189,6 +189,9 @@ pub struct ShardStats {
     pub max_stalled_depth: Counter,
     /// Times a sender's reads were paused by throttle or flow control.
     pub sender_pauses: Counter,
+    /// Socket reads done at the flush task's runs rather than on a readiness wake-up of
+    /// their own: busy senders at read rounds, occasional ones found in the ready set.
+    pub reads_at_runs: Counter,
     /// [`ShardState`] as a `u8`, written by the shard (and by its stop guard).
     state: AtomicU8,
     /// Milliseconds since [`crate::shard::Shared::epoch`] at the shard's last heartbeat, written
@@ -210,6 +213,7 @@ pub struct StatsSnapshot {
     pub dropped: [u64; DropReason::ALL.len()],
     pub max_stalled_depth: u64,
     pub sender_pauses: u64,
+    pub reads_at_runs: u64,
 }
 
 impl ShardStats {
@@ -252,6 +256,10 @@ impl ShardStats {
 
     pub fn on_sender_pause(&self) {
         bump(&self.sender_pauses, 1);
+    }
+
+    pub fn on_read_at_run(&self) {
+        bump(&self.reads_at_runs, 1);
     }
 
     pub fn on_stalled_depth(&self, depth: u64) {
@@ -310,6 +318,7 @@ impl ShardStats {
             dropped: std::array::from_fn(|i| self.dropped[i].get()),
             max_stalled_depth: self.max_stalled_depth.get(),
             sender_pauses: self.sender_pauses.get(),
+            reads_at_runs: self.reads_at_runs.get(),
         }
     }
 
@@ -321,7 +330,7 @@ impl ShardStats {
 
 impl StatsSnapshot {
     /// The plain counters (everything but the per-reason arrays), by name.
-    pub fn scalars(&self) -> [(&'static str, u64); 9] {
+    pub fn scalars(&self) -> [(&'static str, u64); 10] {
         [
             ("accepted", self.accepted),
             ("open", self.open),
@@ -332,6 +341,7 @@ impl StatsSnapshot {
             ("socket_writes", self.socket_writes),
             ("max_stalled_depth", self.max_stalled_depth),
             ("sender_pauses", self.sender_pauses),
+            ("reads_at_runs", self.reads_at_runs),
         ]
     }
 
@@ -346,6 +356,7 @@ impl StatsSnapshot {
         self.socket_writes += other.socket_writes;
         self.max_stalled_depth = self.max_stalled_depth.max(other.max_stalled_depth);
         self.sender_pauses += other.sender_pauses;
+        self.reads_at_runs += other.reads_at_runs;
         for (a, b) in self.closed.iter_mut().zip(other.closed) {
             *a += b;
         }

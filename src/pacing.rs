@@ -69,6 +69,11 @@ impl Pacer {
         (elapsed / self.tick.as_nanos()) as u64 + SLOTS
     }
 
+    /// The length of a tick.
+    pub fn tick(&self) -> Duration {
+        self.tick
+    }
+
     /// Time between read rounds.
     pub fn read_round_interval(&self) -> Duration {
         self.tick * READ_ROUND_TICKS as u32

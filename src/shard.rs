@@ -25,6 +25,7 @@ use crate::notify::{Notify, NotifyAll};
 use crate::pacing::{self, Pacer, FLUSH_BYTES, SLOTS};
 use crate::protocol;
 use crate::quarantine::Quarantine;
+use crate::ready_set::ReadySet;
 use crate::shutdown::ShutdownSignal;
 
 /// glommio's DMA buffer arena per executor. TCP never uses it, and glommio registers it
@@ -37,6 +38,11 @@ const PREEMPT_TIMER: Duration = Duration::from_millis(2);
 const RING_DEPTH: usize = 1024;
 /// One read's worth of input, shared by all readers on the shard.
 const READ_SCRATCH_BYTES: usize = 64 << 10;
+/// Occasional senders are read at the flush task's runs (from the ready set) only while
+/// its next run is at most this many ticks away: a line from such a sender then waits no
+/// longer to be read than a busy sender's does (a read round). At a hundred busy clients
+/// the slots in use are two ticks apart, so the shard runs that often anyway.
+const READY_SET_TICKS: u32 = pacing::READ_ROUND_TICKS as u32;
 /// N6 refusals a shard sends at once; past this a refused connection is just closed.
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 /// Period of the summary log lines for repeated events (drops, refusals).
@@ -170,6 +176,11 @@ pub struct Shard {
     pub read_turn: NotifyAll,
     /// Every reader's read lands here; see `connection::read_half`.
     pub read_scratch: RefCell<Box<[u8]>>,
+    /// Occasional senders read at the flush task's runs (`None` if the kernel refused an
+    /// epoll set: then every reader uses readiness).
+    ready_set: Option<ReadySet>,
+    /// The flush task's next run is within [`READY_SET_TICKS`]: readers may join the set.
+    runs_soon: Cell<bool>,
     next_client: Cell<u64>,
     /// N6 refusals in progress (each holds a descriptor for up to the farewell timeout).
     refusals: Cell<usize>,
@@ -206,6 +217,10 @@ impl Shard {
             outgoing_drained: NotifyAll::default(),
             read_turn: NotifyAll::default(),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
+            ready_set: ReadySet::new()
+                .inspect_err(|e| tracing::warn!("shard {id}: no epoll set ({e}); every reader waits for readiness"))
+                .ok(),
+            runs_soon: Cell::new(false),
             next_client: Cell::new(1),
             refusals: Cell::new(0),
             // Origin 0 is never a client id, so every client gets it; count 0: not an envelope.
@@ -246,6 +261,7 @@ impl Shard {
 
     pub fn unregister(&self, client: &Client) {
         self.clients.borrow_mut().remove(&client.id);
+        self.leave_ready_set(client);
         self.slot_load.borrow_mut()[client.slot as usize] -= 1;
         if self.stalled.borrow_mut().remove(&client.id) {
             self.publish_largest_stalled();
@@ -364,6 +380,66 @@ impl Shard {
         }
         // The flush task may be parked with nothing to do (a peer's batch).
         self.flush_wanted.notify();
+    }
+
+    /// Puts an occasional sender's socket in the ready set, to be read at the flush task's
+    /// runs instead of through a readiness wake-up of its own (each costs the shard an
+    /// io_uring completion, a task wake-up and often a wake-up of its thread). Only while
+    /// the next run is near (see [`READY_SET_TICKS`]). False if the reader should wait for
+    /// readiness instead.
+    pub fn read_at_runs(&self, client: &Client) -> bool {
+        let Some(set) = &self.ready_set else {
+            return false;
+        };
+        if set.contains(client.id) {
+            return true;
+        }
+        self.runs_soon.get() && !client.is_closing() && set.insert(client.id, client.raw_fd())
+    }
+
+    /// Takes a reader out of the ready set (it is closing, or it keeps sending and reads
+    /// at read rounds instead).
+    pub fn leave_ready_set(&self, client: &Client) {
+        if let Some(set) = &self.ready_set {
+            set.remove(client.id);
+        }
+    }
+
+    /// Wakes every reader in the ready set whose socket is readable; true if any.
+    pub fn wake_ready_readers(&self) -> bool {
+        let Some(set) = &self.ready_set else {
+            return false;
+        };
+        let clients = self.clients.borrow();
+        let mut woke = false;
+        set.for_each_ready(|id| {
+            if let Some(client) = clients.get(&id) {
+                client.wake_reader();
+                woke = true;
+            }
+        });
+        woke
+    }
+
+    /// Records when the flush task runs next. If that is not near, the readers in the
+    /// ready set go back to readiness: nothing would read them in time.
+    pub fn set_next_run(&self, next: NextRun) {
+        let soon = match (next, &self.pacer) {
+            (NextRun::At(when), Some(pacer)) => when <= Instant::now() + pacer.tick() * READY_SET_TICKS,
+            // No flush window: runs follow the lines, with no ticks to ride on.
+            _ => false,
+        };
+        self.runs_soon.set(soon);
+        if !soon {
+            if let Some(set) = &self.ready_set {
+                let clients = self.clients.borrow();
+                set.drain(|id| {
+                    if let Some(client) = clients.get(&id) {
+                        client.wake_reader();
+                    }
+                });
+            }
+        }
     }
 
     /// Reads the clock into the shard's current tick.

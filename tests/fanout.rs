@@ -229,3 +229,83 @@ fn senders_pausing_between_bursts_are_read_again_whenever_they_resume() {
         w.join().unwrap();
     }
 }
+
+/// On a busy shard an occasional sender is read at the flush task's runs, from the shard's
+/// ready set, instead of on a readiness wake-up of its own. Its lines, and its end of
+/// stream, must be picked up while the shard stays busy: a busy sender keeps the shard
+/// running until the probes are all through, so a reader stuck in the ready set would be
+/// read only once that traffic stopped, and this test would fail instead.
+#[test]
+fn occasional_senders_on_a_busy_shard_are_read_at_its_runs() {
+    const PROBES: usize = 10;
+    const ROUNDS: usize = 6;
+    // A 40 ms window (5 ms ticks, read rounds every 15 ms) keeps the schedule far above
+    // the timing noise of a debug build on a busy machine.
+    let config = UNLIMITED.replace(
+        "\"rate_limit_msgs_per_minute\":null",
+        "\"rate_limit_msgs_per_minute\":null,\"flush_window_us\":40000",
+    );
+    let mut relay = Relay::with_config(&config, &["--shards", "1"]);
+    // Only `reader` reads; the others take what comes in their socket buffers.
+    let mut reader = relay.connect();
+    let mut busy = relay.connect().nodelay();
+    let mut probes: Vec<Client> = relay.connect_many(PROBES).into_iter().map(Client::nodelay).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy_sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // A line a millisecond: read at read rounds, which keep the shard running.
+            let deadline = std::time::Instant::now() + crate::util::PATIENCE;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                busy.send(format!("busy {n}\n").as_bytes());
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            busy
+        })
+    };
+    let index: HashMap<SocketAddr, usize> = probes.iter().enumerate().map(|(i, c)| (c.local_addr, i)).collect();
+    // Each probe sender sends a line every 30 ms: far apart enough never to be read at
+    // read rounds.
+    for round in 0..ROUNDS {
+        for (i, probe) in probes.iter_mut().enumerate() {
+            probe.send(format!("p{i} {round}\n").as_bytes());
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+    }
+    let mut next = [0usize; PROBES];
+    while next.iter().sum::<usize>() < PROBES * ROUNDS {
+        let env = corecast::protocol::decode_envelope(&reader.line()).expect("an envelope");
+        if let Some(&from) = index.get(&env.remote_addr.parse().unwrap()) {
+            assert_eq!(env.content, format!("p{from} {}", next[from]));
+            next[from] += 1;
+        }
+    }
+    probes[0].shutdown();
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {}", probes[0].local_addr));
+    assert!(
+        !busy_sender.is_finished(),
+        "the busy sender ran out of time before the probes got through"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _busy = busy_sender.join().unwrap();
+    // The shard goes quiet (five windows without traffic) and sends its ready set back to
+    // readiness: a probe's next line still gets through, with nothing running to read it.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    probes[1].send(b"after the traffic\n");
+    while corecast::protocol::decode_envelope(&reader.line())
+        .expect("an envelope")
+        .content
+        != "after the traffic"
+    {}
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert!(
+        relay.final_counter("reads_at_runs") > 0,
+        "no read was done at a run:\n{}",
+        relay.log.text()
+    );
+}

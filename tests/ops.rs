@@ -262,6 +262,7 @@ fn metrics_add_up_after_a_known_workload() {
             "bytes_in",
             "bytes_out",
             "socket_writes",
+            "reads_at_runs",
         ] {
             assert_eq!(s[key], on(&format!("corecast_{key}_total")), "shard {id} {key}");
         }

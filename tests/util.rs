@@ -257,6 +257,18 @@ impl Client {
         self.stream.write_all(bytes).expect("send to relay");
     }
 
+    /// Sends each write at once instead of holding small ones back until the relay
+    /// acknowledges the last (Nagle), for a test that paces its writes.
+    pub fn nodelay(self) -> Client {
+        self.stream.set_nodelay(true).expect("TCP_NODELAY");
+        self
+    }
+
+    /// Shuts the connection down both ways: the relay sees the end of the stream.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
     /// The next line including its `\n`; panics on EOF or timeout.
     pub fn line(&mut self) -> Vec<u8> {
         self.try_line()

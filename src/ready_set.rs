@@ -1,0 +1,151 @@
+//! A shard's ready set: the sockets of occasional senders that are read at the flush task's
+//! runs instead of through a readiness wake-up each (see `connection::read_half` and
+//! `Shard::read_at_runs`). It is a level-triggered epoll set that is only ever polled with
+//! a zero timeout, never slept on: the shard's thread sleeps in glommio's ring.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Most readable members one poll reports; the rest (level-triggered, so still readable)
+/// come at the next poll.
+const MAX_EVENTS: usize = 256;
+
+pub struct ReadySet {
+    epoll: OwnedFd,
+    /// Members: client id → its socket.
+    members: RefCell<HashMap<u64, RawFd>>,
+}
+
+impl ReadySet {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ReadySet {
+            // SAFETY: `fd` was just created and nothing else owns it.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            members: RefCell::default(),
+        })
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.members.borrow().contains_key(&id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.borrow().is_empty()
+    }
+
+    /// Adds client `id`'s socket `fd`; false if the kernel refuses (out of memory or over
+    /// `max_user_watches`), and the reader then keeps using readiness.
+    pub fn insert(&self, id: u64, fd: RawFd) -> bool {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: id,
+        };
+        // SAFETY: both descriptors are open; the kernel copies `event`.
+        let added = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) } == 0;
+        if added {
+            self.members.borrow_mut().insert(id, fd);
+        }
+        added
+    }
+
+    /// Removes client `id`, if it is a member. Its socket must still be open.
+    pub fn remove(&self, id: u64) {
+        if let Some(fd) = self.members.borrow_mut().remove(&id) {
+            self.delete(fd);
+        }
+    }
+
+    /// Empties the set, calling `f` with each member's id.
+    pub fn drain(&self, mut f: impl FnMut(u64)) {
+        let members = std::mem::take(&mut *self.members.borrow_mut());
+        for (id, fd) in members {
+            self.delete(fd);
+            f(id);
+        }
+    }
+
+    /// Calls `f` with the id of every member whose socket is readable now (data, end of
+    /// stream or an error), up to [`MAX_EVENTS`]. Does not wait.
+    pub fn for_each_ready(&self, mut f: impl FnMut(u64)) {
+        if self.is_empty() {
+            return;
+        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        // SAFETY: `events` is writable for MAX_EVENTS entries; timeout 0 never blocks.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), MAX_EVENTS as i32, 0) };
+        for event in &events[..n.max(0) as usize] {
+            f(event.u64);
+        }
+    }
+
+    fn delete(&self, fd: RawFd) {
+        // SAFETY: `fd` is a member's socket, still open (members leave before they close).
+        // A failure means it is not in the set any more, which is what we want.
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    fn ready(set: &ReadySet) -> Vec<u64> {
+        let mut ids = Vec::new();
+        set.for_each_ready(|id| ids.push(id));
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn reports_exactly_the_readable_members_until_they_leave() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut a_client, a_server) = pair(&listener);
+        let (b_client, b_server) = pair(&listener);
+        let (_c_client, c_server) = pair(&listener);
+        let set = ReadySet::new().unwrap();
+        assert!(set.is_empty() && ready(&set).is_empty());
+        assert!(set.insert(1, a_server.as_raw_fd()));
+        assert!(set.insert(2, b_server.as_raw_fd()));
+        assert!(set.contains(1) && !set.contains(3));
+        assert!(ready(&set).is_empty(), "nothing sent yet");
+        a_client.write_all(b"line\n").unwrap();
+        // A readable socket that is not a member is not reported.
+        assert!(set.insert(3, c_server.as_raw_fd()));
+        set.remove(3);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ready(&set).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(ready(&set), vec![1]);
+        // Level-triggered: still reported while unread. End of stream is readable too.
+        assert_eq!(ready(&set), vec![1]);
+        b_client.shutdown(std::net::Shutdown::Write).unwrap();
+        while ready(&set).len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(ready(&set), vec![1, 2]);
+        set.remove(1);
+        assert_eq!(ready(&set), vec![2]);
+        let mut drained = Vec::new();
+        set.drain(|id| drained.push(id));
+        assert_eq!(drained, vec![2]);
+        assert!(set.is_empty() && ready(&set).is_empty());
+        // A closed descriptor cannot be added.
+        assert!(!set.insert(9, -1));
+    }
+}
