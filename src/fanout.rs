@@ -180,8 +180,9 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
 /// (see `pacing` and [`Shard::next_run`]), it lets waiting readers read (at read rounds,
 /// and those in the ready set whose socket is readable), turns the lines accepted since
 /// the last run into one batch, hands it to every local recipient's outbox and once to
-/// every peer shard over the SPSC mesh, then writes to the recipients that are due. At shutdown it sends what is left and returns, which closes
-/// its senders: peer receivers then drain their ring and end.
+/// every peer shard over the SPSC mesh, then writes to the recipients that are due. At
+/// shutdown it sends what is left and returns, which closes its senders: peer receivers
+/// then drain their ring and end.
 pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
     let mut last_tick: Option<u64> = None;
     loop {
