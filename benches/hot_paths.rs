@@ -493,8 +493,9 @@ fn thread_cpu_time() -> Duration {
 }
 
 /// Runs `sleeps` sleeps of one tick on a fresh glommio executor with a shard's
-/// `io_memory` (the rest at glommio's defaults), the glommio way (`timer::sleep`, which parks the reactor) or by blocking the thread, and
-/// returns the CPU time the executor's thread used for them.
+/// `io_memory` (the rest at glommio's defaults), the glommio way (`timer::sleep`, which
+/// parks the reactor) or by blocking the thread, and returns the CPU time the executor's
+/// thread used for them.
 fn cpu_for_tick_sleeps(sleeps: u64, glommio_timer: bool) -> Duration {
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(corecast::shard::IO_MEMORY_BYTES)

@@ -410,15 +410,14 @@ impl Shard {
         let Some(set) = &self.ready_set else {
             return false;
         };
-        let clients = self.clients.borrow();
         let mut woke = false;
-        set.for_each_ready(|id| {
-            if let Some(client) = clients.get(&id) {
-                client.wake_reader();
-                woke = true;
-            }
-        });
+        set.for_each_ready(|id| woke |= self.wake_reader(id));
         woke
+    }
+
+    /// Wakes client `id`'s reader, if it is still connected.
+    fn wake_reader(&self, id: u64) -> bool {
+        self.clients.borrow().get(&id).map(|c| c.wake_reader()).is_some()
     }
 
     /// Records when the flush task runs next. If that is not near, the readers in the
@@ -432,11 +431,8 @@ impl Shard {
         self.runs_soon.set(soon);
         if !soon {
             if let Some(set) = &self.ready_set {
-                let clients = self.clients.borrow();
                 set.drain(|id| {
-                    if let Some(client) = clients.get(&id) {
-                        client.wake_reader();
-                    }
+                    self.wake_reader(id);
                 });
             }
         }
