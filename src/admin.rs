@@ -341,7 +341,8 @@ pub fn stats_json(shared: &Shared) -> Value {
         m.insert("state".into(), health.state.as_str().into());
         m.insert("healthy".into(), health.is_healthy().into());
         m.insert("heartbeat_age_ms".into(), health.heartbeat_age_ms.into());
-        m.insert("stalled_depth".into(), shared.largest_stalled(id).into());
+        m.insert("pending_bytes".into(), shared.shard_pending_bytes(id).into());
+        m.insert("backpressure_stage".into(), (shared.shard_stage(id) as u8).into());
         shards.push(Value::Object(m));
     }
     json!({
@@ -470,13 +471,22 @@ impl Collector for ShardCollector {
             }
         }
         let mut family = encoder.encode_descriptor(
-            "stalled_depth",
-            "Messages queued for the most backed-up stalled recipient on the shard now.",
+            "pending_bytes",
+            "Bytes queued for stalled recipients on the shard now (against max_total_pending_bytes).",
             None,
             MetricType::Gauge,
         )?;
         for id in 0..snaps.len() {
-            ConstGauge::new(shared.largest_stalled(id)).encode(family.encode_family(&[("shard", id)])?)?;
+            ConstGauge::new(shared.shard_pending_bytes(id)).encode(family.encode_family(&[("shard", id)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "backpressure_stage",
+            "How much the shard's stalled recipients hold senders back now: 0 none, 1 throttle, 2 flow control.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for id in 0..snaps.len() {
+            ConstGauge::new(shared.shard_stage(id) as u8 as u64).encode(family.encode_family(&[("shard", id)])?)?;
         }
         let mut family = encoder.encode_descriptor(
             "shard_up",

@@ -194,13 +194,24 @@ pub struct Config {
     pub quarantine_cleanup_interval_secs: u64,
     /// Read pause for a sender while a recipient is over the throttle threshold. Default 200 ms.
     pub throttle_delay_ms: u64,
-    /// Read pause while a recipient is over the flow-control threshold. Default 1000 ms.
+    /// The most time one recipient's backlog may hold the senders back (throttle and flow
+    /// control together) within any `write_deadline_ms` window. Default 1000 ms.
     pub flow_control_delay_ms: u64,
     pub backpressure: BackpressureConfig,
     /// Longest accepted line content; longer lines get N4 and a close. Default 1 MiB.
     pub max_line_bytes: usize,
-    /// Bytes queued for one recipient before it is closed, whatever the policy. Default 8 MiB.
+    /// Bytes queued for one recipient before it is closed, whatever the policy. Default
+    /// 64 MiB (NATS's per-client pending limit): room for a reader that pauses for seconds
+    /// in a burst; the process-wide bound below caps the total.
     pub max_pending_bytes: usize,
+    /// Bytes queued for all recipients together, per process; past it every shard stops
+    /// reading until it drops below (counted per recipient, so a batch queued for many
+    /// recipients counts once for each: a conservative bound). Default 1 GiB.
+    pub max_total_pending_bytes: usize,
+    /// A recipient with data queued that accepts no byte for this long is closed
+    /// (`slow_consumer`); also how long one may stay over `disconnect_threshold`, and the
+    /// window of the pause allowance (`flow_control_delay_ms`). Default 10000 ms.
+    pub write_deadline_ms: u64,
     /// Open connections per process before new ones get N6. Default: fd hard limit - 64.
     pub max_connections: usize,
     pub quarantine_by: QuarantineBy,
@@ -254,7 +265,9 @@ impl Default for Config {
                 disconnect_threshold: 500,
             },
             max_line_bytes: 1 << 20,
-            max_pending_bytes: 8 << 20,
+            max_pending_bytes: 64 << 20,
+            max_total_pending_bytes: 1 << 30,
+            write_deadline_ms: 10_000,
             max_connections: default_max_connections(),
             quarantine_by: QuarantineBy::Ip,
             quarantine_max_entries: 100_000,
@@ -424,6 +437,11 @@ impl Config {
         }
         set_usize(&mut self.max_line_bytes, s.int("max_line_bytes", 1, 64 << 20)?);
         set_usize(&mut self.max_pending_bytes, s.int("max_pending_bytes", 4096, 1 << 40)?);
+        set_usize(
+            &mut self.max_total_pending_bytes,
+            s.int("max_total_pending_bytes", 4096, 1 << 48)?,
+        );
+        set(&mut self.write_deadline_ms, s.int("write_deadline_ms", 1, 3_600_000)?);
         set_usize(&mut self.max_connections, s.int("max_connections", 1, 10_000_000)?);
         if let Some(by) = s.string("quarantine_by")? {
             self.quarantine_by = match by.as_str() {
@@ -513,6 +531,8 @@ impl Config {
                 },
                 "max_line_bytes": self.max_line_bytes,
                 "max_pending_bytes": self.max_pending_bytes,
+                "max_total_pending_bytes": self.max_total_pending_bytes,
+                "write_deadline_ms": self.write_deadline_ms,
                 "max_connections": self.max_connections,
                 "quarantine_by": match self.quarantine_by { QuarantineBy::Ip => "ip", QuarantineBy::Addr => "addr" },
                 "quarantine_max_entries": self.quarantine_max_entries,
@@ -759,6 +779,27 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8888));
         assert_eq!(c.rate_limit_msgs_per_minute, Some(300));
         assert_eq!(c.backpressure.disconnect_threshold, 500);
+        assert_eq!((c.max_pending_bytes, c.max_total_pending_bytes), (64 << 20, 1 << 30));
+        assert_eq!(c.write_deadline_ms, 10_000);
+    }
+
+    #[test]
+    fn the_slow_consumer_keys_load_and_are_range_checked() {
+        let (c, _) =
+            load(r#"{"hyper_parameters":{"write_deadline_ms":2500,"max_total_pending_bytes":1048576}}"#).unwrap();
+        assert_eq!((c.write_deadline_ms, c.max_total_pending_bytes), (2500, 1 << 20));
+        let e = load(r#"{"hyper_parameters":{"write_deadline_ms":0}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.write_deadline_ms: expected an integer from 1"),
+            "{e}"
+        );
+        let e = load(r#"{"hyper_parameters":{"max_total_pending_bytes":"lots"}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.max_total_pending_bytes: expected an integer"),
+            "{e}"
+        );
     }
 
     #[test]

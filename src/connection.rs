@@ -23,6 +23,7 @@ use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
 use glommio::net::TcpStream;
 use tracing::info;
 
+use crate::backpressure::{Lag, Policy, Stage, Verdict};
 use crate::fanout::LocalBatch;
 use crate::limiter::{Decision, TokenBucket};
 use crate::metrics::{CloseReason, DropReason};
@@ -185,8 +186,11 @@ pub struct Client {
     outbox: RefCell<Outbox>,
     /// The write in progress, taken from the outbox.
     in_flight: RefCell<Option<InFlight>>,
-    /// The socket refused data and has not taken everything since (SPEC §2.2).
+    /// The socket refused data and has not taken everything since (docs/protocol.md,
+    /// "Backpressure").
     stalled: Cell<bool>,
+    /// Where it stands with the backpressure policy while stalled; its shard observes it.
+    lag: Cell<Lag>,
     /// When the last inbound bytes arrived (idle timeout).
     last_inbound: Cell<Instant>,
     /// Wakes the writer half, which drains the outbox while the socket is stalled.
@@ -211,6 +215,7 @@ impl Client {
             outbox: RefCell::default(),
             in_flight: RefCell::new(None),
             stalled: Cell::new(false),
+            lag: Cell::new(Lag::new(Instant::now())),
             last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -221,9 +226,10 @@ impl Client {
 
     /// Queues every envelope of `batch` this client did not send itself. A stalled client
     /// may hold its segments for long: a stretch much smaller than its batch is copied out,
-    /// so that what the client pins is what `queued_bytes` counts.
-    pub fn enqueue(&self, batch: &LocalBatch) {
+    /// so that what the client pins is what `queued_bytes` counts. Returns the bytes queued.
+    pub fn enqueue(&self, batch: &LocalBatch) -> usize {
         let mut outbox = self.outbox.borrow_mut();
+        let before = outbox.bytes;
         let stalled = self.stalled.get();
         batch.for_each_stretch_except(self.id, |start, end, count| {
             let len = end - start;
@@ -253,6 +259,7 @@ impl Client {
             outbox.msgs += count as u64;
             outbox.segments.push_back(segment);
         });
+        outbox.bytes - before
     }
 
     /// True when the writer half owns the socket's output: a write is in progress or the
@@ -347,6 +354,28 @@ impl Client {
 
     pub fn is_stalled(&self) -> bool {
         self.stalled.get()
+    }
+
+    pub fn lag_on_stall(&self, now: Instant) {
+        self.update_lag(|lag| lag.on_stall(now));
+    }
+
+    pub fn lag_on_caught_up(&self, now: Instant) {
+        self.update_lag(|lag| lag.on_caught_up(now));
+    }
+
+    /// Applies `policy` to this client's standing, as its shard measured it.
+    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, now: Instant) -> Verdict {
+        let mut lag = self.lag.get();
+        let verdict = policy.observe(&mut lag, depth, bytes, now);
+        self.lag.set(lag);
+        verdict
+    }
+
+    fn update_lag(&self, f: impl FnOnce(&mut Lag)) {
+        let mut lag = self.lag.get();
+        f(&mut lag);
+        self.lag.set(lag);
     }
 
     /// `d`: messages queued while the socket refuses data; 0 while it keeps up.
@@ -545,6 +574,7 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
         while shard.outgoing_full() {
             shard.outgoing_drained.wait().await;
         }
+        shard.wait_for_pending_room().await;
         // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
         // consumed below before the next `.await`, so no other reader can overwrite them.
         let read = match std::mem::replace(&mut next, NextRead::Readiness) {
@@ -619,9 +649,8 @@ async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStrea
             // A socket with a backlog is readable every time: let timers and other tasks
             // run once the preempt period is up.
             glommio::executor().yield_if_needed().await;
-        } else if let Some(pause) = shard.sender_pause() {
-            shard.stats.on_sender_pause();
-            glommio::timer::sleep(pause).await;
+        } else if shard.shared.stage() != Stage::None {
+            shard.pause_sender().await;
         } else if relayed >= 2 || now.saturating_duration_since(previous_read) < shard.read_round_interval() {
             // A sender that keeps sending: read it again at the next read round, with all
             // that arrived by then.
@@ -720,6 +749,9 @@ async fn write_in_flight(shard: &Shard, client: &Client, stream: &RefCell<TcpStr
             Some(_) => return Err(CloseReason::WriteError),
         };
         shard.stats.on_write(n);
+        if client.stalled.get() {
+            client.update_lag(|lag| lag.on_progress(Instant::now()));
+        }
         let mut slot = client.in_flight.borrow_mut();
         let f = slot.as_mut().expect("the job is only taken here and at close");
         f.advance(n);
@@ -734,7 +766,8 @@ async fn write_in_flight(shard: &Shard, client: &Client, stream: &RefCell<TcpStr
         *slot = None;
         drop(slot);
         shard.stats.on_delivered(count);
-        if client.stalled.replace(false) {
+        // Caught up only once the socket has taken everything queued, not one job of it.
+        if client.outbox.borrow().segments.is_empty() && client.stalled.replace(false) {
             shard.on_unstall(client);
         }
         return Ok(());

@@ -11,6 +11,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 
+use crate::backpressure::Rule;
+
 /// Why a connection ended. Every close has exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
@@ -187,8 +189,13 @@ pub struct ShardStats {
     pub dropped: [Counter; DropReason::ALL.len()],
     /// Largest number of messages queued for a stalled recipient seen on this shard.
     pub max_stalled_depth: Counter,
-    /// Times a sender's reads were paused by throttle or flow control.
+    /// Times a sender's reads were paused by throttle, flow control or the process-wide
+    /// bound on queued bytes.
     pub sender_pauses: Counter,
+    /// Total time of those pauses, in milliseconds.
+    pub sender_pause_ms: Counter,
+    /// `slow_consumer` closes, indexed like [`Rule::ALL`].
+    pub slow_consumer_by_rule: [Counter; Rule::ALL.len()],
     /// Socket reads done at the flush task's runs rather than on a readiness wake-up of
     /// their own: busy senders at read rounds, occasional ones found in the ready set.
     pub reads_at_runs: Counter,
@@ -213,6 +220,8 @@ pub struct StatsSnapshot {
     pub dropped: [u64; DropReason::ALL.len()],
     pub max_stalled_depth: u64,
     pub sender_pauses: u64,
+    pub sender_pause_ms: u64,
+    pub slow_consumer_by_rule: [u64; Rule::ALL.len()],
     pub reads_at_runs: u64,
 }
 
@@ -254,8 +263,14 @@ impl ShardStats {
         bump(self.drop_counter(reason), n);
     }
 
-    pub fn on_sender_pause(&self) {
+    pub fn on_sender_pause(&self, took: std::time::Duration) {
         bump(&self.sender_pauses, 1);
+        bump(&self.sender_pause_ms, took.as_millis() as u64);
+    }
+
+    pub fn on_slow_consumer(&self, rule: Rule) {
+        let i = Rule::ALL.iter().position(|r| *r == rule).unwrap_or(0);
+        bump(&self.slow_consumer_by_rule[i], 1);
     }
 
     pub fn on_read_at_run(&self) {
@@ -318,6 +333,8 @@ impl ShardStats {
             dropped: std::array::from_fn(|i| self.dropped[i].get()),
             max_stalled_depth: self.max_stalled_depth.get(),
             sender_pauses: self.sender_pauses.get(),
+            sender_pause_ms: self.sender_pause_ms.get(),
+            slow_consumer_by_rule: std::array::from_fn(|i| self.slow_consumer_by_rule[i].get()),
             reads_at_runs: self.reads_at_runs.get(),
         }
     }
@@ -330,7 +347,7 @@ impl ShardStats {
 
 impl StatsSnapshot {
     /// The plain counters (everything but the per-reason arrays), by name.
-    pub fn scalars(&self) -> [(&'static str, u64); 10] {
+    pub fn scalars(&self) -> [(&'static str, u64); 11] {
         [
             ("accepted", self.accepted),
             ("open", self.open),
@@ -341,6 +358,7 @@ impl StatsSnapshot {
             ("socket_writes", self.socket_writes),
             ("max_stalled_depth", self.max_stalled_depth),
             ("sender_pauses", self.sender_pauses),
+            ("sender_pause_ms", self.sender_pause_ms),
             ("reads_at_runs", self.reads_at_runs),
         ]
     }
@@ -356,6 +374,10 @@ impl StatsSnapshot {
         self.socket_writes += other.socket_writes;
         self.max_stalled_depth = self.max_stalled_depth.max(other.max_stalled_depth);
         self.sender_pauses += other.sender_pauses;
+        self.sender_pause_ms += other.sender_pause_ms;
+        for (a, b) in self.slow_consumer_by_rule.iter_mut().zip(other.slow_consumer_by_rule) {
+            *a += b;
+        }
         self.reads_at_runs += other.reads_at_runs;
         for (a, b) in self.closed.iter_mut().zip(other.closed) {
             *a += b;
@@ -382,6 +404,12 @@ impl StatsSnapshot {
             CloseReason::ALL
                 .iter()
                 .map(|r| format!("closed.{}={}", r.as_str(), self.closed(*r))),
+        );
+        parts.extend(
+            Rule::ALL
+                .iter()
+                .zip(self.slow_consumer_by_rule)
+                .map(|(r, n)| format!("slow_consumer.{}={n}", r.as_str())),
         );
         parts.extend(
             DropReason::ALL

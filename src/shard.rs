@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use crossbeam_channel::Sender;
 use futures_lite::future::or;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use crate::backpressure::Policy;
+use crate::backpressure::{Policy, Rule, Stage};
 use crate::config::Config;
 use crate::connection::{Client, Sched};
 use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
@@ -47,6 +47,11 @@ const READY_SET_TICKS: u32 = pacing::READ_ROUND_TICKS as u32;
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 /// Period of the summary log lines for repeated events (drops, refusals).
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a shard re-examines its stalled recipients while it has any: the write
+/// deadline, the messages rule and the end of pause allowances are seen this late at most.
+const LAG_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a sender held back by flow control or the process-wide bound looks again.
+const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// How often a shard's timer task proves that its thread is still running tasks (the
 /// admin endpoint's `/healthz` reads it; see `admin::HEARTBEAT_STALE`).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
@@ -78,8 +83,12 @@ pub struct Shared {
     pub policy: Policy,
     /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
     pub quarantine: Quarantine,
-    /// Each shard's largest stalled depth `d`, written only by that shard (SPEC §2.2).
-    largest_stalled: Box<[AtomicU64]>,
+    /// Each shard's backpressure [`Stage`] (the largest among its stalled recipients),
+    /// written only by that shard, read by every sender's reader after it relayed lines.
+    stage: Box<[AtomicU8]>,
+    /// Each shard's bytes queued for stalled recipients, written only by that shard, summed
+    /// by every reader against `max_total_pending_bytes`.
+    pending_bytes: Box<[AtomicU64]>,
     /// Open connections in the process, against `max_connections`.
     connections: AtomicUsize,
     pub shutdown: ShutdownSignal,
@@ -98,7 +107,8 @@ impl Shared {
                 Duration::from_secs(config.quarantine_cooldown_secs),
                 config.quarantine_max_entries,
             ),
-            largest_stalled: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
+            stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
+            pending_bytes: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
             connections: AtomicUsize::new(0),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
@@ -121,22 +131,31 @@ impl Shared {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Shard `id`'s current largest stalled depth `d`.
-    pub fn largest_stalled(&self, id: usize) -> u64 {
-        self.largest_stalled.get(id).map_or(0, |d| d.load(Ordering::Relaxed))
-    }
-
     /// Milliseconds since [`Shared::epoch`].
     pub fn clock_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn largest_stalled_anywhere(&self) -> u64 {
-        self.largest_stalled
-            .iter()
-            .map(|d| d.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0)
+    /// Shard `id`'s backpressure stage now.
+    pub fn shard_stage(&self, id: usize) -> Stage {
+        Stage::from_u8(self.stage.get(id).map_or(0, |s| s.load(Ordering::Relaxed)))
+    }
+
+    /// Shard `id`'s bytes queued for stalled recipients now.
+    pub fn shard_pending_bytes(&self, id: usize) -> u64 {
+        self.pending_bytes.get(id).map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
+    /// The largest backpressure stage on any shard: what senders obey.
+    pub fn stage(&self) -> Stage {
+        Stage::from_u8(self.stage.iter().map(|s| s.load(Ordering::Relaxed)).max().unwrap_or(0))
+    }
+
+    /// True while the bytes queued for stalled recipients, process-wide, are past
+    /// `max_total_pending_bytes`.
+    pub fn over_total_pending(&self) -> bool {
+        self.policy
+            .over_total(self.pending_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum())
     }
 }
 
@@ -148,10 +167,16 @@ pub struct Shard {
     pub stats: Arc<ShardStats>,
     /// Connected clients on this shard, by client id.
     clients: RefCell<HashMap<u64, Rc<Client>>>,
-    /// Clients whose socket currently refuses data (usually none or a few).
+    /// Clients whose socket refused data and has not taken everything since (usually none
+    /// or a few).
     stalled: RefCell<HashSet<u64>>,
-    /// The largest `d` among `stalled`, as last published.
-    largest_stalled: Cell<u64>,
+    /// This shard's entry in [`Shared::stage`], as last published.
+    stage: Cell<Stage>,
+    /// Bytes queued for `stalled` clients: exact at each lag sweep, raised at each delivery
+    /// in between; published in [`Shared::pending_bytes`].
+    pending_bytes: Cell<u64>,
+    /// Wakes the lag sweep when the first client stalls.
+    lag_wake: Notify,
     /// Envelopes accepted on this shard and not yet flushed.
     outgoing: RefCell<BatchBuilder>,
     /// Wakes the flush task when `outgoing` becomes non-empty, when a client becomes due,
@@ -206,7 +231,9 @@ impl Shard {
             shared,
             clients: RefCell::default(),
             stalled: RefCell::default(),
-            largest_stalled: Cell::new(0),
+            stage: Cell::new(Stage::None),
+            pending_bytes: Cell::new(0),
+            lag_wake: Notify::default(),
             outgoing: RefCell::default(),
             flush_wanted: Notify::default(),
             pacer,
@@ -264,7 +291,7 @@ impl Shard {
         self.leave_ready_set(client);
         self.slot_load.borrow_mut()[client.slot as usize] -= 1;
         if self.stalled.borrow_mut().remove(&client.id) {
-            self.publish_largest_stalled();
+            self.review_stalled(Instant::now());
         }
     }
 
@@ -328,6 +355,7 @@ impl Shard {
     /// Queues `batch` for every client on this shard except each envelope's sender, and
     /// applies the slow-consumer policy to recipients that are stalled.
     pub fn deliver_local(&self, batch: &LocalBatch) {
+        let mut now = None;
         for client in self.clients.borrow().values() {
             // Closing clients take no more, except for shutdown, which flushes them within
             // the usual per-connection byte bound.
@@ -345,11 +373,19 @@ impl Shard {
                 self.stats.on_drop(undelivered_reason(reason), lost as u64);
                 continue;
             }
-            client.enqueue(batch);
+            let added = client.enqueue(batch);
             if client.is_stalled() {
-                self.check_stalled(client);
+                self.pending_bytes.set(self.pending_bytes.get() + added as u64);
+                let now = *now.get_or_insert_with(Instant::now);
+                let stage = self.check_stalled(client, now);
+                if stage > self.stage.get() {
+                    self.publish_stage(stage);
+                }
             }
             self.schedule(client);
+        }
+        if now.is_some() {
+            self.publish_pending_bytes();
         }
     }
 
@@ -513,56 +549,120 @@ impl Shard {
         }
     }
 
-    /// A recipient's socket refused data: it now counts toward `d`.
+    /// A recipient's socket refused data: it now counts toward `d` and the lag sweep
+    /// watches it until it has taken everything.
     pub fn on_stall(&self, client: &Client) {
-        self.stalled.borrow_mut().insert(client.id);
-        self.check_stalled(client);
+        let now = Instant::now();
+        client.lag_on_stall(now);
+        if self.stalled.borrow_mut().insert(client.id) {
+            self.lag_wake.notify();
+        }
+        let stage = self.check_stalled(client, now);
+        if stage > self.stage.get() {
+            self.publish_stage(stage);
+        }
     }
 
     /// A stalled recipient's socket took everything queued: it no longer counts.
     pub fn on_unstall(&self, client: &Client) {
+        let now = Instant::now();
+        client.lag_on_caught_up(now);
         if self.stalled.borrow_mut().remove(&client.id) {
-            self.publish_largest_stalled();
+            self.review_stalled(now);
         }
     }
 
-    /// Publishes a stalled client's depth and closes it if the policy says so.
-    fn check_stalled(&self, client: &Client) {
+    /// Applies the backpressure policy to a stalled client: closes it if a rule says so,
+    /// and returns how much it holds the senders back.
+    fn check_stalled(&self, client: &Client, now: Instant) -> Stage {
         let depth = client.stalled_depth();
+        let bytes = client.queued_bytes();
         self.stats.on_stalled_depth(depth);
-        if depth > self.largest_stalled.get() {
-            self.largest_stalled.set(depth);
-            self.shared.largest_stalled[self.id].store(depth, Ordering::Relaxed);
+        let verdict = client.observe_lag(&self.shared.policy, depth, bytes, now);
+        if let Some(rule) = verdict.close {
+            if !client.is_closing() {
+                self.close_slow_consumer(client, rule, depth, bytes, now);
+            }
         }
-        if self.shared.policy.must_disconnect(depth, client.queued_bytes()) && !client.is_closing() {
-            let cooldown = self.config().quarantine_cooldown_secs;
-            tracing::warn!(
-                "slow consumer {}: {depth} messages / {} bytes queued; closing it and quarantining it for {cooldown} s",
-                client.addr,
-                client.queued_bytes()
-            );
-            self.shared.quarantine.insert(client.addr, Instant::now());
-            client.request_close(CloseReason::SlowConsumer);
-        }
+        verdict.stage
     }
 
-    fn publish_largest_stalled(&self) {
+    fn close_slow_consumer(&self, client: &Client, rule: Rule, depth: u64, bytes: usize, now: Instant) {
+        let why = match rule {
+            Rule::Deadline => format!("accepted nothing for {} ms", self.config().write_deadline_ms),
+            Rule::Bytes => format!("over max_pending_bytes ({})", self.config().max_pending_bytes),
+            Rule::Messages => format!(
+                "over disconnect_threshold ({}) for {} ms",
+                self.config().backpressure.disconnect_threshold,
+                self.config().write_deadline_ms
+            ),
+        };
+        tracing::warn!(
+            "slow consumer {}: {depth} messages / {bytes} bytes queued, {why}; closing it",
+            client.addr
+        );
+        self.stats.on_slow_consumer(rule);
+        self.shared.quarantine.insert(client.addr, now);
+        client.request_close(CloseReason::SlowConsumer);
+    }
+
+    /// Re-examines every stalled client: applies the time-based rules, and publishes this
+    /// shard's stage and queued bytes afresh (a stage falls only here).
+    fn review_stalled(&self, now: Instant) {
         let clients = self.clients.borrow();
-        let largest = self
-            .stalled
-            .borrow()
-            .iter()
-            .filter_map(|id| clients.get(id))
-            .map(|c| c.stalled_depth())
-            .max()
-            .unwrap_or(0);
-        self.largest_stalled.set(largest);
-        self.shared.largest_stalled[self.id].store(largest, Ordering::Relaxed);
+        let ids: Vec<u64> = self.stalled.borrow().iter().copied().collect();
+        let (mut stage, mut pending) = (Stage::None, 0u64);
+        for id in ids {
+            let Some(client) = clients.get(&id) else { continue };
+            stage = stage.max(self.check_stalled(client, now));
+            pending += client.queued_bytes() as u64;
+        }
+        self.publish_stage(stage);
+        self.pending_bytes.set(pending);
+        self.publish_pending_bytes();
     }
 
-    /// How long a sender whose line was just relayed stops reading (SPEC §2.2).
-    pub fn sender_pause(&self) -> Option<Duration> {
-        self.shared.policy.sender_pause(self.shared.largest_stalled_anywhere())
+    fn publish_stage(&self, stage: Stage) {
+        self.stage.set(stage);
+        self.shared.stage[self.id].store(stage as u8, Ordering::Relaxed);
+    }
+
+    fn publish_pending_bytes(&self) {
+        self.shared.pending_bytes[self.id].store(self.pending_bytes.get(), Ordering::Relaxed);
+    }
+
+    /// Holds back a sender whose read just relayed lines while a recipient anywhere is
+    /// behind (docs/protocol.md, "Backpressure"): throttle sleeps `throttle_delay_ms`; flow
+    /// control waits until no recipient is at that stage (each recipient's allowance bounds
+    /// it). Returns after no wait when nobody is behind.
+    pub async fn pause_sender(&self) {
+        let policy = &self.shared.policy;
+        let start = Instant::now();
+        match self.shared.stage() {
+            Stage::None => return,
+            Stage::Throttle => glommio::timer::sleep(policy.throttle_delay).await,
+            Stage::FlowControl => {
+                // One allowance and one sweep late at most, even if the stage were stale.
+                let limit = start + policy.flow_control_delay + LAG_SWEEP_INTERVAL;
+                while self.shared.stage() == Stage::FlowControl && !self.is_shutting_down() && Instant::now() < limit {
+                    glommio::timer::sleep(PAUSE_POLL).await;
+                }
+            }
+        }
+        self.stats.on_sender_pause(start.elapsed());
+    }
+
+    /// Waits before a read while the process-wide bound on queued bytes is exceeded: TCP
+    /// then pushes back on every sender until stalled recipients drain or are closed.
+    pub async fn wait_for_pending_room(&self) {
+        if !self.shared.over_total_pending() {
+            return;
+        }
+        let start = Instant::now();
+        while self.shared.over_total_pending() && !self.is_shutting_down() {
+            glommio::timer::sleep(PAUSE_POLL).await;
+        }
+        self.stats.on_sender_pause(start.elapsed());
     }
 
     /// Asks every idle client to close (SPEC §2.4); one sweep per shard.
@@ -741,6 +841,7 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
         glommio::spawn_local(idle_sweep_loop(shard.clone(), Duration::from_secs(timeout))).detach();
     }
     glommio::spawn_local(summary_loop(shard.clone())).detach();
+    glommio::spawn_local(lag_sweep_loop(shard.clone())).detach();
     glommio::spawn_local(heartbeat_loop(shared.clone(), shard.stats.clone())).detach();
     // SAFETY: the fd is a listening TCP socket we own; from here glommio owns it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
@@ -786,6 +887,19 @@ async fn idle_sweep_loop(shard: Rc<Shard>, timeout: Duration) {
     while !shard.is_shutting_down() {
         glommio::timer::sleep(every).await;
         shard.sweep_idle(timeout, Instant::now());
+    }
+}
+
+/// Re-examines stalled clients every [`LAG_SWEEP_INTERVAL`] while there are any, so that
+/// time-based rules act even when no new batch arrives for them; parked otherwise.
+async fn lag_sweep_loop(shard: Rc<Shard>) {
+    while !shard.is_shutting_down() {
+        if shard.stalled.borrow().is_empty() {
+            shard.lag_wake.wait().await;
+            continue;
+        }
+        glommio::timer::sleep(LAG_SWEEP_INTERVAL).await;
+        shard.review_stalled(Instant::now());
     }
 }
 

@@ -294,7 +294,7 @@ fn metrics_add_up_after_a_known_workload() {
 #[test]
 fn drops_and_quarantine_show_on_metrics() {
     let (relay, admin) = relay_with_admin(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"write_deadline_ms":1000,
             "backpressure_policy":{"enable_throttle":false,"enable_flow_control":false,"disconnect_threshold":50}}}"#,
         &["--shards", "2"],
     );
@@ -360,7 +360,7 @@ fn healthz_is_200_while_serving_and_503_while_draining() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["stalled_depth"].as_u64() > Some(0));
+            .any(|s| s["pending_bytes"].as_u64() > Some(0));
         if stalled {
             break;
         }

@@ -49,7 +49,7 @@ fn rate_limited_lines_are_dropped_counted_and_noticed_once() {
 fn a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one_gets_everything_in_order() {
     const LINES: usize = 40_000;
     let relay = Relay::with_config(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60}}"#,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60,"write_deadline_ms":1000}}"#,
         &["--shards", "2"],
     );
     let slow = relay.connect_from(local("127.0.0.2:0"), Some(4096));
@@ -104,7 +104,7 @@ fn read_lines_raw(c: Client, n: usize) -> Vec<String> {
 #[test]
 fn quarantine_by_addr_refuses_only_the_same_ip_and_port() {
     let relay = Relay::with_config(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_by":"addr",
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_by":"addr","write_deadline_ms":1000,
             "backpressure_policy":{"disconnect_threshold":50}}}"#,
         &["--shards", "1"],
     );
@@ -336,7 +336,7 @@ fn senders_pause_while_a_consumer_is_stalled_and_stop_once_it_is_gone() {
     const PHASE1: usize = 40_000;
     const PHASE2: usize = 20_000;
     let relay = Relay::with_config(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"throttle_delay_ms":20,"flow_control_delay_ms":50,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"throttle_delay_ms":20,"flow_control_delay_ms":50,"write_deadline_ms":1000,
             "backpressure_policy":{"throttle_threshold":50,"flow_control_threshold":200,"disconnect_threshold":1000}}}"#,
         &["--shards", "1"],
     );
