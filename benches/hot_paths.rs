@@ -16,7 +16,6 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -26,7 +25,7 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 
 use corecast::config::QuarantineBy;
 use corecast::connection::Client;
-use corecast::fanout::{BatchBuilder, LocalBatch};
+use corecast::fanout::{BatchBuilder, Ledger, LocalBatch};
 use corecast::limiter::{Decision, TokenBucket};
 use corecast::protocol::{encode_envelope, Framer};
 use corecast::quarantine::Quarantine;
@@ -197,7 +196,7 @@ fn fanout_enqueue(c: &mut Criterion) {
         let origin = 1 + i / 16;
         builder.push(origin, &line, &format!("127.0.0.1:{}", 40_000 + origin));
     }
-    let batch: LocalBatch = Rc::new(Arc::new(builder.take()));
+    let batch: LocalBatch = Ledger::detached().pin(Arc::new(builder.take()));
     let recipients = |n: u64| -> Vec<Client> {
         (0..n)
             // No socket (fd -1): enqueueing never writes.

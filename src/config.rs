@@ -204,9 +204,9 @@ pub struct Config {
     /// 64 MiB (NATS's per-client pending limit): room for a reader that pauses for seconds
     /// in a burst; the process-wide bound below caps the total.
     pub max_pending_bytes: usize,
-    /// Bytes queued for all recipients together, per process; past it every shard stops
-    /// reading until it drops below (counted per recipient, so a batch queued for many
-    /// recipients counts once for each: a conservative bound). Default 1 GiB.
+    /// Memory queued for all recipients together, per process; past it every shard stops
+    /// reading until it drops below. Counted as held: a batch queued for many recipients
+    /// counts once, plus a small fixed cost per outbox entry. Default 1 GiB.
     pub max_total_pending_bytes: usize,
     /// A recipient with data queued that accepts no byte for this long is closed
     /// (`slow_consumer`); also how long one may stay over `disconnect_threshold`, and the

@@ -44,7 +44,11 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
 /// that destroys the notice in flight.
 const LINGER_READ_BYTES: usize = 256 << 10;
 
-/// A stretch of one batch queued for this client.
+/// What one outbox entry costs beyond its bytes (the entry and its queue slot), charged
+/// to the shard's ledger so that many recipients with many small entries are bounded too.
+const SEGMENT_COST: u64 = std::mem::size_of::<Segment>() as u64 + 16;
+
+/// A stretch of one batch queued for this client, counted in its shard's ledger.
 struct Segment {
     batch: LocalBatch,
     start: usize,
@@ -54,8 +58,24 @@ struct Segment {
 }
 
 impl Segment {
+    fn new(batch: LocalBatch, start: usize, end: usize, count: u32) -> Self {
+        batch.ledger().add(SEGMENT_COST);
+        Segment {
+            batch,
+            start,
+            end,
+            count,
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.batch.data[self.start..self.end]
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        self.batch.ledger().sub(SEGMENT_COST);
     }
 }
 
@@ -226,10 +246,9 @@ impl Client {
 
     /// Queues every envelope of `batch` this client did not send itself. A stalled client
     /// may hold its segments for long: a stretch much smaller than its batch is copied out,
-    /// so that what the client pins is what `queued_bytes` counts. Returns the bytes queued.
-    pub fn enqueue(&self, batch: &LocalBatch) -> usize {
+    /// so that what the client pins is what `queued_bytes` counts.
+    pub fn enqueue(&self, batch: &LocalBatch) {
         let mut outbox = self.outbox.borrow_mut();
-        let before = outbox.bytes;
         let stalled = self.stalled.get();
         batch.for_each_stretch_except(self.id, |start, end, count| {
             let len = end - start;
@@ -240,26 +259,17 @@ impl Client {
                     end: len,
                     count,
                 }];
-                let own = Rc::new(std::sync::Arc::new(crate::fanout::Batch { data, runs }));
-                Segment {
-                    batch: own,
-                    start: 0,
-                    end: len,
-                    count,
-                }
+                let own = batch
+                    .ledger()
+                    .pin(std::sync::Arc::new(crate::fanout::Batch { data, runs }));
+                Segment::new(own, 0, len, count)
             } else {
-                Segment {
-                    batch: batch.clone(),
-                    start,
-                    end,
-                    count,
-                }
+                Segment::new(batch.clone(), start, end, count)
             };
             outbox.bytes += len;
             outbox.msgs += count as u64;
             outbox.segments.push_back(segment);
         });
-        outbox.bytes - before
     }
 
     /// True when the writer half owns the socket's output: a write is in progress or the
@@ -825,7 +835,7 @@ mod tests {
         for (origin, line) in lines {
             b.push(*origin, line, "127.0.0.1:1");
         }
-        Rc::new(std::sync::Arc::new(b.take()))
+        crate::fanout::Ledger::detached().pin(std::sync::Arc::new(b.take()))
     }
 
     #[test]
@@ -844,6 +854,31 @@ mod tests {
         assert!(!Rc::ptr_eq(&outbox.segments[1].batch, &batch), "stalled: copied out");
         assert_eq!(outbox.segments[1].batch.data.len(), outbox.segments[1].bytes().len());
         assert_eq!(outbox.msgs, 2);
+    }
+
+    #[test]
+    fn the_ledger_counts_each_batch_once_and_every_entry_until_written() {
+        let batch = batch_from(&[(1, "aaaa"), (2, "bbbb")]);
+        let ledger = batch.ledger().clone();
+        let len = batch.data.len() as u64;
+        assert_eq!(ledger.bytes(), len);
+        let clients: Vec<Client> = (10..13)
+            .map(|id| Client::new(id, "127.0.0.1:4".parse().unwrap(), -1, 0))
+            .collect();
+        for c in &clients {
+            c.enqueue(&batch);
+        }
+        assert_eq!(
+            ledger.bytes(),
+            len + 3 * SEGMENT_COST,
+            "shared bytes once, entries each"
+        );
+        drop(batch);
+        assert_eq!(ledger.bytes(), len + 3 * SEGMENT_COST, "still queued");
+        clients[0].outbox.borrow_mut().pop();
+        assert_eq!(ledger.bytes(), len + 2 * SEGMENT_COST);
+        drop(clients);
+        assert_eq!(ledger.bytes(), 0, "everything released");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! in the order they were sent (SPEC §1.4). A batch records which connection sent each run
 //! of envelopes so that a sender never receives its own lines.
 
+use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,7 +48,83 @@ pub struct Batch {
 
 /// A batch as one shard's recipients share it: one atomic reference per shard, then
 /// shard-local reference counts per recipient.
-pub type LocalBatch = Rc<Arc<Batch>>;
+pub type LocalBatch = Rc<PinnedBatch>;
+
+/// The memory one shard's queued envelopes hold: the bytes of every batch its recipients
+/// still reference (each batch once, however many recipients share it) plus a fixed cost
+/// per outbox entry. Kept exact as batches and entries come and go, and published at each
+/// change for the process-wide bound on queued bytes (`max_total_pending_bytes`), which
+/// every shard's readers check.
+pub struct Ledger {
+    bytes: Cell<u64>,
+    /// This shard's entry in the table every reader sums; only this shard writes it.
+    published: Arc<AtomicU64>,
+}
+
+impl Ledger {
+    pub fn new(published: Arc<AtomicU64>) -> Rc<Self> {
+        Rc::new(Ledger {
+            bytes: Cell::new(0),
+            published,
+        })
+    }
+
+    /// A ledger of its own, for tests and benches.
+    pub fn detached() -> Rc<Self> {
+        Ledger::new(Arc::default())
+    }
+
+    /// Makes `batch` shard-local; its bytes count until the last recipient lets go of it.
+    pub fn pin(self: &Rc<Self>, batch: Arc<Batch>) -> LocalBatch {
+        self.add(batch.data.len() as u64);
+        Rc::new(PinnedBatch {
+            batch,
+            ledger: self.clone(),
+        })
+    }
+
+    pub fn add(&self, n: u64) {
+        self.set(self.bytes.get() + n);
+    }
+
+    pub fn sub(&self, n: u64) {
+        self.set(self.bytes.get().saturating_sub(n));
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
+    }
+
+    fn set(&self, v: u64) {
+        self.bytes.set(v);
+        self.published.store(v, Ordering::Relaxed);
+    }
+}
+
+/// A batch on one shard, counted in that shard's [`Ledger`] while it lives.
+pub struct PinnedBatch {
+    batch: Arc<Batch>,
+    ledger: Rc<Ledger>,
+}
+
+impl PinnedBatch {
+    pub fn ledger(&self) -> &Rc<Ledger> {
+        &self.ledger
+    }
+}
+
+impl std::ops::Deref for PinnedBatch {
+    type Target = Batch;
+    fn deref(&self) -> &Batch {
+        &self.batch
+    }
+}
+
+impl Drop for PinnedBatch {
+    fn drop(&mut self) {
+        self.ledger.sub(self.batch.data.len() as u64);
+    }
+}
 
 impl Batch {
     /// Calls `f(start, end, count)` for each maximal stretch of envelopes not sent by
@@ -225,7 +303,7 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
         }
         while let Some(batch) = shard.take_outgoing() {
             let batch = Arc::new(batch);
-            shard.deliver_local(&Rc::new(batch.clone()));
+            shard.deliver_local(&shard.ledger.pin(batch.clone()));
             for peer in &peers {
                 // Waits while the peer's ring is full (readers here pause meanwhile). An
                 // error means the peer shard is gone, which only happens as the process stops.
@@ -246,7 +324,7 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
 pub async fn receive_loop(shard: Rc<Shard>, from_peer: ConnectedReceiver<Arc<Batch>>) {
     while let Some(batch) = from_peer.recv().await {
         shard.refresh_tick();
-        shard.deliver_local(&Rc::new(batch));
+        shard.deliver_local(&shard.ledger.pin(batch));
     }
     shard.on_receiver_done();
 }

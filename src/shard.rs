@@ -19,7 +19,7 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::backpressure::{Policy, Rule, Stage};
 use crate::config::Config;
 use crate::connection::{Client, Sched};
-use crate::fanout::{self, Batch, BatchBuilder, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
+use crate::fanout::{self, Batch, BatchBuilder, Ledger, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
 use crate::metrics::{CloseReason, Counter, DropReason, ShardState, ShardStats};
 use crate::notify::{Notify, NotifyAll};
 use crate::pacing::{self, Pacer, FLUSH_BYTES, SLOTS};
@@ -86,9 +86,9 @@ pub struct Shared {
     /// Each shard's backpressure [`Stage`] (the largest among its stalled recipients),
     /// written only by that shard, read by every sender's reader after it relayed lines.
     stage: Box<[AtomicU8]>,
-    /// Each shard's bytes queued for stalled recipients, written only by that shard, summed
-    /// by every reader against `max_total_pending_bytes`.
-    pending_bytes: Box<[AtomicU64]>,
+    /// Each shard's queued memory (its [`Ledger`]), written only by that shard, summed by
+    /// every reader against `max_total_pending_bytes`.
+    pending_bytes: Box<[Arc<AtomicU64>]>,
     /// Open connections in the process, against `max_connections`.
     connections: AtomicUsize,
     pub shutdown: ShutdownSignal,
@@ -108,7 +108,7 @@ impl Shared {
                 config.quarantine_max_entries,
             ),
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
-            pending_bytes: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
+            pending_bytes: (0..config.shards).map(|_| Arc::default()).collect(),
             connections: AtomicUsize::new(0),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
@@ -141,7 +141,7 @@ impl Shared {
         Stage::from_u8(self.stage.get(id).map_or(0, |s| s.load(Ordering::Relaxed)))
     }
 
-    /// Shard `id`'s bytes queued for stalled recipients now.
+    /// Shard `id`'s queued memory now (see [`Ledger`]).
     pub fn shard_pending_bytes(&self, id: usize) -> u64 {
         self.pending_bytes.get(id).map_or(0, |b| b.load(Ordering::Relaxed))
     }
@@ -151,7 +151,7 @@ impl Shared {
         Stage::from_u8(self.stage.iter().map(|s| s.load(Ordering::Relaxed)).max().unwrap_or(0))
     }
 
-    /// True while the bytes queued for stalled recipients, process-wide, are past
+    /// True while the memory queued for recipients, process-wide, is past
     /// `max_total_pending_bytes`.
     pub fn over_total_pending(&self) -> bool {
         self.policy
@@ -172,9 +172,8 @@ pub struct Shard {
     stalled: RefCell<HashSet<u64>>,
     /// This shard's entry in [`Shared::stage`], as last published.
     stage: Cell<Stage>,
-    /// Bytes queued for `stalled` clients: exact at each lag sweep, raised at each delivery
-    /// in between; published in [`Shared::pending_bytes`].
-    pending_bytes: Cell<u64>,
+    /// The memory this shard's queued envelopes hold, published in [`Shared::pending_bytes`].
+    pub ledger: Rc<Ledger>,
     /// Wakes the lag sweep when the first client stalls.
     lag_wake: Notify,
     /// Envelopes accepted on this shard and not yet flushed.
@@ -225,6 +224,7 @@ impl Shard {
         let pacer = Pacer::new(Duration::from_micros(shared.config.flush_window_us), Instant::now());
         let notice = protocol::NOTICE_RATE_LIMITED.as_bytes().to_vec();
         let end = notice.len();
+        let ledger = Ledger::new(shared.pending_bytes[id].clone());
         Shard {
             id,
             stats: shared.stats[id].clone(),
@@ -232,7 +232,7 @@ impl Shard {
             clients: RefCell::default(),
             stalled: RefCell::default(),
             stage: Cell::new(Stage::None),
-            pending_bytes: Cell::new(0),
+            ledger,
             lag_wake: Notify::default(),
             outgoing: RefCell::default(),
             flush_wanted: Notify::default(),
@@ -251,7 +251,7 @@ impl Shard {
             next_client: Cell::new(1),
             refusals: Cell::new(0),
             // Origin 0 is never a client id, so every client gets it; count 0: not an envelope.
-            rate_limit_notice: Rc::new(Arc::new(Batch {
+            rate_limit_notice: Ledger::detached().pin(Arc::new(Batch {
                 data: notice,
                 runs: vec![Run {
                     origin: 0,
@@ -373,9 +373,8 @@ impl Shard {
                 self.stats.on_drop(undelivered_reason(reason), lost as u64);
                 continue;
             }
-            let added = client.enqueue(batch);
+            client.enqueue(batch);
             if client.is_stalled() {
-                self.pending_bytes.set(self.pending_bytes.get() + added as u64);
                 let now = *now.get_or_insert_with(Instant::now);
                 let stage = self.check_stalled(client, now);
                 if stage > self.stage.get() {
@@ -383,9 +382,6 @@ impl Shard {
                 }
             }
             self.schedule(client);
-        }
-        if now.is_some() {
-            self.publish_pending_bytes();
         }
     }
 
@@ -607,28 +603,21 @@ impl Shard {
     }
 
     /// Re-examines every stalled client: applies the time-based rules, and publishes this
-    /// shard's stage and queued bytes afresh (a stage falls only here).
+    /// shard's stage afresh (a stage falls only here).
     fn review_stalled(&self, now: Instant) {
         let clients = self.clients.borrow();
         let ids: Vec<u64> = self.stalled.borrow().iter().copied().collect();
-        let (mut stage, mut pending) = (Stage::None, 0u64);
+        let mut stage = Stage::None;
         for id in ids {
             let Some(client) = clients.get(&id) else { continue };
             stage = stage.max(self.check_stalled(client, now));
-            pending += client.queued_bytes() as u64;
         }
         self.publish_stage(stage);
-        self.pending_bytes.set(pending);
-        self.publish_pending_bytes();
     }
 
     fn publish_stage(&self, stage: Stage) {
         self.stage.set(stage);
         self.shared.stage[self.id].store(stage as u8, Ordering::Relaxed);
-    }
-
-    fn publish_pending_bytes(&self) {
-        self.shared.pending_bytes[self.id].store(self.pending_bytes.get(), Ordering::Relaxed);
     }
 
     /// Holds back a sender whose read just relayed lines while a recipient anywhere is
