@@ -26,6 +26,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Map, Value};
 
+use crate::backpressure::Rule;
 use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot};
 use crate::shard::Shared;
 
@@ -323,6 +324,15 @@ fn snapshot_json(s: &StatsSnapshot) -> Map<String, Value> {
         "dropped".into(),
         by_reason(&mut DropReason::ALL.iter().map(|r| (r.as_str(), s.dropped(*r)))),
     );
+    m.insert(
+        "slow_consumer_closed".into(),
+        by_reason(
+            &mut Rule::ALL
+                .iter()
+                .zip(s.slow_consumer_by_rule)
+                .map(|(r, n)| (r.as_str(), n)),
+        ),
+    );
     m
 }
 
@@ -367,7 +377,7 @@ impl std::fmt::Debug for ShardCollector {
 /// One per-shard series family: name (without prefix), help, type, and the value.
 type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
 
-const SERIES: [Series; 10] = [
+const SERIES: [Series; 11] = [
     (
         "connections",
         "Connections currently open on the shard.",
@@ -418,9 +428,15 @@ const SERIES: [Series; 10] = [
     ),
     (
         "sender_pauses",
-        "Times a sender's reads were paused by throttle or flow control.",
+        "Times a sender's reads were paused by throttle, flow control or the process-wide bound on queued memory.",
         MetricType::Counter,
         |s| s.sender_pauses,
+    ),
+    (
+        "sender_pause_ms",
+        "Total time of those pauses, in milliseconds.",
+        MetricType::Counter,
+        |s| s.sender_pause_ms,
     ),
     (
         "reads_at_runs",
@@ -455,6 +471,18 @@ impl Collector for ShardCollector {
             for reason in CloseReason::ALL {
                 let labels = ([("shard", id)], [("reason", reason.as_str())]);
                 ConstCounter::new(snap.closed(reason)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "slow_consumer_closed",
+            "Slow-consumer closes, by the rule that closed them (deadline, bytes, messages).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (id, snap) in snaps.iter().enumerate() {
+            for (rule, n) in Rule::ALL.iter().zip(snap.slow_consumer_by_rule) {
+                let labels = ([("shard", id)], [("rule", rule.as_str())]);
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(

@@ -327,6 +327,10 @@ fn the_process_wide_bound_pauses_reads_instead_of_queueing_for_every_stuck_consu
     }
     let _sender = writer.join().unwrap();
     assert_complete("healthy", &healthy.join().unwrap(), &want);
+    let s = stats(admin);
+    let total = |f: &dyn Fn(&Value) -> u64| s["shards"].as_array().unwrap().iter().map(f).sum::<u64>();
+    assert_eq!(total(&|sh| sh["slow_consumer_closed"]["deadline"].as_u64().unwrap()), 5);
+    assert!(total(&|sh| sh["sender_pause_ms"].as_u64().unwrap()) > 0, "{s}");
     eprintln!("largest queued total seen: {largest} bytes (bound {BOUND})");
     // One delivery round past the bound at most (each shard may add a batch per recipient).
     assert!(
