@@ -36,10 +36,13 @@ pub enum CloseReason {
     Shutdown,
     /// Handling this connection panicked; only it was closed.
     InternalError,
+    /// Reset by the peer after the kernel completed it and before the relay could read its
+    /// peer address: accepted, never admitted, no bytes either way.
+    ResetBeforeServed,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::PeerClosed,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -51,6 +54,7 @@ impl CloseReason {
         CloseReason::ServerFull,
         CloseReason::Shutdown,
         CloseReason::InternalError,
+        CloseReason::ResetBeforeServed,
     ];
 
     /// The label used in logs and metrics.
@@ -67,6 +71,7 @@ impl CloseReason {
             CloseReason::ServerFull => "server_full",
             CloseReason::Shutdown => "shutdown",
             CloseReason::InternalError => "internal_error",
+            CloseReason::ResetBeforeServed => "reset_before_served",
         }
     }
 }
