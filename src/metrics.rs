@@ -197,6 +197,10 @@ pub struct ShardStats {
     /// Socket reads done at the flush task's runs rather than on a readiness wake-up of
     /// their own: busy senders at read rounds, occasional ones found in the ready set.
     pub reads_at_runs: Counter,
+    /// Slow-consumer closes recorded as a strike against their key (quarantine on).
+    pub quarantine_strikes: Counter,
+    /// Strikes that quarantined their key (the `quarantine_strikes`-th in the window).
+    pub quarantines: Counter,
     /// [`ShardState`] as a `u8`, written by the shard (and by its stop guard).
     state: AtomicU8,
     /// Milliseconds since [`crate::shard::Shared::epoch`] at the shard's last heartbeat, written
@@ -219,6 +223,8 @@ pub struct StatsSnapshot {
     pub max_stalled_depth: u64,
     pub sender_pauses: u64,
     pub reads_at_runs: u64,
+    pub quarantine_strikes: u64,
+    pub quarantines: u64,
 }
 
 impl ShardStats {
@@ -265,6 +271,14 @@ impl ShardStats {
 
     pub fn on_read_at_run(&self) {
         bump(&self.reads_at_runs, 1);
+    }
+
+    /// A strike against a slow consumer's key; `quarantined` when it was the last one.
+    pub fn on_strike(&self, quarantined: bool) {
+        bump(&self.quarantine_strikes, 1);
+        if quarantined {
+            bump(&self.quarantines, 1);
+        }
     }
 
     pub fn on_stalled_depth(&self, depth: u64) {
@@ -324,6 +338,8 @@ impl ShardStats {
             max_stalled_depth: self.max_stalled_depth.get(),
             sender_pauses: self.sender_pauses.get(),
             reads_at_runs: self.reads_at_runs.get(),
+            quarantine_strikes: self.quarantine_strikes.get(),
+            quarantines: self.quarantines.get(),
         }
     }
 
@@ -335,7 +351,7 @@ impl ShardStats {
 
 impl StatsSnapshot {
     /// The plain counters (everything but the per-reason arrays), by name.
-    pub fn scalars(&self) -> [(&'static str, u64); 10] {
+    pub fn scalars(&self) -> [(&'static str, u64); 12] {
         [
             ("accepted", self.accepted),
             ("open", self.open),
@@ -347,6 +363,8 @@ impl StatsSnapshot {
             ("max_stalled_depth", self.max_stalled_depth),
             ("sender_pauses", self.sender_pauses),
             ("reads_at_runs", self.reads_at_runs),
+            ("quarantine_strikes", self.quarantine_strikes),
+            ("quarantines", self.quarantines),
         ]
     }
 
@@ -362,6 +380,8 @@ impl StatsSnapshot {
         self.max_stalled_depth = self.max_stalled_depth.max(other.max_stalled_depth);
         self.sender_pauses += other.sender_pauses;
         self.reads_at_runs += other.reads_at_runs;
+        self.quarantine_strikes += other.quarantine_strikes;
+        self.quarantines += other.quarantines;
         for (a, b) in self.closed.iter_mut().zip(other.closed) {
             *a += b;
         }

@@ -24,7 +24,7 @@ use crate::metrics::{CloseReason, Counter, DropReason, ShardState, ShardStats};
 use crate::notify::{Notify, NotifyAll};
 use crate::pacing::{self, Pacer, FLUSH_BYTES, SLOTS};
 use crate::protocol;
-use crate::quarantine::Quarantine;
+use crate::quarantine::{Quarantine, Strike};
 use crate::ready_set::ReadySet;
 use crate::shutdown::ShutdownSignal;
 
@@ -96,6 +96,7 @@ impl Shared {
             quarantine: Quarantine::new(
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
+                config.quarantine_strikes,
                 config.quarantine_max_entries,
             ),
             largest_stalled: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
@@ -535,13 +536,23 @@ impl Shard {
             self.shared.largest_stalled[self.id].store(depth, Ordering::Relaxed);
         }
         if self.shared.policy.must_disconnect(depth, client.queued_bytes()) && !client.is_closing() {
-            let cooldown = self.config().quarantine_cooldown_secs;
+            let strike = self.shared.quarantine.strike(client.addr, Instant::now());
+            let action = match strike {
+                Strike::Counted { count, limit } => format!("closing it (strike {count} of {limit})"),
+                Strike::Quarantined { limit, cooldown } => format!(
+                    "closing it (strike {limit} of {limit}) and quarantining it for {} s",
+                    cooldown.as_secs()
+                ),
+                Strike::Off => "closing it".to_string(),
+            };
+            if strike != Strike::Off {
+                self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
+            }
+            let queued = client.queued_bytes();
             tracing::warn!(
-                "slow consumer {}: {depth} messages / {} bytes queued; closing it and quarantining it for {cooldown} s",
-                client.addr,
-                client.queued_bytes()
+                "slow consumer {}: {depth} messages / {queued} bytes queued; {action}",
+                client.addr
             );
-            self.shared.quarantine.insert(client.addr, Instant::now());
             client.request_close(CloseReason::SlowConsumer);
         }
     }

@@ -294,7 +294,7 @@ fn metrics_add_up_after_a_known_workload() {
 #[test]
 fn drops_and_quarantine_show_on_metrics() {
     let (relay, admin) = relay_with_admin(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_strikes":1,
             "backpressure_policy":{"enable_throttle":false,"enable_flow_control":false,"disconnect_threshold":50}}}"#,
         &["--shards", "2"],
     );
@@ -324,6 +324,8 @@ fn drops_and_quarantine_show_on_metrics() {
     assert!(envelopes_accounted(&m) <= N as u64, "{} > {N}", envelopes_accounted(&m));
     assert!(sum(&m, "corecast_max_stalled_depth", &[]) >= 50);
     assert_eq!(sum(&m, "corecast_quarantine_entries", &[]), 1);
+    assert_eq!(sum(&m, "corecast_quarantine_strikes_total", &[]), 1);
+    assert_eq!(sum(&m, "corecast_quarantines_total", &[]), 1);
 
     // The quarantined peer comes back: refused, and counted as a drop and a close.
     let mut again = crate::util::Client::from_stream(
