@@ -239,7 +239,10 @@ fn metrics_add_up_after_a_known_workload() {
             .any(|s| s.name == "corecast_lines_in_total" && s.labels["shard"] == shard));
     }
     // Every close and drop reason is exported for every shard, even at zero.
-    assert_eq!(m.iter().filter(|s| s.name == "corecast_closed_total").count(), 2 * 11);
+    assert_eq!(
+        m.iter().filter(|s| s.name == "corecast_closed_total").count(),
+        2 * corecast::metrics::CloseReason::ALL.len()
+    );
     assert_eq!(m.iter().filter(|s| s.name == "corecast_dropped_total").count(), 2 * 7);
 
     // /stats carries the same figures, per shard and in total.
