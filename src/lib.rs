@@ -3,7 +3,8 @@
 //!
 //! Architecture map (see README "How it works"):
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
-//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use).
+//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use) and the
+//!   port guard held for the life of the process; [`preflight`] is what `check` runs too.
 //! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
 //! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
 //! - [`connection`]: one client's reader and writer halves and its outbox.

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::QuarantineBy;
 
-/// How long a strike counts toward quarantining its key (SPEC §2.3: ten minutes).
+/// How long a strike counts toward quarantining its key: ten minutes.
 pub const STRIKE_WINDOW: Duration = Duration::from_secs(600);
 
 /// What an entry matches.
