@@ -536,25 +536,32 @@ impl Shard {
             self.shared.largest_stalled[self.id].store(depth, Ordering::Relaxed);
         }
         if self.shared.policy.must_disconnect(depth, client.queued_bytes()) && !client.is_closing() {
-            let strike = self.shared.quarantine.strike(client.addr, Instant::now());
-            let action = match strike {
-                Strike::Counted { count, limit } => format!("closing it (strike {count} of {limit})"),
-                Strike::Quarantined { limit, cooldown } => format!(
-                    "closing it (strike {limit} of {limit}) and quarantining it for {} s",
-                    cooldown.as_secs()
-                ),
-                Strike::Off => "closing it".to_string(),
-            };
-            if strike != Strike::Off {
-                self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
-            }
             let queued = client.queued_bytes();
-            tracing::warn!(
-                "slow consumer {}: {depth} messages / {queued} bytes queued; {action}",
-                client.addr
-            );
-            client.request_close(CloseReason::SlowConsumer);
+            self.close_slow_consumer(client, &format!("{depth} messages / {queued} bytes queued"));
         }
+    }
+
+    /// Closes `client` as a slow consumer (`why` says which rule), recording the strike
+    /// against its key that may quarantine it. Every `slow_consumer` close goes through here;
+    /// a client already closing is left alone (one close, one strike).
+    pub fn close_slow_consumer(&self, client: &Client, why: &str) {
+        if client.is_closing() {
+            return;
+        }
+        let strike = self.shared.quarantine.strike(client.addr, Instant::now());
+        let action = match strike {
+            Strike::Counted { count, limit } => format!("closing it (strike {count} of {limit})"),
+            Strike::Quarantined { limit, cooldown } => format!(
+                "closing it (strike {limit} of {limit}) and quarantining it for {} s",
+                cooldown.as_secs()
+            ),
+            Strike::Off => "closing it".to_string(),
+        };
+        if strike != Strike::Off {
+            self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
+        }
+        tracing::warn!("slow consumer {}: {why}; {action}", client.addr);
+        client.request_close(CloseReason::SlowConsumer);
     }
 
     fn publish_largest_stalled(&self) {
