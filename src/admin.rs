@@ -377,7 +377,7 @@ impl std::fmt::Debug for ShardCollector {
 /// One per-shard series family: name (without prefix), help, type, and the value.
 type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
 
-const SERIES: [Series; 11] = [
+const SERIES: [Series; 13] = [
     (
         "connections",
         "Connections currently open on the shard.",
@@ -443,6 +443,18 @@ const SERIES: [Series; 11] = [
         "Socket reads done at the flush task's runs instead of on a readiness wake-up of their own.",
         MetricType::Counter,
         |s| s.reads_at_runs,
+    ),
+    (
+        "quarantine_strikes",
+        "Slow-consumer closes counted as a strike against their key (peer IP or ip:port).",
+        MetricType::Counter,
+        |s| s.quarantine_strikes,
+    ),
+    (
+        "quarantines",
+        "Keys quarantined: strikes that reached quarantine_strikes within ten minutes.",
+        MetricType::Counter,
+        |s| s.quarantines,
     ),
 ];
 

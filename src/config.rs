@@ -188,8 +188,13 @@ pub struct Config {
     pub rate_limit_msgs_per_minute: Option<u64>,
     /// First back-off after an accept error, doubling to 1 s. Default 100 ms.
     pub accept_error_backoff_ms: u64,
-    /// How long a quarantined key is refused. Default 300 s.
+    /// How long a quarantined key is refused; 0 turns quarantine off. Default 300 s.
     pub quarantine_cooldown_secs: u64,
+    /// Slow-consumer closes of one key (peer IP, or ip:port per `quarantine_by`) within
+    /// ten minutes that quarantine it for `quarantine_cooldown_secs`; 1 quarantines on the
+    /// first close, as the reference does. Each strike is held for its ten minutes and
+    /// counts against `quarantine_max_entries`. Default 3.
+    pub quarantine_strikes: u32,
     /// How often expired quarantine entries are purged. Default 60 s.
     pub quarantine_cleanup_interval_secs: u64,
     /// Read pause for a sender while a recipient is over the throttle threshold. Default 200 ms.
@@ -253,6 +258,7 @@ impl Default for Config {
             rate_limit_msgs_per_minute: Some(300),
             accept_error_backoff_ms: 100,
             quarantine_cooldown_secs: 300,
+            quarantine_strikes: 3,
             quarantine_cleanup_interval_secs: 60,
             throttle_delay_ms: 200,
             flow_control_delay_ms: 1000,
@@ -404,6 +410,9 @@ impl Config {
             &mut self.quarantine_cooldown_secs,
             s.int("quarantine_cooldown_secs", 0, u32::MAX as u64)?,
         );
+        if let Some(strikes) = s.int("quarantine_strikes", 1, u32::MAX as u64)? {
+            self.quarantine_strikes = strikes as u32;
+        }
         set(
             &mut self.quarantine_cleanup_interval_secs,
             s.int("quarantine_cleanup_interval_secs", 1, 86_400)?,
@@ -517,6 +526,7 @@ impl Config {
                 "rate_limit_msgs_per_minute": self.rate_limit_msgs_per_minute,
                 "accept_error_backoff_ms": self.accept_error_backoff_ms,
                 "quarantine_cooldown_secs": self.quarantine_cooldown_secs,
+                "quarantine_strikes": self.quarantine_strikes,
                 "quarantine_cleanup_interval_secs": self.quarantine_cleanup_interval_secs,
                 "throttle_delay_ms": self.throttle_delay_ms,
                 "flow_control_delay_ms": self.flow_control_delay_ms,
@@ -948,6 +958,25 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().starts_with("--admin: expected an ip:port"), "{e}");
+    }
+
+    #[test]
+    fn quarantine_strikes_default_to_three_and_must_be_a_positive_integer() {
+        assert_eq!(Config::default().quarantine_strikes, 3);
+        let (c, _) = load(r#"{"hyper_parameters":{"quarantine_strikes":1}}"#).unwrap();
+        assert_eq!(c.quarantine_strikes, 1);
+        let e = load(r#"{"hyper_parameters":{"quarantine_strikes":0}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.quarantine_strikes: expected an integer >= 1, found 0"
+        );
+        let e = load(r#"{"hyper_parameters":{"quarantine_strikes":"three"}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.quarantine_strikes: expected an integer, found \"three\""
+        );
+        assert!(load(r#"{"hyper_parameters":{"quarantine_strikes":2.5}}"#).is_err());
+        assert!(load(r#"{"hyper_parameters":{"quarantine_strikes":-1}}"#).is_err());
     }
 
     #[test]

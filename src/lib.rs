@@ -3,7 +3,8 @@
 //!
 //! Architecture map (see README "How it works"):
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
-//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use).
+//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use) and the
+//!   port guard held for the life of the process; [`preflight`] is what `check` runs too.
 //! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
 //! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
 //! - [`connection`]: one client's reader and writer halves and its outbox.
@@ -96,14 +97,58 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
         .ok_or_else(|| unresolved("host resolves to no address".into()))
 }
 
+/// Everything `serve` refuses before it listens, and what `corecast check` runs too (after
+/// the config itself and the log file, see [`log::check_file`]): io_uring and locked
+/// memory for `config.shards`, the listen host (it must resolve, and its address must be
+/// one this machine can bind, on a port this process may use), and the admin address
+/// (the same, and not overlapping the listen port). Returns the resolved listen address.
+///
+/// Nothing listens: each address is bound once and closed at once. A port that something
+/// already uses is not an error here (`check` may well run beside the relay it is about to
+/// replace); `run` checks that next, under its [`startup::PortGuard`].
+pub fn preflight(config: &Config) -> Result<SocketAddr, Error> {
+    startup::check_io_uring()?;
+    startup::check_memlock(config.shards)?;
+    let addr = resolve(&config.host, config.port)?;
+    let in_use = |e: &std::io::Error| e.raw_os_error() == Some(libc::EADDRINUSE);
+    match startup::probe_bind(addr) {
+        Err(e) if !in_use(&e) => return Err(startup::listen_error(addr, e).into()),
+        _ => {}
+    }
+    if let Some(admin) = config.admin_addr {
+        let admin_error = |e: std::io::Error| Error::Admin {
+            addr: admin,
+            reason: e.to_string(),
+        };
+        if overlaps(admin, addr) {
+            return Err(admin_error(std::io::Error::from_raw_os_error(libc::EADDRINUSE)));
+        }
+        match startup::probe_bind(admin) {
+            Err(e) if !in_use(&e) => return Err(admin_error(e)),
+            _ => {}
+        }
+    }
+    Ok(addr)
+}
+
+/// Whether a plain listener on `a` would collide with the relay's SO_REUSEPORT listeners on
+/// `b`: same fixed port, and the same IP or a wildcard on either side.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let wildcard_covers =
+        |w: SocketAddr, other: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || other.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || wildcard_covers(a, b) || wildcard_covers(b, a))
+}
+
 /// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`).
 /// Start-up failures return before anything listens.
 pub fn run(config: Config) -> Result<(), Error> {
-    startup::check_io_uring()?;
-    startup::check_memlock(config.shards)?;
+    let addr = preflight(&config)?;
     let nofile = startup::raise_nofile_limit();
-    let addr = resolve(&config.host, config.port)?;
+    // Held until `run` returns (or the kernel drops it when the process exits).
+    let _port_guard = startup::PortGuard::acquire(addr)?;
     startup::check_port_free(addr)?;
+    #[cfg(debug_assertions)]
+    test_listen_delay();
     let (bound, listeners) = listener::bind_listeners(addr, config.shards)?;
     // Bound now so that a bad admin address stops start-up before any shard runs.
     let admin = match config.admin_addr {
@@ -188,6 +233,19 @@ pub fn run(config: Config) -> Result<(), Error> {
                 }
             }
         }
+    }
+}
+
+/// Debug builds only: sleeps `CORECAST_TEST_LISTEN_DELAY_MS` between the port checks and
+/// the listeners' bind, widening the window in which two relays started together could
+/// both pass the probe, so the tests can show that the port guard closes it.
+#[cfg(debug_assertions)]
+fn test_listen_delay() {
+    if let Some(ms) = std::env::var("CORECAST_TEST_LISTEN_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 

@@ -86,7 +86,15 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 backoff = first_backoff;
                 shard.stats.on_accept();
                 let Ok(addr) = stream.peer_addr() else {
-                    continue; // already reset by the peer
+                    // Reset by the peer while it waited in the accept queue: there is no
+                    // peer address to admit or log, but it was accepted, so it is closed
+                    // under a reason of its own (dropping the stream closes it).
+                    shard.stats.on_close(CloseReason::ResetBeforeServed, false);
+                    tracing::debug!(
+                        "closed a connection reset before it was served ({})",
+                        CloseReason::ResetBeforeServed
+                    );
+                    continue;
                 };
                 admit(&shard, stream, addr);
             }

@@ -215,16 +215,7 @@ pub fn log_file_path(config: &LogConfig, name: &str) -> PathBuf {
 /// and opens the file for appending, or says why it cannot.
 pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
     let (file, guard) = if config.file {
-        let path = log_file_path(config, name);
-        let opened = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| OpenOptions::new().create(true).append(true).open(&path));
-        let file = opened.map_err(|e| LogFileError {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let (writer, guard) = tracing_appender::non_blocking(file);
+        let (writer, guard) = tracing_appender::non_blocking(open_file(config, name)?);
         (Some(writer), Some(guard))
     } else {
         (None, None)
@@ -232,6 +223,28 @@ pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
     let console = config.console.then_some(std::io::stderr);
     let _ = subscriber(config, name, console, file).try_init();
     Ok(LogGuard { _worker: guard })
+}
+
+/// What `corecast check` does for the log: with `enable_file_log`, opens the file exactly
+/// as [`init`] will (creating the directory and the file if needed, as `nginx -t` does),
+/// then closes it, so that a path `serve` would refuse is refused here with the same error.
+pub fn check_file(config: &LogConfig, name: &str) -> Result<(), LogFileError> {
+    if config.file {
+        open_file(config, name)?;
+    }
+    Ok(())
+}
+
+/// Creates the log directory if needed and opens the file for appending.
+fn open_file(config: &LogConfig, name: &str) -> Result<std::fs::File, LogFileError> {
+    let path = log_file_path(config, name);
+    path.parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| OpenOptions::new().create(true).append(true).open(&path))
+        .map_err(|e| LogFileError {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
 }
 
 /// Logs one relayed line at DEBUG (the caller checks that DEBUG is enabled first, so the

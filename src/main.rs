@@ -26,6 +26,16 @@ fn main() -> ExitCode {
         for w in &warnings {
             eprintln!("corecast: warning: {w}");
         }
+        // What `serve` would refuse before listening, refused here the same way: the log
+        // file as a config error (78), the rest as `run`'s start-up errors (1).
+        if let Err(e) = corecast::log::check_file(&config.log, &config.name) {
+            eprintln!("corecast: config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+        if let Err(e) = corecast::preflight(&config) {
+            eprintln!("corecast: error: {e}");
+            return ExitCode::FAILURE;
+        }
         println!("{:#}", config.to_json());
         return ExitCode::SUCCESS;
     }

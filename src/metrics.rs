@@ -38,10 +38,13 @@ pub enum CloseReason {
     Shutdown,
     /// Handling this connection panicked; only it was closed.
     InternalError,
+    /// Reset by the peer after the kernel completed it and before the relay could read its
+    /// peer address: accepted, never admitted, no bytes either way.
+    ResetBeforeServed,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::PeerClosed,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -53,6 +56,7 @@ impl CloseReason {
         CloseReason::ServerFull,
         CloseReason::Shutdown,
         CloseReason::InternalError,
+        CloseReason::ResetBeforeServed,
     ];
 
     /// The label used in logs and metrics.
@@ -69,6 +73,7 @@ impl CloseReason {
             CloseReason::ServerFull => "server_full",
             CloseReason::Shutdown => "shutdown",
             CloseReason::InternalError => "internal_error",
+            CloseReason::ResetBeforeServed => "reset_before_served",
         }
     }
 }
@@ -199,6 +204,10 @@ pub struct ShardStats {
     /// Socket reads done at the flush task's runs rather than on a readiness wake-up of
     /// their own: busy senders at read rounds, occasional ones found in the ready set.
     pub reads_at_runs: Counter,
+    /// Slow-consumer closes recorded as a strike against their key (quarantine on).
+    pub quarantine_strikes: Counter,
+    /// Strikes that quarantined their key (the `quarantine_strikes`-th in the window).
+    pub quarantines: Counter,
     /// [`ShardState`] as a `u8`, written by the shard (and by its stop guard).
     state: AtomicU8,
     /// Milliseconds since [`crate::shard::Shared::epoch`] at the shard's last heartbeat, written
@@ -223,6 +232,8 @@ pub struct StatsSnapshot {
     pub sender_pause_ms: u64,
     pub slow_consumer_by_rule: [u64; Rule::ALL.len()],
     pub reads_at_runs: u64,
+    pub quarantine_strikes: u64,
+    pub quarantines: u64,
 }
 
 impl ShardStats {
@@ -275,6 +286,14 @@ impl ShardStats {
 
     pub fn on_read_at_run(&self) {
         bump(&self.reads_at_runs, 1);
+    }
+
+    /// A strike against a slow consumer's key; `quarantined` when it was the last one.
+    pub fn on_strike(&self, quarantined: bool) {
+        bump(&self.quarantine_strikes, 1);
+        if quarantined {
+            bump(&self.quarantines, 1);
+        }
     }
 
     pub fn on_stalled_depth(&self, depth: u64) {
@@ -336,6 +355,8 @@ impl ShardStats {
             sender_pause_ms: self.sender_pause_ms.get(),
             slow_consumer_by_rule: std::array::from_fn(|i| self.slow_consumer_by_rule[i].get()),
             reads_at_runs: self.reads_at_runs.get(),
+            quarantine_strikes: self.quarantine_strikes.get(),
+            quarantines: self.quarantines.get(),
         }
     }
 
@@ -347,7 +368,7 @@ impl ShardStats {
 
 impl StatsSnapshot {
     /// The plain counters (everything but the per-reason arrays), by name.
-    pub fn scalars(&self) -> [(&'static str, u64); 11] {
+    pub fn scalars(&self) -> [(&'static str, u64); 13] {
         [
             ("accepted", self.accepted),
             ("open", self.open),
@@ -360,6 +381,8 @@ impl StatsSnapshot {
             ("sender_pauses", self.sender_pauses),
             ("sender_pause_ms", self.sender_pause_ms),
             ("reads_at_runs", self.reads_at_runs),
+            ("quarantine_strikes", self.quarantine_strikes),
+            ("quarantines", self.quarantines),
         ]
     }
 
@@ -379,6 +402,8 @@ impl StatsSnapshot {
             *a += b;
         }
         self.reads_at_runs += other.reads_at_runs;
+        self.quarantine_strikes += other.quarantine_strikes;
+        self.quarantines += other.quarantines;
         for (a, b) in self.closed.iter_mut().zip(other.closed) {
             *a += b;
         }

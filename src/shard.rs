@@ -24,7 +24,7 @@ use crate::metrics::{CloseReason, Counter, DropReason, ShardState, ShardStats};
 use crate::notify::{Notify, NotifyAll};
 use crate::pacing::{self, Pacer, FLUSH_BYTES, SLOTS};
 use crate::protocol;
-use crate::quarantine::Quarantine;
+use crate::quarantine::{Quarantine, Strike};
 use crate::ready_set::ReadySet;
 use crate::shutdown::ShutdownSignal;
 
@@ -105,6 +105,7 @@ impl Shared {
             quarantine: Quarantine::new(
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
+                config.quarantine_strikes,
                 config.quarantine_max_entries,
             ),
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
@@ -576,29 +577,46 @@ impl Shard {
         self.stats.on_stalled_depth(depth);
         let verdict = client.observe_lag(&self.shared.policy, depth, bytes, now);
         if let Some(rule) = verdict.close {
-            if !client.is_closing() {
-                self.close_slow_consumer(client, rule, depth, bytes, now);
-            }
+            self.close_slow_consumer(client, rule, &format!("{depth} messages / {bytes} bytes queued"));
         }
         verdict.stage
     }
 
-    fn close_slow_consumer(&self, client: &Client, rule: Rule, depth: u64, bytes: usize, now: Instant) {
-        let why = match rule {
-            Rule::Deadline => format!("accepted nothing for {} ms", self.config().write_deadline_ms),
-            Rule::Bytes => format!("over max_pending_bytes ({})", self.config().max_pending_bytes),
+    fn rule_text(&self, rule: Rule) -> String {
+        let c = self.config();
+        match rule {
+            Rule::Deadline => format!("accepted nothing for {} ms", c.write_deadline_ms),
+            Rule::Bytes => format!("over max_pending_bytes ({})", c.max_pending_bytes),
             Rule::Messages => format!(
                 "over disconnect_threshold ({}) for {} ms",
-                self.config().backpressure.disconnect_threshold,
-                self.config().write_deadline_ms
+                c.backpressure.disconnect_threshold, c.write_deadline_ms
             ),
-        };
-        tracing::warn!(
-            "slow consumer {}: {depth} messages / {bytes} bytes queued, {why}; closing it",
-            client.addr
-        );
+        }
+    }
+
+    /// Closes `client` as a slow consumer by `rule` (`queued` says how far behind it is),
+    /// recording the strike against its key that may quarantine it. Every `slow_consumer`
+    /// close goes through here; a client already closing is left alone (one close, one
+    /// strike).
+    fn close_slow_consumer(&self, client: &Client, rule: Rule, queued: &str) {
+        if client.is_closing() {
+            return;
+        }
         self.stats.on_slow_consumer(rule);
-        self.shared.quarantine.insert(client.addr, now);
+        let why = format!("{queued}, {}", self.rule_text(rule));
+        let strike = self.shared.quarantine.strike(client.addr, Instant::now());
+        let action = match strike {
+            Strike::Counted { count, limit } => format!("closing it (strike {count} of {limit})"),
+            Strike::Quarantined { limit, cooldown } => format!(
+                "closing it (strike {limit} of {limit}) and quarantining it for {} s",
+                cooldown.as_secs()
+            ),
+            Strike::Off => "closing it".to_string(),
+        };
+        if strike != Strike::Off {
+            self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
+        }
+        tracing::warn!("slow consumer {}: {why}; {action}", client.addr);
         client.request_close(CloseReason::SlowConsumer);
     }
 

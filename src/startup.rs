@@ -116,20 +116,89 @@ pub fn check_io_uring() -> Result<(), StartupError> {
 }
 
 /// glommio's listeners always set SO_REUSEPORT, so a second relay would silently share
-/// the port. Binding once without it fails if anything already listens there.
+/// the port. Binding once without it fails if anything already listens there. This
+/// catches other programs; two relays starting at the same instant can both pass it
+/// before either listens, which [`PortGuard`] covers.
 pub fn check_port_free(addr: SocketAddr) -> Result<(), StartupError> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
-        .map_err(|e| listen_error(addr, e))?;
-    // SO_REUSEADDR tolerates our own sockets lingering in TIME_WAIT, never a listener.
-    let _ = socket.set_reuse_address(true);
-    match socket.bind(&addr.into()) {
+    match probe_bind(addr) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(StartupError::AddressInUse(addr)),
         Err(e) => Err(listen_error(addr, e)),
     }
+}
+
+/// Binds `addr` once (with SO_REUSEADDR, never SO_REUSEPORT) and closes the socket at once;
+/// nothing listens. The error is the one a listener on `addr` would get: the address is
+/// not local, the port is privileged, or (EADDRINUSE) something already holds it.
+pub fn probe_bind(addr: SocketAddr) -> io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // SO_REUSEADDR tolerates our own sockets lingering in TIME_WAIT, never a listener.
+    let _ = socket.set_reuse_address(true);
+    socket.bind(&addr.into())
+}
+
+/// Held for the life of the process by a relay that listens on a fixed port, so that no
+/// second relay can share that port through SO_REUSEPORT, however close their starts.
+///
+/// Each guard is a Unix datagram socket bound to a name in the abstract namespace, derived
+/// from the port and IP family (`corecast-port-guard/tcp4/8888`). Binding such a name is
+/// atomic, so of two relays racing for the same port exactly one gets it; the name lives
+/// in the network namespace, as the port does; and the kernel frees it when the process
+/// ends, however it ends, leaving no file behind (a lock file would have to be cleaned up
+/// after a crash, and would be per mount namespace rather than per network namespace).
+///
+/// The guard covers the port number per IP family whatever the host: `0.0.0.0:P` and
+/// `127.0.0.1:P` overlap (the kernel would share them through SO_REUSEPORT), and telling
+/// overlapping hosts apart is not worth a relay that splits clients with another one. An
+/// IPv6 wildcard (`[::]:P`) also accepts IPv4 connections (dual stack), so it takes both
+/// families' guards. The cost: two relays on different addresses of one family cannot use
+/// the same port number.
+pub struct PortGuard {
+    _names: Vec<std::os::unix::net::UnixDatagram>,
+}
+
+impl PortGuard {
+    /// Takes the guard for `addr`'s port; port 0 needs none (the kernel picks a free port).
+    pub fn acquire(addr: SocketAddr) -> Result<PortGuard, StartupError> {
+        let mut names = Vec::new();
+        if addr.port() != 0 {
+            for family in guard_families(addr) {
+                names.push(bind_guard_name(&guard_name(family, addr.port())).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                        StartupError::AddressInUse(addr)
+                    } else {
+                        StartupError::Listen {
+                            addr: addr.to_string(),
+                            reason: format!("cannot take the port guard: {e}"),
+                        }
+                    }
+                })?);
+            }
+        }
+        Ok(PortGuard { _names: names })
+    }
+}
+
+/// The IP families a listener on `addr` accepts connections from.
+fn guard_families(addr: SocketAddr) -> &'static [&'static str] {
+    match addr.ip() {
+        std::net::IpAddr::V4(_) => &["tcp4"],
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => &["tcp4", "tcp6"],
+        std::net::IpAddr::V6(_) => &["tcp6"],
+    }
+}
+
+fn guard_name(family: &str, port: u16) -> String {
+    format!("corecast-port-guard/{family}/{port}")
+}
+
+fn bind_guard_name(name: &str) -> io::Result<std::os::unix::net::UnixDatagram> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    // std opens it with SOCK_CLOEXEC, so a child process never inherits the guard.
+    std::os::unix::net::UnixDatagram::bind_addr(&addr)
 }
 
 pub fn listen_error(addr: SocketAddr, e: io::Error) -> StartupError {
@@ -139,5 +208,48 @@ pub fn listen_error(addr: SocketAddr, e: io::Error) -> StartupError {
     StartupError::Listen {
         addr: addr.to_string(),
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    // These take real guards in this network namespace, on ports (47001, 47002) that no
+    // other test uses.
+    #[test]
+    fn a_second_guard_on_the_same_port_is_refused_until_the_first_is_dropped() {
+        let first = PortGuard::acquire(addr("127.0.0.1:47001")).unwrap();
+        let e = PortGuard::acquire(addr("127.0.0.1:47001")).err().unwrap();
+        assert!(matches!(e, StartupError::AddressInUse(_)), "{e}");
+        assert!(e.to_string().contains("address already in use"), "{e}");
+        // Another host of the same family overlaps too (think 0.0.0.0 and 127.0.0.1).
+        assert!(PortGuard::acquire(addr("0.0.0.0:47001")).is_err());
+        drop(first);
+        assert!(PortGuard::acquire(addr("0.0.0.0:47001")).is_ok());
+    }
+
+    #[test]
+    fn families_are_guarded_apart_except_for_the_dual_stack_wildcard() {
+        let v4 = PortGuard::acquire(addr("127.0.0.1:47002")).unwrap();
+        let v6 = PortGuard::acquire(addr("[::1]:47002")).unwrap();
+        assert!(PortGuard::acquire(addr("[::]:47002")).is_err());
+        drop(v4);
+        // The wildcard needs both families: the IPv6 one is still held.
+        assert!(PortGuard::acquire(addr("[::]:47002")).is_err());
+        drop(v6);
+        let wild = PortGuard::acquire(addr("[::]:47002")).unwrap();
+        assert!(PortGuard::acquire(addr("127.0.0.1:47002")).is_err());
+        drop(wild);
+    }
+
+    #[test]
+    fn port_zero_takes_no_guard() {
+        let _a = PortGuard::acquire(addr("127.0.0.1:0")).unwrap();
+        let _b = PortGuard::acquire(addr("127.0.0.1:0")).unwrap();
     }
 }

@@ -2,7 +2,7 @@
 
 use std::process::Output;
 
-use crate::util::{corecast, temp_config, Relay};
+use crate::util::{corecast, output_within_patience, temp_config, Relay};
 
 fn check(args: &[&str]) -> Output {
     corecast().arg("check").args(args).output().unwrap()
@@ -121,4 +121,103 @@ fn relayed_messages_are_logged_only_at_debug() {
 fn chrono_like(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 23 && b[4] == b'-' && b[10] == b' ' && b[13] == b':' && b[19] == b'.'
+}
+
+/// `corecast <sub> args` run to its end (bounded), as (exit code, last stderr line).
+fn outcome(sub: Option<&str>, args: &[&str]) -> (Option<i32>, String, Vec<u8>) {
+    let mut cmd = corecast();
+    cmd.args(sub).args(args);
+    let out = output_within_patience(cmd);
+    let err = stderr(&out);
+    (
+        out.status.code(),
+        err.lines().last().unwrap_or_default().to_string(),
+        out.stdout,
+    )
+}
+
+#[test]
+fn check_refuses_what_serve_refuses_with_the_same_message_and_exit_code() {
+    // A regular file where the log directory should be: the log file cannot be opened.
+    let not_a_dir = temp_config("{}");
+    let log_config = temp_config(&format!(
+        r#"{{"logger":{{"enable_file_log":true,"log_file_path":"{}/logs"}}}}"#,
+        not_a_dir.display()
+    ));
+    let host_in_file = temp_config(r#"{"host":"999.1.1.1"}"#);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let admin_on_listen_port = format!("127.0.0.1:{port}");
+    let cases: [(&[&str], i32, &str); 6] = [
+        (&["--host", "999.1.1.1"], 1, "cannot listen on 999.1.1.1:"),
+        (
+            &["--config", host_in_file.to_str().unwrap()],
+            1,
+            "cannot listen on 999.1.1.1:",
+        ),
+        (
+            &["--host", "no-such-host.invalid"],
+            1,
+            "cannot listen on no-such-host.invalid:",
+        ),
+        // TEST-NET-1: never an address of this machine.
+        (&["--host", "192.0.2.1"], 1, "cannot listen on 192.0.2.1:"),
+        (
+            &["--config", log_config.to_str().unwrap()],
+            78,
+            "logger.log_file_path: cannot open log file",
+        ),
+        (
+            &["--admin", "192.0.2.1:0"],
+            1,
+            "cannot serve the admin endpoint on 192.0.2.1:0",
+        ),
+    ];
+    let overlap: &[&str] = &["--port", &port, "--admin", &admin_on_listen_port];
+    for (args, code, message) in cases.iter().map(|(a, c, m)| (a.to_vec(), *c, *m)).chain([(
+        overlap.to_vec(),
+        1,
+        "cannot serve the admin endpoint on 127.0.0.1:",
+    )]) {
+        let mut serve_args = args.clone();
+        if !args.contains(&"--port") {
+            serve_args.extend(["--port", "0"]);
+        }
+        let served = outcome(None, &serve_args);
+        let checked = outcome(Some("check"), &serve_args);
+        assert_eq!(served.0, Some(code), "serve {args:?}: {}", served.1);
+        assert!(served.1.contains(message), "serve {args:?}: {}", served.1);
+        assert_eq!(
+            (checked.0, &checked.1),
+            (served.0, &served.1),
+            "check {args:?} differs from serve"
+        );
+        assert!(
+            checked.2.is_empty(),
+            "check {args:?} printed a config although it failed"
+        );
+    }
+}
+
+#[test]
+fn check_passes_beside_a_relay_that_already_serves_the_port() {
+    let relay = Relay::start(&["--admin", "127.0.0.1:0"]);
+    let port = relay.addr.port().to_string();
+    let admin = relay
+        .log
+        .wait_for("admin listening on ")
+        .split("admin listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    // The port and the admin address are in use, by the relay this config would replace.
+    let (code, err, stdout) = outcome(Some("check"), &["--port", &port, "--admin", &admin]);
+    assert_eq!(code, Some(0), "{err}");
+    let effective: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert_eq!(effective["port"].to_string(), port);
 }

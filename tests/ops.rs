@@ -239,7 +239,10 @@ fn metrics_add_up_after_a_known_workload() {
             .any(|s| s.name == "corecast_lines_in_total" && s.labels["shard"] == shard));
     }
     // Every close and drop reason is exported for every shard, even at zero.
-    assert_eq!(m.iter().filter(|s| s.name == "corecast_closed_total").count(), 2 * 11);
+    assert_eq!(
+        m.iter().filter(|s| s.name == "corecast_closed_total").count(),
+        2 * corecast::metrics::CloseReason::ALL.len()
+    );
     assert_eq!(m.iter().filter(|s| s.name == "corecast_dropped_total").count(), 2 * 7);
 
     // /stats carries the same figures, per shard and in total.
@@ -294,7 +297,7 @@ fn metrics_add_up_after_a_known_workload() {
 #[test]
 fn drops_and_quarantine_show_on_metrics() {
     let (relay, admin) = relay_with_admin(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"write_deadline_ms":1000,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"write_deadline_ms":1000,"quarantine_strikes":1,
             "backpressure_policy":{"enable_throttle":false,"enable_flow_control":false,"disconnect_threshold":50}}}"#,
         &["--shards", "2"],
     );
@@ -324,6 +327,8 @@ fn drops_and_quarantine_show_on_metrics() {
     assert!(envelopes_accounted(&m) <= N as u64, "{} > {N}", envelopes_accounted(&m));
     assert!(sum(&m, "corecast_max_stalled_depth", &[]) >= 50);
     assert_eq!(sum(&m, "corecast_quarantine_entries", &[]), 1);
+    assert_eq!(sum(&m, "corecast_quarantine_strikes_total", &[]), 1);
+    assert_eq!(sum(&m, "corecast_quarantines_total", &[]), 1);
 
     // The quarantined peer comes back: refused, and counted as a drop and a close.
     let mut again = crate::util::Client::from_stream(
@@ -818,4 +823,63 @@ fn the_systemd_unit_has_what_a_notify_service_with_io_uring_needs() {
         out.status.success() && err.trim().is_empty(),
         "systemd-analyze verify: {err}"
     );
+}
+
+#[test]
+fn every_accepted_connection_ends_under_exactly_one_close_reason_through_a_reset_churn() {
+    const CONNECTS: usize = 1500;
+    let (mut relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#,
+        &["--shards", "2"],
+    );
+    // Stays open throughout (and receives the churn's lines, a few tens of KB).
+    let _listener = relay.connect();
+    for i in 0..CONNECTS {
+        let stream = TcpStream::connect(relay.addr).expect("connect to the relay");
+        match i % 3 {
+            // Reset at once: often before the relay has even looked at the connection.
+            0 => socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap(),
+            1 => {}
+            _ => (&stream).write_all(format!("churn {i}\n").as_bytes()).unwrap(),
+        }
+        drop(stream);
+    }
+    let closed = |m: &[Sample]| sum(m, "corecast_closed_total", &[]);
+    let m = scrape_until(admin, "every churned connection closed and accounted for", |m| {
+        let accepted = sum(m, "corecast_accepted_total", &[]);
+        let open = sum(m, "corecast_connections", &[]);
+        accepted == CONNECTS as u64 + 1 && open == 1 && accepted == closed(m) + open
+    });
+    let reset_early = sum(&m, "corecast_closed_total", &[("reason", "reset_before_served")]);
+    eprintln!(
+        "churn of {CONNECTS}: {reset_early} reset before served, {} read errors, {} peer closes, {} write errors",
+        sum(&m, "corecast_closed_total", &[("reason", "read_error")]),
+        sum(&m, "corecast_closed_total", &[("reason", "peer_closed")]),
+        sum(&m, "corecast_closed_total", &[("reason", "write_error")])
+    );
+    // /stats says the same.
+    let stats: Value = serde_json::from_str(&get(admin, "/stats").body).unwrap();
+    let total = &stats["total"];
+    let closed_in_stats: u64 = total["closed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        total["accepted"].as_u64().unwrap(),
+        closed_in_stats + total["connections"].as_u64().unwrap(),
+        "{total}"
+    );
+    // And the shutdown summary: after the drain nothing is open and everything is closed.
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    let closed_at_exit: u64 = corecast::metrics::CloseReason::ALL
+        .iter()
+        .map(|r| relay.final_counter(&format!("closed.{}", r.as_str())))
+        .sum();
+    assert_eq!(relay.final_counter("open"), 0);
+    assert_eq!(relay.final_counter("accepted"), closed_at_exit);
 }

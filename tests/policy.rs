@@ -46,10 +46,11 @@ fn rate_limited_lines_are_dropped_counted_and_noticed_once() {
 }
 
 #[test]
-fn a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one_gets_everything_in_order() {
+fn with_one_strike_a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one_gets_everything_in_order() {
     const LINES: usize = 40_000;
     let relay = Relay::with_config(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60,"write_deadline_ms":1000}}"#,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60,
+            "quarantine_strikes":1,"write_deadline_ms":1000}}"#,
         &["--shards", "2"],
     );
     let slow = relay.connect_from(local("127.0.0.2:0"), Some(4096));
@@ -71,6 +72,11 @@ fn a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one_gets_everything
     relay
         .log
         .wait_for(&format!("client disconnected: {} (slow_consumer)", slow.local_addr));
+    let warning = relay.log.wait_for(&format!("slow consumer {}:", slow.local_addr));
+    assert!(
+        warning.ends_with("closing it (strike 1 of 1) and quarantining it for 60 s"),
+        "{warning}"
+    );
 
     // Quarantined by IP: any port of 127.0.0.2 is accepted and closed with no bytes...
     let mut again = Client::from_stream(connect_socket(relay.addr, local("127.0.0.2:0"), None).unwrap());
@@ -80,6 +86,59 @@ fn a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one_gets_everything
     sender.send(b"after\n");
     assert_eq!(other.line_str(), sender.envelope("after"));
     drop(slow);
+}
+
+#[test]
+fn with_the_default_three_strikes_a_slow_consumer_reconnects_and_receives_until_its_third_close() {
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60,"max_pending_bytes":65536,
+            "backpressure_policy":{"enable_disconnect":false,"enable_throttle":false,"enable_flow_control":false}}}"#,
+        &["--shards", "2"],
+    );
+    let mut sender = relay.connect();
+    let host = local("127.0.0.11:0");
+    for strike in 1..=3 {
+        // Connected from the same host each time; reads nothing, so its outbox passes
+        // max_pending_bytes and it is closed as a slow consumer.
+        let stuck = relay.connect_from(host, Some(4096));
+        // Far more than the kernel buffers hold, so the client really stalls.
+        sender.send(format!("{}\n", "s".repeat(500)).repeat(20_000).as_bytes());
+        relay
+            .log
+            .wait_for(&format!("client disconnected: {} (slow_consumer)", stuck.local_addr));
+        let warning = relay.log.wait_for(&format!("slow consumer {}:", stuck.local_addr));
+        let expected = if strike < 3 {
+            format!("closing it (strike {strike} of 3)")
+        } else {
+            "closing it (strike 3 of 3) and quarantining it for 60 s".to_string()
+        };
+        assert!(warning.ends_with(&expected), "strike {strike}: {warning}");
+        drop(stuck);
+        if strike == 1 {
+            // One close locks nobody out: the same host reconnects and receives. A
+            // watcher that has every line of the burst proves the relay has read it all,
+            // so the line after it is the first the reconnected client gets.
+            let mut watcher = relay.connect();
+            sender.send(b"burst over\n");
+            while watcher.line_str() != sender.envelope("burst over") {}
+            let mut back = relay.connect_from(host, None);
+            sender.send(b"welcome back\n");
+            assert_eq!(back.line_str(), sender.envelope("welcome back"));
+        }
+    }
+    // The third strike quarantined the host: a new connection is closed with no bytes...
+    let mut refused = Client::from_stream(connect_socket(relay.addr, host, None).unwrap());
+    assert_eq!(refused.read_to_eof(), b"");
+    // ...while another host is served (after what is left of the last burst).
+    let mut other = relay.connect_from(local("127.0.0.12:0"), None);
+    sender.send(b"still relaying\n");
+    while other.line_str() != sender.envelope("still relaying") {}
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("quarantine_strikes"), 3);
+    assert_eq!(relay.final_counter("quarantines"), 1);
+    assert_eq!(relay.final_counter("closed.slow_consumer"), 3);
+    assert_eq!(relay.final_counter("closed.quarantined"), 1);
 }
 
 /// Reads exactly `n` lines with large raw reads, then splits them.
@@ -104,7 +163,7 @@ fn read_lines_raw(c: Client, n: usize) -> Vec<String> {
 #[test]
 fn quarantine_by_addr_refuses_only_the_same_ip_and_port() {
     let relay = Relay::with_config(
-        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_by":"addr","write_deadline_ms":1000,
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_by":"addr","quarantine_strikes":1,"write_deadline_ms":1000,
             "backpressure_policy":{"disconnect_threshold":50}}}"#,
         &["--shards", "1"],
     );

@@ -2,8 +2,9 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::Output;
+use std::time::{Duration, Instant};
 
-use crate::util::{corecast, Relay};
+use crate::util::{corecast, spawn_logged, Client, Relay, PATIENCE};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -21,6 +22,102 @@ fn a_second_relay_on_a_busy_port_fails_with_address_in_use() {
     let mut b = first.connect();
     a.send(b"still here\n");
     assert_eq!(b.line_str(), a.envelope("still here"));
+}
+
+#[test]
+fn of_two_relays_started_at_the_same_instant_on_one_port_exactly_one_serves() {
+    const PAIRS: usize = 10;
+    for pair in 0..PAIRS {
+        let port = free_port().to_string();
+        let start = || {
+            let mut cmd = corecast();
+            // One shard each: two processes share a port through SO_REUSEPORT whatever
+            // their shard counts, and a single shard keeps the test clear of the mesh
+            // start-up (tested on its own).
+            cmd.args(["--port", &port, "--shards", "1", "--log-level", "info"]);
+            // Every other pair widens the window between the port checks and the bind to
+            // 300 ms (a debug-build hook), so both relays surely pass the probe first.
+            if pair % 2 == 0 {
+                cmd.env("CORECAST_TEST_LISTEN_DELAY_MS", "300");
+            }
+            cmd
+        };
+        // Both are spawned before either has got far: start-up takes far longer than a spawn.
+        let mut relays = [Started::new(start()), Started::new(start())];
+        let deadline = Instant::now() + PATIENCE;
+        let (winner, loser) = loop {
+            let exited: Vec<usize> = (0..2).filter(|&i| relays[i].0.try_wait().unwrap().is_some()).collect();
+            let listening: Vec<usize> = (0..2).filter(|&i| relays[i].1.count("listening on ") > 0).collect();
+            match (exited.as_slice(), listening.as_slice()) {
+                (&[lost], &[won]) if lost != won => break (won, lost),
+                (&[_, _], _) => panic!(
+                    "pair {pair}: both relays exited:\n{}\n---\n{}",
+                    relays[0].1.text(),
+                    relays[1].1.text()
+                ),
+                (_, &[_, _]) => panic!(
+                    "pair {pair}: both relays listen on port {port}:\n{}\n---\n{}",
+                    relays[0].1.text(),
+                    relays[1].1.text()
+                ),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pair {pair}: no clear outcome:\n{}\n---\n{}",
+                relays[0].1.text(),
+                relays[1].1.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let status = relays[loser].0.wait().unwrap();
+        relays[loser].1.wait_closed();
+        let text = relays[loser].1.text();
+        // The same sentence and exit code as when the probe finds the port taken.
+        assert_eq!(status.code(), Some(1), "pair {pair}: {text}");
+        assert!(
+            text.contains(&format!("cannot listen on 127.0.0.1:{port}: address already in use")),
+            "pair {pair}: {text}"
+        );
+        // The winner serves, and is not left waiting for its twin.
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut a = Client::connect(addr);
+        relays[winner]
+            .1
+            .wait_for(&format!("client connected: {}", a.local_addr));
+        let mut b = Client::connect(addr);
+        relays[winner]
+            .1
+            .wait_for(&format!("client connected: {}", b.local_addr));
+        a.send(b"only one of us\n");
+        assert_eq!(b.line_str(), a.envelope("only one of us"));
+    }
+}
+
+/// A relay process and its log, killed (by PID) when dropped, even by a failing test.
+struct Started(std::process::Child, std::sync::Arc<crate::util::Log>);
+
+impl Started {
+    fn new(cmd: std::process::Command) -> Self {
+        let (child, log) = spawn_logged(cmd);
+        Started(child, log)
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port that was free a moment ago (bound on port 0 and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]

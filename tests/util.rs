@@ -86,6 +86,43 @@ impl Log {
     }
 }
 
+/// Starts `cmd` with its stderr collected into a [`Log`], without waiting for anything.
+pub fn spawn_logged(mut cmd: Command) -> (Child, Arc<Log>) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start corecast");
+    let log = Arc::new(Log::default());
+    log.clone().collect(child.stderr.take().unwrap());
+    (child, log)
+}
+
+/// Runs `cmd` to its end, bounded by [`PATIENCE`] (killed by PID past it, failing the
+/// test): for commands that should exit by themselves, such as a refused start.
+pub fn output_within_patience(mut cmd: Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start corecast");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "corecast did not exit by itself; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// A running relay, killed (by PID) when dropped.
 pub struct Relay {
     child: Child,
@@ -129,14 +166,8 @@ impl Relay {
         cmd
     }
 
-    pub fn spawn(mut cmd: Command) -> Relay {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start corecast");
-        let log = Arc::new(Log::default());
-        log.clone().collect(child.stderr.take().unwrap());
+    pub fn spawn(cmd: Command) -> Relay {
+        let (child, log) = spawn_logged(cmd);
         let line = log.wait_for("listening on ");
         let addr = line
             .split("listening on ")
