@@ -512,7 +512,11 @@ def run(
             if signals.received:
                 return  # stopped on request while starting
             raise
-        signals.flush()
-        returncode = server.wait()
+        try:
+            signals.flush()
+            returncode = server.wait()
+        finally:
+            if server.is_running():  # an exception from elsewhere is unwinding run()
+                server.stop()
     if returncode != 0 and not signals.received:
         raise _failure(returncode, server.log, "while serving")

@@ -93,6 +93,23 @@ class Client:
         self.sock.close()
 
 
+def children_of(pid: int) -> List[int]:
+    """Process ids whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # The command name (field 2) is in parentheses and may hold spaces.
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def wait_registered(log: Callable[[], List[str]], *clients: Client) -> None:
     """Waits until corecast has logged each client's connection (so it gets broadcasts)."""
     for client in clients:
@@ -102,7 +119,7 @@ def wait_registered(log: Callable[[], List[str]], *clients: Client) -> None:
 class Script:
     """A Python script run with this environment's interpreter; its output is collected."""
 
-    def __init__(self, code: str, extra_path: Optional[Path] = None):
+    def __init__(self, code: str, extra_path: Optional[Path] = None, own_group: bool = False):
         env = dict(os.environ)
         if extra_path is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
@@ -112,6 +129,7 @@ class Script:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=own_group,
         )
         self._stdout: List[str] = []
         self._stderr: List[str] = []

@@ -8,10 +8,20 @@ import textwrap
 import threading
 import time
 
-from helpers import PATIENCE, SHUTDOWN_NOTICE, Client, Script, one_shard, wait_for_line, wait_registered, wait_until
+from helpers import (
+    PATIENCE,
+    SHUTDOWN_NOTICE,
+    Client,
+    Script,
+    children_of,
+    one_shard,
+    wait_for_line,
+    wait_registered,
+    wait_until,
+)
 
 
-def run_script(config, name="pyrun"):
+def run_script(config, name="pyrun", own_group=False):
     return Script(
         textwrap.dedent(
             f"""
@@ -19,7 +29,8 @@ def run_script(config, name="pyrun"):
             corecast.run("127.0.0.1", 0, config_dict={config!r}, name={name!r})
             print("run returned", flush=True)
             """
-        )
+        ),
+        own_group=own_group,
     )
 
 
@@ -40,6 +51,25 @@ def test_sigint_to_run_drains_every_client_and_exits_0():
     assert script.stdout() == ["run returned"]
     assert any(" - pyrun - INFO - SIGINT received; draining" in line for line in script.stderr())
     assert any("all shards drained; exiting" in line for line in script.stderr())
+
+
+def test_ctrl_c_on_a_terminal_drains_once_although_it_signals_the_whole_group():
+    # A terminal sends SIGINT to its foreground process group. corecast runs in a group of
+    # its own, so it hears the signal once, from Python, and drains instead of stopping.
+    script = run_script(one_shard(), own_group=True)
+    try:
+        address = script.listening_address()
+        client = Client(address)
+        wait_registered(script.stderr, client)
+        (relay,) = children_of(script.proc.pid)
+        assert os.getpgid(relay) == relay != os.getpgid(script.proc.pid)
+        os.killpg(script.proc.pid, signal.SIGINT)
+        assert client.read_to_eof() == SHUTDOWN_NOTICE
+        assert script.wait() == 0
+    finally:
+        script.kill()
+    assert script.stdout() == ["run returned"]
+    assert not any("second signal" in line for line in script.stderr())
 
 
 def test_a_second_signal_stops_corecast_at_once():
