@@ -3,12 +3,13 @@
 import json
 import socket
 import subprocess
+import textwrap
 import threading
 
 import pytest
 
 import corecast
-from helpers import SHUTDOWN_NOTICE, Client, free_port, one_shard, wait_for_line, wait_registered
+from helpers import SHUTDOWN_NOTICE, Client, Script, free_port, one_shard, wait_for_line, wait_registered
 
 
 def test_two_raw_sockets_talk_through_a_server_byte_exact():
@@ -111,3 +112,24 @@ def test_unknown_keys_are_warned_about_in_the_forwarded_log():
     with corecast.Server(port=0, config_dict=config, stderr=subprocess.DEVNULL) as server:
         line = wait_for_line(lambda: server.log, "unknown config key")
     assert "did you mean hyper_parameters.rate_limit_msgs_per_minute" in line
+
+
+def test_the_binarys_start_up_checks_surface_with_their_sentence():
+    # The locked-memory check, as the command line runs it, in a process with a tiny limit.
+    script = Script(
+        textwrap.dedent(
+            f"""
+            import resource, corecast
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 << 10, 64 << 10))
+            try:
+                corecast.Server(port=0, config_dict={one_shard()!r}).start()
+            except corecast.ConfigError:
+                print("wrongly a ConfigError", flush=True)
+            except corecast.CorecastError as e:
+                print(e, flush=True)
+            """
+        )
+    )
+    assert script.wait() == 0
+    (message,) = script.stdout()
+    assert message.startswith("locked-memory limit (RLIMIT_MEMLOCK) is 64 KiB but corecast needs at least "), message
