@@ -304,6 +304,7 @@ class Server:
         """
         if self._proc is not None:
             raise RuntimeError("this corecast server was already started")
+        self._owner_pid = os.getpid()
         config, passthrough = effective_config(self._host, self._port, self._config_path, self._config_dict)
         text = None if config is None else dump_config(config)
         binary = binary_path()
