@@ -1,0 +1,3 @@
+from .server import SummonerServer
+
+__all__ = ["SummonerServer"]
