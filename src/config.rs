@@ -322,10 +322,15 @@ impl Config {
     pub fn apply_json(&mut self, root: &Value, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
         let mut top = Section::new(root, "")?;
         top.ignore("version");
-        if let Some(host) = top.string("host")? {
+        // Summoner's templates write `null` for "whatever run() was given": here, the default
+        // (or the flag).
+        if let Some(Some(host)) = top.nullable("host", |v, path| match v {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(invalid(path, "a string", v)),
+        })? {
             self.host = host;
         }
-        if let Some(port) = top.int("port", 0, 65535)? {
+        if let Some(Some(port)) = top.nullable("port", |v, path| int_value(v, path, 0, 65535))? {
             self.port = port as u16;
         }
         if let Some(name) = top.string("name")? {
@@ -791,6 +796,14 @@ mod tests {
         assert_eq!(c.backpressure.disconnect_threshold, 500);
         assert_eq!((c.max_pending_bytes, c.max_total_pending_bytes), (64 << 20, 1 << 30));
         assert_eq!(c.write_deadline_ms, 10_000);
+    }
+
+    #[test]
+    fn a_null_host_or_port_keeps_the_default_as_summoner_templates_mean_it() {
+        let (c, w) = load(r#"{"host":null,"port":null}"#).unwrap();
+        assert_eq!((c.host.as_str(), c.port, w.len()), ("127.0.0.1", 8888, 0));
+        let e = load(r#"{"host":7}"#).unwrap_err();
+        assert_eq!(e.to_string(), "host: expected a string, found 7");
     }
 
     #[test]
