@@ -9,9 +9,10 @@
 //! parse gets its automatic 400 (or 431 for an oversize head), each with an empty body.
 //!
 //! [`crate::run`] binds it with [`bind`] (a std listener, before any shard starts, so a bad
-//! address fails start-up) and starts it with [`spawn`] once every shard is accepting. It
-//! reads the shards' [`ShardStats`](crate::metrics::ShardStats) (relaxed atomics, see
-//! [`crate::metrics`]) and never writes anything a shard reads, so it cannot delay them.
+//! address fails start-up) and starts it with [`spawn`] once every shard is accepting. The
+//! bodies come from [`report`], which reads the shards'
+//! [`ShardStats`](crate::metrics::ShardStats) (relaxed atomics, see [`crate::metrics`]) and
+//! never writes anything a shard reads: nothing here can delay a shard.
 //!
 //! Every connection is its own task, so a slow or silent client holds only its own slot:
 //! `/healthz` answers while hundreds of others are stalled. Each is bounded: at most
@@ -20,7 +21,6 @@
 //! per connection (`Connection: close`), and the whole connection, response included, lives
 //! at most [`CONNECTION_LIFETIME`]. It has no authentication: bind it to loopback.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -36,19 +36,16 @@ use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use serde_json::{json, Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot};
 use crate::shard::Shared;
+
+pub mod report;
+use report::{healthz, metrics_text, ShardCollector};
+pub use report::{stats_json, ShardHealth, HEARTBEAT_STALE};
 
 /// Largest request head (request line + headers) accepted; a larger one gets hyper's 431.
 pub const MAX_HEAD_BYTES: usize = 8 << 10;
@@ -63,15 +60,15 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// Most admin connections open at once (see [`Limits::for_open_files`]).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections the kernel queues for `accept`: a burst as large as the connection bound
+/// waits there instead of having its SYNs dropped (std's 128 costs a 1 s retransmit).
+const LISTEN_BACKLOG: i32 = MAX_CONNECTIONS as i32;
 /// After the response, unread request bytes are drained for at most this long (and this
 /// much), so closing does not reset the connection and destroy the response in flight.
 const LINGER: Duration = Duration::from_millis(200);
 const LINGER_BYTES: usize = 64 << 10;
 /// A failing `accept` (EMFILE and friends) is retried after this pause instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-/// A running shard whose heartbeat (every `shard::HEARTBEAT_INTERVAL`) is older than this
-/// is reported unhealthy: its thread has not run a timer task for that long.
-pub const HEARTBEAT_STALE: Duration = Duration::from_secs(3);
 /// Content type of `/metrics` (the encoder writes OpenMetrics text, which Prometheus reads).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -98,7 +95,12 @@ impl Limits {
 
 /// Binds the admin listener; called before any shard starts.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // As std's `TcpListener::bind` does: a restart need not wait out old connections.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Serves `listener` on a new thread, `corecast-admin`, until the process exits.
@@ -307,263 +309,16 @@ fn route(method: &Method, path: &str, app: &App) -> Response<Full<Bytes>> {
     }
     match path {
         "/metrics" => response(200, METRICS_CONTENT_TYPE, metrics_text(&app.registry)),
-        "/healthz" => healthz(&app.shared),
+        "/healthz" => {
+            let (status, body) = healthz(&app.shared);
+            response(status, TEXT, body)
+        }
         "/stats" => {
             let mut body = stats_json(&app.shared).to_string();
             body.push('\n');
             response(200, "application/json", body)
         }
         _ => response(404, TEXT, "not found; try /metrics, /healthz or /stats\n".into()),
-    }
-}
-
-fn metrics_text(registry: &Registry) -> String {
-    let mut out = String::with_capacity(16 << 10);
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
-        // Only a failing `fmt::Write` can fail, and a String never does.
-        tracing::error!("admin endpoint: encoding metrics failed: {e}");
-    }
-    out
-}
-
-/// One shard's health as `/healthz` and `/stats` report it.
-pub struct ShardHealth {
-    pub state: ShardState,
-    /// Milliseconds since the shard's last heartbeat.
-    pub heartbeat_age_ms: u64,
-}
-
-impl ShardHealth {
-    pub fn of(shared: &Shared, id: usize) -> Self {
-        let stats = &shared.stats[id];
-        ShardHealth {
-            state: stats.state(),
-            heartbeat_age_ms: shared.clock_ms().saturating_sub(stats.last_heartbeat_ms()),
-        }
-    }
-
-    /// Alive: running (accepting, not draining or stopped) with a fresh heartbeat.
-    pub fn is_healthy(&self) -> bool {
-        self.state == ShardState::Running && self.heartbeat_age_ms <= HEARTBEAT_STALE.as_millis() as u64
-    }
-
-    /// What is wrong, for the `/healthz` body.
-    fn problem(&self) -> Option<String> {
-        match self.state {
-            ShardState::Running if self.is_healthy() => None,
-            ShardState::Running => Some(format!("no heartbeat for {} ms", self.heartbeat_age_ms)),
-            state => Some(state.as_str().to_string()),
-        }
-    }
-}
-
-fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
-    let mut problems = String::new();
-    for id in 0..shared.stats.len() {
-        if let Some(p) = ShardHealth::of(shared, id).problem() {
-            let _ = writeln!(problems, "shard {id}: {p}");
-        }
-    }
-    if problems.is_empty() {
-        response(200, TEXT, format!("ok: {} shards running\n", shared.stats.len()))
-    } else {
-        response(503, TEXT, format!("unhealthy\n{problems}"))
-    }
-}
-
-/// Every figure of `s` under the names `/metrics` uses (without prefix and `_total`).
-fn snapshot_json(s: &StatsSnapshot) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("connections".into(), s.open.into());
-    for (name, v) in s.scalars() {
-        if name != "open" {
-            m.insert(name.into(), v.into());
-        }
-    }
-    let by_reason = |pairs: &mut dyn Iterator<Item = (&'static str, u64)>| {
-        Value::Object(pairs.map(|(k, v)| (k.to_string(), Value::from(v))).collect())
-    };
-    m.insert(
-        "closed".into(),
-        by_reason(&mut CloseReason::ALL.iter().map(|r| (r.as_str(), s.closed(*r)))),
-    );
-    m.insert(
-        "dropped".into(),
-        by_reason(&mut DropReason::ALL.iter().map(|r| (r.as_str(), s.dropped(*r)))),
-    );
-    m
-}
-
-/// `/stats`: per-shard figures, their totals, health and the quarantine size.
-pub fn stats_json(shared: &Shared) -> Value {
-    let mut total = StatsSnapshot::default();
-    let mut shards = Vec::with_capacity(shared.stats.len());
-    let mut healthy = true;
-    for (id, stats) in shared.stats.iter().enumerate() {
-        let snap = stats.snapshot();
-        total.merge(&snap);
-        let health = ShardHealth::of(shared, id);
-        healthy &= health.is_healthy();
-        let mut m = snapshot_json(&snap);
-        m.insert("shard".into(), id.into());
-        m.insert("state".into(), health.state.as_str().into());
-        m.insert("healthy".into(), health.is_healthy().into());
-        m.insert("heartbeat_age_ms".into(), health.heartbeat_age_ms.into());
-        m.insert("stalled_depth".into(), shared.largest_stalled(id).into());
-        shards.push(Value::Object(m));
-    }
-    json!({
-        "name": shared.config.name,
-        "healthy": healthy,
-        "uptime_ms": shared.clock_ms(),
-        "quarantine_entries": shared.quarantine.len(),
-        "total": snapshot_json(&total),
-        "shards": shards,
-    })
-}
-
-/// Reads every shard's counters at scrape time for the `prometheus-client` encoder.
-struct ShardCollector(Arc<Shared>);
-
-impl std::fmt::Debug for ShardCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ShardCollector")
-    }
-}
-
-/// One per-shard series family: name (without prefix), help, type, and the value.
-type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
-
-const SERIES: [Series; 10] = [
-    (
-        "connections",
-        "Connections currently open on the shard.",
-        MetricType::Gauge,
-        |s| s.open,
-    ),
-    (
-        "accepted",
-        "Connections accepted, including ones closed at once by admission.",
-        MetricType::Counter,
-        |s| s.accepted,
-    ),
-    (
-        "lines_in",
-        "Complete lines received and accepted for relaying.",
-        MetricType::Counter,
-        |s| s.lines_in,
-    ),
-    (
-        "envelopes_out",
-        "Envelopes written to recipients' sockets.",
-        MetricType::Counter,
-        |s| s.envelopes_out,
-    ),
-    (
-        "bytes_in",
-        "Bytes read from client sockets.",
-        MetricType::Counter,
-        |s| s.bytes_in,
-    ),
-    (
-        "bytes_out",
-        "Bytes written to client sockets by their writers: envelopes and rate-limit notices (closing notices are not counted).",
-        MetricType::Counter,
-        |s| s.bytes_out,
-    ),
-    (
-        "socket_writes",
-        "Socket writes that sent at least one byte.",
-        MetricType::Counter,
-        |s| s.socket_writes,
-    ),
-    (
-        "max_stalled_depth",
-        "Largest outbox depth: most messages seen queued for a stalled recipient since start.",
-        MetricType::Gauge,
-        |s| s.max_stalled_depth,
-    ),
-    (
-        "sender_pauses",
-        "Times a sender's reads were paused by throttle or flow control.",
-        MetricType::Counter,
-        |s| s.sender_pauses,
-    ),
-    (
-        "reads_at_runs",
-        "Socket reads done at the flush task's runs instead of on a readiness wake-up of their own.",
-        MetricType::Counter,
-        |s| s.reads_at_runs,
-    ),
-];
-
-fn encode_value(kind: MetricType, v: u64, encoder: prometheus_client::encoding::MetricEncoder) -> std::fmt::Result {
-    match kind {
-        MetricType::Counter => ConstCounter::new(v).encode(encoder),
-        _ => ConstGauge::new(v).encode(encoder),
-    }
-}
-
-impl Collector for ShardCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let shared = &self.0;
-        // One read of every shard per scrape, so the families agree with each other.
-        let snaps: Vec<StatsSnapshot> = shared.stats.iter().map(|s| s.snapshot()).collect();
-        for (name, help, kind, value) in SERIES {
-            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-            for (id, snap) in snaps.iter().enumerate() {
-                let labels = [("shard", id)];
-                encode_value(kind, value(snap), family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family =
-            encoder.encode_descriptor("closed", "Connections closed, by reason.", None, MetricType::Counter)?;
-        for (id, snap) in snaps.iter().enumerate() {
-            for reason in CloseReason::ALL {
-                let labels = ([("shard", id)], [("reason", reason.as_str())]);
-                ConstCounter::new(snap.closed(reason)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "dropped",
-            "Things not delivered, by reason: lines (rate_limited, line_too_long, invalid_utf8), \
-             envelopes (slow_consumer, recipient_gone) or connections (quarantined, server_full).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (id, snap) in snaps.iter().enumerate() {
-            for reason in DropReason::ALL {
-                let labels = ([("shard", id)], [("reason", reason.as_str())]);
-                ConstCounter::new(snap.dropped(reason)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "stalled_depth",
-            "Messages queued for the most backed-up stalled recipient on the shard now.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for id in 0..snaps.len() {
-            ConstGauge::new(shared.largest_stalled(id)).encode(family.encode_family(&[("shard", id)])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "shard_up",
-            "1 while the shard is running with a fresh heartbeat (what /healthz checks), else 0.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for id in 0..snaps.len() {
-            let up = u64::from(ShardHealth::of(shared, id).is_healthy());
-            ConstGauge::new(up).encode(family.encode_family(&[("shard", id)])?)?;
-        }
-        let family = encoder.encode_descriptor(
-            "quarantine_entries",
-            "Entries in the quarantine table (shared by all shards).",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(shared.quarantine.len() as u64).encode(family)?;
-        Ok(())
     }
 }
 
@@ -587,7 +342,7 @@ mod tests {
         let _b = Slot::take(&open, 2).expect("second slot");
         assert!(Slot::take(&open, 2).is_none());
         drop(a);
-        assert!(Slot::take(&open, 2).is_some());
+        let _c = Slot::take(&open, 2).expect("the freed slot");
         assert_eq!(open.load(Ordering::Relaxed), 2);
     }
 

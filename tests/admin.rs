@@ -623,8 +623,9 @@ fn connections_past_the_bound_are_closed_at_once_and_room_comes_back() {
     let bound = admin_connection_bound(&relay);
     allow_open_files(bound as u64 + 8);
     let mut held = hold_connections(admin, bound, b"");
-    // The accept loop takes connections in order, so once the bound is reached every new
-    // one is closed unanswered (a reset or an empty read, never a response).
+    // The listen backlog holds them all, so the accept loop takes them in the order they
+    // connected: once the bound is reached, the next is closed unanswered (a reset or an
+    // empty read, never a response) while the held ones stay open.
     let mut extra = TcpStream::connect(admin).expect("connect past the bound");
     extra.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut got = Vec::new();

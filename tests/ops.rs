@@ -1,4 +1,4 @@
-//! Operations (issue 6, `docs/protocol.md`, `logger.*`): file and JSON logs, `log_keys`,
+//! Operations (issue 6): file and JSON logs (`logger.*`), `log_keys`,
 //! systemd readiness through a fake `NOTIFY_SOCKET`, and the shipped systemd unit. The
 //! admin endpoint's tests are in `admin.rs`.
 
