@@ -21,13 +21,10 @@
 //! per connection (`Connection: close`), and the whole connection, response included, lives
 //! at most [`CONNECTION_LIFETIME`]. It has no authentication: bind it to loopback.
 
-use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,9 +34,6 @@ use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::time::Sleep;
 
 use crate::shard::Shared;
 
@@ -63,10 +57,6 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Connections the kernel queues for `accept`: a burst as large as the connection bound
 /// waits there instead of having its SYNs dropped (std's 128 costs a 1 s retransmit).
 const LISTEN_BACKLOG: i32 = MAX_CONNECTIONS as i32;
-/// After the response, unread request bytes are drained for at most this long (and this
-/// much), so closing does not reset the connection and destroy the response in flight.
-const LINGER: Duration = Duration::from_millis(200);
-const LINGER_BYTES: usize = 64 << 10;
 /// A failing `accept` (EMFILE and friends) is retried after this pause instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Content type of `/metrics` (the encoder writes OpenMetrics text, which Prometheus reads).
@@ -167,7 +157,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits)
         };
         // The response goes out in one write; nothing is gained by holding it back.
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(Lingering::new(stream)), AppService(app.clone()));
+        let conn = http.serve_connection(TokioIo::new(stream), AppService(app.clone()));
         tokio::spawn(async move {
             let _slot = slot;
             match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
@@ -202,77 +192,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A connection's socket that, when hyper shuts it down, half-closes and then drains what
-/// the client may still send (a body, the rest of an oversize head) for at most [`LINGER`]
-/// and [`LINGER_BYTES`], so that the close is a FIN, not a reset destroying the response.
-struct Lingering {
-    stream: TcpStream,
-    /// Set once the write side is shut down: the end of the drain.
-    linger: Option<Pin<Box<Sleep>>>,
-    drained: usize,
-}
-
-impl Lingering {
-    fn new(stream: TcpStream) -> Self {
-        Lingering {
-            stream,
-            linger: None,
-            drained: 0,
-        }
-    }
-}
-
-impl AsyncRead for Lingering {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Lingering {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let linger = match &mut this.linger {
-            Some(linger) => linger,
-            None => {
-                ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
-                this.linger.insert(Box::pin(tokio::time::sleep(LINGER)))
-            }
-        };
-        let mut scratch = [0u8; 4096];
-        // Ends at the deadline, the byte bound, the client's FIN or an error: all are a
-        // finished shutdown for hyper, which then drops (closes) the socket.
-        while this.drained < LINGER_BYTES && linger.as_mut().poll(cx).is_pending() {
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => this.drained += buf.filled().len(),
-                Poll::Ready(_) => break,
-            }
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
