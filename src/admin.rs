@@ -1,585 +1,286 @@
-//! The admin endpoint (SPEC §6): a small HTTP/1.1 server on its own std thread, off the
-//! shard threads, serving
+//! The admin endpoint: a small HTTP/1.1 server (hyper on a current-thread tokio runtime)
+//! on its own thread, `corecast-admin`, off the shard threads, serving
 //! - `GET /metrics`: every per-shard counter in the Prometheus/OpenMetrics text format
 //!   (encoded by `prometheus-client`), names prefixed `corecast_`, a `shard` label;
 //! - `GET /healthz`: 200 when every shard is running and its heartbeat is fresh, else 503;
 //! - `GET /stats`: the same figures as JSON, per shard and in total.
 //!
-//! [`crate::run`] binds it with [`bind`] before any shard starts (so a bad address fails
-//! start-up) and starts it with [`spawn`] once every shard is accepting. It reads the
-//! shards' [`ShardStats`] (relaxed atomics, see [`crate::metrics`]) and never writes
-//! anything a shard reads. Requests are served one at a time: each has [`REQUEST_DEADLINE`]
-//! to arrive and at most [`MAX_REQUEST_BYTES`] of head, so a slow or hostile client holds
-//! the thread for a bounded time and memory. It has no authentication: bind it to loopback.
+//! `HEAD` is served too; other methods get 405, other paths 404, and a request hyper cannot
+//! parse gets its automatic 400 (or 431 for an oversize head), each with an empty body.
+//!
+//! [`crate::run`] binds it with [`bind`] (a std listener, before any shard starts, so a bad
+//! address fails start-up) and starts it with [`spawn`] once every shard is accepting. The
+//! bodies come from [`report`], which reads the shards'
+//! [`ShardStats`](crate::metrics::ShardStats) (relaxed atomics, see [`crate::metrics`]) and
+//! never writes anything a shard reads: nothing here can delay a shard.
+//!
+//! Every connection is its own task, so a slow or silent client holds only its own slot:
+//! `/healthz` answers while hundreds of others are stalled. Each is bounded: at most
+//! [`Limits::max_connections`] open at once (past it, new ones are closed at once), a head
+//! must arrive within [`HEADER_READ_TIMEOUT`] and fit in [`MAX_HEAD_BYTES`], one request
+//! per connection (`Connection: close`), and the whole connection, response included, lives
+//! at most [`CONNECTION_LIFETIME`]. It has no authentication: bind it to loopback.
 
-use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use serde_json::{json, Map, Value};
 
-use crate::backpressure::Rule;
-use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot};
 use crate::shard::Shared;
 
-/// Largest request head (request line + headers) accepted; larger gets 431.
-pub const MAX_REQUEST_BYTES: usize = 8 << 10;
-/// Time a client has to send its whole request head; past it the request gets 408.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
-/// Time allowed for writing a response.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// After the response, unread request bytes are drained for at most this long (and this
-/// much), so closing does not reset the connection and destroy the response in flight.
-const LINGER: Duration = Duration::from_millis(200);
-const LINGER_BYTES: usize = 64 << 10;
-/// A running shard whose heartbeat (every `shard::HEARTBEAT_INTERVAL`) is older than this
-/// is reported unhealthy: its thread has not run a timer task for that long.
-pub const HEARTBEAT_STALE: Duration = Duration::from_secs(3);
+pub mod report;
+use report::{healthz, metrics_text, ShardCollector};
+pub use report::{stats_json, ShardHealth, HEARTBEAT_STALE};
+
+/// Largest request head (request line + headers) accepted; a larger one gets hyper's 431.
+pub const MAX_HEAD_BYTES: usize = 8 << 10;
+/// Largest read buffer per connection, bounding memory for a head that never ends; a
+/// buffer full without a complete head also gets 431. hyper's minimum is 8 KiB.
+const MAX_BUF_BYTES: usize = 16 << 10;
+/// Time from accept to the end of the request head. Past it hyper closes the connection
+/// without a response (it sends no 408), which frees the slot of a silent client.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection, reading the head and writing the response included; a
+/// client that does not read its response is dropped then.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// Most admin connections open at once (see [`Limits::for_open_files`]).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections the kernel queues for `accept`: a burst as large as the connection bound
+/// waits there instead of having its SYNs dropped (std's 128 costs a 1 s retransmit).
+const LISTEN_BACKLOG: i32 = MAX_CONNECTIONS as i32;
+/// A failing `accept` (EMFILE and friends) is retried after this pause instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Content type of `/metrics` (the encoder writes OpenMetrics text, which Prometheus reads).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The bounds the endpoint runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; a connection accepted past it is closed at once, without a
+    /// response: answering 503 would mean reading its request (a slot's worth of waiting)
+    /// or closing on unread bytes (a reset that destroys the 503 anyway).
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// [`MAX_CONNECTIONS`], but at most a quarter of the open-file limit `nofile`, so that
+    /// admin sockets can never take the descriptors the relay's clients need (at least 16).
+    pub fn for_open_files(nofile: u64) -> Self {
+        let budget = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
+        Limits {
+            max_connections: budget.clamp(16, MAX_CONNECTIONS),
+        }
+    }
+}
 
 /// Binds the admin listener; called before any shard starts.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // As std's `TcpListener::bind` does: a restart need not wait out old connections.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
-/// Serves `listener` on a new thread until the process exits.
-pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
+/// Serves `listener` on a new thread, `corecast-admin`, until the process exits.
+pub fn spawn(listener: TcpListener, shared: Arc<Shared>, limits: Limits) -> io::Result<()> {
     let mut registry = Registry::with_prefix("corecast");
     registry.register_collector(Box::new(ShardCollector(shared.clone())));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    // Registered with this runtime's reactor here, so that a failure is start-up's error.
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    let app = Arc::new(App { shared, registry });
     std::thread::Builder::new()
         .name("corecast-admin".into())
-        .spawn(move || serve(listener, &shared, &registry))?;
+        .spawn(move || runtime.block_on(serve(listener, app, limits)))?;
     Ok(())
 }
 
-fn serve(listener: TcpListener, shared: &Shared, registry: &Registry) {
-    let mut last_error_log: Option<Instant> = None;
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => handle(stream, shared, registry),
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning, log at most once a second.
-                if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    tracing::warn!("admin endpoint: accept failed: {e}");
-                    last_error_log = Some(Instant::now());
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+/// What every connection's requests read.
+struct App {
+    shared: Arc<Shared>,
+    registry: Registry,
+}
+
+/// The accept loop: one task per connection, up to `limits.max_connections` at once.
+async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_BUF_BYTES)
+        // One request per connection: nothing idles between requests, and hyper adds
+        // `Connection: close` to every response.
+        .keep_alive(false);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut last_warning: Option<Instant> = None;
+    let mut warn_at_most_every_second = |message: String| {
+        if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!("{message}");
+            last_warning = Some(Instant::now());
         }
-    }
-}
-
-/// An HTTP response, always sent with `Connection: close`.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-    allow: bool,
-}
-
-impl Response {
-    fn new(status: u16, content_type: &'static str, body: String) -> Self {
-        Response {
-            status,
-            content_type,
-            body,
-            allow: false,
-        }
-    }
-
-    fn text(status: u16, body: impl Into<String>) -> Self {
-        Response::new(status, "text/plain; charset=utf-8", body.into())
-    }
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
-/// Why a request head could not be read.
-#[derive(Debug, PartialEq, Eq)]
-enum HeadError {
-    /// The client closed before sending a whole head: nothing to answer.
-    Closed,
-    TooLarge,
-    TimedOut,
-}
-
-fn handle(mut stream: TcpStream, shared: &Shared, registry: &Registry) {
-    let head = read_head(&mut stream);
-    let (response, head_only) = match head {
-        Ok(head) => route(&head, shared, registry),
-        Err(HeadError::Closed) => return,
-        Err(HeadError::TooLarge) => (
-            Response::text(431, format!("request head over {MAX_REQUEST_BYTES} bytes\n")),
-            false,
-        ),
-        Err(HeadError::TimedOut) => (Response::text(408, "request not received in time\n"), false),
     };
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
-        response.status,
-        reason_phrase(response.status),
-        response.content_type,
-        response.body.len()
-    );
-    if response.allow {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    if !head_only {
-        out.push_str(&response.body);
-    }
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    if stream.write_all(out.as_bytes()).is_err() {
-        return;
-    }
-    // Half-close, then drain what the client may still send (a body, the rest of an
-    // oversize head) so that the close is a FIN, not a reset that would destroy the response.
-    let _ = stream.shutdown(Shutdown::Write);
-    let deadline = Instant::now() + LINGER;
-    let mut drained = 0;
-    let mut buf = [0u8; 4096];
-    while drained < LINGER_BYTES {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match stream.read(&mut buf) {
-            Ok(n) if n > 0 => drained += n,
-            _ => break,
-        }
-    }
-}
-
-/// Reads up to the blank line that ends the request head, within [`REQUEST_DEADLINE`] and
-/// [`MAX_REQUEST_BYTES`]. Returns the head without its final blank line.
-fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
-    let deadline = Instant::now() + REQUEST_DEADLINE;
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
     loop {
-        if let Some(end) = head_end(&head) {
-            head.truncate(end);
-            return Ok(head);
-        }
-        if head.len() > MAX_REQUEST_BYTES {
-            return Err(HeadError::TooLarge);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HeadError::TimedOut);
-        }
-        stream.set_read_timeout(Some(left)).map_err(|_| HeadError::Closed)?;
-        match stream.read(&mut buf) {
-            Ok(0) => return Err(HeadError::Closed),
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(HeadError::TimedOut)
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn_at_most_every_second(format!("admin endpoint: accept failed: {e}"));
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(HeadError::Closed),
+        };
+        let Some(slot) = Slot::take(&open, limits.max_connections) else {
+            warn_at_most_every_second(format!(
+                "admin endpoint: {} connections open; closing new ones until one ends",
+                limits.max_connections
+            ));
+            drop(stream);
+            continue;
+        };
+        // The response goes out in one write; nothing is gained by holding it back.
+        let _ = stream.set_nodelay(true);
+        let conn = http.serve_connection(TokioIo::new(stream), AppService(app.clone()));
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                // Header timeouts, resets and parse errors: the client's problem, and a port
+                // scanner makes plenty of them.
+                Ok(Err(e)) => tracing::debug!("admin endpoint: connection from {peer}: {e}"),
+                Err(_) => tracing::debug!(
+                    "admin endpoint: connection from {peer} dropped after {} s",
+                    CONNECTION_LIFETIME.as_secs()
+                ),
+            }
+        });
+    }
+}
+
+/// One of the `max_connections` places, given back when its connection task ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Only the accept loop takes slots, so the check and the increment cannot race with
+    /// another taker; tasks ending only make room.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        if open.load(Ordering::Relaxed) >= max {
+            return None;
         }
+        open.fetch_add(1, Ordering::Relaxed);
+        Some(Slot(open.clone()))
     }
 }
 
-/// Where the head ends: the first empty line (`\r\n\r\n`, or a bare `\n\n` from lenient clients).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = memchr::memmem::find(buf, b"\r\n\r\n");
-    let lf = memchr::memmem::find(buf, b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Picks the response for a complete request head; the flag says "HEAD: no body".
-fn route(head: &[u8], shared: &Shared, registry: &Registry) -> (Response, bool) {
-    let Some((method, path)) = parse_request_line(head) else {
-        return (Response::text(400, "malformed request line\n"), false);
-    };
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        let mut r = Response::text(405, "only GET and HEAD are served\n");
-        r.allow = true;
-        return (r, false);
+/// The service hyper calls for each request: answers from the shards' counters at once.
+#[derive(Clone)]
+struct AppService(Arc<App>);
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for AppService {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
+        std::future::ready(Ok(route(request.method(), request.uri().path(), &self.0)))
     }
-    let path = path.split('?').next().unwrap_or(path);
-    let response = match path {
-        "/metrics" => Response::new(200, METRICS_CONTENT_TYPE, metrics_text(registry)),
-        "/healthz" => healthz(shared),
+}
+
+fn response(status: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    // Every status used here is a valid code.
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Picks the response for a request; hyper leaves the body out for `HEAD`.
+fn route(method: &Method, path: &str, app: &App) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = response(405, TEXT, "only GET and HEAD are served\n".into());
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
+        "/metrics" => response(200, METRICS_CONTENT_TYPE, metrics_text(&app.registry)),
+        "/healthz" => {
+            let (status, body) = healthz(&app.shared);
+            response(status, TEXT, body)
+        }
         "/stats" => {
-            let mut body = stats_json(shared).to_string();
+            let mut body = stats_json(&app.shared).to_string();
             body.push('\n');
-            Response::new(200, "application/json", body)
+            response(200, "application/json", body)
         }
-        _ => Response::text(404, "not found; try /metrics, /healthz or /stats\n"),
-    };
-    (response, head_only)
-}
-
-/// `METHOD SP target SP HTTP/1.x` from the first line of `head`.
-fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
-    let line_end = memchr::memchr(b'\n', head).unwrap_or(head.len());
-    let line = std::str::from_utf8(&head[..line_end]).ok()?;
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic());
-    if parts.next().is_some() || !token(method) || !target.starts_with('/') || !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    Some((method, target))
-}
-
-fn metrics_text(registry: &Registry) -> String {
-    let mut out = String::with_capacity(16 << 10);
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
-        // Only a failing `fmt::Write` can fail, and a String never does.
-        tracing::error!("admin endpoint: encoding metrics failed: {e}");
-    }
-    out
-}
-
-/// One shard's health as `/healthz` and `/stats` report it.
-pub struct ShardHealth {
-    pub state: ShardState,
-    /// Milliseconds since the shard's last heartbeat.
-    pub heartbeat_age_ms: u64,
-}
-
-impl ShardHealth {
-    pub fn of(shared: &Shared, id: usize) -> Self {
-        let stats = &shared.stats[id];
-        ShardHealth {
-            state: stats.state(),
-            heartbeat_age_ms: shared.clock_ms().saturating_sub(stats.last_heartbeat_ms()),
-        }
-    }
-
-    /// Alive: running (accepting, not draining or stopped) with a fresh heartbeat.
-    pub fn is_healthy(&self) -> bool {
-        self.state == ShardState::Running && self.heartbeat_age_ms <= HEARTBEAT_STALE.as_millis() as u64
-    }
-
-    /// What is wrong, for the `/healthz` body.
-    fn problem(&self) -> Option<String> {
-        match self.state {
-            ShardState::Running if self.is_healthy() => None,
-            ShardState::Running => Some(format!("no heartbeat for {} ms", self.heartbeat_age_ms)),
-            state => Some(state.as_str().to_string()),
-        }
-    }
-}
-
-fn healthz(shared: &Shared) -> Response {
-    let mut problems = String::new();
-    for id in 0..shared.stats.len() {
-        if let Some(p) = ShardHealth::of(shared, id).problem() {
-            let _ = writeln!(problems, "shard {id}: {p}");
-        }
-    }
-    if problems.is_empty() {
-        Response::text(200, format!("ok: {} shards running\n", shared.stats.len()))
-    } else {
-        Response::text(503, format!("unhealthy\n{problems}"))
-    }
-}
-
-/// Every figure of `s` under the names `/metrics` uses (without prefix and `_total`).
-fn snapshot_json(s: &StatsSnapshot) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("connections".into(), s.open.into());
-    for (name, v) in s.scalars() {
-        if name != "open" {
-            m.insert(name.into(), v.into());
-        }
-    }
-    let by_reason = |pairs: &mut dyn Iterator<Item = (&'static str, u64)>| {
-        Value::Object(pairs.map(|(k, v)| (k.to_string(), Value::from(v))).collect())
-    };
-    m.insert(
-        "closed".into(),
-        by_reason(&mut CloseReason::ALL.iter().map(|r| (r.as_str(), s.closed(*r)))),
-    );
-    m.insert(
-        "dropped".into(),
-        by_reason(&mut DropReason::ALL.iter().map(|r| (r.as_str(), s.dropped(*r)))),
-    );
-    m.insert(
-        "slow_consumer_closed".into(),
-        by_reason(
-            &mut Rule::ALL
-                .iter()
-                .zip(s.slow_consumer_by_rule)
-                .map(|(r, n)| (r.as_str(), n)),
-        ),
-    );
-    m
-}
-
-/// `/stats`: per-shard figures, their totals, health and the quarantine size.
-pub fn stats_json(shared: &Shared) -> Value {
-    let mut total = StatsSnapshot::default();
-    let mut shards = Vec::with_capacity(shared.stats.len());
-    let mut healthy = true;
-    for (id, stats) in shared.stats.iter().enumerate() {
-        let snap = stats.snapshot();
-        total.merge(&snap);
-        let health = ShardHealth::of(shared, id);
-        healthy &= health.is_healthy();
-        let mut m = snapshot_json(&snap);
-        m.insert("shard".into(), id.into());
-        m.insert("state".into(), health.state.as_str().into());
-        m.insert("healthy".into(), health.is_healthy().into());
-        m.insert("heartbeat_age_ms".into(), health.heartbeat_age_ms.into());
-        m.insert("pending_bytes".into(), shared.shard_pending_bytes(id).into());
-        m.insert("backpressure_stage".into(), (shared.shard_stage(id) as u8).into());
-        shards.push(Value::Object(m));
-    }
-    json!({
-        "name": shared.config.name,
-        "healthy": healthy,
-        "uptime_ms": shared.clock_ms(),
-        "quarantine_entries": shared.quarantine.len(),
-        "total": snapshot_json(&total),
-        "shards": shards,
-    })
-}
-
-/// Reads every shard's counters at scrape time for the `prometheus-client` encoder.
-struct ShardCollector(Arc<Shared>);
-
-impl std::fmt::Debug for ShardCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ShardCollector")
-    }
-}
-
-/// One per-shard series family: name (without prefix), help, type, and the value.
-type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
-
-const SERIES: [Series; 13] = [
-    (
-        "connections",
-        "Connections currently open on the shard.",
-        MetricType::Gauge,
-        |s| s.open,
-    ),
-    (
-        "accepted",
-        "Connections accepted, including ones closed at once by admission.",
-        MetricType::Counter,
-        |s| s.accepted,
-    ),
-    (
-        "lines_in",
-        "Complete lines received and accepted for relaying.",
-        MetricType::Counter,
-        |s| s.lines_in,
-    ),
-    (
-        "envelopes_out",
-        "Envelopes written to recipients' sockets.",
-        MetricType::Counter,
-        |s| s.envelopes_out,
-    ),
-    (
-        "bytes_in",
-        "Bytes read from client sockets.",
-        MetricType::Counter,
-        |s| s.bytes_in,
-    ),
-    (
-        "bytes_out",
-        "Bytes written to client sockets by their writers: envelopes and rate-limit notices (closing notices are not counted).",
-        MetricType::Counter,
-        |s| s.bytes_out,
-    ),
-    (
-        "socket_writes",
-        "Socket writes that sent at least one byte.",
-        MetricType::Counter,
-        |s| s.socket_writes,
-    ),
-    (
-        "max_stalled_depth",
-        "Largest outbox depth: most messages seen queued for a stalled recipient since start.",
-        MetricType::Gauge,
-        |s| s.max_stalled_depth,
-    ),
-    (
-        "sender_pauses",
-        "Times a sender's reads were paused by throttle, flow control or the process-wide bound on queued memory.",
-        MetricType::Counter,
-        |s| s.sender_pauses,
-    ),
-    (
-        "sender_pause_ms",
-        "Total time of those pauses, in milliseconds.",
-        MetricType::Counter,
-        |s| s.sender_pause_ms,
-    ),
-    (
-        "reads_at_runs",
-        "Socket reads done at the flush task's runs instead of on a readiness wake-up of their own.",
-        MetricType::Counter,
-        |s| s.reads_at_runs,
-    ),
-    (
-        "quarantine_strikes",
-        "Slow-consumer closes counted as a strike against their key (peer IP or ip:port).",
-        MetricType::Counter,
-        |s| s.quarantine_strikes,
-    ),
-    (
-        "quarantines",
-        "Keys quarantined: strikes that reached quarantine_strikes within ten minutes.",
-        MetricType::Counter,
-        |s| s.quarantines,
-    ),
-];
-
-fn encode_value(kind: MetricType, v: u64, encoder: prometheus_client::encoding::MetricEncoder) -> std::fmt::Result {
-    match kind {
-        MetricType::Counter => ConstCounter::new(v).encode(encoder),
-        _ => ConstGauge::new(v).encode(encoder),
-    }
-}
-
-impl Collector for ShardCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let shared = &self.0;
-        // One read of every shard per scrape, so the families agree with each other.
-        let snaps: Vec<StatsSnapshot> = shared.stats.iter().map(|s| s.snapshot()).collect();
-        for (name, help, kind, value) in SERIES {
-            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-            for (id, snap) in snaps.iter().enumerate() {
-                let labels = [("shard", id)];
-                encode_value(kind, value(snap), family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family =
-            encoder.encode_descriptor("closed", "Connections closed, by reason.", None, MetricType::Counter)?;
-        for (id, snap) in snaps.iter().enumerate() {
-            for reason in CloseReason::ALL {
-                let labels = ([("shard", id)], [("reason", reason.as_str())]);
-                ConstCounter::new(snap.closed(reason)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "slow_consumer_closed",
-            "Slow-consumer closes, by the rule that closed them (deadline, bytes, messages).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (id, snap) in snaps.iter().enumerate() {
-            for (rule, n) in Rule::ALL.iter().zip(snap.slow_consumer_by_rule) {
-                let labels = ([("shard", id)], [("rule", rule.as_str())]);
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "dropped",
-            "Things not delivered, by reason: lines (rate_limited, line_too_long, invalid_utf8), \
-             envelopes (slow_consumer, recipient_gone) or connections (quarantined, server_full).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (id, snap) in snaps.iter().enumerate() {
-            for reason in DropReason::ALL {
-                let labels = ([("shard", id)], [("reason", reason.as_str())]);
-                ConstCounter::new(snap.dropped(reason)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "pending_bytes",
-            "Bytes queued for stalled recipients on the shard now (against max_total_pending_bytes).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for id in 0..snaps.len() {
-            ConstGauge::new(shared.shard_pending_bytes(id)).encode(family.encode_family(&[("shard", id)])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "backpressure_stage",
-            "How much the shard's stalled recipients hold senders back now: 0 none, 1 throttle, 2 flow control.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for id in 0..snaps.len() {
-            ConstGauge::new(shared.shard_stage(id) as u8 as u64).encode(family.encode_family(&[("shard", id)])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "shard_up",
-            "1 while the shard is running with a fresh heartbeat (what /healthz checks), else 0.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for id in 0..snaps.len() {
-            let up = u64::from(ShardHealth::of(shared, id).is_healthy());
-            ConstGauge::new(up).encode(family.encode_family(&[("shard", id)])?)?;
-        }
-        let family = encoder.encode_descriptor(
-            "quarantine_entries",
-            "Entries in the quarantine table (shared by all shards).",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(shared.quarantine.len() as u64).encode(family)?;
-        Ok(())
+        _ => response(404, TEXT, "not found; try /metrics, /healthz or /stats\n".into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
-    fn request_lines_parse_strictly() {
-        assert_eq!(
-            parse_request_line(b"GET /metrics HTTP/1.1\r\nHost: x"),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(
-            parse_request_line(b"HEAD /stats?x=1 HTTP/1.0"),
-            Some(("HEAD", "/stats?x=1"))
-        );
-        for bad in [
-            &b"GET /metrics"[..],
-            b"GET metrics HTTP/1.1",
-            b"GET /metrics HTTP/2",
-            b"GET  /metrics HTTP/1.1",
-            b"G\xffT /metrics HTTP/1.1",
-            b"GET /metrics HTTP/1.1 extra",
-            b"",
-        ] {
-            assert_eq!(parse_request_line(bad), None, "{bad:?}");
-        }
+    fn the_connection_bound_is_1024_within_a_quarter_of_the_open_file_limit() {
+        assert_eq!(Limits::for_open_files(1 << 20).max_connections, 1024);
+        assert_eq!(Limits::for_open_files(20_000).max_connections, 1024);
+        assert_eq!(Limits::for_open_files(1024).max_connections, 256);
+        assert_eq!(Limits::for_open_files(10).max_connections, 16);
     }
 
     #[test]
-    fn the_head_ends_at_the_first_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(20));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(14));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    fn slots_run_out_at_the_bound_and_come_back_when_dropped() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let a = Slot::take(&open, 2).expect("first slot");
+        let _b = Slot::take(&open, 2).expect("second slot");
+        assert!(Slot::take(&open, 2).is_none());
+        drop(a);
+        let _c = Slot::take(&open, 2).expect("the freed slot");
+        assert_eq!(open.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn routes_answer_by_method_and_path() {
+        let shared = Arc::new(Shared::new(Config::default()));
+        let app = App {
+            registry: Registry::default(),
+            shared,
+        };
+        let status = |m: Method, p: &str| route(&m, p, &app).status().as_u16();
+        assert_eq!(status(Method::GET, "/stats"), 200);
+        assert_eq!(status(Method::HEAD, "/metrics"), 200);
+        assert_eq!(status(Method::GET, "/nope"), 404);
+        assert_eq!(status(Method::GET, "/healthz/"), 404);
+        let post = route(&Method::POST, "/metrics", &app);
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[ALLOW], "GET, HEAD");
+        // No shard has started: not healthy.
+        assert_eq!(status(Method::GET, "/healthz"), 503);
     }
 }

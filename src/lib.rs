@@ -14,7 +14,8 @@
 //! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
 //! - [`shutdown`]: the signal that starts every shard's drain.
 //! - [`metrics`]: per-shard counters, the close-reason and drop-reason enums.
-//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`) on its own thread.
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
+//!   own thread.
 //! - [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`) for `Type=notify` units.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //!
@@ -182,11 +183,15 @@ pub fn run(config: Config) -> Result<(), Error> {
             addr: shared.config.admin_addr.unwrap_or(bound),
             reason: e.to_string(),
         })?;
-        admin::spawn(listener, shared.clone()).map_err(|e| Error::Admin {
+        let limits = admin::Limits::for_open_files(nofile);
+        admin::spawn(listener, shared.clone(), limits).map_err(|e| Error::Admin {
             addr: at,
             reason: e.to_string(),
         })?;
-        tracing::info!("admin listening on {at} (/metrics, /healthz, /stats)");
+        tracing::info!(
+            "admin listening on {at} (/metrics, /healthz, /stats; at most {} connections)",
+            limits.max_connections
+        );
     }
     systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
 

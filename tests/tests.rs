@@ -1,5 +1,6 @@
 //! corecast's integration tests: one binary, the real relay over real sockets.
 
+mod admin;
 mod backpressure;
 mod config;
 mod fanout;

@@ -1,0 +1,717 @@
+//! The admin endpoint (issues 6 and 13): `/metrics`, `/healthz` and `/stats` over real
+//! HTTP, its answers to bad requests, and its bounds: hundreds of silent or half-sent
+//! connections do not delay `/healthz`, an oversize head gets 431, an unfinished head is
+//! closed after the header timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{corecast, temp_config, Client, Relay, PATIENCE};
+
+/// Starts a relay with an admin endpoint on a free loopback port; returns it and that port.
+fn relay_with_admin(config: &str, args: &[&str]) -> (Relay, SocketAddr) {
+    let mut full = vec!["--admin", "127.0.0.1:0"];
+    full.extend_from_slice(args);
+    let relay = Relay::with_config(config, &full);
+    let admin = admin_addr(&relay);
+    (relay, admin)
+}
+
+/// The connection bound the relay logged with its admin address.
+fn admin_connection_bound(relay: &Relay) -> usize {
+    let line = relay.log.wait_for("admin listening on ");
+    line.split("at most ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse the connection bound from {line:?}"))
+}
+
+fn admin_addr(relay: &Relay) -> SocketAddr {
+    let line = relay.log.wait_for("admin listening on ");
+    line.split("admin listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse the admin address from {line:?}"))
+}
+
+/// One HTTP response: status, lower-cased headers, body.
+struct Response {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// Sends `request` as it is and reads the response until the server closes.
+fn http_raw(addr: SocketAddr, request: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the admin response");
+    let text = String::from_utf8(raw).expect("the response is UTF-8");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|s| s.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> Response {
+    let r = http_raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nUser-Agent: ops-test\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(r.headers.get("connection").map(String::as_str), Some("close"));
+    assert_eq!(
+        r.headers.get("content-length").and_then(|l| l.parse::<usize>().ok()),
+        Some(r.body.len()),
+        "Content-Length must match the body"
+    );
+    r
+}
+
+/// One sample of the exposition: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the text exposition strictly enough to catch a malformed one: every sample
+/// belongs to a family declared by `# HELP` and `# TYPE`, and the text ends with `# EOF`.
+fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helped = Vec::new();
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "the exposition must end with # EOF");
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.push(rest.split(' ').next().unwrap().to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE line");
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            types.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line:?}");
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                let labels = body
+                    .split(',')
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap();
+                        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap();
+                        (k.to_string(), v.to_string())
+                    })
+                    .collect();
+                (name, labels)
+            }
+            None => (series, BTreeMap::new()),
+        };
+        assert!(name.starts_with("corecast_"), "{name} lacks the corecast_ prefix");
+        let family = match name.strip_suffix("_total") {
+            Some(f) if types.get(f).map(String::as_str) == Some("counter") => f,
+            _ => name,
+        };
+        assert!(types.contains_key(family), "{name} has no # TYPE line");
+        assert!(helped.iter().any(|h| h == family), "{name} has no # HELP line");
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+/// Sums a series over every label combination that includes `with` (e.g. a reason).
+fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> u64 {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && with
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value as u64)
+        .sum()
+}
+
+fn scrape(admin: SocketAddr) -> Vec<Sample> {
+    let r = get(admin, "/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.headers["content-type"].starts_with("application/openmetrics-text"),
+        "{:?}",
+        r.headers
+    );
+    parse_metrics(&r.body)
+}
+
+/// Envelopes that reached a recipient or were dropped as undeliverable.
+fn envelopes_accounted(m: &[Sample]) -> u64 {
+    sum(m, "corecast_envelopes_out_total", &[])
+        + sum(m, "corecast_dropped_total", &[("reason", "slow_consumer")])
+        + sum(m, "corecast_dropped_total", &[("reason", "recipient_gone")])
+}
+
+/// Scrapes until `done` holds for the samples, within [`PATIENCE`].
+fn scrape_until(admin: SocketAddr, what: &str, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let m = scrape(admin);
+        if done(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "metrics never showed {what}: {m:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads `n` lines; returns how many bytes they were.
+fn read_lines(c: &mut Client, n: usize) -> u64 {
+    (0..n).map(|_| c.line().len() as u64).sum()
+}
+
+#[test]
+fn metrics_add_up_after_a_known_workload() {
+    const K: usize = 40;
+    let (relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#,
+        &["--shards", "2"],
+    );
+    let mut clients = relay.connect_many(3);
+    let mut sent_bytes = 0u64;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let batch: String = (0..K).map(|j| format!("client {i} line {j}\n")).collect();
+        sent_bytes += batch.len() as u64;
+        c.send(batch.as_bytes());
+    }
+    // Fan-out is 2: each client gets every line of the two others.
+    let received_bytes: u64 = clients.iter_mut().map(|c| read_lines(c, 2 * K)).sum();
+
+    let lines = 3 * K as u64;
+    let m = scrape_until(admin, "every envelope accounted for", |m| {
+        envelopes_accounted(m) >= 2 * lines
+    });
+    assert_eq!(sum(&m, "corecast_lines_in_total", &[]), lines);
+    assert_eq!(sum(&m, "corecast_lines_in_total", &[]) * 2, envelopes_accounted(&m));
+    assert_eq!(
+        sum(&m, "corecast_envelopes_out_total", &[]),
+        2 * lines,
+        "nothing was dropped"
+    );
+    assert_eq!(sum(&m, "corecast_dropped_total", &[]), 0);
+    assert_eq!(sum(&m, "corecast_bytes_in_total", &[]), sent_bytes);
+    assert_eq!(sum(&m, "corecast_bytes_out_total", &[]), received_bytes);
+    let writes = sum(&m, "corecast_socket_writes_total", &[]);
+    assert!((1..=2 * lines).contains(&writes), "{writes} socket writes");
+    assert_eq!(sum(&m, "corecast_accepted_total", &[]), 3);
+    assert_eq!(sum(&m, "corecast_connections", &[]), 3);
+    assert_eq!(sum(&m, "corecast_closed_total", &[]), 0);
+    assert_eq!(sum(&m, "corecast_quarantine_entries", &[]), 0);
+    for shard in ["0", "1"] {
+        assert_eq!(sum(&m, "corecast_shard_up", &[("shard", shard)]), 1);
+        assert!(m
+            .iter()
+            .any(|s| s.name == "corecast_lines_in_total" && s.labels["shard"] == shard));
+    }
+    // Every close and drop reason is exported for every shard, even at zero.
+    assert_eq!(
+        m.iter().filter(|s| s.name == "corecast_closed_total").count(),
+        2 * corecast::metrics::CloseReason::ALL.len()
+    );
+    assert_eq!(m.iter().filter(|s| s.name == "corecast_dropped_total").count(), 2 * 7);
+
+    // /stats carries the same figures, per shard and in total.
+    let r = get(admin, "/stats");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let stats: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(stats["healthy"], true);
+    let shards = stats["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2);
+    for s in shards {
+        let id = s["shard"].as_u64().unwrap().to_string();
+        let on = |name: &str| sum(&m, name, &[("shard", &id)]);
+        assert_eq!(s["state"], "running");
+        assert_eq!(s["connections"], on("corecast_connections"));
+        for key in [
+            "accepted",
+            "lines_in",
+            "envelopes_out",
+            "bytes_in",
+            "bytes_out",
+            "socket_writes",
+            "reads_at_runs",
+        ] {
+            assert_eq!(s[key], on(&format!("corecast_{key}_total")), "shard {id} {key}");
+        }
+        for (reason, n) in s["closed"].as_object().unwrap() {
+            assert_eq!(
+                *n,
+                sum(&m, "corecast_closed_total", &[("shard", &id), ("reason", reason)])
+            );
+        }
+        for (reason, n) in s["dropped"].as_object().unwrap() {
+            assert_eq!(
+                *n,
+                sum(&m, "corecast_dropped_total", &[("shard", &id), ("reason", reason)])
+            );
+        }
+    }
+    assert_eq!(stats["total"]["lines_in"], lines);
+    assert_eq!(stats["total"]["envelopes_out"], 2 * lines);
+    assert_eq!(stats["total"]["bytes_out"], received_bytes);
+    assert_eq!(stats["total"]["connections"], 3);
+
+    // A client leaving is a peer_closed close and one connection fewer.
+    drop(clients.pop());
+    scrape_until(admin, "one peer_closed close", |m| {
+        sum(m, "corecast_closed_total", &[("reason", "peer_closed")]) == 1 && sum(m, "corecast_connections", &[]) == 2
+    });
+}
+
+#[test]
+fn drops_and_quarantine_show_on_metrics() {
+    let (relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"write_deadline_ms":1000,"quarantine_strikes":1,
+            "backpressure_policy":{"enable_throttle":false,"enable_flow_control":false,"disconnect_threshold":50}}}"#,
+        &["--shards", "2"],
+    );
+    // The sender's only recipient never reads.
+    let mut stuck = relay.connect_from("127.0.0.7:0".parse().unwrap(), Some(4096));
+    let mut sender = relay.connect();
+    // Far more than the kernel's socket buffers hold, so the stuck client really stalls.
+    const N: usize = 20_000;
+    let line = format!("{}\n", "q".repeat(500));
+    sender.send(line.repeat(N).as_bytes());
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (slow_consumer)", stuck.local_addr));
+    // What the stuck client did get before the close: complete envelopes only.
+    let rest = stuck.read_to_eof();
+    let got_by_stuck = rest.iter().filter(|b| **b == b'\n').count() as u64;
+
+    let m = scrape_until(admin, "every line relayed and the slow consumer closed", |m| {
+        sum(m, "corecast_lines_in_total", &[]) == N as u64
+            && sum(m, "corecast_closed_total", &[("reason", "slow_consumer")]) == 1
+    });
+    // Delivered means the recipient got the whole envelope.
+    assert_eq!(sum(&m, "corecast_envelopes_out_total", &[]), got_by_stuck);
+    let dropped = sum(&m, "corecast_dropped_total", &[("reason", "slow_consumer")]);
+    assert!(dropped > 0, "undelivered envelopes are counted");
+    // Each line had one recipient while the stuck client was connected and none after.
+    assert!(envelopes_accounted(&m) <= N as u64, "{} > {N}", envelopes_accounted(&m));
+    assert!(sum(&m, "corecast_max_stalled_depth", &[]) >= 50);
+    assert_eq!(sum(&m, "corecast_quarantine_entries", &[]), 1);
+    assert_eq!(sum(&m, "corecast_quarantine_strikes_total", &[]), 1);
+    assert_eq!(sum(&m, "corecast_quarantines_total", &[]), 1);
+
+    // The quarantined peer comes back: refused, and counted as a drop and a close.
+    let mut again = crate::util::Client::from_stream(
+        crate::util::connect_socket(relay.addr, "127.0.0.7:0".parse().unwrap(), None).unwrap(),
+    );
+    assert!(again.read_to_eof().is_empty());
+    scrape_until(admin, "the refused quarantined peer", |m| {
+        sum(m, "corecast_dropped_total", &[("reason", "quarantined")]) == 1
+            && sum(m, "corecast_closed_total", &[("reason", "quarantined")]) == 1
+            && sum(m, "corecast_accepted_total", &[]) == 3
+    });
+}
+
+#[test]
+fn healthz_is_200_while_serving_and_503_while_draining() {
+    let (mut relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"shutdown_grace_ms":60000,
+            "max_pending_bytes":67108864,"backpressure_policy":{"enable_disconnect":false,"enable_throttle":false,"enable_flow_control":false}}}"#,
+        &["--shards", "2"],
+    );
+    let r = get(admin, "/healthz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok: 2 shards running\n"));
+    let head = http_raw(admin, b"HEAD /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+
+    // A consumer that never reads keeps the drain going with envelopes still queued.
+    let mut stuck = relay.connect_from("127.0.0.8:0".parse().unwrap(), Some(4096));
+    let mut sender = relay.connect();
+    sender.send(format!("{}\n", "d".repeat(1000)).repeat(4000).as_bytes());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats: Value = serde_json::from_str(&get(admin, "/stats").body).unwrap();
+        let stalled = stats["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["pending_bytes"].as_u64() > Some(0));
+        if stalled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stuck consumer never stalled: {stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    relay.signal(libc::SIGTERM);
+    let deadline = Instant::now() + PATIENCE;
+    let r = loop {
+        let r = get(admin, "/healthz");
+        if r.status == 503 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthz stayed {} during the drain",
+            r.status
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        r.body.starts_with("unhealthy\n") && r.body.contains("draining"),
+        "{}",
+        r.body
+    );
+    let m = scrape(admin);
+    assert!(sum(&m, "corecast_shard_up", &[]) < 2);
+
+    // Once the stuck consumer takes everything, the drain completes and the relay exits 0.
+    let rest = stuck.read_to_eof();
+    assert!(rest.ends_with(b"Warning: Server is shutting down.\n"));
+    assert_eq!(relay.wait_exit(), Some(0));
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn healthz_reports_a_stuck_shard_until_it_runs_again() {
+    let relay = Relay::with_env(
+        "{}",
+        &[
+            ("CORECAST_TEST_STALL_LINE", "stall"),
+            ("CORECAST_TEST_STALL_MS", "6000"),
+        ],
+        &["--shards", "1", "--admin", "127.0.0.1:0"],
+    );
+    let admin = admin_addr(&relay);
+    assert_eq!(get(admin, "/healthz").status, 200);
+    let mut c = relay.connect();
+    c.send(b"stall\n");
+    let deadline = Instant::now() + PATIENCE;
+    let r = loop {
+        let r = get(admin, "/healthz");
+        if r.status == 503 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "healthz never noticed the stuck shard");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(r.body.contains("shard 0: no heartbeat for "), "{}", r.body);
+    let stats: Value = serde_json::from_str(&get(admin, "/stats").body).unwrap();
+    assert_eq!(stats["healthy"], false);
+    assert_eq!(stats["shards"][0]["healthy"], false);
+    assert_eq!(stats["shards"][0]["state"], "running");
+    // The shard's thread comes back: healthy again, and still relaying.
+    let deadline = Instant::now() + PATIENCE;
+    while get(admin, "/healthz").status != 200 {
+        assert!(Instant::now() < deadline, "healthz never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut d = relay.connect();
+    c.send(b"after\n");
+    assert_eq!(d.line_str(), c.envelope("after"));
+}
+
+#[test]
+fn the_admin_endpoint_answers_bad_requests_with_clear_statuses_and_keeps_serving() {
+    let (_relay, admin) = relay_with_admin("{}", &["--shards", "1"]);
+    let r = get(admin, "/nope");
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("/metrics"), "{}", r.body);
+    let r = http_raw(admin, b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "GET, HEAD");
+    for garbage in [
+        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"GET /metrics HTTP/9.9\r\n\r\n",
+        b"get metrics please\r\n\r\n",
+    ] {
+        assert_eq!(http_raw(admin, garbage).status, 400, "{garbage:?}");
+    }
+    // An oversize head is refused (by hyper's own 431, empty body) without reading it all.
+    let mut big = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    while big.len() <= 9 << 10 {
+        big.extend_from_slice(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    big.extend_from_slice(b"\r\n");
+    assert_eq!(http_raw(admin, &big).status, 431);
+    // A client that connects and leaves without a word gets nothing and breaks nothing.
+    drop(TcpStream::connect(admin).unwrap());
+    let r = get(admin, "/healthz?verbose=1");
+    assert_eq!(r.status, 200);
+    assert_eq!(get(admin, "/metrics").status, 200);
+}
+
+#[test]
+fn the_admin_endpoint_is_off_by_default_and_a_busy_admin_port_stops_start_up() {
+    let relay = Relay::start(&[]);
+    assert_eq!(relay.log.count("admin listening"), 0);
+    drop(relay);
+    let effective = |args: &[&str]| -> Value {
+        let out = corecast().arg("check").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(effective(&[])["hyper_parameters"]["admin_addr"], Value::Null);
+    let with_flag = effective(&["--admin", "127.0.0.1:9100"]);
+    assert_eq!(with_flag["hyper_parameters"]["admin_addr"], "127.0.0.1:9100");
+    let bad = corecast()
+        .args(["--port", "0", "--admin", "localhost:9100"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--admin: expected an ip:port"));
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = busy.local_addr().unwrap().to_string();
+    let path = temp_config(&format!(r#"{{"hyper_parameters":{{"admin_addr":"{at}"}}}}"#));
+    let out = corecast()
+        .args(["--port", "0", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot serve the admin endpoint on {at}")),
+        "{err}"
+    );
+    assert!(!err.contains("listening on"), "nothing serves: {err}");
+}
+
+/// Opens `n` connections to `admin` that send `prefix` (maybe nothing) and then nothing more.
+fn hold_connections(admin: SocketAddr, n: usize, prefix: &[u8]) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(admin).expect("connect to the admin endpoint");
+            s.write_all(prefix).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// True while the server has neither closed `stream` nor sent anything on it.
+fn still_open(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let open = matches!((&*stream).read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    open
+}
+
+/// Lets the test process hold `n` more sockets than it has now, when its hard limit allows.
+fn allow_open_files(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < n + 256 {
+            lim.rlim_cur = lim.rlim_max.min(n + 256);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Time from connect to the end of the response, and the response, for `GET /healthz`.
+fn timed_healthz(admin: SocketAddr) -> (Duration, Response) {
+    let started = Instant::now();
+    let r = get(admin, "/healthz");
+    (started.elapsed(), r)
+}
+
+#[test]
+fn healthz_answers_promptly_while_hundreds_of_connections_are_silent_or_half_sent() {
+    const SILENT: usize = 200;
+    const HALF_SENT: usize = 20;
+    let (relay, admin) = relay_with_admin("{}", &["--shards", "1"]);
+    let bound = admin_connection_bound(&relay);
+    assert!(
+        bound > SILENT + HALF_SENT + 8,
+        "the bound {bound} leaves no room for the test"
+    );
+    let opening = Instant::now();
+    let mut held = hold_connections(admin, SILENT, b"");
+    held.extend(hold_connections(admin, HALF_SENT, b"GET /metrics HTTP/1.1\r\nHost: sl"));
+    let opened_in = opening.elapsed();
+
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        let (took, r) = timed_healthz(admin);
+        assert_eq!((r.status, r.body.as_str()), (200, "ok: 1 shards running\n"));
+        latencies.push(took);
+    }
+    let worst = *latencies.iter().max().unwrap();
+    println!(
+        "/healthz with {SILENT} silent and {HALF_SENT} half-sent connections open \
+         (opened in {opened_in:?}): {latencies:?}"
+    );
+    // Generous (the target is 100 ms): a server taking connections one at a time needs
+    // minutes here.
+    assert!(
+        worst < Duration::from_secs(2),
+        "/healthz took {worst:?} with {SILENT} silent connections open: {latencies:?}"
+    );
+    // The answers came while the others were still held, not after they timed out.
+    assert!(
+        held.iter().all(still_open),
+        "a held connection was closed before the header timeout"
+    );
+    assert_eq!(get(admin, "/metrics").status, 200);
+}
+
+#[test]
+fn an_unfinished_or_silent_head_is_closed_after_the_header_timeout() {
+    use corecast::admin::HEADER_READ_TIMEOUT;
+    let (_relay, admin) = relay_with_admin("{}", &["--shards", "1"]);
+    let started = Instant::now();
+    let mut half = hold_connections(admin, 1, b"GET /metrics HTTP/1.1\r\nHost: slow\r\n").remove(0);
+    let mut silent = hold_connections(admin, 1, b"").remove(0);
+    for (what, stream) in [("half-sent", &mut half), ("silent", &mut silent)] {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut got = Vec::new();
+        // Closed without a response: hyper sends no 408 for a header timeout.
+        stream
+            .read_to_end(&mut got)
+            .unwrap_or_else(|e| panic!("the {what} connection was not closed: {e}"));
+        assert_eq!(got, b"", "the {what} connection got a response");
+        let after = started.elapsed();
+        // Timers never fire early; the margin is for the connect before the timer starts.
+        assert!(
+            after >= HEADER_READ_TIMEOUT - Duration::from_millis(500),
+            "the {what} connection was closed after {after:?}, before the header timeout"
+        );
+    }
+    assert_eq!(get(admin, "/healthz").status, 200);
+}
+
+#[test]
+fn connections_past_the_bound_are_closed_at_once_and_room_comes_back() {
+    let (relay, admin) = relay_with_admin("{}", &["--shards", "1"]);
+    let bound = admin_connection_bound(&relay);
+    allow_open_files(bound as u64 + 8);
+    let mut held = hold_connections(admin, bound, b"");
+    // The listen backlog holds them all, so the accept loop takes them in the order they
+    // connected: once the bound is reached, the next is closed unanswered (a reset or an
+    // empty read, never a response) while the held ones stay open.
+    let mut extra = TcpStream::connect(admin).expect("connect past the bound");
+    extra.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    let _ = extra.read_to_end(&mut got);
+    assert_eq!(got, b"", "a connection past the bound got a response");
+    relay.log.wait_for("connections open; closing new ones until one ends");
+    assert!(held.iter().take(16).all(still_open), "a held connection was closed");
+
+    // Ending some held connections frees their slots.
+    held.truncate(bound - 8);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        if raw.starts_with(b"HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came back after closing connections");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_accepted_connection_ends_under_exactly_one_close_reason_through_a_reset_churn() {
+    const CONNECTS: usize = 1500;
+    let (mut relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#,
+        &["--shards", "2"],
+    );
+    // Stays open throughout (and receives the churn's lines, a few tens of KB).
+    let _listener = relay.connect();
+    for i in 0..CONNECTS {
+        let stream = TcpStream::connect(relay.addr).expect("connect to the relay");
+        match i % 3 {
+            // Reset at once: often before the relay has even looked at the connection.
+            0 => socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap(),
+            1 => {}
+            _ => (&stream).write_all(format!("churn {i}\n").as_bytes()).unwrap(),
+        }
+        drop(stream);
+    }
+    let closed = |m: &[Sample]| sum(m, "corecast_closed_total", &[]);
+    let m = scrape_until(admin, "every churned connection closed and accounted for", |m| {
+        let accepted = sum(m, "corecast_accepted_total", &[]);
+        let open = sum(m, "corecast_connections", &[]);
+        accepted == CONNECTS as u64 + 1 && open == 1 && accepted == closed(m) + open
+    });
+    let reset_early = sum(&m, "corecast_closed_total", &[("reason", "reset_before_served")]);
+    eprintln!(
+        "churn of {CONNECTS}: {reset_early} reset before served, {} read errors, {} peer closes, {} write errors",
+        sum(&m, "corecast_closed_total", &[("reason", "read_error")]),
+        sum(&m, "corecast_closed_total", &[("reason", "peer_closed")]),
+        sum(&m, "corecast_closed_total", &[("reason", "write_error")])
+    );
+    // /stats says the same.
+    let stats: Value = serde_json::from_str(&get(admin, "/stats").body).unwrap();
+    let total = &stats["total"];
+    let closed_in_stats: u64 = total["closed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        total["accepted"].as_u64().unwrap(),
+        closed_in_stats + total["connections"].as_u64().unwrap(),
+        "{total}"
+    );
+    // And the shutdown summary: after the drain nothing is open and everything is closed.
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    let closed_at_exit: u64 = corecast::metrics::CloseReason::ALL
+        .iter()
+        .map(|r| relay.final_counter(&format!("closed.{}", r.as_str())))
+        .sum();
+    assert_eq!(relay.final_counter("open"), 0);
+    assert_eq!(relay.final_counter("accepted"), closed_at_exit);
+}
