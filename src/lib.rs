@@ -28,6 +28,7 @@ pub mod fanout;
 pub mod limiter;
 pub mod listener;
 pub mod log;
+pub mod mesh;
 pub mod metrics;
 pub mod notify;
 pub mod pacing;

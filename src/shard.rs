@@ -731,7 +731,7 @@ pub fn spawn_all(
 
 async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
     let shard = Rc::new(Shard::new(id, shared.clone()));
-    let (to_peers, from_peers) = fanout::connect_mesh(ends).await;
+    let MeshEnds { to_peers, from_peers } = ends;
     shard.open_receivers.set(from_peers.len());
     for from_peer in from_peers {
         glommio::spawn_local(fanout::receive_loop(shard.clone(), from_peer)).detach();
