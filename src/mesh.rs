@@ -316,7 +316,10 @@ mod tests {
         assert_eq!(rx.try_recv(), Ok(0));
         tx.try_send(3).unwrap();
         assert_eq!(tx.try_send(4), Err(TrySendError::Full(4)));
-        assert_eq!((1..4).map(|_| rx.try_recv().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            (1..4).map(|_| rx.try_recv().unwrap()).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
     }
 

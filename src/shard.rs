@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,46 @@ pub enum ShardEvent {
     Stopped(usize),
 }
 
+/// Where a shard is in its start-up: each shard records its step, and the main thread
+/// names it if the shard has not started in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StartupStep {
+    /// Its thread exists and is creating its glommio executor (io_uring rings, buffers).
+    CreatingExecutor = 0,
+    /// Building its per-shard context (its epoll set, buffers).
+    SettingUp = 1,
+    /// Starting one receiver task per peer shard and its flush task.
+    AttachingMesh = 2,
+    /// Starting its timers and taking over its listener.
+    StartingListener = 3,
+    /// Accepting.
+    Started = 4,
+}
+
+impl StartupStep {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => StartupStep::SettingUp,
+            2 => StartupStep::AttachingMesh,
+            3 => StartupStep::StartingListener,
+            4 => StartupStep::Started,
+            _ => StartupStep::CreatingExecutor,
+        }
+    }
+
+    /// The step as the start-up error names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StartupStep::CreatingExecutor => "creating its executor",
+            StartupStep::SettingUp => "setting up its state",
+            StartupStep::AttachingMesh => "attaching the mesh",
+            StartupStep::StartingListener => "starting its listener",
+            StartupStep::Started => "started",
+        }
+    }
+}
+
 /// State shared by every shard. It crosses threads on purpose, and none of it is touched
 /// per message except one relaxed load per shard when a sender's read relayed lines.
 pub struct Shared {
@@ -87,6 +127,8 @@ pub struct Shared {
     pub stats: Box<[Arc<ShardStats>]>,
     /// Start of the process's clock for shard heartbeats.
     pub epoch: Instant,
+    /// Each shard's [`StartupStep`], written only by that shard, read by the main thread.
+    startup_steps: Box<[AtomicU8]>,
 }
 
 impl Shared {
@@ -103,6 +145,7 @@ impl Shared {
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
+            startup_steps: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             config,
         }
     }
@@ -124,6 +167,17 @@ impl Shared {
     /// Shard `id`'s current largest stalled depth `d`.
     pub fn largest_stalled(&self, id: usize) -> u64 {
         self.largest_stalled.get(id).map_or(0, |d| d.load(Ordering::Relaxed))
+    }
+
+    /// Shard `id`'s start-up step as it last reported it.
+    pub fn startup_step(&self, id: usize) -> StartupStep {
+        StartupStep::from_u8(self.startup_steps.get(id).map_or(0, |s| s.load(Ordering::Acquire)))
+    }
+
+    fn set_startup_step(&self, id: usize, step: StartupStep) {
+        if let Some(s) = self.startup_steps.get(id) {
+            s.store(step as u8, Ordering::Release);
+        }
     }
 
     /// Milliseconds since [`Shared::epoch`].
@@ -652,6 +706,20 @@ fn test_triggers(line: &str) {
     }
 }
 
+/// Debug builds only: blocks shard `N`'s thread for `MS` milliseconds while it attaches the
+/// mesh when `CORECAST_TEST_STARTUP_STALL=N:MS`, so the tests can show what a shard that
+/// does not start, and a signal during start-up, do.
+#[cfg(debug_assertions)]
+fn test_startup_stall(id: usize) {
+    let stall = std::env::var("CORECAST_TEST_STARTUP_STALL").ok().and_then(|v| {
+        let (shard, ms) = v.split_once(':')?;
+        Some((shard.parse::<usize>().ok()?, ms.parse::<u64>().ok()?))
+    });
+    if let Some((_, ms)) = stall.filter(|&(shard, _)| shard == id) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// CPUs this process may run on: its affinity mask, restricted to online CPUs.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the one we own.
@@ -730,13 +798,20 @@ pub fn spawn_all(
 }
 
 async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
+    // Nothing below waits for another shard: the mesh ends work as they are, so a shard's
+    // start-up depends only on its own thread getting CPU time.
+    shared.set_startup_step(id, StartupStep::SettingUp);
     let shard = Rc::new(Shard::new(id, shared.clone()));
+    shared.set_startup_step(id, StartupStep::AttachingMesh);
+    #[cfg(debug_assertions)]
+    test_startup_stall(id);
     let MeshEnds { to_peers, from_peers } = ends;
     shard.open_receivers.set(from_peers.len());
     for from_peer in from_peers {
         glommio::spawn_local(fanout::receive_loop(shard.clone(), from_peer)).detach();
     }
     glommio::spawn_local(fanout::flush_loop(shard.clone(), to_peers)).detach();
+    shared.set_startup_step(id, StartupStep::StartingListener);
     if let Some(timeout) = shard.config().client_timeout_secs {
         glommio::spawn_local(idle_sweep_loop(shard.clone(), Duration::from_secs(timeout))).detach();
     }
@@ -746,6 +821,7 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
     shard.stats.on_heartbeat(shared.clock_ms());
     shard.stats.set_state(ShardState::Running);
+    shared.set_startup_step(id, StartupStep::Started);
     let _ = guard.events.try_send(ShardEvent::Started(id));
 
     // Dropping the accept loop drops (closes) the listener.
