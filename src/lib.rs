@@ -85,6 +85,10 @@ impl From<StartupError> for Error {
 /// reached when a thread gets no CPU time or an executor cannot be created.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new executor may take to run its first task before the main thread wakes it
+/// (it takes microseconds unless glommio parked it; see `shard::kick`).
+const FIRST_RUN_PATIENCE: Duration = Duration::from_millis(100);
+
 /// Resolves the listen address; a hostname takes its first address.
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
     let unresolved = |reason: String| StartupError::Listen {
@@ -141,6 +145,9 @@ pub fn run(config: Config) -> Result<(), Error> {
     let timeout = startup_timeout();
     let startup_deadline = Instant::now() + timeout;
     let mut started = 0;
+    // Shards whose executor had not run its first task at the last look (see `shard::kick`).
+    let mut waiting_first_run = vec![false; shards];
+    let mut next_look = Instant::now() + FIRST_RUN_PATIENCE;
     while started < shards {
         crossbeam_channel::select! {
             recv(signals) -> sig => {
@@ -153,7 +160,20 @@ pub fn run(config: Config) -> Result<(), Error> {
                 Ok(ShardEvent::Stopped(id)) => return Err(shard_failure(id, handles)),
                 Err(_) => return Err(Error::Shard("all shards exited".into())),
             },
-            recv(crossbeam_channel::at(startup_deadline)) -> _ => return Err(startup_failure(&shared, timeout)),
+            recv(crossbeam_channel::at(startup_deadline.min(next_look))) -> _ => {
+                if Instant::now() >= startup_deadline {
+                    return Err(startup_failure(&shared, timeout));
+                }
+                for (id, waited) in waiting_first_run.iter_mut().enumerate() {
+                    let waiting = shared.startup_step(id) == shard::StartupStep::FirstRun;
+                    if waiting && *waited {
+                        tracing::debug!("shard {id}: its executor sleeps before its first run; waking it");
+                        shard::kick(&handles[id]);
+                    }
+                    *waited = waiting;
+                }
+                next_look = Instant::now() + FIRST_RUN_PATIENCE;
+            }
         }
     }
     tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
@@ -197,7 +217,7 @@ fn control_loop(
     shared: &Shared,
     signals: &crossbeam_channel::Receiver<i32>,
     events: &crossbeam_channel::Receiver<ShardEvent>,
-    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    handles: Vec<shard::ShardThread>,
     mut drain: Option<Drain>,
     purge_every: Duration,
 ) -> Result<(), Error> {
@@ -326,13 +346,20 @@ fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
 }
 
 /// Collects the reason a shard ended, from its thread's join result.
-fn shard_failure(id: usize, handles: Vec<glommio::ExecutorJoinHandle<()>>) -> Error {
+fn shard_failure(id: usize, handles: Vec<shard::ShardThread>) -> Error {
     let detail = handles
         .into_iter()
         .nth(id)
         .map(|h| match h.join() {
-            Ok(()) => "its accept loop ended".to_string(),
-            Err(e) => e.to_string(),
+            Ok(Ok(())) => "its accept loop ended".to_string(),
+            Ok(Err(reason)) => reason,
+            Err(panic) => match panic.downcast_ref::<&str>() {
+                Some(msg) => format!("its thread panicked: {msg}"),
+                None => match panic.downcast_ref::<String>() {
+                    Some(msg) => format!("its thread panicked: {msg}"),
+                    None => "its thread panicked".to_string(),
+                },
+            },
         })
         .unwrap_or_default();
     Error::Shard(format!("shard {id} stopped: {detail}"))

@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use futures_lite::future::or;
-use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::backpressure::Policy;
 use crate::config::Config;
@@ -78,23 +79,26 @@ pub enum ShardEvent {
 pub enum StartupStep {
     /// Its thread exists and is creating its glommio executor (io_uring rings, buffers).
     CreatingExecutor = 0,
+    /// Its executor exists and has not yet run the shard's first task (see [`kick`]).
+    FirstRun = 1,
     /// Building its per-shard context (its epoll set, buffers).
-    SettingUp = 1,
+    SettingUp = 2,
     /// Starting one receiver task per peer shard and its flush task.
-    AttachingMesh = 2,
+    AttachingMesh = 3,
     /// Starting its timers and taking over its listener.
-    StartingListener = 3,
+    StartingListener = 4,
     /// Accepting.
-    Started = 4,
+    Started = 5,
 }
 
 impl StartupStep {
     fn from_u8(v: u8) -> Self {
         match v {
-            1 => StartupStep::SettingUp,
-            2 => StartupStep::AttachingMesh,
-            3 => StartupStep::StartingListener,
-            4 => StartupStep::Started,
+            1 => StartupStep::FirstRun,
+            2 => StartupStep::SettingUp,
+            3 => StartupStep::AttachingMesh,
+            4 => StartupStep::StartingListener,
+            5 => StartupStep::Started,
             _ => StartupStep::CreatingExecutor,
         }
     }
@@ -103,6 +107,7 @@ impl StartupStep {
     pub fn describe(self) -> &'static str {
         match self {
             StartupStep::CreatingExecutor => "creating its executor",
+            StartupStep::FirstRun => "waiting for its executor's first run",
             StartupStep::SettingUp => "setting up its state",
             StartupStep::AttachingMesh => "attaching the mesh",
             StartupStep::StartingListener => "starting its listener",
@@ -764,13 +769,18 @@ impl Drop for StopGuard {
     }
 }
 
-/// Starts one pinned executor per listener. Shard `i` runs on the `i`-th usable CPU
-/// (wrapping around when there are more shards than CPUs).
-pub fn spawn_all(
-    shared: Arc<Shared>,
-    listeners: Vec<OwnedFd>,
-    events: Sender<ShardEvent>,
-) -> std::io::Result<Vec<ExecutorJoinHandle<()>>> {
+/// A shard's thread as the main thread holds it: it ends with why its executor could not
+/// be created, or `Ok` once the shard's future has returned.
+pub type ShardThread = std::thread::JoinHandle<Result<(), String>>;
+
+/// The signal [`kick`] sends. Its default action is to ignore it, so nothing else in the
+/// process expects it; corecast uses no out-of-band TCP data (its other meaning).
+const KICK_SIGNAL: libc::c_int = libc::SIGURG;
+
+/// Starts one pinned executor per listener, each on its own thread. Shard `i` runs on the
+/// `i`-th usable CPU (wrapping around when there are more shards than CPUs).
+pub fn spawn_all(shared: Arc<Shared>, listeners: Vec<OwnedFd>, events: Sender<ShardEvent>) -> std::io::Result<Vec<ShardThread>> {
+    install_kick_handler()?;
     let cpus = usable_cpus();
     let mesh = fanout::build_mesh(listeners.len());
     let mut handles = Vec::with_capacity(listeners.len());
@@ -785,16 +795,60 @@ pub fn spawn_all(
             events: events.clone(),
             stats: shared.stats[id].clone(),
         };
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("corecast-shard{id}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .preempt_timer(PREEMPT_TIMER)
-            .ring_depth(RING_DEPTH)
-            .spawn(move || shard_main(id, shared, listener, ends, guard))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // `make` + `run` on our own thread instead of `LocalExecutorBuilder::spawn`, so
+        // that the shard can report that its executor exists before its first run.
+        let handle = std::thread::Builder::new()
+            .name(format!("corecast-shard{id}"))
+            .spawn(move || {
+                let executor = LocalExecutorBuilder::new(placement)
+                    .io_memory(IO_MEMORY_BYTES)
+                    .preempt_timer(PREEMPT_TIMER)
+                    .ring_depth(RING_DEPTH)
+                    .make()
+                    .map_err(|e| format!("cannot create its executor: {e}"))?;
+                shared.set_startup_step(id, StartupStep::FirstRun);
+                executor.run(shard_main(id, shared, listener, ends, guard));
+                Ok(())
+            })?;
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// Interrupts a shard thread's sleep in `io_uring_enter` with a no-op signal.
+///
+/// Why: glommio 0.9's run loop can park with a task queued and not run. Each turn arms a
+/// 2 ms preempt timer, then `run_task_queues` returns at once, running nothing, if that
+/// timer has already fired (the thread was descheduled in between, as happens when
+/// several shards share a CPU); the park that follows counts only wakers woken in that
+/// pass and sleeps. A running shard recovers at its next timer or socket event (its
+/// heartbeat is at most 250 ms away), but a new executor has nothing armed, so its first
+/// task, the shard itself, can wait forever: 22 starts of 8 to 32 shards on 2 CPUs hung
+/// about once in ten series without this. The signal makes the sleep return `EINTR`,
+/// which glommio treats as a wake-up, and the next turn runs the queued task.
+pub fn kick(thread: &ShardThread) {
+    // SAFETY: the pthread_t belongs to a thread we have not joined, so it is valid; the
+    // signal's handler does nothing.
+    unsafe {
+        libc::pthread_kill(thread.as_pthread_t(), KICK_SIGNAL);
+    }
+}
+
+/// A handler that does nothing for [`KICK_SIGNAL`], without `SA_RESTART` so that the sleep
+/// it interrupts returns instead of resuming.
+fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: a zeroed sigaction with an empty mask and a handler that touches nothing is
+    // valid; sigaction only reads it.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
