@@ -7,7 +7,10 @@
 //! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
 //! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
 //! - [`connection`]: one client's reader and writer halves and its outbox.
-//! - [`fanout`]: batches of envelopes, local delivery and the cross-shard SPSC mesh.
+//! - [`fanout`]: batches of envelopes, local delivery, and the flush and receiver tasks
+//!   that move batches across the mesh.
+//! - [`mesh`]: the bounded lock-free SPSC channel between shards (std wakers, no connect
+//!   step, not tied to glommio) and the full mesh of them, one per ordered pair.
 //! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
 //! - [`protocol`]: line framing and envelope encoding (pure, no I/O).
 //! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
@@ -19,6 +22,10 @@
 //!
 //! Data flow: reader → shard batch → flush task → local outboxes + one SPSC send per peer
 //! shard → peer receiver → its local outboxes → writer (one socket write per drain).
+//!
+//! Start-up: [`run`] spawns the shards and waits up to 10 s for each to report that it is
+//! accepting; a shard that does not is named with the step it is stuck at, and a signal
+//! meanwhile drains what has started and exits 0.
 
 pub mod admin;
 pub mod backpressure;

@@ -1,7 +1,13 @@
 //! Shards: one glommio executor per usable CPU, each pinned to its CPU, each with its own
 //! listener, clients, outgoing batch and counters. [`spawn_all`] starts them from the main
-//! thread; [`Shard`] is the per-shard context every task on that shard shares through an
-//! `Rc`, and [`Shared`] is the little that all shards share on purpose.
+//! thread, each on its own thread with its ends of the mesh; [`Shard`] is the per-shard
+//! context every task on that shard shares through an `Rc`, and [`Shared`] is the little
+//! that all shards share on purpose.
+//!
+//! A shard's start-up waits for nothing from its peers (the mesh ends work as soon as they
+//! exist); it records each [`StartupStep`] so that the main thread can name a shard that
+//! does not start, and the main thread [`kick`]s an executor that glommio parked before it
+//! ran the shard's first task.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -779,7 +785,11 @@ const KICK_SIGNAL: libc::c_int = libc::SIGURG;
 
 /// Starts one pinned executor per listener, each on its own thread. Shard `i` runs on the
 /// `i`-th usable CPU (wrapping around when there are more shards than CPUs).
-pub fn spawn_all(shared: Arc<Shared>, listeners: Vec<OwnedFd>, events: Sender<ShardEvent>) -> std::io::Result<Vec<ShardThread>> {
+pub fn spawn_all(
+    shared: Arc<Shared>,
+    listeners: Vec<OwnedFd>,
+    events: Sender<ShardEvent>,
+) -> std::io::Result<Vec<ShardThread>> {
     install_kick_handler()?;
     let cpus = usable_cpus();
     let mesh = fanout::build_mesh(listeners.len());
