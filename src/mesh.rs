@@ -7,15 +7,19 @@
 //! runtime). glommio accepts a wake of one of its tasks from any thread: it queues the
 //! waker on the task's executor and writes that executor's eventfd if it is asleep.
 //!
-//! Why not glommio's `shared_channel`: its `connect()` is a rendezvous that misses
-//! wake-ups. Each end stores its executor id in the ring and then polls for the peer's id;
-//! while it is 0 the task re-arms itself on every local reactor pass (a busy poll), and
-//! the peer's `connect()` never notifies this executor when it arrives. glommio 0.9's run
-//! loop can meanwhile park with that task queued but not run: when the 2 ms preempt timer
-//! has already expired (a thread descheduled on a CPU shared by several shards),
-//! `run_task_queues` returns without running anything, and the park that follows only
-//! counts wakers woken in that pass. With no timer or socket yet armed at start-up, the
-//! executor then sleeps forever. Measured: 8 shards on 2 CPUs hung 7 times in 10.
+//! Why not glommio's `shared_channel`: its `connect()` is a rendezvous that can miss its
+//! wake-up for good. Each end stores its executor id in the ring and then polls for the
+//! peer's; while that is 0 the task re-arms itself on every pass of its own reactor (a
+//! busy poll), and the peer's `connect()` only stores an id: it never notifies this
+//! executor. glommio 0.9's run loop can meanwhile park with that task queued and not run
+//! (when the 2 ms preempt timer fired before `run_task_queues` looked, it returns without
+//! running anything, and the park that follows counts only wakers woken in that pass; see
+//! `shard::kick`). At start-up nothing else is armed, so the executor sleeps for ever:
+//! every shard parked in `io_uring_enter`, the pending connect polled a few thousand times
+//! and then never again; 8 shards on 2 CPUs hung 7 starts in 10, and none with a 100 ms
+//! preempt timer or with a 3 s timer armed beside the connect (which released them at 3 s).
+//! Here a waiting side stores its waker and the other side wakes it, which glommio
+//! delivers across threads by writing the sleeping executor's eventfd.
 //!
 //! Invariants: one [`Sender`] and one [`Receiver`] per ring (neither is `Clone`, and the
 //! waiting methods take `&mut self`, so each waker slot has one possible owner); items come
