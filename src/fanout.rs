@@ -1,12 +1,14 @@
 //! Fan-out: lines accepted on a shard are encoded once into the shard's outgoing
 //! [`BatchBuilder`]; the flush task turns it into a [`Batch`], hands it to every local
-//! recipient's outbox and sends it once to every peer shard over the SPSC mesh, whose
-//! receiver tasks hand it to their own local recipients.
+//! recipient's outbox and sends it once to every peer shard over the mesh (one bounded
+//! lock-free SPSC ring per ordered pair of shards, see `mesh`), whose receiver tasks hand it
+//! to their own local recipients. The mesh ends are built by [`build_mesh`] on the main
+//! thread and are usable as soon as a shard holds them: there is no connect step.
 //!
 //! Ordering: a sender's lines enter one builder in order, batches leave a shard in order,
 //! each SPSC ring is FIFO and outboxes are FIFO, so every recipient sees each sender's lines
-//! in the order they were sent (SPEC §1.4). A batch records which connection sent each run
-//! of envelopes so that a sender never receives its own lines.
+//! in the order they were sent (docs/protocol.md). A batch records which connection sent
+//! each run of envelopes so that a sender never receives its own lines.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -15,8 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_lite::future::or;
-use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
+use crate::mesh::{self, Receiver, Sender};
 use crate::pacing::Pacer;
 use crate::protocol::encode_envelope;
 use crate::shard::{NextRun, Shard};
@@ -201,57 +203,13 @@ impl BatchBuilder {
     }
 }
 
-/// One shard's ends of the mesh, built on the main thread and moved into the shard.
-pub struct MeshEnds {
-    /// To each other shard, in shard order.
-    pub to_peers: Vec<SharedSender<Arc<Batch>>>,
-    /// From each other shard, in shard order.
-    pub from_peers: Vec<SharedReceiver<Arc<Batch>>>,
-}
+/// One shard's ends of the mesh: a sender to and a receiver from each other shard.
+pub type MeshEnds = mesh::MeshEnds<Arc<Batch>>;
 
-/// Builds a full mesh of SPSC channels, one per ordered pair of shards.
+/// Builds a full mesh of SPSC rings of [`MESH_CAPACITY`], one per ordered pair of shards;
+/// element `i` is shard `i`'s ends.
 pub fn build_mesh(shards: usize) -> Vec<MeshEnds> {
-    let mut ends: Vec<MeshEnds> = (0..shards)
-        .map(|_| MeshEnds {
-            to_peers: Vec::new(),
-            from_peers: Vec::new(),
-        })
-        .collect();
-    for from in 0..shards {
-        for to in 0..shards {
-            if from != to {
-                let (tx, rx) = glommio::channels::shared_channel::new_bounded(MESH_CAPACITY);
-                ends[from].to_peers.push(tx);
-                ends[to].from_peers.push(rx);
-            }
-        }
-    }
-    ends
-}
-
-/// Connects this shard's ends. Every endpoint is connected concurrently: `connect` is a
-/// rendezvous with the peer, and connecting one by one in the same order on every shard
-/// deadlocks.
-pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, Vec<ConnectedReceiver<Arc<Batch>>>) {
-    let senders: Vec<_> = ends
-        .to_peers
-        .into_iter()
-        .map(|s| glommio::spawn_local(s.connect()))
-        .collect();
-    let receivers: Vec<_> = ends
-        .from_peers
-        .into_iter()
-        .map(|r| glommio::spawn_local(r.connect()))
-        .collect();
-    let mut connected_senders = Vec::with_capacity(senders.len());
-    for task in senders {
-        connected_senders.push(task.await);
-    }
-    let mut connected_receivers = Vec::with_capacity(receivers.len());
-    for task in receivers {
-        connected_receivers.push(task.await);
-    }
-    (connected_senders, connected_receivers)
+    mesh::full_mesh(shards, MESH_CAPACITY)
 }
 
 /// The shard's flush task. At most once per tick, and only at ticks with something to do
@@ -259,9 +217,9 @@ pub async fn connect_mesh(ends: MeshEnds) -> (Vec<ConnectedSender<Arc<Batch>>>, 
 /// and those in the ready set whose socket is readable), turns the lines accepted since
 /// the last run into one batch, hands it to every local recipient's outbox and once to
 /// every peer shard over the SPSC mesh, then writes to the recipients that are due. At
-/// shutdown it sends what is left and returns, which closes its senders: peer receivers
-/// then drain their ring and end.
-pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>>) {
+/// shutdown it sends what is left and returns, which drops (closes) its senders: peer
+/// receivers then drain their ring and end.
+pub async fn flush_loop(shard: Rc<Shard>, mut peers: Vec<Sender<Arc<Batch>>>) {
     let mut last_tick: Option<u64> = None;
     loop {
         // Everything a notification announces (lines, due or waiting clients, readers, the
@@ -304,7 +262,7 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
         while let Some(batch) = shard.take_outgoing() {
             let batch = Arc::new(batch);
             shard.deliver_local(&shard.ledger.pin(batch.clone()));
-            for peer in &peers {
+            for peer in &mut peers {
                 // Waits while the peer's ring is full (readers here pause meanwhile). An
                 // error means the peer shard is gone, which only happens as the process stops.
                 let _ = peer.send(batch.clone()).await;
@@ -321,7 +279,7 @@ pub async fn flush_loop(shard: Rc<Shard>, peers: Vec<ConnectedSender<Arc<Batch>>
 
 /// Receives one peer shard's batches and delivers them to this shard's recipients, until
 /// the peer closes its sender.
-pub async fn receive_loop(shard: Rc<Shard>, from_peer: ConnectedReceiver<Arc<Batch>>) {
+pub async fn receive_loop(shard: Rc<Shard>, mut from_peer: Receiver<Arc<Batch>>) {
     while let Some(batch) = from_peer.recv().await {
         shard.refresh_tick();
         shard.deliver_local(&shard.ledger.pin(batch));

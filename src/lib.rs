@@ -8,7 +8,10 @@
 //! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
 //! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
 //! - [`connection`]: one client's reader and writer halves and its outbox.
-//! - [`fanout`]: batches of envelopes, local delivery and the cross-shard SPSC mesh.
+//! - [`fanout`]: batches of envelopes, local delivery, and the flush and receiver tasks
+//!   that move batches across the mesh.
+//! - [`mesh`]: the bounded lock-free SPSC channel between shards (std wakers, no connect
+//!   step, not tied to glommio) and the full mesh of them, one per ordered pair.
 //! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
 //! - [`protocol`]: line framing and envelope encoding (pure, no I/O).
 //! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
@@ -21,6 +24,10 @@
 //!
 //! Data flow: reader → shard batch → flush task → local outboxes + one SPSC send per peer
 //! shard → peer receiver → its local outboxes → writer (one socket write per drain).
+//!
+//! Start-up: [`run`] spawns the shards and waits up to 10 s for each to report that it is
+//! accepting; a shard that does not is named with the step it is stuck at, and a signal
+//! meanwhile drains what has started and exits 0.
 
 pub mod admin;
 pub mod backpressure;
@@ -30,6 +37,7 @@ pub mod fanout;
 pub mod limiter;
 pub mod listener;
 pub mod log;
+pub mod mesh;
 pub mod metrics;
 pub mod notify;
 pub mod pacing;
@@ -81,8 +89,14 @@ impl From<StartupError> for Error {
     }
 }
 
-/// How long the main thread waits for every shard to report that it is accepting.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the main thread waits for every shard to report that it is accepting. A shard
+/// waits for nothing but its own thread (the mesh has no connect step), so this is only
+/// reached when a thread gets no CPU time or an executor cannot be created.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a new executor may take to run its first task before the main thread wakes it
+/// (it takes microseconds unless glommio parked it; see `shard::kick`).
+const FIRST_RUN_PATIENCE: Duration = Duration::from_millis(100);
 
 /// Resolves the listen address; a hostname takes its first address.
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
@@ -166,15 +180,53 @@ pub fn run(config: Config) -> Result<(), Error> {
     let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
     let shared = Arc::new(Shared::new(config));
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
+    let cpus = shard::usable_cpus().len().max(1);
+    tracing::info!(
+        "starting {shards} shards on {cpus} CPUs{}",
+        if shards > cpus {
+            " (several shards share a CPU)"
+        } else {
+            ""
+        }
+    );
     let handles = shard::spawn_all(shared.clone(), listeners, events_tx)
         .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
+    // Start-up: every shard reports `Started` by the deadline, or the one that did not is
+    // named with its step. A signal meanwhile drains whatever has started, and exits 0 as
+    // a signal after start-up does.
+    let timeout = startup_timeout();
+    let startup_deadline = Instant::now() + timeout;
     let mut started = 0;
+    // Shards whose executor had not run its first task at the last look (see `shard::kick`).
+    let mut waiting_first_run = vec![false; shards];
+    let mut next_look = Instant::now() + FIRST_RUN_PATIENCE;
     while started < shards {
-        match events.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(ShardEvent::Started(_)) => started += 1,
-            Ok(ShardEvent::Stopped(id)) => return Err(shard_failure(id, handles)),
-            Err(_) => return Err(Error::Shard("shards did not start within 30 s".into())),
+        crossbeam_channel::select! {
+            recv(signals) -> sig => {
+                let why = format!("{} received during start-up", signal_name(sig.ok()));
+                let drain = Drain::start(&shared, grace, &why);
+                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every);
+            }
+            recv(events) -> event => match event {
+                Ok(ShardEvent::Started(_)) => started += 1,
+                Ok(ShardEvent::Stopped(id)) => return Err(shard_failure(id, handles)),
+                Err(_) => return Err(Error::Shard("all shards exited".into())),
+            },
+            recv(crossbeam_channel::at(startup_deadline.min(next_look))) -> _ => {
+                if Instant::now() >= startup_deadline {
+                    return Err(startup_failure(&shared, timeout));
+                }
+                for (id, waited) in waiting_first_run.iter_mut().enumerate() {
+                    let waiting = shared.startup_step(id) == shard::StartupStep::FirstRun;
+                    if waiting && *waited {
+                        tracing::debug!("shard {id}: its executor sleeps before its first run; waking it");
+                        shard::kick(&handles[id]);
+                    }
+                    *waited = waiting;
+                }
+                next_look = Instant::now() + FIRST_RUN_PATIENCE;
+            }
         }
     }
     tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
@@ -194,28 +246,55 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
     }
     systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
+    control_loop(&shared, &signals, &events, handles, None, purge_every)
+}
 
-    // The control loop: signals, shard exits, and the quarantine purge.
-    let mut drain_deadline: Option<Instant> = None;
+/// A drain in progress: when it must be over.
+struct Drain {
+    deadline: Instant,
+}
+
+impl Drain {
+    /// Starts every shard's drain, bounded by the shutdown grace; `why` opens the log line.
+    fn start(shared: &Shared, grace: Duration, why: &str) -> Drain {
+        tracing::info!("{why}; draining (grace {} ms)", grace.as_millis());
+        systemd_notify("STOPPING=1\nSTATUS=draining");
+        shared.shutdown.trigger();
+        // Margin past the grace: the shards bound their own drain by it.
+        Drain {
+            deadline: Instant::now() + grace + Duration::from_millis(500),
+        }
+    }
+}
+
+/// The control loop: signals, shard exits, and the quarantine purge, until every shard has
+/// drained (`Ok`) or one stops on its own (`Err`). `drain` is set when a signal came during
+/// start-up; shards still starting then start and drain at once.
+fn control_loop(
+    shared: &Shared,
+    signals: &crossbeam_channel::Receiver<i32>,
+    events: &crossbeam_channel::Receiver<ShardEvent>,
+    handles: Vec<shard::ShardThread>,
+    mut drain: Option<Drain>,
+    purge_every: Duration,
+) -> Result<(), Error> {
+    let shards = shared.config.shards;
+    let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
     let mut stopped = 0;
     let mut next_purge = Instant::now() + purge_every;
     loop {
-        let wake_at = drain_deadline.map_or(next_purge, |d| d.min(next_purge));
+        let wake_at = drain.as_ref().map_or(next_purge, |d| d.deadline.min(next_purge));
         crossbeam_channel::select! {
             recv(signals) -> sig => {
-                let name = if sig == Ok(signal_hook::consts::SIGINT) { "SIGINT" } else { "SIGTERM" };
-                if drain_deadline.is_some() {
+                let name = signal_name(sig.ok());
+                if drain.is_some() {
                     tracing::warn!("second signal ({name}) during the drain; exiting now");
                     std::process::exit(shutdown::EXIT_SECOND_SIGNAL);
                 }
-                tracing::info!("{name} received; draining (grace {} ms)", grace.as_millis());
-                systemd_notify("STOPPING=1\nSTATUS=draining");
-                // Margin past the grace: the shards bound their own drain by it.
-                drain_deadline = Some(Instant::now() + grace + Duration::from_millis(500));
-                shared.shutdown.trigger();
+                drain = Some(Drain::start(shared, grace, &format!("{name} received")));
             }
             recv(events) -> event => match event {
-                Ok(ShardEvent::Stopped(id)) if drain_deadline.is_none() => return Err(shard_failure(id, handles)),
+                Ok(ShardEvent::Stopped(id)) if drain.is_none() => return Err(shard_failure(id, handles)),
                 Ok(ShardEvent::Stopped(_)) => {
                     stopped += 1;
                     if stopped == shards {
@@ -223,12 +302,14 @@ pub fn run(config: Config) -> Result<(), Error> {
                         return Ok(());
                     }
                 }
+                // A shard that was still starting when the drain began.
+                Ok(ShardEvent::Started(_)) if drain.is_some() => {}
                 Ok(ShardEvent::Started(id)) => return Err(Error::Shard(format!("shard {id} started twice"))),
                 Err(_) => return Err(Error::Shard("all shards exited".into())),
             },
             recv(crossbeam_channel::at(wake_at)) -> _ => {
                 let now = Instant::now();
-                if drain_deadline.is_some_and(|d| now >= d) {
+                if drain.as_ref().is_some_and(|d| now >= d.deadline) {
                     tracing::warn!("shutdown grace exceeded; exiting with connections still open");
                     return Ok(());
                 }
@@ -251,6 +332,59 @@ fn test_listen_delay() {
         .and_then(|v| v.parse().ok())
     {
         std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+fn signal_name(sig: Option<i32>) -> &'static str {
+    if sig == Some(signal_hook::consts::SIGINT) {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    }
+}
+
+/// How long the shards have to start. Debug builds take `CORECAST_TEST_STARTUP_TIMEOUT_MS`
+/// so the tests can show the failure without waiting the full time.
+fn startup_timeout() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("CORECAST_TEST_STARTUP_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    STARTUP_TIMEOUT
+}
+
+/// The error for shards that did not start in time: the first one, and its step.
+fn startup_failure(shared: &Shared, timeout: Duration) -> Error {
+    let late: Vec<(usize, shard::StartupStep)> = (0..shared.config.shards)
+        .map(|id| (id, shared.startup_step(id)))
+        .filter(|&(_, step)| step != shard::StartupStep::Started)
+        .collect();
+    let within = format_duration(timeout);
+    match late.as_slice() {
+        [] => Error::Shard(format!("shards did not report their start within {within}")),
+        [(id, step), rest @ ..] => {
+            let others = match rest.len() {
+                0 => String::new(),
+                1 => "; 1 other shard had not started either".into(),
+                n => format!("; {n} other shards had not started either"),
+            };
+            Error::Shard(format!(
+                "shard {id} did not start within {within} (stuck at: {}){others}",
+                step.describe()
+            ))
+        }
+    }
+}
+
+/// `10 s`, or `1500 ms` when not a whole number of seconds.
+fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }
 
@@ -282,13 +416,20 @@ fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
 }
 
 /// Collects the reason a shard ended, from its thread's join result.
-fn shard_failure(id: usize, handles: Vec<glommio::ExecutorJoinHandle<()>>) -> Error {
+fn shard_failure(id: usize, handles: Vec<shard::ShardThread>) -> Error {
     let detail = handles
         .into_iter()
         .nth(id)
         .map(|h| match h.join() {
-            Ok(()) => "its accept loop ended".to_string(),
-            Err(e) => e.to_string(),
+            Ok(Ok(())) => "its accept loop ended".to_string(),
+            Ok(Err(reason)) => reason,
+            Err(panic) => match panic.downcast_ref::<&str>() {
+                Some(msg) => format!("its thread panicked: {msg}"),
+                None => match panic.downcast_ref::<String>() {
+                    Some(msg) => format!("its thread panicked: {msg}"),
+                    None => "its thread panicked".to_string(),
+                },
+            },
         })
         .unwrap_or_default();
     Error::Shard(format!("shard {id} stopped: {detail}"))

@@ -1,12 +1,19 @@
 //! Shards: one glommio executor per usable CPU, each pinned to its CPU, each with its own
 //! listener, clients, outgoing batch and counters. [`spawn_all`] starts them from the main
-//! thread; [`Shard`] is the per-shard context every task on that shard shares through an
-//! `Rc`, and [`Shared`] is the little that all shards share on purpose.
+//! thread, each on its own thread with its ends of the mesh; [`Shard`] is the per-shard
+//! context every task on that shard shares through an `Rc`, and [`Shared`] is the little
+//! that all shards share on purpose.
+//!
+//! A shard's start-up waits for nothing from its peers (the mesh ends work as soon as they
+//! exist); it records each [`StartupStep`] so that the main thread can name a shard that
+//! does not start, and the main thread [`kick`]s an executor that glommio parked before it
+//! ran the shard's first task.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use futures_lite::future::or;
-use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::backpressure::{Policy, Rule, Stage};
 use crate::config::Config;
@@ -76,6 +83,50 @@ pub enum ShardEvent {
     Stopped(usize),
 }
 
+/// Where a shard is in its start-up: each shard records its step, and the main thread
+/// names it if the shard has not started in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StartupStep {
+    /// Its thread exists and is creating its glommio executor (io_uring rings, buffers).
+    CreatingExecutor = 0,
+    /// Its executor exists and has not yet run the shard's first task (see [`kick`]).
+    FirstRun = 1,
+    /// Building its per-shard context (its epoll set, buffers).
+    SettingUp = 2,
+    /// Starting one receiver task per peer shard and its flush task.
+    AttachingMesh = 3,
+    /// Starting its timers and taking over its listener.
+    StartingListener = 4,
+    /// Accepting.
+    Started = 5,
+}
+
+impl StartupStep {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => StartupStep::FirstRun,
+            2 => StartupStep::SettingUp,
+            3 => StartupStep::AttachingMesh,
+            4 => StartupStep::StartingListener,
+            5 => StartupStep::Started,
+            _ => StartupStep::CreatingExecutor,
+        }
+    }
+
+    /// The step as the start-up error names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StartupStep::CreatingExecutor => "creating its executor",
+            StartupStep::FirstRun => "waiting for its executor's first run",
+            StartupStep::SettingUp => "setting up its state",
+            StartupStep::AttachingMesh => "attaching the mesh",
+            StartupStep::StartingListener => "starting its listener",
+            StartupStep::Started => "started",
+        }
+    }
+}
+
 /// State shared by every shard. It crosses threads on purpose, and none of it is touched
 /// per message except one relaxed load per shard when a sender's read relayed lines.
 pub struct Shared {
@@ -96,6 +147,8 @@ pub struct Shared {
     pub stats: Box<[Arc<ShardStats>]>,
     /// Start of the process's clock for shard heartbeats.
     pub epoch: Instant,
+    /// Each shard's [`StartupStep`], written only by that shard, read by the main thread.
+    startup_steps: Box<[AtomicU8]>,
 }
 
 impl Shared {
@@ -114,6 +167,7 @@ impl Shared {
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
+            startup_steps: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             config,
         }
     }
@@ -130,6 +184,17 @@ impl Shared {
 
     pub fn release(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Shard `id`'s start-up step as it last reported it.
+    pub fn startup_step(&self, id: usize) -> StartupStep {
+        StartupStep::from_u8(self.startup_steps.get(id).map_or(0, |s| s.load(Ordering::Acquire)))
+    }
+
+    fn set_startup_step(&self, id: usize, step: StartupStep) {
+        if let Some(s) = self.startup_steps.get(id) {
+            s.store(step as u8, Ordering::Release);
+        }
     }
 
     /// Milliseconds since [`Shared::epoch`].
@@ -759,6 +824,20 @@ fn test_triggers(line: &str) {
     }
 }
 
+/// Debug builds only: blocks shard `N`'s thread for `MS` milliseconds while it attaches the
+/// mesh when `CORECAST_TEST_STARTUP_STALL=N:MS`, so the tests can show what a shard that
+/// does not start, and a signal during start-up, do.
+#[cfg(debug_assertions)]
+fn test_startup_stall(id: usize) {
+    let stall = std::env::var("CORECAST_TEST_STARTUP_STALL").ok().and_then(|v| {
+        let (shard, ms) = v.split_once(':')?;
+        Some((shard.parse::<usize>().ok()?, ms.parse::<u64>().ok()?))
+    });
+    if let Some((_, ms)) = stall.filter(|&(shard, _)| shard == id) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// CPUs this process may run on: its affinity mask, restricted to online CPUs.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the one we own.
@@ -803,13 +882,22 @@ impl Drop for StopGuard {
     }
 }
 
-/// Starts one pinned executor per listener. Shard `i` runs on the `i`-th usable CPU
-/// (wrapping around when there are more shards than CPUs).
+/// A shard's thread as the main thread holds it: it ends with why its executor could not
+/// be created, or `Ok` once the shard's future has returned.
+pub type ShardThread = std::thread::JoinHandle<Result<(), String>>;
+
+/// The signal [`kick`] sends. Its default action is to ignore it, so nothing else in the
+/// process expects it; corecast uses no out-of-band TCP data (its other meaning).
+const KICK_SIGNAL: libc::c_int = libc::SIGURG;
+
+/// Starts one pinned executor per listener, each on its own thread. Shard `i` runs on the
+/// `i`-th usable CPU (wrapping around when there are more shards than CPUs).
 pub fn spawn_all(
     shared: Arc<Shared>,
     listeners: Vec<OwnedFd>,
     events: Sender<ShardEvent>,
-) -> std::io::Result<Vec<ExecutorJoinHandle<()>>> {
+) -> std::io::Result<Vec<ShardThread>> {
+    install_kick_handler()?;
     let cpus = usable_cpus();
     let mesh = fanout::build_mesh(listeners.len());
     let mut handles = Vec::with_capacity(listeners.len());
@@ -824,26 +912,77 @@ pub fn spawn_all(
             events: events.clone(),
             stats: shared.stats[id].clone(),
         };
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("corecast-shard{id}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .preempt_timer(PREEMPT_TIMER)
-            .ring_depth(RING_DEPTH)
-            .spawn(move || shard_main(id, shared, listener, ends, guard))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // `make` + `run` on our own thread instead of `LocalExecutorBuilder::spawn`, so
+        // that the shard can report that its executor exists before its first run.
+        let handle = std::thread::Builder::new()
+            .name(format!("corecast-shard{id}"))
+            .spawn(move || {
+                let executor = LocalExecutorBuilder::new(placement)
+                    .io_memory(IO_MEMORY_BYTES)
+                    .preempt_timer(PREEMPT_TIMER)
+                    .ring_depth(RING_DEPTH)
+                    .make()
+                    .map_err(|e| format!("cannot create its executor: {e}"))?;
+                shared.set_startup_step(id, StartupStep::FirstRun);
+                executor.run(shard_main(id, shared, listener, ends, guard));
+                Ok(())
+            })?;
         handles.push(handle);
     }
     Ok(handles)
 }
 
+/// Interrupts a shard thread's sleep in `io_uring_enter` with a no-op signal.
+///
+/// Why: glommio 0.9's run loop can park with a task queued and not run. Each turn arms a
+/// 2 ms preempt timer, then `run_task_queues` returns at once, running nothing, if that
+/// timer has already fired (the thread was descheduled in between, as happens when
+/// several shards share a CPU); the park that follows counts only wakers woken in that
+/// pass and sleeps. A running shard recovers at its next timer or socket event (its
+/// heartbeat is at most 250 ms away), but a new executor has nothing armed, so its first
+/// task, the shard itself, can wait forever: 22 starts of 8 to 32 shards on 2 CPUs hung
+/// about once in ten series without this. The signal makes the sleep return `EINTR`,
+/// which glommio treats as a wake-up, and the next turn runs the queued task.
+pub fn kick(thread: &ShardThread) {
+    // SAFETY: the pthread_t belongs to a thread we have not joined, so it is valid; the
+    // signal's handler does nothing.
+    unsafe {
+        libc::pthread_kill(thread.as_pthread_t(), KICK_SIGNAL);
+    }
+}
+
+/// A handler that does nothing for [`KICK_SIGNAL`], without `SA_RESTART` so that the sleep
+/// it interrupts returns instead of resuming.
+fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: a zeroed sigaction with an empty mask and a handler that touches nothing is
+    // valid; sigaction only reads it.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
+    // Nothing below waits for another shard: the mesh ends work as they are, so a shard's
+    // start-up depends only on its own thread getting CPU time.
+    shared.set_startup_step(id, StartupStep::SettingUp);
     let shard = Rc::new(Shard::new(id, shared.clone()));
-    let (to_peers, from_peers) = fanout::connect_mesh(ends).await;
+    shared.set_startup_step(id, StartupStep::AttachingMesh);
+    #[cfg(debug_assertions)]
+    test_startup_stall(id);
+    let MeshEnds { to_peers, from_peers } = ends;
     shard.open_receivers.set(from_peers.len());
     for from_peer in from_peers {
         glommio::spawn_local(fanout::receive_loop(shard.clone(), from_peer)).detach();
     }
     glommio::spawn_local(fanout::flush_loop(shard.clone(), to_peers)).detach();
+    shared.set_startup_step(id, StartupStep::StartingListener);
     if let Some(timeout) = shard.config().client_timeout_secs {
         glommio::spawn_local(idle_sweep_loop(shard.clone(), Duration::from_secs(timeout))).detach();
     }
@@ -854,6 +993,7 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
     shard.stats.on_heartbeat(shared.clock_ms());
     shard.stats.set_state(ShardState::Running);
+    shared.set_startup_step(id, StartupStep::Started);
     let _ = guard.events.try_send(ShardEvent::Started(id));
 
     // Dropping the accept loop drops (closes) the listener.

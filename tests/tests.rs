@@ -7,6 +7,7 @@ mod fanout;
 mod ops;
 mod policy;
 mod regression;
+mod shards;
 mod startup;
 mod util;
 mod wire;

@@ -36,7 +36,8 @@ pub struct Log {
 }
 
 impl Log {
-    fn collect(self: Arc<Self>, stderr: impl Read + Send + 'static) {
+    /// Collects the lines of `stderr` on a thread until it closes.
+    pub fn collect(self: Arc<Self>, stderr: impl Read + Send + 'static) {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -49,7 +50,12 @@ impl Log {
 
     /// Waits until a line contains `needle`; returns it.
     pub fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_for_within(needle, PATIENCE)
+    }
+
+    /// Waits up to `bound` until a line contains `needle`; returns it.
+    pub fn wait_for_within(&self, needle: &str, bound: Duration) -> String {
+        let deadline = Instant::now() + bound;
         let mut lines = self.lines.lock().unwrap();
         loop {
             if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
@@ -58,7 +64,7 @@ impl Log {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "relay never logged {needle:?}; log:\n{}",
+                "relay did not log {needle:?} within {bound:?}; log:\n{}",
                 lines.join("\n")
             );
             lines = self
