@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
+use crate::machine::Machine;
+
 /// The command line (SPEC §4).
 #[derive(Debug, Parser)]
 #[command(
@@ -237,8 +239,10 @@ pub struct Config {
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
 pub const FD_RESERVE: u64 = 64;
 
-impl Default for Config {
-    fn default() -> Self {
+impl Config {
+    /// The built-in defaults, which depend on the machine only through `machine`: one shard
+    /// per usable CPU, and `max_connections` from the open-file hard limit.
+    pub fn defaults_for(machine: &Machine) -> Config {
         Config {
             host: "127.0.0.1".into(),
             port: 8888,
@@ -252,7 +256,7 @@ impl Default for Config {
                 date_format: "%Y-%m-%d %H:%M:%S.%3f".into(),
                 log_keys: None,
             },
-            shards: crate::shard::usable_cpus().len().max(1),
+            shards: machine.usable_cpus.max(1),
             client_timeout_secs: Some(300),
             timeout_check_interval_secs: 30,
             rate_limit_msgs_per_minute: Some(300),
@@ -274,7 +278,7 @@ impl Default for Config {
             max_pending_bytes: 64 << 20,
             max_total_pending_bytes: 1 << 30,
             write_deadline_ms: 10_000,
-            max_connections: default_max_connections(),
+            max_connections: default_max_connections(machine.nofile_hard_limit),
             quarantine_by: QuarantineBy::Ip,
             quarantine_max_entries: 100_000,
             shutdown_grace_ms: 5000,
@@ -285,8 +289,7 @@ impl Default for Config {
 }
 
 /// The open-file hard limit (to which `run` raises the soft limit) minus [`FD_RESERVE`].
-fn default_max_connections() -> usize {
-    let hard = crate::startup::nofile_limit().1;
+fn default_max_connections(hard: u64) -> usize {
     hard.saturating_sub(FD_RESERVE).clamp(1, 10_000_000) as usize
 }
 
@@ -301,10 +304,10 @@ const INERT_HYPER_KEYS: &[&str] = &[
 ];
 
 impl Config {
-    /// Builds the effective config: defaults, then the file named by `--config`, then flags.
+    /// Builds the effective config: defaults for `machine`, then the file named by `--config`, then flags.
     /// Unknown keys come back as warnings for the caller to log once logging is set up.
-    pub fn load(args: &ServeArgs) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut config = Config::default();
+    pub fn load(args: &ServeArgs, machine: &Machine) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut config = Config::defaults_for(machine);
         let mut warnings = Vec::new();
         if let Some(path) = &args.config {
             let text = read_file(path)?;
@@ -779,8 +782,17 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
+    const MACHINE: Machine = Machine {
+        usable_cpus: 2,
+        nofile_hard_limit: 4096,
+    };
+
+    fn defaults() -> Config {
+        Config::defaults_for(&MACHINE)
+    }
+
     fn load(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut c = Config::default();
+        let mut c = defaults();
         let mut w = Vec::new();
         c.apply_json(&serde_json::from_str(text).unwrap(), &mut w)?;
         Ok((c, w))
@@ -789,13 +801,27 @@ mod tests {
     #[test]
     fn empty_object_gives_the_defaults() {
         let (c, w) = load("{}").unwrap();
-        assert_eq!(c, Config::default());
+        assert_eq!(c, defaults());
         assert!(w.is_empty());
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8888));
         assert_eq!(c.rate_limit_msgs_per_minute, Some(300));
         assert_eq!(c.backpressure.disconnect_threshold, 500);
         assert_eq!((c.max_pending_bytes, c.max_total_pending_bytes), (64 << 20, 1 << 30));
         assert_eq!(c.write_deadline_ms, 10_000);
+    }
+
+    #[test]
+    fn the_machine_sets_the_shard_count_and_the_connection_limit() {
+        let c = Config::defaults_for(&Machine {
+            usable_cpus: 6,
+            nofile_hard_limit: 10_064,
+        });
+        assert_eq!((c.shards, c.max_connections), (6, 10_000));
+        let tiny = Config::defaults_for(&Machine {
+            usable_cpus: 0,
+            nofile_hard_limit: 10,
+        });
+        assert_eq!((tiny.shards, tiny.max_connections), (1, 1));
     }
 
     #[test]
@@ -926,7 +952,7 @@ mod tests {
 
     #[test]
     fn flush_window_is_bounded() {
-        assert_eq!(Config::default().flush_window_us, 1500);
+        assert_eq!(defaults().flush_window_us, 1500);
         assert_eq!(
             load(r#"{"hyper_parameters":{"flush_window_us":0}}"#)
                 .unwrap()
@@ -939,7 +965,7 @@ mod tests {
 
     #[test]
     fn admin_addr_is_off_by_default_and_the_flag_beats_the_file() {
-        assert_eq!(Config::default().admin_addr, None);
+        assert_eq!(defaults().admin_addr, None);
         let mut c = load(r#"{"hyper_parameters":{"admin_addr":"127.0.0.1:9100"}}"#)
             .unwrap()
             .0;
@@ -975,7 +1001,7 @@ mod tests {
 
     #[test]
     fn quarantine_strikes_default_to_three_and_must_be_a_positive_integer() {
-        assert_eq!(Config::default().quarantine_strikes, 3);
+        assert_eq!(defaults().quarantine_strikes, 3);
         let (c, _) = load(r#"{"hyper_parameters":{"quarantine_strikes":1}}"#).unwrap();
         assert_eq!(c.quarantine_strikes, 1);
         let e = load(r#"{"hyper_parameters":{"quarantine_strikes":0}}"#).unwrap_err();
