@@ -1,10 +1,19 @@
 //! Configuration (SPEC §3, §4): the clap command line and the Summoner
 //! `server_config.json` format, merged into one validated [`Config`].
 //!
-//! Precedence is built-in defaults < file < flags. The file is walked as a
-//! `serde_json::Value` rather than deserialised into structs so that every error names
-//! its JSON path and every unknown key can be reported with the closest known one.
-//! Nothing outside this module sees raw CLI or JSON types.
+//! Precedence is built-in defaults < file < flags. The defaults that depend on the machine
+//! come from a [`Machine`] passed in, so this module reads nothing itself. The file is
+//! walked as a `serde_json::Value` by `Section`, which names the JSON path, the expected
+//! type and range, and what was found in every error, and reports each unknown key with the
+//! closest known one. (serde derive with `serde_path_to_error` and `serde_ignored` gave the
+//! same messages, but only with a checked leaf type per value kind, a pre-check that
+//! sections are objects and a probe for the declared keys: more lines, not fewer.) Nothing
+//! outside this module sees raw CLI or JSON types.
+//!
+//! A new nested section (say `hyper_parameters.cluster`, an object or `null`) is a field of
+//! [`Config`], a `section` or `nullable_section` call in its parent's `apply_*` that reads
+//! its keys and ends with `finish` (which warns of the unknown ones), a line in `to_json`,
+//! and a flag in [`ServeArgs`] applied in `apply_args` if it has one.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -327,10 +336,7 @@ impl Config {
         top.ignore("version");
         // Summoner's templates write `null` for "whatever run() was given": here, the default
         // (or the flag).
-        if let Some(Some(host)) = top.nullable("host", |v, path| match v {
-            Value::String(s) => Ok(s.clone()),
-            _ => Err(invalid(path, "a string", v)),
-        })? {
+        if let Some(Some(host)) = top.nullable("host", string_value)? {
             self.host = host;
         }
         if let Some(Some(port)) = top.nullable("port", |v, path| int_value(v, path, 0, 65535))? {
@@ -366,17 +372,7 @@ impl Config {
             self.log.date_format = fmt;
         }
         if let Some(keys) = s.nullable("log_keys", |v, path| {
-            let items = v
-                .as_array()
-                .ok_or_else(|| invalid(path, "an array of strings or null", v))?;
-            items
-                .iter()
-                .map(|item| {
-                    item.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| invalid(path, "an array of strings or null", v))
-                })
-                .collect::<Result<Vec<_>, _>>()
+            string_list(v, path, "an array of strings or null")
         })? {
             self.log.log_keys = keys;
         }
@@ -629,6 +625,21 @@ fn invalid(path: &str, expected: &str, found: &Value) -> ConfigError {
     }
 }
 
+fn string_value(v: &Value, path: &str) -> Result<String, ConfigError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| invalid(path, "a string", v))
+}
+
+/// An array of strings; `expected` names the whole array, which an error shows.
+fn string_list(v: &Value, path: &str, expected: &str) -> Result<Vec<String>, ConfigError> {
+    let items = v
+        .as_array()
+        .map(|items| items.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
+    let items = items.flatten().ok_or_else(|| invalid(path, expected, v))?;
+    Ok(items.into_iter().map(str::to_owned).collect())
+}
+
 fn int_value(v: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
     let expected = || {
         if max >= u32::MAX as u64 {
@@ -692,53 +703,55 @@ impl<'a> Section<'a> {
         self.map.get(key)
     }
 
+    /// A nested object; `null` counts as absent.
     fn section(&mut self, key: &'static str) -> Result<Option<Section<'a>>, ConfigError> {
+        Ok(self.nullable_section(key)?.flatten())
+    }
+
+    /// A nested object where `null` means "disabled": `None` if absent, `Some(None)` if null.
+    fn nullable_section(&mut self, key: &'static str) -> Result<Option<Option<Section<'a>>>, ConfigError> {
+        let root = self.root.unwrap_or(self.map);
+        self.nullable(key, |v, path| {
+            let mut s = Section::new(v, path)?;
+            s.root = Some(root);
+            Ok(s)
+        })
+    }
+
+    /// The key read by `parse`, which gets the value and its JSON path: `None` if absent.
+    fn parse<T>(
+        &mut self,
+        key: &'static str,
+        parse: impl FnOnce(&'a Value, &str) -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
         let path = self.path(key);
-        match self.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => {
-                let mut s = Section::new(v, &path)?;
-                s.root = Some(self.root.unwrap_or(self.map));
-                Ok(Some(s))
-            }
-        }
+        self.get(key).map(|v| parse(v, &path)).transpose()
     }
 
     fn string(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
-        let path = self.path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(invalid(&path, "a string", v)),
-        }
+        self.parse(key, string_value)
     }
 
     fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
-        let path = self.path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(invalid(&path, "true or false", v)),
-        }
+        self.parse(key, |v, path| {
+            v.as_bool().ok_or_else(|| invalid(path, "true or false", v))
+        })
     }
 
     fn int(&mut self, key: &'static str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
-        let path = self.path(key);
-        self.get(key).map(|v| int_value(v, &path, min, max)).transpose()
+        self.parse(key, |v, path| int_value(v, path, min, max))
     }
 
     /// A key where `null` means "disabled": `None` if absent, `Some(None)` if null.
     fn nullable<T>(
         &mut self,
         key: &'static str,
-        parse: impl FnOnce(&Value, &str) -> Result<T, ConfigError>,
+        parse: impl FnOnce(&'a Value, &str) -> Result<T, ConfigError>,
     ) -> Result<Option<Option<T>>, ConfigError> {
-        let path = self.path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Null) => Ok(Some(None)),
-            Some(v) => parse(v, &path).map(|t| Some(Some(t))),
-        }
+        self.parse(key, |v, path| match v {
+            Value::Null => Ok(None),
+            v => parse(v, path).map(Some),
+        })
     }
 
     /// Reports every key that was not consumed, with the closest known one.
@@ -750,7 +763,7 @@ impl<'a> Section<'a> {
             let closest = self
                 .seen
                 .iter()
-                .map(|k| (edit_distance(key, k), *k))
+                .map(|k| (strsim::levenshtein(key, k), *k))
                 .min()
                 .filter(|(d, _)| *d <= 3 || *d * 3 <= key.len());
             warnings.push(match closest {
@@ -763,19 +776,6 @@ impl<'a> Section<'a> {
             });
         }
     }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -888,6 +888,47 @@ mod tests {
             .any(|m| m.contains("hyper_parameters.rate_limit_msg_per_minute")
                 && m.contains("did you mean hyper_parameters.rate_limit_msgs_per_minute")));
         assert!(w.iter().any(|m| m.ends_with("hyper_parameters.zzzzzzzzzzzz ignored")));
+    }
+
+    #[test]
+    fn a_section_that_is_not_an_object_is_refused_with_its_path_and_null_keeps_the_defaults() {
+        let e = load(r#"{"logger":[]}"#).unwrap_err();
+        assert_eq!(e.to_string(), "logger: expected an object, found []");
+        let e = load(r#"{"hyper_parameters":{"backpressure_policy":5}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.backpressure_policy: expected an object, found 5"
+        );
+        let e = load("[1]").unwrap_err();
+        assert_eq!(e.to_string(), "(top level): expected an object, found [1]");
+        let (c, w) = load(r#"{"logger":null,"hyper_parameters":{"backpressure_policy":null}}"#).unwrap();
+        assert_eq!((c, w.len()), (defaults(), 0));
+    }
+
+    #[test]
+    fn unknown_keys_are_matched_against_their_own_section() {
+        let (_, w) = load(r#"{"hots":"x","logger":{"log_kes":[]},"hyper_parameters":{"backpressure_policy":{"disconect_threshold":3}}}"#).unwrap();
+        let mut w = w;
+        w.sort();
+        assert_eq!(
+            w,
+            [
+                "unknown config key hots ignored (did you mean host?)",
+                "unknown config key hyper_parameters.backpressure_policy.disconect_threshold ignored (did you mean hyper_parameters.backpressure_policy.disconnect_threshold?)",
+                "unknown config key logger.log_kes ignored (did you mean logger.log_keys?)",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_array_of_strings_shows_the_whole_array_when_one_item_is_wrong() {
+        let e = load(r#"{"logger":{"log_keys":["a",1]}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"logger.log_keys: expected an array of strings or null, found ["a",1]"#
+        );
+        let (c, _) = load(r#"{"logger":{"log_keys":["a","b"]}}"#).unwrap();
+        assert_eq!(c.log.log_keys, Some(vec!["a".to_string(), "b".to_string()]));
     }
 
     #[test]
