@@ -313,8 +313,9 @@ const INERT_HYPER_KEYS: &[&str] = &[
 ];
 
 impl Config {
-    /// Builds the effective config: defaults for `machine`, then the file named by `--config`, then flags.
-    /// Unknown keys come back as warnings for the caller to log once logging is set up.
+    /// Builds the effective config: defaults for `machine`, then the file named by
+    /// `--config`, then flags. Unknown keys come back as warnings for the caller to log once
+    /// logging is set up.
     pub fn load(args: &ServeArgs, machine: &Machine) -> Result<(Config, Vec<String>), ConfigError> {
         let mut config = Config::defaults_for(machine);
         let mut warnings = Vec::new();
