@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn routes_answer_by_method_and_path() {
-        let shared = Arc::new(Shared::new(Config::default()));
+        let shared = Arc::new(Shared::new(Config::defaults_for(&crate::machine::Machine::detect())));
         let app = App {
             registry: Registry::default(),
             shared,

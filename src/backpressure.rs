@@ -210,7 +210,7 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy::from_config(&Config::default())
+        Policy::from_config(&Config::defaults_for(&crate::machine::Machine::detect()))
     }
 
     fn ms(n: u64) -> Duration {

@@ -3,6 +3,8 @@
 //!
 //! Architecture map (see README "How it works"):
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
+//! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
+//!   limits), a leaf that `main` reads once and hands to [`config::Config::load`].
 //! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use) and the
 //!   port guard held for the life of the process; [`preflight`] is what `check` runs too.
 //! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
@@ -37,6 +39,7 @@ pub mod fanout;
 pub mod limiter;
 pub mod listener;
 pub mod log;
+pub mod machine;
 pub mod mesh;
 pub mod metrics;
 pub mod notify;
@@ -158,7 +161,7 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 /// Start-up failures return before anything listens.
 pub fn run(config: Config) -> Result<(), Error> {
     let addr = preflight(&config)?;
-    let nofile = startup::raise_nofile_limit();
+    let nofile = machine::raise_nofile_limit();
     // Held until `run` returns (or the kernel drops it when the process exits).
     let _port_guard = startup::PortGuard::acquire(addr)?;
     startup::check_port_free(addr)?;
@@ -180,7 +183,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
     let shared = Arc::new(Shared::new(config));
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
-    let cpus = shard::usable_cpus().len().max(1);
+    let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
         "starting {shards} shards on {cpus} CPUs{}",
         if shards > cpus {

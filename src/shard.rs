@@ -27,6 +27,7 @@ use crate::backpressure::{Policy, Rule, Stage};
 use crate::config::Config;
 use crate::connection::{Client, Sched};
 use crate::fanout::{self, Batch, BatchBuilder, Ledger, LocalBatch, MeshEnds, Run, MAX_OUTGOING_BYTES};
+use crate::machine::{usable_cpus, IO_MEMORY_BYTES};
 use crate::metrics::{CloseReason, Counter, DropReason, ShardState, ShardStats};
 use crate::notify::{Notify, NotifyAll};
 use crate::pacing::{self, Pacer, FLUSH_BYTES, SLOTS};
@@ -35,9 +36,6 @@ use crate::quarantine::{Quarantine, Strike};
 use crate::ready_set::ReadySet;
 use crate::shutdown::ShutdownSignal;
 
-/// glommio's DMA buffer arena per executor. TCP never uses it, and glommio registers it
-/// with three rings against RLIMIT_MEMLOCK, so it is kept at glommio's minimum.
-pub const IO_MEMORY_BYTES: usize = 64 << 10;
 /// How long a busy shard may run tasks before it polls for I/O, timers and channel wake-ups
 /// (glommio's default, 100 ms, would delay all of them that long under load).
 const PREEMPT_TIMER: Duration = Duration::from_millis(2);
@@ -838,35 +836,6 @@ fn test_startup_stall(id: usize) {
     }
 }
 
-/// CPUs this process may run on: its affinity mask, restricted to online CPUs.
-pub fn usable_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the one we own.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
-        .ok()
-        .map(|s| parse_cpu_list(s.trim()));
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&cpu| !ok || unsafe { libc::CPU_ISSET(cpu, &set) })
-        .filter(|cpu| online.as_ref().is_none_or(|o| o.contains(cpu)))
-        .take(if ok { usize::MAX } else { 1 })
-        .collect()
-}
-
-/// Parses a kernel CPU list such as `0-3,6,8-9`.
-fn parse_cpu_list(s: &str) -> Vec<usize> {
-    let mut cpus = Vec::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let mut ends = part.splitn(2, '-').map(|x| x.trim().parse::<usize>());
-        match (ends.next(), ends.next()) {
-            (Some(Ok(a)), None) => cpus.push(a),
-            (Some(Ok(a)), Some(Ok(b))) if a <= b => cpus.extend(a..=b),
-            _ => {}
-        }
-    }
-    cpus
-}
-
 /// Sends `Stopped` (and marks the shard stopped for `/healthz`) when a shard's future ends,
 /// unwinds, or is dropped without ever running.
 struct StopGuard {
@@ -1092,22 +1061,5 @@ async fn summary_loop(shard: Rc<Shard>) {
                 *last = now;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_lists_parse_like_the_kernel_prints_them() {
-        assert_eq!(parse_cpu_list("0-1"), vec![0, 1]);
-        assert_eq!(parse_cpu_list("0,2-3,7"), vec![0, 2, 3, 7]);
-        assert_eq!(parse_cpu_list(""), Vec::<usize>::new());
-    }
-
-    #[test]
-    fn this_process_has_at_least_one_usable_cpu() {
-        assert!(!usable_cpus().is_empty());
     }
 }
