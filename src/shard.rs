@@ -54,7 +54,7 @@ const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a shard re-examines its stalled recipients while it has any: the write
 /// deadline, the messages rule and the end of pause allowances are seen this late at most.
-const LAG_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+const LAG_SWEEP_INTERVAL: Duration = Duration::from_millis(20);
 /// How often a sender held back by flow control or the process-wide bound looks again.
 const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// How often a shard's timer task proves that its thread is still running tasks (the
