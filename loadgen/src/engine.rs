@@ -1,9 +1,12 @@
 //! The generator's worker threads. Each owns a share of the connections and runs one mio
 //! event loop: publishers append lines at their scheduled times, in bursts `--burst-us`
-//! apart (open loop: a late send keeps its scheduled time, so latency includes any
-//! queueing the server caused), receivers decode what arrives, account for every
-//! (receiver, publisher) sequence and record latency in an HDR histogram. The main thread moves the shared [`Control`]
-//! through the phases: sync (wait until every receiver is subscribed), run, stop.
+//! apart or, with `--burst-us 0`, each line with its own write (open loop: a late send
+//! keeps its scheduled time, so latency includes any queueing the server caused);
+//! receivers read the way their [`ReaderClass`] says, decode what arrives, account for
+//! every (receiver, publisher) sequence and record latency in HDR histograms, overall and
+//! per class. The main thread moves the shared [`Control`] through the phases: sync (wait
+//! until every receiver is subscribed), run, stop. After the stop, stuck receivers read
+//! what was left for them once, to learn whether the server closed them.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -15,8 +18,9 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::accounting::{Arrival, SeqTracker};
+use crate::accounting::{Arrival, GapTracker, SeqTracker};
 use crate::proto::{self, Event, Header, Protocol, SYNC_PREFIX};
+use crate::reader::{ReaderClass, ReaderMix, SLOW_READ_BUF};
 
 pub const PHASE_SYNC: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
@@ -30,19 +34,25 @@ const UNPACED_BURST: usize = 64;
 const UNPACED_PENDING_BYTES: usize = 256 << 10;
 /// Latency histogram range: 1 µs to 60 s, 3 significant digits.
 const HIST_MAX_US: u64 = 60_000_000;
+/// After the stop, how long stuck receivers may read what is left for them, and how long
+/// a silence ends that early: enough to reach a close queued behind megabytes of data.
+const STUCK_DRAIN_MAX: Duration = Duration::from_secs(2);
+const STUCK_DRAIN_QUIET_NS: u64 = 300_000_000;
+/// Distinct notice texts kept per receiver, and their length.
+const NOTICES_KEPT: usize = 4;
+const NOTICE_MAX_CHARS: usize = 200;
 
 /// Read-only description of the workload, shared by all threads.
 pub struct Plan {
     pub protocol: Protocol,
-    pub clients: usize,
     pub publishers: usize,
     /// Lines per second per publisher; 0 = as fast as the socket takes them.
     pub rate: f64,
     /// Time between one publisher's bursts (see `--burst-us`); 0 = a line at a time.
     pub burst_ns: u64,
     pub size: usize,
-    /// Clients `[clients - slow, clients)` never read (slow-consumer scenario).
-    pub slow: usize,
+    /// How each receiver reads.
+    pub mix: ReaderMix,
     /// Time zero for every timestamp in a payload.
     pub epoch: Instant,
 }
@@ -53,7 +63,7 @@ impl Plan {
     }
 
     pub fn counted_receivers(&self) -> usize {
-        self.clients - self.slow
+        self.mix.counted()
     }
 }
 
@@ -110,12 +120,51 @@ pub struct Conn {
 
 struct Live {
     conn: Conn,
+    /// How this connection reads (meaningful only when it receives).
+    class: ReaderClass,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     wpos: usize,
     subscribed: bool,
     closed: bool,
+    /// Edge-triggered readiness: set by a readable event, cleared when a read would block,
+    /// so a receiver that chose not to read yet knows there is something to read.
+    readable: bool,
+    /// Rate-limited receivers: no read before this time (ns since the epoch).
+    read_not_before: u64,
+    /// When the server's close reached this connection during the run.
+    closed_at: Option<u64>,
+    /// A stuck receiver found the close only when it read, after the stop.
+    closed_seen_at_end: bool,
+    notices: Vec<String>,
+    gaps: GapTracker,
+    /// Deliveries of lines scheduled in the measured window.
+    in_window: u64,
+    bytes_read: u64,
     trackers: Vec<SeqTracker>,
+}
+
+impl Live {
+    /// The server closed this connection (EOF, reset, a failed write or a closing event).
+    fn on_server_close(&mut self, now: u64, control: &Control, report: &mut Report) {
+        self.closed = true;
+        if self.closed_at.is_some() || self.closed_seen_at_end {
+            return;
+        }
+        if control.phase.load(Ordering::Relaxed) != PHASE_STOP {
+            self.closed_at = Some(now);
+            report.closed_by_server += 1;
+        } else if self.class == ReaderClass::Stuck {
+            self.closed_seen_at_end = true;
+        }
+    }
+
+    fn on_notice(&mut self, text: &[u8]) {
+        let text: String = String::from_utf8_lossy(text).chars().take(NOTICE_MAX_CHARS).collect();
+        if self.notices.len() < NOTICES_KEPT && !self.notices.contains(&text) {
+            self.notices.push(text);
+        }
+    }
 }
 
 /// One publisher's schedule, on the connection `conn` (an index into the worker's list).
@@ -156,13 +205,33 @@ impl Publisher {
     }
 }
 
+/// One receiver's outcome.
+pub struct ReceiverReport {
+    pub client: usize,
+    pub class: ReaderClass,
+    /// Indexed by publisher; empty for a stuck receiver.
+    pub trackers: Vec<SeqTracker>,
+    /// When the server's close reached it during the run, ns since the epoch.
+    pub closed_at_ns: Option<u64>,
+    /// A stuck receiver found the close only when it read, after the stop.
+    pub closed_seen_at_end: bool,
+    /// Distinct notice texts it received.
+    pub notices: Vec<String>,
+    /// The longest time it went without a delivery in the measured window.
+    pub max_gap_ns: u64,
+    pub in_window: u64,
+    pub bytes_read: u64,
+}
+
 /// What a worker hands back.
 pub struct Report {
+    /// Every counted receiver's latency.
     pub latency: Histogram<u64>,
+    /// The same per [`ReaderClass`], indexed by [`ReaderClass::index`].
+    pub class_latency: Vec<Histogram<u64>>,
     /// Per second since the start: deliveries and their latency.
     pub timeline: Vec<(u64, Histogram<u64>)>,
-    /// Per counted receiver: its client index and its trackers, indexed by publisher.
-    pub trackers: Vec<(usize, Vec<SeqTracker>)>,
+    pub receivers: Vec<ReceiverReport>,
     /// Deliveries of lines scheduled inside the measured window.
     pub delivered_in_window: u64,
     pub notices: u64,
@@ -185,21 +254,20 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
     };
     let mut live: Vec<Live> = Vec::with_capacity(conns.len());
     for (i, mut conn) in conns.into_iter().enumerate() {
-        let slow = conn.receives && conn.client >= plan.counted_receivers();
-        let interest = if slow {
-            Interest::WRITABLE
-        } else {
-            Interest::READABLE | Interest::WRITABLE
-        };
+        // A stuck receiver is registered for reading too, only to see a reset or a FIN
+        // the moment it arrives; it never reads during the run.
+        let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = poll.registry().register(&mut conn.stream, Token(i), interest) {
             control.error(format!("cannot register a connection: {e}"));
         }
-        if slow || (conn.receives && plan.protocol == Protocol::Summoner && plan.publishers == 0) {
-            // Nothing will confirm these: slow ones never read, and with no publishers
+        let class = plan.mix.class_of(conn.client);
+        let stuck = conn.receives && class == ReaderClass::Stuck;
+        if stuck || (conn.receives && plan.protocol == Protocol::Summoner && plan.publishers == 0) {
+            // Nothing will confirm these: stuck ones never read, and with no publishers
             // there are no SYNC probes. Count them as subscribed.
             control.subscribed.fetch_add(1, Ordering::Relaxed);
         }
-        let trackers = if conn.receives && !slow {
+        let trackers = if conn.receives && !stuck {
             vec![SeqTracker::default(); plan.publishers]
         } else {
             Vec::new()
@@ -207,14 +275,28 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
         let wbuf = std::mem::take(&mut conn.hello);
         live.push(Live {
             conn,
+            class,
             rbuf: Vec::new(),
             wbuf,
             wpos: 0,
-            subscribed: slow,
+            subscribed: stuck,
             closed: false,
+            readable: false,
+            read_not_before: 0,
+            closed_at: None,
+            closed_seen_at_end: false,
+            notices: Vec::new(),
+            gaps: GapTracker::default(),
+            in_window: 0,
+            bytes_read: 0,
             trackers,
         });
     }
+    // Receivers that do not read on every event: rate-limited and pausing ones.
+    let gated: Vec<usize> = (0..live.len())
+        .filter(|&i| live[i].conn.receives && matches!(live[i].class, ReaderClass::RateLimited | ReaderClass::Pausing))
+        .collect();
+    let mut pause = (u64::MAX, u64::MAX);
     let timer = Timer::new()
         .and_then(|t| {
             let fd = t.fd.as_raw_fd();
@@ -240,6 +322,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
         })
         .collect();
     let mut scheduled = false;
+    let per_line = plan.burst_ns == 0;
     let mut last_probe = 0u64;
     let mut events = Events::with_capacity(1024);
     let mut chunk = vec![0u8; READ_CHUNK];
@@ -271,6 +354,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                     p.next_due = start + interval_ns * p.id as u64 / n;
                     p.burst_phase = start + plan.burst_ns * p.id as u64 / n;
                 }
+                pause = plan.mix.pause_window(control.warmup_end_ns.load(Ordering::Acquire));
             }
             for p in pubs.iter_mut() {
                 let l = &mut live[p.conn];
@@ -279,7 +363,14 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                     let at = |p: &Publisher| send_time(p.next_due, p.burst_phase, plan.burst_ns);
                     while at(p) <= now && p.next_due < send_end {
                         if l.wbuf.len() - l.wpos < MAX_PENDING_BYTES {
+                            let idle = l.wpos == l.wbuf.len();
                             p.append(&plan, &mut l.wbuf, &mut payload, at(p));
+                            // Per-line writes: a line goes out alone with its own write(2).
+                            // Behind a socket that refused data the lines queue up and go
+                            // together, as TCP would merge them anyway.
+                            if per_line && idle && !l.closed {
+                                flush(l, &control, now, &mut report);
+                            }
                         }
                         p.next_due += interval_ns;
                     }
@@ -299,9 +390,36 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 }
             }
         }
-        for (i, l) in live.iter_mut().enumerate() {
+        for &i in &gated {
+            let l = &mut live[i];
+            if !l.readable || l.closed {
+                continue;
+            }
+            let now = plan.now_ns();
+            let open_at = match l.class {
+                ReaderClass::RateLimited => l.read_not_before,
+                _ if now >= pause.0 && now < pause.1 => pause.1,
+                _ => 0,
+            };
+            if now < open_at {
+                timeout = timeout.min(Duration::from_nanos(open_at - now));
+                continue;
+            }
+            if l.class == ReaderClass::RateLimited {
+                let before = l.bytes_read;
+                delivered += read(l, &mut chunk[..SLOW_READ_BUF], true, &plan, &control, &mut report);
+                l.read_not_before = plan.now_ns() + plan.mix.rate_delay_ns((l.bytes_read - before) as usize);
+                if l.readable {
+                    let wait = l.read_not_before.saturating_sub(plan.now_ns());
+                    timeout = timeout.min(Duration::from_nanos(wait));
+                }
+            } else {
+                delivered += read(l, &mut chunk, false, &plan, &control, &mut report);
+            }
+        }
+        for l in live.iter_mut() {
             if l.wpos < l.wbuf.len() && !l.closed {
-                flush(l, &control, i);
+                flush(l, &control, now, &mut report);
             }
         }
         // epoll's own timeout has millisecond resolution: a timer descriptor wakes the loop
@@ -324,11 +442,20 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 continue;
             }
             let l = &mut live[i];
-            if event.is_readable() && !l.closed {
-                delivered += read(l, &mut chunk, &plan, &control, &mut report);
+            let now = plan.now_ns();
+            if l.conn.receives && l.class == ReaderClass::Stuck {
+                if !l.closed && (event.is_read_closed() || event.is_error()) {
+                    l.on_server_close(now, &control, &mut report);
+                }
+            } else if event.is_readable() && !l.closed {
+                l.readable = true;
+                // Gated receivers read at the top of the loop, when their gate allows.
+                if !gated.contains(&i) {
+                    delivered += read(l, &mut chunk, false, &plan, &control, &mut report);
+                }
             }
             if event.is_writable() && l.wpos < l.wbuf.len() && !l.closed {
-                flush(l, &control, i);
+                flush(l, &control, now, &mut report);
             }
         }
         if delivered != delivered_reported {
@@ -338,12 +465,69 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
             delivered_reported = delivered;
         }
     }
-    report.trackers = live
+    drain_stuck(&mut live, &mut poll, &mut chunk, &plan, &control, &mut report);
+    let (window_start, window_end) = (
+        control.warmup_end_ns.load(Ordering::Relaxed),
+        control.send_end_ns.load(Ordering::Relaxed),
+    );
+    report.receivers = live
         .into_iter()
-        .filter(|l| !l.trackers.is_empty())
-        .map(|l| (l.conn.client, l.trackers))
+        .filter(|l| l.conn.receives)
+        .map(|l| ReceiverReport {
+            client: l.conn.client,
+            class: l.class,
+            trackers: l.trackers,
+            closed_at_ns: l.closed_at,
+            closed_seen_at_end: l.closed_seen_at_end,
+            notices: l.notices,
+            max_gap_ns: l.gaps.longest(window_start, window_end),
+            in_window: l.in_window,
+            bytes_read: l.bytes_read,
+        })
         .collect();
     report
+}
+
+/// After the stop, stuck receivers read everything left for them, to find a close (EOF,
+/// reset or notice) queued behind data they never took. Ends when all are closed, after
+/// a silence of [`STUCK_DRAIN_QUIET_NS`], or after [`STUCK_DRAIN_MAX`].
+fn drain_stuck(
+    live: &mut [Live],
+    poll: &mut Poll,
+    chunk: &mut [u8],
+    plan: &Plan,
+    control: &Control,
+    report: &mut Report,
+) {
+    let stuck: Vec<usize> = (0..live.len())
+        .filter(|&i| live[i].conn.receives && live[i].class == ReaderClass::Stuck)
+        .collect();
+    if stuck.is_empty() {
+        return;
+    }
+    let deadline = Instant::now() + STUCK_DRAIN_MAX;
+    let mut events = Events::with_capacity(256);
+    let mut last_progress = plan.now_ns();
+    while Instant::now() < deadline {
+        let mut open = 0;
+        for &i in &stuck {
+            let l = &mut live[i];
+            if l.closed {
+                continue;
+            }
+            let before = l.bytes_read;
+            read(l, chunk, false, plan, control, report);
+            if l.bytes_read > before || l.closed {
+                last_progress = plan.now_ns();
+            }
+            open += usize::from(!l.closed);
+        }
+        if open == 0 || plan.now_ns().saturating_sub(last_progress) > STUCK_DRAIN_QUIET_NS {
+            return;
+        }
+        // Any event wakes this up; the loop above reads whatever is there.
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(20)));
+    }
 }
 
 /// The poll loop's token for its [`Timer`] (connections use their index).
@@ -392,16 +576,18 @@ impl Timer {
 fn empty_report() -> Report {
     Report {
         latency: histogram(),
+        class_latency: ReaderClass::ALL.iter().map(|_| histogram()).collect(),
         timeline: Vec::new(),
-        trackers: Vec::new(),
+        receivers: Vec::new(),
         delivered_in_window: 0,
         notices: 0,
         closed_by_server: 0,
     }
 }
 
-/// Writes as much pending output as the socket takes.
-fn flush(l: &mut Live, control: &Control, i: usize) {
+/// Writes as much pending output as the socket takes. A failed write means the server
+/// closed the connection.
+fn flush(l: &mut Live, control: &Control, now: u64, report: &mut Report) {
     while l.wpos < l.wbuf.len() {
         match l.conn.stream.write(&l.wbuf[l.wpos..]) {
             Ok(0) => break,
@@ -409,8 +595,8 @@ fn flush(l: &mut Live, control: &Control, i: usize) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                control.error(format!("connection {i} write failed: {e}"));
-                l.closed = true;
+                control.error(format!("client {} write failed: {e}", l.conn.client));
+                l.on_server_close(now, control, report);
                 break;
             }
         }
@@ -427,29 +613,32 @@ fn flush(l: &mut Live, control: &Control, i: usize) {
 /// Bytes read from a socket per `read` call, into the worker's one scratch buffer.
 const READ_CHUNK: usize = 64 << 10;
 
-/// Reads everything available and accounts for it; returns unique deliveries. Each read
-/// lands in `chunk` (the worker's, allocated once) and is decoded from there; only an
-/// incomplete last message is kept in the connection's own buffer.
-fn read(l: &mut Live, chunk: &mut [u8], plan: &Plan, control: &Control, report: &mut Report) -> u64 {
+/// Reads everything available (or, with `once`, one read's worth) and accounts for it;
+/// returns unique deliveries. Each read lands in `chunk` (the worker's, allocated once)
+/// and is decoded from there; only an incomplete last message is kept in the
+/// connection's own buffer.
+fn read(l: &mut Live, chunk: &mut [u8], once: bool, plan: &Plan, control: &Control, report: &mut Report) -> u64 {
     let mut delivered = 0;
     loop {
         let n = match l.conn.stream.read(chunk) {
             Ok(0) => {
-                l.closed = true;
-                if control.phase.load(Ordering::Relaxed) != PHASE_STOP {
-                    report.closed_by_server += 1;
-                }
+                l.readable = false;
+                l.on_server_close(plan.now_ns(), control, report);
                 return delivered;
             }
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return delivered,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                l.readable = false;
+                return delivered;
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => {
-                l.closed = true;
-                report.closed_by_server += 1;
+                l.readable = false;
+                l.on_server_close(plan.now_ns(), control, report);
                 return delivered;
             }
         };
+        l.bytes_read += n as u64;
         if l.rbuf.is_empty() {
             let used = decode(l, &chunk[..n], plan, control, report, &mut delivered);
             l.rbuf.extend_from_slice(&chunk[used..n]);
@@ -460,7 +649,7 @@ fn read(l: &mut Live, chunk: &mut [u8], plan: &Plan, control: &Control, report: 
             l.rbuf = rbuf;
             l.rbuf.drain(..used);
         }
-        if l.closed {
+        if l.closed || once {
             return delivered;
         }
     }
@@ -474,7 +663,11 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
     let send_end = control.send_end_ns.load(Ordering::Relaxed);
     let (mut pong, mut subscribed) = (false, false);
     let own = l.conn.client as u32;
+    let class = l.class.index();
+    let before = *delivered;
     let trackers = &mut l.trackers;
+    let in_window = &mut l.in_window;
+    let notices = &mut Vec::new();
     let decoded = plan.protocol.decode(buf, |event| match event {
         Event::Message(p) if p.starts_with(SYNC_PREFIX) => subscribed = true,
         Event::Message(p) => {
@@ -492,8 +685,10 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
             *delivered += 1;
             if h.sched_ns >= warmup_end && h.sched_ns < send_end {
                 report.delivered_in_window += 1;
+                *in_window += 1;
                 let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
                 let _ = report.latency.record(us);
+                let _ = report.class_latency[class].record(us);
                 let second = (now.saturating_sub(start) / 1_000_000_000) as usize;
                 while report.timeline.len() <= second {
                     report.timeline.push((0, histogram()));
@@ -504,8 +699,19 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
         }
         Event::Subscribed => subscribed = true,
         Event::Ping => pong = true,
-        Event::Notice(_) => report.notices += 1,
+        Event::Notice(text) => {
+            report.notices += 1;
+            if notices.len() < NOTICES_KEPT {
+                notices.push(text.to_vec());
+            }
+        }
     });
+    for text in notices.iter() {
+        l.on_notice(text);
+    }
+    if *delivered > before {
+        l.gaps.on_delivery(now, warmup_end, send_end);
+    }
     let used = decoded.unwrap_or_else(|e| {
         control.error(format!("client {}: {e}", l.conn.client));
         l.closed = true;

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::accounting::SeqTracker;
-use crate::engine::{self, Conn, Control, Plan, Report, PHASE_RUN, PHASE_STOP};
+use crate::engine::{self, Conn, Control, Plan, ReceiverReport, Report, PHASE_RUN, PHASE_STOP};
 use crate::proto::{Protocol, HEADER_LEN};
-use crate::report::{Latency, RunResult, Tick};
+use crate::reader::{ReaderClass, ReaderMix};
+use crate::report::{ClassResult, Latency, RunResult, Tick};
 use crate::{RunArgs, Scenario};
 
 /// How long every receiver has to confirm its subscription.
@@ -31,16 +32,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     if args.clients == 0 || publishers > args.clients || args.threads == 0 || args.duration <= 0.0 {
         return Err("need clients >= 1, publishers <= clients, threads >= 1 and duration > 0".into());
     }
-    let slow = match args.scenario {
-        Scenario::SlowConsumer => args.slow.unwrap_or((args.clients / 10).max(1)),
-        _ => 0,
-    };
-    if publishers + slow > args.clients {
-        return Err(format!(
-            "{publishers} publishers + {slow} slow consumers exceed {} clients",
-            args.clients
-        ));
-    }
+    let mix = reader_mix(args)?;
     let size = args.size.max(HEADER_LEN);
     if size != args.size {
         errors.push(format!("--size raised to {HEADER_LEN}, the payload header"));
@@ -59,12 +51,11 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     }
     let plan = Arc::new(Plan {
         protocol: args.protocol,
-        clients: args.clients,
         publishers,
         rate: args.rate,
         burst_ns: args.burst_us.saturating_mul(1000),
         size,
-        slow,
+        mix,
         epoch: Instant::now(),
     });
     let control = Arc::new(Control::new(publishers));
@@ -192,6 +183,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     Ok(merge(
         args,
         &plan,
+        start,
         &sent,
         reports,
         loadgen_cpu_s,
@@ -202,13 +194,63 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     ))
 }
 
+/// Which receivers read how, from the flags; errors name the flag and the limit.
+fn reader_mix(args: &RunArgs) -> Result<ReaderMix, String> {
+    let stuck = match (args.stuck_readers, args.scenario) {
+        (Some(n), _) => n,
+        (None, Scenario::SlowConsumer) => args.slow.unwrap_or((args.clients / 10).max(1)),
+        (None, _) => 0,
+    };
+    let pausing = args.pause_readers.unwrap_or(0);
+    let reader_rate = args.reader_rate.unwrap_or(0.0);
+    if args.reader_rate.is_some() && !(reader_rate.is_finite() && reader_rate > 0.0) {
+        return Err(format!(
+            "--reader-rate must be a positive number of bytes per second, not {reader_rate}"
+        ));
+    }
+    if stuck + pausing > args.clients {
+        return Err(format!(
+            "{stuck} stuck + {pausing} pausing readers exceed {} clients",
+            args.clients
+        ));
+    }
+    let rate_limited = match (args.slow_readers, args.reader_rate) {
+        (Some(n), _) => n,
+        // A rate without a count applies to every receiver left.
+        (None, Some(_)) => args.clients - stuck - pausing,
+        (None, None) => 0,
+    };
+    if stuck + pausing + rate_limited > args.clients {
+        return Err(format!(
+            "{stuck} stuck + {pausing} pausing + {rate_limited} rate-limited readers exceed {} clients",
+            args.clients
+        ));
+    }
+    if stuck >= args.clients {
+        return Err("every receiver is stuck: nothing would be measured".into());
+    }
+    Ok(ReaderMix {
+        clients: args.clients,
+        rate_limited,
+        pausing,
+        stuck,
+        reader_rate,
+        pause_at_ns: args.pause_at_ms.saturating_mul(1_000_000),
+        pause_ns: args.pause_ms.unwrap_or(0).saturating_mul(1_000_000),
+    })
+}
+
 /// Σ over counted receivers r and publishers p ≠ r of what p sent.
 fn expected_total(plan: &Plan, control: &Control) -> u64 {
     let receivers = plan.counted_receivers() as u64;
     control
         .sent
         .iter()
-        .map(|s| s.load(Ordering::Relaxed) * (receivers - 1))
+        .enumerate()
+        .map(|(p, s)| {
+            let own = u64::from(plan.mix.class_of(p) != ReaderClass::Stuck);
+            s.load(Ordering::Relaxed) * (receivers - own)
+        })
         .sum()
 }
 
@@ -216,6 +258,7 @@ fn expected_total(plan: &Plan, control: &Control) -> u64 {
 fn merge(
     args: &RunArgs,
     plan: &Plan,
+    start_ns: u64,
     sent: &[u64],
     reports: Vec<Report>,
     loadgen_cpu_s: f64,
@@ -226,10 +269,12 @@ fn merge(
 ) -> RunResult {
     let mut latency = reports[0].latency.clone();
     latency.reset();
+    let mut classes: Vec<ClassAcc> = ReaderClass::ALL
+        .iter()
+        .map(|&class| ClassAcc::new(class, &latency))
+        .collect();
     let mut timeline: Vec<(u64, hdrhistogram::Histogram<u64>)> = Vec::new();
-    let (mut delivered, mut lost, mut duplicated, mut reordered) = (0, 0, 0, 0);
     let (mut in_window, mut notices, mut closed) = (0, 0, 0);
-    let mut expected = 0;
     for r in &reports {
         let _ = latency.add(&r.latency);
         for (t, (n, h)) in r.timeline.iter().enumerate() {
@@ -240,19 +285,11 @@ fn merge(
             timeline[t].0 += n;
             let _ = timeline[t].1.add(h);
         }
-        for (client, trackers) in &r.trackers {
-            for (p, tracker) in trackers.iter().enumerate() {
-                let should = if p == *client { 0 } else { sent[p] };
-                account(
-                    tracker,
-                    should,
-                    &mut expected,
-                    &mut delivered,
-                    &mut lost,
-                    &mut duplicated,
-                    &mut reordered,
-                );
-            }
+        for (acc, h) in classes.iter_mut().zip(&r.class_latency) {
+            let _ = acc.latency.add(h);
+        }
+        for rr in &r.receivers {
+            classes[rr.class.index()].on_receiver(rr, sent, start_ns);
         }
         in_window += r.delivered_in_window;
         notices += r.notices;
@@ -266,13 +303,19 @@ fn merge(
             args.duration, args.threads
         ));
     }
-    let q = |p: f64| {
-        if latency.is_empty() {
-            0
-        } else {
-            latency.value_at_quantile(p)
-        }
-    };
+    let mut totals = Totals::default();
+    for c in &classes {
+        totals.add(&c.totals);
+    }
+    let classes: Vec<ClassResult> = classes
+        .into_iter()
+        .filter_map(|c| c.finish(args.duration, &plan.mix))
+        .collect();
+    let readers_disconnected = classes
+        .iter()
+        .filter(|c| c.class != ReaderClass::Stuck)
+        .map(|c| c.disconnected)
+        .sum();
     RunResult {
         protocol: args.protocol,
         scenario: args.scenario,
@@ -286,20 +329,14 @@ fn merge(
         warmup_s: args.warmup,
         threads: args.threads,
         sent: sent.iter().sum(),
-        expected,
-        delivered,
-        lost,
-        duplicated,
-        reordered,
+        expected: totals.expected,
+        delivered: totals.delivered,
+        lost: totals.lost,
+        duplicated: totals.duplicated,
+        reordered: totals.reordered,
         msgs_per_sec: in_window as f64 / args.duration,
         mb_per_sec: in_window as f64 * plan.size as f64 / args.duration / 1e6,
-        latency_us: Latency {
-            p50: q(0.5),
-            p90: q(0.9),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: latency.max(),
-        },
+        latency_us: Latency::of(&latency),
         timeline: timeline
             .iter()
             .enumerate()
@@ -322,29 +359,141 @@ fn merge(
             }
             _ => None,
         },
-        slow_consumers: plan.slow,
+        slow_consumers: plan.mix.stuck,
         notices,
         closed_by_server: closed,
+        classes,
+        readers_disconnected,
+        closed_no_reader: readers_disconnected == 0,
         side_connections: side.0,
         side_notices: side.1,
         errors,
     }
 }
 
-fn account(
-    t: &SeqTracker,
-    should: u64,
-    expected: &mut u64,
-    delivered: &mut u64,
-    lost: &mut u64,
-    duplicated: &mut u64,
-    reordered: &mut u64,
-) {
-    *expected += should;
-    *delivered += t.delivered;
-    *lost += t.lost(should);
-    *duplicated += t.duplicated;
-    *reordered += t.reordered;
+/// Delivery totals, for one class or the whole run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    expected: u64,
+    delivered: u64,
+    lost: u64,
+    duplicated: u64,
+    reordered: u64,
+}
+
+impl Totals {
+    /// One (receiver, publisher) pair that should have seen `should` lines.
+    fn on_pair(&mut self, t: &SeqTracker, should: u64) {
+        self.expected += should;
+        self.delivered += t.delivered;
+        self.lost += t.lost(should);
+        self.duplicated += t.duplicated;
+        self.reordered += t.reordered;
+    }
+
+    fn add(&mut self, o: &Totals) {
+        self.expected += o.expected;
+        self.delivered += o.delivered;
+        self.lost += o.lost;
+        self.duplicated += o.duplicated;
+        self.reordered += o.reordered;
+    }
+}
+
+/// One receiver class's outcome while the workers' reports are merged.
+struct ClassAcc {
+    class: ReaderClass,
+    receivers: usize,
+    totals: Totals,
+    latency: hdrhistogram::Histogram<u64>,
+    max_gap_ns: u64,
+    in_window: u64,
+    bytes_read: u64,
+    closed: usize,
+    warned: usize,
+    disconnected: usize,
+    closed_after_ms: Vec<f64>,
+    closed_seen_at_end: usize,
+    notices: Vec<String>,
+}
+
+/// Notice texts and close times kept per class in the result.
+const CLASS_LIST_MAX: usize = 20;
+
+impl ClassAcc {
+    fn new(class: ReaderClass, empty: &hdrhistogram::Histogram<u64>) -> Self {
+        ClassAcc {
+            class,
+            receivers: 0,
+            totals: Totals::default(),
+            latency: empty.clone(),
+            max_gap_ns: 0,
+            in_window: 0,
+            bytes_read: 0,
+            closed: 0,
+            warned: 0,
+            disconnected: 0,
+            closed_after_ms: Vec::new(),
+            closed_seen_at_end: 0,
+            notices: Vec::new(),
+        }
+    }
+
+    fn on_receiver(&mut self, r: &ReceiverReport, sent: &[u64], start_ns: u64) {
+        self.receivers += 1;
+        for (p, tracker) in r.trackers.iter().enumerate() {
+            // A publisher's own lines are not owed to it (Redis echoes them; they are dropped).
+            let should = if p == r.client { 0 } else { sent[p] };
+            self.totals.on_pair(tracker, should);
+        }
+        self.max_gap_ns = self.max_gap_ns.max(r.max_gap_ns);
+        self.in_window += r.in_window;
+        self.bytes_read += r.bytes_read;
+        let closed = r.closed_at_ns.is_some() || r.closed_seen_at_end;
+        self.closed += usize::from(closed);
+        self.warned += usize::from(!r.notices.is_empty());
+        self.disconnected += usize::from(closed || !r.notices.is_empty());
+        self.closed_seen_at_end += usize::from(r.closed_seen_at_end);
+        if let Some(at) = r.closed_at_ns {
+            if self.closed_after_ms.len() < CLASS_LIST_MAX {
+                self.closed_after_ms.push(at.saturating_sub(start_ns) as f64 / 1e6);
+            }
+        }
+        for n in &r.notices {
+            if self.notices.len() < CLASS_LIST_MAX && !self.notices.contains(n) {
+                self.notices.push(n.clone());
+            }
+        }
+    }
+
+    fn finish(mut self, duration_s: f64, mix: &ReaderMix) -> Option<ClassResult> {
+        if self.receivers == 0 {
+            return None;
+        }
+        self.closed_after_ms.sort_by(|a, b| a.total_cmp(b));
+        let reads = self.class != ReaderClass::Stuck;
+        Some(ClassResult {
+            class: self.class,
+            receivers: self.receivers,
+            reader_rate: (self.class == ReaderClass::RateLimited).then_some(mix.reader_rate),
+            pause_ms: (self.class == ReaderClass::Pausing).then_some(mix.pause_ns as f64 / 1e6),
+            expected: self.totals.expected,
+            delivered: self.totals.delivered,
+            lost: self.totals.lost,
+            duplicated: self.totals.duplicated,
+            reordered: self.totals.reordered,
+            msgs_per_sec: self.in_window as f64 / duration_s,
+            latency_us: (reads && !self.latency.is_empty()).then(|| Latency::of(&self.latency)),
+            max_gap_ms: reads.then_some(self.max_gap_ns as f64 / 1e6),
+            bytes_read: self.bytes_read,
+            closed_by_server: self.closed,
+            warned: self.warned,
+            disconnected: self.disconnected,
+            closed_after_ms: self.closed_after_ms,
+            closed_seen_at_end: self.closed_seen_at_end,
+            notices: self.notices,
+        })
+    }
 }
 
 /// Extra connections for the churn and bad-input scenarios, paced from the main thread.
