@@ -209,7 +209,7 @@ impl ClassResult {
             let _ = write!(s, " at {rate:.0} B/s");
         }
         if let Some(ms) = self.pause_ms {
-            let _ = write!(s, " pausing {ms:.0} ms");
+            let _ = write!(s, " for {ms:.0} ms");
         }
         if self.class != ReaderClass::Stuck {
             let _ = write!(
