@@ -237,6 +237,9 @@ pub struct Report {
     pub notices: u64,
     /// Connections the server closed during the run.
     pub closed_by_server: u64,
+    /// write(2) calls that sent a publisher's bytes (with `--burst-us 0`, one per line
+    /// unless the socket refused data).
+    pub publisher_writes: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -590,6 +593,7 @@ fn empty_report() -> Report {
         delivered_in_window: 0,
         notices: 0,
         closed_by_server: 0,
+        publisher_writes: 0,
     }
 }
 
@@ -599,7 +603,10 @@ fn flush(l: &mut Live, control: &Control, now: u64, report: &mut Report) {
     while l.wpos < l.wbuf.len() {
         match l.conn.stream.write(&l.wbuf[l.wpos..]) {
             Ok(0) => break,
-            Ok(n) => l.wpos += n,
+            Ok(n) => {
+                l.wpos += n;
+                report.publisher_writes += u64::from(l.conn.publishes.is_some());
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {

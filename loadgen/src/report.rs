@@ -96,6 +96,9 @@ pub struct RunResult {
     pub threads: usize,
     /// Lines published (all phases).
     pub sent: u64,
+    /// write(2) calls that carried them (`--burst-us 0`: one per line while the sockets
+    /// take them).
+    pub publisher_writes: u64,
     /// Deliveries owed: every line to every other counted receiver.
     pub expected: u64,
     /// Unique deliveries.
@@ -171,6 +174,13 @@ impl RunResult {
             l.p50, l.p90, l.p99, l.p999, l.max
         );
         let _ = write!(s, "  cpu          loadgen {:.2} s", self.loadgen_cpu_s);
+        if self.publisher_writes > 0 {
+            let _ = write!(
+                s,
+                " ({:.2} lines per write)",
+                self.sent as f64 / self.publisher_writes as f64
+            );
+        }
         if let (Some(cpu), Some(ns)) = (self.server_cpu_s, self.server_cpu_ns_per_delivery) {
             let _ = write!(s, ", server {cpu:.2} s = {ns:.0} ns per delivery");
         }

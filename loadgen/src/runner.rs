@@ -274,7 +274,7 @@ fn merge(
         .map(|&class| ClassAcc::new(class, &latency))
         .collect();
     let mut timeline: Vec<(u64, hdrhistogram::Histogram<u64>)> = Vec::new();
-    let (mut in_window, mut notices, mut closed) = (0, 0, 0);
+    let (mut in_window, mut notices, mut closed, mut writes) = (0, 0, 0, 0);
     for r in &reports {
         let _ = latency.add(&r.latency);
         for (t, (n, h)) in r.timeline.iter().enumerate() {
@@ -294,6 +294,7 @@ fn merge(
         in_window += r.delivered_in_window;
         notices += r.notices;
         closed += r.closed_by_server;
+        writes += r.publisher_writes;
     }
     let threads = args.threads as f64;
     let saturated = loadgen_cpu_s >= SATURATION * threads * args.duration;
@@ -329,6 +330,7 @@ fn merge(
         warmup_s: args.warmup,
         threads: args.threads,
         sent: sent.iter().sum(),
+        publisher_writes: writes,
         expected: totals.expected,
         delivered: totals.delivered,
         lost: totals.lost,
