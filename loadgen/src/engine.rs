@@ -225,9 +225,8 @@ pub struct ReceiverReport {
 
 /// What a worker hands back.
 pub struct Report {
-    /// Every counted receiver's latency.
-    pub latency: Histogram<u64>,
-    /// The same per [`ReaderClass`], indexed by [`ReaderClass::index`].
+    /// Latency per [`ReaderClass`], indexed by [`ReaderClass::index`]; the run's overall
+    /// latency is their sum (one record per delivery, not two).
     pub class_latency: Vec<Histogram<u64>>,
     /// Per second since the start: deliveries and their latency.
     pub timeline: Vec<(u64, Histogram<u64>)>,
@@ -586,7 +585,6 @@ impl Timer {
 
 fn empty_report() -> Report {
     Report {
-        latency: histogram(),
         class_latency: ReaderClass::ALL.iter().map(|_| histogram()).collect(),
         timeline: Vec::new(),
         receivers: Vec::new(),
@@ -702,7 +700,6 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
                 report.delivered_in_window += 1;
                 *in_window += 1;
                 let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
-                let _ = report.latency.record(us);
                 let _ = report.class_latency[class].record(us);
                 let second = (now.saturating_sub(start) / 1_000_000_000) as usize;
                 while report.timeline.len() <= second {

@@ -267,7 +267,7 @@ fn merge(
     side: (u64, u64),
     mut errors: Vec<String>,
 ) -> RunResult {
-    let mut latency = reports[0].latency.clone();
+    let mut latency = reports[0].class_latency[0].clone();
     latency.reset();
     let mut classes: Vec<ClassAcc> = ReaderClass::ALL
         .iter()
@@ -276,7 +276,6 @@ fn merge(
     let mut timeline: Vec<(u64, hdrhistogram::Histogram<u64>)> = Vec::new();
     let (mut in_window, mut notices, mut closed, mut writes) = (0, 0, 0, 0);
     for r in &reports {
-        let _ = latency.add(&r.latency);
         for (t, (n, h)) in r.timeline.iter().enumerate() {
             if timeline.len() <= t {
                 timeline.push((0, h.clone()));
@@ -287,6 +286,7 @@ fn merge(
         }
         for (acc, h) in classes.iter_mut().zip(&r.class_latency) {
             let _ = acc.latency.add(h);
+            let _ = latency.add(h);
         }
         for rr in &r.receivers {
             classes[rr.class.index()].on_receiver(rr, sent, start_ns);
