@@ -8,6 +8,7 @@
 mod accounting;
 mod compare;
 mod engine;
+mod merge;
 mod proto;
 mod reader;
 mod report;

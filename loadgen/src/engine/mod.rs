@@ -6,10 +6,14 @@
 //! every (receiver, publisher) sequence and record latency in HDR histograms, overall and
 //! per class. The main thread moves the shared [`Control`] through the phases: sync (wait
 //! until every receiver is subscribed), run, stop. After the stop, stuck receivers read
-//! what was left for them once, to learn whether the server closed them.
+//! what was left for them once, to learn whether the server closed them. Reading and
+//! accounting live in `receive.rs`, the loop's timer in `timer.rs`.
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod receive;
+mod timer;
+
+use std::io::{ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,9 +22,11 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::accounting::{Arrival, GapTracker, SeqTracker};
-use crate::proto::{self, Event, Header, Protocol, SYNC_PREFIX};
-use crate::reader::{ReaderClass, ReaderMix, SLOW_READ_BUF};
+use crate::accounting::{GapTracker, SeqTracker};
+use crate::proto::{self, Header, Protocol, SYNC_PREFIX};
+use crate::reader::{ReaderClass, ReaderMix};
+use receive::{drain_stuck, read, read_gated, READ_CHUNK};
+use timer::{Timer, TIMER_TOKEN};
 
 pub const PHASE_SYNC: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
@@ -34,10 +40,6 @@ const UNPACED_BURST: usize = 64;
 const UNPACED_PENDING_BYTES: usize = 256 << 10;
 /// Latency histogram range: 1 µs to 60 s, 3 significant digits.
 const HIST_MAX_US: u64 = 60_000_000;
-/// After the stop, how long stuck receivers may read what is left for them, and how long
-/// a silence ends that early: enough to reach a close queued behind megabytes of data.
-const STUCK_DRAIN_MAX: Duration = Duration::from_secs(2);
-const STUCK_DRAIN_QUIET_NS: u64 = 300_000_000;
 /// Distinct notice texts kept per receiver, and their length.
 const NOTICES_KEPT: usize = 4;
 const NOTICE_MAX_CHARS: usize = 200;
@@ -301,7 +303,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
     let mut pause = (u64::MAX, u64::MAX);
     let timer = Timer::new()
         .and_then(|t| {
-            let fd = t.fd.as_raw_fd();
+            let fd = t.as_raw_fd();
             poll.registry()
                 .register(&mut mio::unix::SourceFd(&fd), TIMER_TOKEN, Interest::READABLE)
                 .map(|_| t)
@@ -395,30 +397,10 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
             }
         }
         for &i in &gated {
-            let l = &mut live[i];
-            if !l.readable || l.closed {
-                continue;
-            }
-            let now = plan.now_ns();
-            let open_at = match l.class {
-                ReaderClass::RateLimited => l.read_not_before,
-                _ if now >= pause.0 && now < pause.1 => pause.1,
-                _ => 0,
-            };
-            if now < open_at {
-                timeout = timeout.min(Duration::from_nanos(open_at - now));
-                continue;
-            }
-            if l.class == ReaderClass::RateLimited {
-                let before = l.bytes_read;
-                delivered += read(l, &mut chunk[..SLOW_READ_BUF], true, &plan, &control, &mut report);
-                l.read_not_before = plan.now_ns() + plan.mix.rate_delay_ns((l.bytes_read - before) as usize);
-                if l.readable {
-                    let wait = l.read_not_before.saturating_sub(plan.now_ns());
-                    timeout = timeout.min(Duration::from_nanos(wait));
-                }
-            } else {
-                delivered += read(l, &mut chunk, false, &plan, &control, &mut report);
+            let (n, wait) = read_gated(&mut live[i], pause, &mut chunk, &plan, &control, &mut report);
+            delivered += n;
+            if let Some(wait) = wait {
+                timeout = timeout.min(wait);
             }
         }
         for l in live.iter_mut() {
@@ -498,91 +480,6 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
     report
 }
 
-/// After the stop, stuck receivers read everything left for them, to find a close (EOF,
-/// reset or notice) queued behind data they never took. Ends when all are closed, after
-/// a silence of [`STUCK_DRAIN_QUIET_NS`], or after [`STUCK_DRAIN_MAX`].
-fn drain_stuck(
-    live: &mut [Live],
-    poll: &mut Poll,
-    chunk: &mut [u8],
-    plan: &Plan,
-    control: &Control,
-    report: &mut Report,
-) {
-    let stuck: Vec<usize> = (0..live.len())
-        .filter(|&i| live[i].conn.receives && live[i].class == ReaderClass::Stuck)
-        .collect();
-    if stuck.is_empty() {
-        return;
-    }
-    let deadline = Instant::now() + STUCK_DRAIN_MAX;
-    let mut events = Events::with_capacity(256);
-    let mut last_progress = plan.now_ns();
-    while Instant::now() < deadline {
-        let mut open = 0;
-        for &i in &stuck {
-            let l = &mut live[i];
-            if l.closed {
-                continue;
-            }
-            let before = l.bytes_read;
-            read(l, chunk, false, plan, control, report);
-            if l.bytes_read > before || l.closed {
-                last_progress = plan.now_ns();
-            }
-            open += usize::from(!l.closed);
-        }
-        if open == 0 || plan.now_ns().saturating_sub(last_progress) > STUCK_DRAIN_QUIET_NS {
-            return;
-        }
-        // Any event wakes this up; the loop above reads whatever is there.
-        let _ = poll.poll(&mut events, Some(Duration::from_millis(20)));
-    }
-}
-
-/// The poll loop's token for its [`Timer`] (connections use their index).
-const TIMER_TOKEN: Token = Token(usize::MAX);
-
-/// A `timerfd`: wakes the poll loop with nanosecond resolution.
-struct Timer {
-    fd: OwnedFd,
-}
-
-impl Timer {
-    fn new() -> std::io::Result<Timer> {
-        // SAFETY: plain syscall; on success we own the returned descriptor.
-        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        Ok(Timer {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-
-    /// Fires once, `after` from now (at once for zero).
-    fn arm(&self, after: Duration) {
-        let after = after.max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: after.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: `spec` is a valid itimerspec and the descriptor is ours.
-        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-    }
-
-    /// Consumes an expiry so the descriptor can signal the next one.
-    fn clear(&self) {
-        let mut expirations = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a buffer of 8; a failed read changes nothing.
-        unsafe { libc::read(self.fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
-    }
-}
-
 fn empty_report() -> Report {
     Report {
         class_latency: ReaderClass::ALL.iter().map(|_| histogram()).collect(),
@@ -621,122 +518,6 @@ fn flush(l: &mut Live, control: &Control, now: u64, report: &mut Report) {
         l.wbuf.drain(..l.wpos);
         l.wpos = 0;
     }
-}
-
-/// Bytes read from a socket per `read` call, into the worker's one scratch buffer.
-const READ_CHUNK: usize = 64 << 10;
-
-/// Reads everything available (or, with `once`, one read's worth) and accounts for it;
-/// returns unique deliveries. Each read lands in `chunk` (the worker's, allocated once)
-/// and is decoded from there; only an incomplete last message is kept in the
-/// connection's own buffer.
-fn read(l: &mut Live, chunk: &mut [u8], once: bool, plan: &Plan, control: &Control, report: &mut Report) -> u64 {
-    let mut delivered = 0;
-    loop {
-        let n = match l.conn.stream.read(chunk) {
-            Ok(0) => {
-                l.readable = false;
-                l.on_server_close(plan.now_ns(), control, report);
-                return delivered;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                l.readable = false;
-                return delivered;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => {
-                l.readable = false;
-                l.on_server_close(plan.now_ns(), control, report);
-                return delivered;
-            }
-        };
-        l.bytes_read += n as u64;
-        if l.rbuf.is_empty() {
-            let used = decode(l, &chunk[..n], plan, control, report, &mut delivered);
-            l.rbuf.extend_from_slice(&chunk[used..n]);
-        } else {
-            l.rbuf.extend_from_slice(&chunk[..n]);
-            let rbuf = std::mem::take(&mut l.rbuf);
-            let used = decode(l, &rbuf, plan, control, report, &mut delivered);
-            l.rbuf = rbuf;
-            l.rbuf.drain(..used);
-        }
-        if l.closed || once {
-            return delivered;
-        }
-    }
-}
-
-/// Accounts for the complete messages in `buf`; returns the bytes they took.
-fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut Report, delivered: &mut u64) -> usize {
-    let now = plan.now_ns();
-    let start = control.start_ns.load(Ordering::Relaxed);
-    let warmup_end = control.warmup_end_ns.load(Ordering::Relaxed);
-    let send_end = control.send_end_ns.load(Ordering::Relaxed);
-    let (mut pong, mut subscribed) = (false, false);
-    let own = l.conn.client as u32;
-    let class = l.class.index();
-    let before = *delivered;
-    let trackers = &mut l.trackers;
-    let in_window = &mut l.in_window;
-    let notices = &mut Vec::new();
-    let decoded = plan.protocol.decode(buf, |event| match event {
-        Event::Message(p) if p.starts_with(SYNC_PREFIX) => subscribed = true,
-        Event::Message(p) => {
-            let Some(h) = proto::parse_header(p) else { return };
-            // Redis delivers a publisher's own messages back: drop them here.
-            if h.publisher == own && plan.protocol == Protocol::Redis {
-                return;
-            }
-            let Some(tracker) = trackers.get_mut(h.publisher as usize) else {
-                return;
-            };
-            if tracker.on_arrival(h.seq) == Arrival::Duplicate {
-                return;
-            }
-            *delivered += 1;
-            if h.sched_ns >= warmup_end && h.sched_ns < send_end {
-                report.delivered_in_window += 1;
-                *in_window += 1;
-                let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
-                let _ = report.class_latency[class].record(us);
-                let second = (now.saturating_sub(start) / 1_000_000_000) as usize;
-                while report.timeline.len() <= second {
-                    report.timeline.push((0, histogram()));
-                }
-                report.timeline[second].0 += 1;
-                let _ = report.timeline[second].1.record(us);
-            }
-        }
-        Event::Subscribed => subscribed = true,
-        Event::Ping => pong = true,
-        Event::Notice(text) => {
-            report.notices += 1;
-            if notices.len() < NOTICES_KEPT {
-                notices.push(text.to_vec());
-            }
-        }
-    });
-    for text in notices.iter() {
-        l.on_notice(text);
-    }
-    if *delivered > before {
-        l.gaps.on_delivery(now, warmup_end, send_end);
-    }
-    let used = decoded.unwrap_or_else(|e| {
-        control.error(format!("client {}: {e}", l.conn.client));
-        l.closed = true;
-        buf.len()
-    });
-    if subscribed && !l.subscribed {
-        l.subscribed = true;
-        control.subscribed.fetch_add(1, Ordering::Relaxed);
-    }
-    if pong {
-        l.wbuf.extend_from_slice(b"PONG\r\n");
-    }
-    used
 }
 
 #[cfg(test)]
