@@ -109,6 +109,13 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
 
     let sync_deadline = Instant::now() + SYNC_TIMEOUT;
     while control.subscribed.load(Ordering::Relaxed) < args.clients {
+        let closed = control.closed_in_sync.load(Ordering::Relaxed);
+        if closed > 0 {
+            control.phase.store(PHASE_STOP, Ordering::Release);
+            return Err(format!(
+                "the server closed {closed} connection(s) before every receiver was subscribed (is it full, or refusing this address?)"
+            ));
+        }
         if Instant::now() > sync_deadline {
             control.phase.store(PHASE_STOP, Ordering::Release);
             return Err(format!(

@@ -190,6 +190,37 @@ fn scripted_server(clients: usize) -> (u16, std::thread::JoinHandle<()>) {
 }
 
 #[test]
+fn a_server_that_closes_clients_before_the_run_fails_it_at_once_with_the_reason() {
+    // Like a relay that has quarantined this address: accepted, then closed at once.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            drop(listener.accept().unwrap());
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_corecast-loadgen"))
+        .args(["--target", &format!("127.0.0.1:{port}"), "--no-progress"])
+        .args(["--clients", "2", "--publishers", "1", "--duration", "1"])
+        .output()
+        .unwrap();
+    server.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("closed") && stderr.contains("before every receiver was subscribed"),
+        "{stderr}"
+    );
+    // Not after the 30 s the subscription may take.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn closes_are_counted_per_class_with_the_notice_and_when_they_arrived() {
     let (port, server) = scripted_server(3);
     // No publishers: nothing to synchronise, the server's script is all the traffic.

@@ -77,6 +77,9 @@ pub struct Control {
     pub send_end_ns: AtomicU64,
     /// Receivers known to be subscribed.
     pub subscribed: AtomicUsize,
+    /// Connections the server closed while receivers were still being subscribed (a
+    /// server that is full or refuses this address): the run cannot start.
+    pub closed_in_sync: AtomicUsize,
     /// Unique deliveries so far (all phases).
     pub delivered: AtomicU64,
     /// Lines sent so far, per publisher.
@@ -92,6 +95,7 @@ impl Control {
             warmup_end_ns: AtomicU64::new(u64::MAX),
             send_end_ns: AtomicU64::new(u64::MAX),
             subscribed: AtomicUsize::new(0),
+            closed_in_sync: AtomicUsize::new(0),
             delivered: AtomicU64::new(0),
             sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
             errors: Mutex::new(Vec::new()),
@@ -153,7 +157,11 @@ impl Live {
         if self.closed_at.is_some() || self.closed_seen_at_end {
             return;
         }
-        if control.phase.load(Ordering::Relaxed) != PHASE_STOP {
+        let phase = control.phase.load(Ordering::Relaxed);
+        if phase == PHASE_SYNC {
+            control.closed_in_sync.fetch_add(1, Ordering::Relaxed);
+        }
+        if phase != PHASE_STOP {
             self.closed_at = Some(now);
             report.closed_by_server += 1;
         } else if self.class == ReaderClass::Stuck {
