@@ -31,7 +31,7 @@ pub fn merge(
         .map(|&class| ClassAcc::new(class, &latency))
         .collect();
     let mut timeline: Vec<(u64, hdrhistogram::Histogram<u64>)> = Vec::new();
-    let (mut in_window, mut notices, mut closed, mut writes) = (0, 0, 0, 0);
+    let (mut in_window, mut notices, mut closed, mut writes, mut queued) = (0, 0, 0, 0, 0);
     for r in &reports {
         for (t, (n, h)) in r.timeline.iter().enumerate() {
             if timeline.len() <= t {
@@ -52,6 +52,7 @@ pub fn merge(
         notices += r.notices;
         closed += r.closed_by_server;
         writes += r.publisher_writes;
+        queued += r.queued_lines;
     }
     let threads = args.threads as f64;
     let saturated = loadgen_cpu_s >= SATURATION * threads * args.duration;
@@ -88,6 +89,7 @@ pub fn merge(
         threads: args.threads,
         sent: sent.iter().sum(),
         publisher_writes: writes,
+        queued_lines: queued,
         expected: totals.expected,
         delivered: totals.delivered,
         lost: totals.lost,

@@ -99,6 +99,9 @@ pub struct RunResult {
     /// write(2) calls that carried them (`--burst-us 0`: one per line while the sockets
     /// take them).
     pub publisher_writes: u64,
+    /// With `--burst-us 0`: lines that could not go out with a write of their own because
+    /// the socket still held bytes it had refused (they went out together with them).
+    pub queued_lines: u64,
     /// Deliveries owed: every line to every other counted receiver.
     pub expected: u64,
     /// Unique deliveries.

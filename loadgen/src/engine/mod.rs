@@ -131,6 +131,8 @@ struct Live {
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// The last write left bytes the socket would not take.
+    refused: bool,
     subscribed: bool,
     closed: bool,
     /// Edge-triggered readiness: set by a readable event, cleared when a read would block,
@@ -249,6 +251,9 @@ pub struct Report {
     /// write(2) calls that sent a publisher's bytes (with `--burst-us 0`, one per line
     /// unless the socket refused data).
     pub publisher_writes: u64,
+    /// With `--burst-us 0`: lines that could not go out alone because their socket still
+    /// held refused bytes; they went out with them.
+    pub queued_lines: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -291,6 +296,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
             rbuf: Vec::new(),
             wbuf,
             wpos: 0,
+            refused: false,
             subscribed: stuck,
             closed: false,
             readable: false,
@@ -377,13 +383,16 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                     let at = |p: &Publisher| send_time(p.next_due, p.burst_phase, plan.burst_ns);
                     while at(p) <= now && p.next_due < send_end {
                         if l.wbuf.len() - l.wpos < MAX_PENDING_BYTES {
-                            let idle = l.wpos == l.wbuf.len();
                             p.append(&plan, &mut l.wbuf, &mut payload, at(p));
-                            // Per-line writes: a line goes out alone with its own write(2).
+                            // Per-line writes: a line goes out with its own write(2).
                             // Behind a socket that refused data the lines queue up and go
                             // together, as TCP would merge them anyway.
-                            if per_line && idle && !l.closed {
-                                flush(l, &control, now, &mut report);
+                            if per_line && !l.closed {
+                                if l.refused {
+                                    report.queued_lines += 1;
+                                } else {
+                                    flush(l, &control, now, &mut report);
+                                }
                             }
                         }
                         p.next_due += interval_ns;
@@ -497,6 +506,7 @@ fn empty_report() -> Report {
         notices: 0,
         closed_by_server: 0,
         publisher_writes: 0,
+        queued_lines: 0,
     }
 }
 
@@ -519,6 +529,7 @@ fn flush(l: &mut Live, control: &Control, now: u64, report: &mut Report) {
             }
         }
     }
+    l.refused = l.wpos < l.wbuf.len();
     if l.wpos == l.wbuf.len() {
         l.wbuf.clear();
         l.wpos = 0;
