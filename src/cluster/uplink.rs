@@ -79,6 +79,9 @@ async fn run(cluster: Arc<Cluster>, from_shards: Vec<Receiver<Arc<Batch>>>, to_s
     let options = ConnectOptions::new()
         .name(format!("corecast-{:016x}", cluster.node_id))
         .no_echo()
+        // The URLs in the order listed (async-nats shuffles them by default), so that each
+        // node can name its nearest server first and the others as fail-overs.
+        .retain_servers_order()
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(CONNECT_TIMEOUT)
