@@ -45,6 +45,9 @@ pub struct Plan {
     pub slow: usize,
     /// Time zero for every timestamp in a payload.
     pub epoch: Instant,
+    /// Targets the clients are spread over (client i on target i mod n): a delivery from
+    /// publisher p to client c crossed nodes when p and c are on different targets.
+    pub targets: usize,
 }
 
 impl Plan {
@@ -159,6 +162,8 @@ impl Publisher {
 /// What a worker hands back.
 pub struct Report {
     pub latency: Histogram<u64>,
+    /// Deliveries in the window that crossed nodes (several targets only), and their latency.
+    pub cross_latency: Histogram<u64>,
     /// Per second since the start: deliveries and their latency.
     pub timeline: Vec<(u64, Histogram<u64>)>,
     /// Per counted receiver: its client index and its trackers, indexed by publisher.
@@ -392,6 +397,7 @@ impl Timer {
 fn empty_report() -> Report {
     Report {
         latency: histogram(),
+        cross_latency: histogram(),
         timeline: Vec::new(),
         trackers: Vec::new(),
         delivered_in_window: 0,
@@ -494,6 +500,9 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
                 report.delivered_in_window += 1;
                 let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
                 let _ = report.latency.record(us);
+                if plan.targets > 1 && h.publisher as usize % plan.targets != own as usize % plan.targets {
+                    let _ = report.cross_latency.record(us);
+                }
                 let second = (now.saturating_sub(start) / 1_000_000_000) as usize;
                 while report.timeline.len() <= second {
                     report.timeline.push((0, histogram()));

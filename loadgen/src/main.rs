@@ -64,9 +64,11 @@ pub enum Scenario {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Server address.
+    /// Server address. Repeat it for the nodes of a corecast cluster: clients are spread
+    /// over the targets round-robin (client i on target i mod n), and the summary adds the
+    /// deliveries that crossed nodes and their latency.
     #[arg(long, default_value = "127.0.0.1:8888")]
-    pub target: String,
+    pub target: Vec<String>,
     #[arg(long, value_enum, default_value_t = Protocol::Summoner)]
     pub protocol: Protocol,
     /// Connections that receive.

@@ -55,6 +55,9 @@ pub struct RunResult {
     pub mb_per_sec: f64,
     /// Scheduled send time to receipt, for lines scheduled in the measured window.
     pub latency_us: Latency,
+    /// With several targets (a cluster): the deliveries that crossed nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_node: Option<CrossNode>,
     pub timeline: Vec<Tick>,
     /// The generator's CPU time during the measured window.
     pub loadgen_cpu_s: f64,
@@ -109,6 +112,20 @@ impl RunResult {
             "  latency µs   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if let Some(c) = &self.cross_node {
+            let l = &c.latency_us;
+            let _ = writeln!(
+                s,
+                "  cross-node   {} deliveries ({:.0}%): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                c.delivered_in_window,
+                c.share * 100.0,
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max
+            );
+        }
         let _ = write!(s, "  cpu          loadgen {:.2} s", self.loadgen_cpu_s);
         if let (Some(cpu), Some(ns)) = (self.server_cpu_s, self.server_cpu_ns_per_delivery) {
             let _ = write!(s, ", server {cpu:.2} s = {ns:.0} ns per delivery");
@@ -133,6 +150,16 @@ impl RunResult {
         }
         s
     }
+}
+
+/// Deliveries in the measured window whose publisher and receiver were on different
+/// targets (nodes of a cluster), and their latency.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CrossNode {
+    pub delivered_in_window: u64,
+    /// Their share of all deliveries in the window.
+    pub share: f64,
+    pub latency_us: Latency,
 }
 
 /// A progress bar over the run's seconds, only on a TTY and without `--no-progress`.

@@ -45,7 +45,8 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     if size != args.size {
         errors.push(format!("--size raised to {HEADER_LEN}, the payload header"));
     }
-    let target = resolve(&args.target)?;
+    let targets: Vec<SocketAddr> = args.target.iter().map(|t| resolve(t)).collect::<Result<_, _>>()?;
+    let target = *targets.first().ok_or("need at least one --target")?;
     let sources = match &args.source_ips {
         Some(spec) => parse_ips(spec)?,
         None => Vec::new(),
@@ -66,6 +67,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         size,
         slow,
         epoch: Instant::now(),
+        targets: targets.len(),
     });
     let control = Arc::new(Control::new(publishers));
     let rss_before = args.server_pid.and_then(server_rss_kib);
@@ -76,6 +78,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         .then(|| Duration::from_secs_f64(1.0 / args.connect_rate));
     let summoner = args.protocol == Protocol::Summoner;
     for client in 0..args.clients {
+        let target = targets[client % targets.len()];
         let stream = connect(target, source(&sources, client))?;
         let separate = args.protocol.separate_publisher();
         shares[client % args.threads].push(Conn {
@@ -226,12 +229,14 @@ fn merge(
 ) -> RunResult {
     let mut latency = reports[0].latency.clone();
     latency.reset();
+    let mut cross = latency.clone();
     let mut timeline: Vec<(u64, hdrhistogram::Histogram<u64>)> = Vec::new();
     let (mut delivered, mut lost, mut duplicated, mut reordered) = (0, 0, 0, 0);
     let (mut in_window, mut notices, mut closed) = (0, 0, 0);
     let mut expected = 0;
     for r in &reports {
         let _ = latency.add(&r.latency);
+        let _ = cross.add(&r.cross_latency);
         for (t, (n, h)) in r.timeline.iter().enumerate() {
             if timeline.len() <= t {
                 timeline.push((0, h.clone()));
@@ -276,7 +281,7 @@ fn merge(
     RunResult {
         protocol: args.protocol,
         scenario: args.scenario,
-        target: args.target.clone(),
+        target: args.target.join(","),
         clients: args.clients,
         publishers: plan.publishers,
         rate: args.rate,
@@ -300,6 +305,30 @@ fn merge(
             p999: q(0.999),
             max: latency.max(),
         },
+        cross_node: (plan.targets > 1).then(|| {
+            let q = |p: f64| {
+                if cross.is_empty() {
+                    0
+                } else {
+                    cross.value_at_quantile(p)
+                }
+            };
+            crate::report::CrossNode {
+                delivered_in_window: cross.len(),
+                share: if in_window > 0 {
+                    cross.len() as f64 / in_window as f64
+                } else {
+                    0.0
+                },
+                latency_us: Latency {
+                    p50: q(0.5),
+                    p90: q(0.9),
+                    p99: q(0.99),
+                    p999: q(0.999),
+                    max: cross.max(),
+                },
+            }
+        }),
         timeline: timeline
             .iter()
             .enumerate()
