@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::util::{envelope, Client, Relay, PATIENCE};
+use crate::util::{corecast, envelope, temp_config, Client, Relay, PATIENCE};
 
 /// Where `nats-server` is, or `None` (after saying why) if the tests should skip.
 fn nats_server() -> Option<PathBuf> {
@@ -319,6 +319,11 @@ fn three_nodes_relay_every_line_to_every_other_client_byte_exact_and_in_order() 
         assert_eq!(status, 200);
         assert!(body.contains("cluster: connected"), "{body}");
     }
+    // SIGTERM drains a clustered node as any other: the uplink lets go of the shards.
+    for mut node in nodes {
+        node.relay.signal(libc::SIGTERM);
+        assert_eq!(node.relay.wait_exit(), Some(0));
+    }
 }
 
 /// A sender thread: `content(id, seq)` lines every `every`, until `stop`; returns when each
@@ -532,4 +537,57 @@ fn with_every_nats_server_gone_a_node_relays_locally_and_reports_it() {
     let (_, stats) = http_get(node.admin, "/stats").unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(stats["cluster"]["connected"], false);
+}
+
+#[test]
+fn check_prints_the_cluster_section_and_a_bad_one_names_its_path_and_exits_78() {
+    let file = temp_config(r#"{"hyper_parameters":{"cluster":{"nats":["nats://127.0.0.1:4222"],"subject":"room"}}}"#);
+    let out = corecast()
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        printed["hyper_parameters"]["cluster"],
+        serde_json::json!({"nats": ["nats://127.0.0.1:4222"], "subject": "room"})
+    );
+    // The flag replaces the file's servers and keeps its subject.
+    let out = corecast()
+        .args(["check", "--config", file.to_str().unwrap()])
+        .args([
+            "--cluster-nats",
+            "nats://10.1.1.1:4222",
+            "--cluster-nats",
+            "nats://10.1.1.2:4222",
+        ])
+        .output()
+        .unwrap();
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        printed["hyper_parameters"]["cluster"],
+        serde_json::json!({"nats": ["nats://10.1.1.1:4222", "nats://10.1.1.2:4222"], "subject": "room"})
+    );
+    // Off by default.
+    let out = corecast().arg("check").output().unwrap();
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["hyper_parameters"]["cluster"], serde_json::Value::Null);
+    let bad = temp_config(r#"{"hyper_parameters":{"cluster":{"nats":5}}}"#);
+    let out = corecast()
+        .args(["check", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("hyper_parameters.cluster.nats: expected a list of nats:// URLs, found 5"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = corecast()
+        .args(["check", "--cluster-nats", "localhost:4222"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-nats: expected a nats://host:port URL"));
 }
