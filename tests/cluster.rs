@@ -62,8 +62,19 @@ impl Drop for NatsServer {
 }
 
 /// A NATS cluster of `n` servers on loopback, fully routed, each with a monitoring port
-/// that tells when its routes are up.
+/// that tells when its routes are up. Ports are picked free and then bound by nats-server,
+/// so another test's socket can take one in between: a cluster whose server exits or whose
+/// routes do not form is started again on other ports (a few times at most).
 fn nats_cluster(bin: &PathBuf, n: usize) -> Vec<NatsServer> {
+    for _ in 0..3 {
+        if let Some(servers) = try_nats_cluster(bin, n) {
+            return servers;
+        }
+    }
+    panic!("could not start a NATS cluster of {n} servers on loopback");
+}
+
+fn try_nats_cluster(bin: &PathBuf, n: usize) -> Option<Vec<NatsServer>> {
     let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
     let mut servers = Vec::new();
     for (i, &(client, route, monitor)) in ports.iter().enumerate() {
@@ -88,8 +99,8 @@ fn nats_cluster(bin: &PathBuf, n: usize) -> Vec<NatsServer> {
             client_port: client,
         });
     }
-    let deadline = Instant::now() + PATIENCE;
-    for &(_, _, monitor) in &ports {
+    let deadline = Instant::now() + PATIENCE / 2;
+    for (i, &(_, _, monitor)) in ports.iter().enumerate() {
         loop {
             let routes = http_get(SocketAddr::from(([127, 0, 0, 1], monitor)), "/routez")
                 .ok()
@@ -98,11 +109,18 @@ fn nats_cluster(bin: &PathBuf, n: usize) -> Vec<NatsServer> {
             if routes == Some(n as u64 - 1) {
                 break;
             }
-            assert!(Instant::now() < deadline, "the NATS cluster did not form its routes");
+            let exited = servers[i]
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                eprintln!("nats-server {i} exited or its routes did not form; starting the cluster again");
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    servers
+    Some(servers)
 }
 
 /// A plain HTTP/1.1 GET; `(status, body)`.
