@@ -99,19 +99,26 @@ run() {
     local after=0 nats_after=0
     for p in "${node_pids[@]}"; do after=$((after + $(cpu_ticks "$p"))); done
     if [[ $kind != single ]]; then for p in "${nats_pids[@]}"; do nats_after=$((nats_after + $(cpu_ticks "$p"))); done; fi
-    for p in "${node_pids[@]}" ${nats_pids[@]+"${nats_pids[@]}"}; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    # SIGTERM the nodes for their final stats lines (socket writes per envelope), then NATS.
+    for p in "${node_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    for p in ${nats_pids[@]+"${nats_pids[@]}"}; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     nats_pids=()
-    python3 - "$scratch/run.json" "$kind" "$round" "$((after - before))" "$((nats_after - nats_before))" "$hz" <<'EOF' | tee -a "$results"
+    local writes envelopes
+    writes=$(cat "$scratch"/*.log | sed -n 's/.* socket_writes=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+    envelopes=$(cat "$scratch"/*.log | sed -n 's/.* envelopes_out=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+    rm -f "$scratch"/*.log
+    python3 - "$scratch/run.json" "$kind" "$round" "$((after - before))" "$((nats_after - nats_before))" "$hz" "$writes" "$envelopes" <<'EOF' | tee -a "$results"
 import json, sys
 r = json.load(open(sys.argv[1]))
 kind, rnd, ticks, nats_ticks, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+writes, envelopes = int(sys.argv[7]), int(sys.argv[8])
 cpu = ticks / hz
 per = cpu * 1e9 / max(r["delivered"], 1)
 nats_per = nats_ticks / hz * 1e9 / max(r["delivered"], 1)
 cross = r.get("cross_node")
 print(f"{kind:7} round {rnd}  delivered {r['delivered']:>8} of {r['expected']:>8}  lost {r['lost']}  dup {r['duplicated']}  reord {r['reordered']}"
       f"  p99 {r['latency_us']['p99']:>6} us  cross-node p99 {cross['latency_us']['p99'] if cross else '-':>6} us"
-      f"  corecast {per:7.0f} ns/delivery  nats {nats_per:6.0f} ns/delivery")
+      f"  corecast {per:7.0f} ns/delivery  nats {nats_per:6.0f} ns/delivery  writes/envelope {writes / max(envelopes, 1):.4f}")
 EOF
 }
 

@@ -350,65 +350,52 @@ async fn discard_forever(cluster: &Cluster, from_shards: Vec<Receiver<Arc<Batch>
     }
 }
 
+/// Most envelope bytes one batch to the shards gathers from messages already received.
+const MAX_RECEIVED_BATCH_BYTES: usize = 256 << 10;
+
 async fn receive_loop(
     cluster: &Cluster,
     mut subscriber: async_nats::Subscriber,
     mut to_shards: Vec<Sender<Arc<Batch>>>,
 ) {
-    let s = &cluster.stats;
     let mut seqs = SeqTracker::default();
     let mut warned_invalid = false;
     while let Some(msg) = subscriber.next().await {
-        let (header, body) = match wire::decode(&msg.payload) {
-            Ok(parts) => parts,
-            Err(e) => {
-                s.invalid.fetch_add(1, Ordering::Relaxed);
-                if !warned_invalid {
-                    warned_invalid = true;
-                    tracing::warn!(
-                        "cluster: dropped a message on {:?}: {e} (counted in corecast_cluster_invalid; is another program publishing there?)",
-                        cluster.config.subject
-                    );
-                }
-                continue;
+        // The messages that have already arrived travel to the shards as one batch: one
+        // delivery pass and one wake-up per shard for a burst instead of one per message.
+        let mut data = Vec::new();
+        let mut count = 0u32;
+        accept(
+            cluster,
+            &mut seqs,
+            &mut warned_invalid,
+            &msg.payload,
+            &mut data,
+            &mut count,
+        );
+        while data.len() < MAX_RECEIVED_BATCH_BYTES && count < u32::MAX / 2 {
+            match futures_lite::future::poll_once(subscriber.next()).await {
+                Some(Some(msg)) => accept(
+                    cluster,
+                    &mut seqs,
+                    &mut warned_invalid,
+                    &msg.payload,
+                    &mut data,
+                    &mut count,
+                ),
+                _ => break,
             }
-        };
-        if header.node == cluster.node_id {
-            // no_echo keeps our own messages away; a copy that came back anyway is not news.
-            s.stale.fetch_add(1, Ordering::Relaxed);
+        }
+        if count == 0 {
             continue;
         }
-        match seqs.check(&header) {
-            Verdict::Stale => {
-                s.stale.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            Verdict::AfterGap { messages, envelopes } => {
-                s.gaps.fetch_add(1, Ordering::Relaxed);
-                s.lines_lost.fetch_add(envelopes, Ordering::Relaxed);
-                tracing::warn!(
-                    "cluster: {messages} message(s) with {envelopes} line(s) from node {:016x} were lost in NATS (at-most-once across a server failure); relaying goes on in order",
-                    header.node
-                );
-            }
-            Verdict::Deliver => {}
-        }
-        s.nodes_heard.store(seqs.nodes() as u64, Ordering::Relaxed);
-        let lag = now_us().saturating_sub(header.sent_us);
-        s.lag_us.store(lag, Ordering::Relaxed);
-        s.lag_max_us.fetch_max(lag, Ordering::Relaxed);
-        s.messages_in.fetch_add(1, Ordering::Relaxed);
-        s.envelopes_in.fetch_add(header.count as u64, Ordering::Relaxed);
-        s.bytes_in.fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-        if header.count == 0 {
-            continue;
-        }
+        let end = data.len();
         let batch = Arc::new(Batch {
-            data: body.to_vec(),
+            data,
             runs: vec![Run {
                 origin: REMOTE_ORIGIN,
-                end: body.len(),
-                count: header.count,
+                end,
+                count,
             }],
         });
         // In order to every shard; waits while a shard's ring is full (that shard is
@@ -417,6 +404,62 @@ async fn receive_loop(
             let _ = tx.send(batch.clone()).await;
         }
     }
+}
+
+/// Checks one received message and, if it is next in its node's order, appends its
+/// envelopes to `data` (counting them in `count`).
+fn accept(
+    cluster: &Cluster,
+    seqs: &mut SeqTracker,
+    warned_invalid: &mut bool,
+    payload: &[u8],
+    data: &mut Vec<u8>,
+    count: &mut u32,
+) {
+    let s = &cluster.stats;
+    let (header, body) = match wire::decode(payload) {
+        Ok(parts) => parts,
+        Err(e) => {
+            s.invalid.fetch_add(1, Ordering::Relaxed);
+            if !*warned_invalid {
+                *warned_invalid = true;
+                tracing::warn!(
+                    "cluster: dropped a message on {:?}: {e} (counted in corecast_cluster_invalid; is another program publishing there?)",
+                    cluster.config.subject
+                );
+            }
+            return;
+        }
+    };
+    if header.node == cluster.node_id {
+        // no_echo keeps our own messages away; a copy that came back anyway is not news.
+        s.stale.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    match seqs.check(&header) {
+        Verdict::Stale => {
+            s.stale.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Verdict::AfterGap { messages, envelopes } => {
+            s.gaps.fetch_add(1, Ordering::Relaxed);
+            s.lines_lost.fetch_add(envelopes, Ordering::Relaxed);
+            tracing::warn!(
+                "cluster: {messages} message(s) with {envelopes} line(s) from node {:016x} were lost in NATS (at-most-once across a server failure); relaying goes on in order",
+                header.node
+            );
+        }
+        Verdict::Deliver => {}
+    }
+    s.nodes_heard.store(seqs.nodes() as u64, Ordering::Relaxed);
+    let lag = now_us().saturating_sub(header.sent_us);
+    s.lag_us.store(lag, Ordering::Relaxed);
+    s.lag_max_us.fetch_max(lag, Ordering::Relaxed);
+    s.messages_in.fetch_add(1, Ordering::Relaxed);
+    s.envelopes_in.fetch_add(header.count as u64, Ordering::Relaxed);
+    s.bytes_in.fetch_add(payload.len() as u64, Ordering::Relaxed);
+    data.extend_from_slice(body);
+    *count += header.count;
 }
 
 #[cfg(test)]
