@@ -32,6 +32,8 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# uplink_ticks PID: CPU ticks of the node's uplink thread (corecast-cluster), 0 without one.
+uplink_ticks() { cat /proc/"$1"/task/*/stat 2>/dev/null | awk '$2 ~ /corecast-cluste/ { s += $14 + $15 } END { print s + 0 }'; }
 hz=$(getconf CLK_TCK)
 
 # start_node NAME CONFIG_JSON: sets node_pid and node_port.
@@ -91,13 +93,13 @@ run() {
         done
         sleep 0.5
     fi
-    local before=0 nats_before=0 p
-    for p in "${node_pids[@]}"; do before=$((before + $(cpu_ticks "$p"))); done
+    local before=0 nats_before=0 up_before=0 p
+    for p in "${node_pids[@]}"; do before=$((before + $(cpu_ticks "$p"))); up_before=$((up_before + $(uplink_ticks "$p"))); done
     if [[ $kind != single ]]; then for p in "${nats_pids[@]}"; do nats_before=$((nats_before + $(cpu_ticks "$p"))); done; fi
     "$bin/corecast-loadgen" "${targets[@]}" --clients "$clients" --publishers "$clients" --rate "$rate" \
         --duration "$duration" --warmup 1 --no-progress --json "$scratch/run.json" >"$scratch/run.txt"
-    local after=0 nats_after=0
-    for p in "${node_pids[@]}"; do after=$((after + $(cpu_ticks "$p"))); done
+    local after=0 nats_after=0 up_after=0
+    for p in "${node_pids[@]}"; do after=$((after + $(cpu_ticks "$p"))); up_after=$((up_after + $(uplink_ticks "$p"))); done
     if [[ $kind != single ]]; then for p in "${nats_pids[@]}"; do nats_after=$((nats_after + $(cpu_ticks "$p"))); done; fi
     # SIGTERM the nodes for their final stats lines (socket writes per envelope), then NATS.
     for p in "${node_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
@@ -107,18 +109,19 @@ run() {
     writes=$(cat "$scratch"/*.log | sed -n 's/.* socket_writes=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
     envelopes=$(cat "$scratch"/*.log | sed -n 's/.* envelopes_out=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
     rm -f "$scratch"/*.log
-    python3 - "$scratch/run.json" "$kind" "$round" "$((after - before))" "$((nats_after - nats_before))" "$hz" "$writes" "$envelopes" <<'EOF' | tee -a "$results"
+    python3 - "$scratch/run.json" "$kind" "$round" "$((after - before))" "$((nats_after - nats_before))" "$hz" "$writes" "$envelopes" "$((up_after - up_before))" <<'EOF' | tee -a "$results"
 import json, sys
 r = json.load(open(sys.argv[1]))
 kind, rnd, ticks, nats_ticks, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-writes, envelopes = int(sys.argv[7]), int(sys.argv[8])
+writes, envelopes, up_ticks = int(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9])
+up_per = up_ticks / hz * 1e9 / max(r["delivered"], 1)
 cpu = ticks / hz
 per = cpu * 1e9 / max(r["delivered"], 1)
 nats_per = nats_ticks / hz * 1e9 / max(r["delivered"], 1)
 cross = r.get("cross_node")
 print(f"{kind:7} round {rnd}  delivered {r['delivered']:>8} of {r['expected']:>8}  lost {r['lost']}  dup {r['duplicated']}  reord {r['reordered']}"
       f"  p99 {r['latency_us']['p99']:>6} us  cross-node p99 {cross['latency_us']['p99'] if cross else '-':>6} us"
-      f"  corecast {per:7.0f} ns/delivery  nats {nats_per:6.0f} ns/delivery  writes/envelope {writes / max(envelopes, 1):.4f}")
+      f"  corecast {per:7.0f} ns/delivery (uplink {up_per:5.0f})  nats {nats_per:6.0f} ns/delivery  writes/envelope {writes / max(envelopes, 1):.4f}")
 EOF
 }
 
@@ -134,15 +137,19 @@ import re, statistics, sys
 rows = {"single": [], "cluster": []}
 for line in open(sys.argv[1]):
     kind = line.split()[0]
-    num = lambda key: float(re.search(key + r" +(\S+)", line).group(1)) if re.search(key + r" +([0-9.]+)", line) else None
-    rows[kind].append((num("  p99"), num("cross-node p99"), num("corecast"), num("nats")))
+    def num(key):
+        m = re.search(key + r" +([0-9.]+)", line)
+        return float(m.group(1)) if m else None
+    rows[kind].append((num("  p99"), num("cross-node p99"), num("corecast"), num("nats"), num(r"\(uplink")))
 med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else float("nan")
-s = [med([r[i] for r in rows["single"]]) for i in range(4)]
-c = [med([r[i] for r in rows["cluster"]]) for i in range(4)]
+s = [med([r[i] for r in rows["single"]]) for i in range(5)]
+c = [med([r[i] for r in rows["cluster"]]) for i in range(5)]
 print("| | single node | cluster | ratio |")
 print("|---|---:|---:|---:|")
 print(f"| p99 latency, all deliveries (µs) | {s[0]:.0f} | {c[0]:.0f} | {c[0]/s[0]:.2f} |")
 print(f"| p99 latency, cross-node deliveries (µs) | - | {c[1]:.0f} | {c[1]/s[0]:.2f} (vs single p99) |")
-print(f"| corecast CPU per delivery (ns) | {s[2]:.0f} | {c[2]:.0f} | {c[2]/s[2]:.2f} |")
+print(f"| corecast CPU per delivery (ns), all threads | {s[2]:.0f} | {c[2]:.0f} | {c[2]/s[2]:.2f} |")
+print(f"| of which the uplink thread (ns) | - | {c[4]:.0f} | |")
+print(f"| shard threads only (ns) | {s[2]:.0f} | {c[2]-c[4]:.0f} | {(c[2]-c[4])/s[2]:.2f} |")
 print(f"| NATS servers' CPU per delivery (ns) | - | {c[3]:.0f} | |")
 EOF
