@@ -609,3 +609,57 @@ fn check_prints_the_cluster_section_and_a_bad_one_names_its_path_and_exits_78() 
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-nats: expected a nats://host:port URL"));
 }
+
+#[test]
+fn a_hung_nats_server_neither_stalls_local_relaying_nor_keeps_the_node_off_the_cluster() {
+    let Some(bin) = nats_server() else { return };
+    let (servers, nodes) = three_nodes(&bin, "corecast.t.hung");
+    let (tx, local) = (nodes[0].connect(), nodes[0].connect());
+    let remote = nodes[1].connect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let settled = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let r_local = collecting_reader(&local, settled.clone());
+    let r_remote = collecting_reader(&remote, settled.clone());
+    let sender = paced_sender(tx, 0, Duration::from_millis(5), stop.clone(), sent.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGSTOP: the connection stays open and nothing answers (as a hung host would).
+    let hung_pid = servers[0].child.as_ref().map(|c| c.id() as i32).unwrap();
+    // SAFETY: kill(2) on a child process of this test.
+    assert_eq!(unsafe { libc::kill(hung_pid, libc::SIGSTOP) }, 0);
+    let hung = Instant::now();
+    let deadline = hung + PATIENCE;
+    while nodes[0].metric("reconnects") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never left its hung NATS server; log:\n{}",
+            nodes[0].relay.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("hung server: node 0 reconnected {:?} after the stop", hung.elapsed());
+    let reconnected = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (times, _tx) = sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    settled.store(true, Ordering::Relaxed);
+    let got_local = r_local.join().unwrap();
+    let got_remote = r_remote.join().unwrap();
+    // Local relaying went on all along: every line, in order, and never a long pause.
+    assert_eq!(assert_in_order(&got_local, 0, "the local client"), times.len() as u64);
+    let longest = got_local
+        .windows(2)
+        .map(|w| w[1].2.duration_since(w[0].2))
+        .max()
+        .unwrap_or_default();
+    assert!(longest < Duration::from_secs(3), "local relaying paused {longest:?}");
+    // And node 0 is back in the cluster: lines sent after its reconnect reach node 1.
+    assert_in_order(&got_remote, 0, "node 1's client");
+    assert!(
+        got_remote.iter().any(|g| times[g.1 as usize] > reconnected),
+        "nothing node 0 sent after its reconnect reached node 1"
+    );
+    // SAFETY: as above; the server is killed when `servers` is dropped.
+    unsafe { libc::kill(hung_pid, libc::SIGCONT) };
+}

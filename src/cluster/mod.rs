@@ -67,6 +67,9 @@ pub struct ClusterStats {
     pub disconnected_at_ms: AtomicU64,
     /// Successful connections after the first.
     pub reconnects: AtomicU64,
+    /// Times the server stopped answering with the connection open (then the uplink
+    /// reconnected, to the next URL).
+    pub unresponsive: AtomicU64,
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
     /// NATS messages published, with the envelopes and bytes (headers included) in them.
@@ -86,6 +89,11 @@ pub struct ClusterStats {
     pub dropped_disconnected: AtomicU64,
     /// Envelopes that alone exceed the server's `max_payload`: never published.
     pub dropped_oversize: AtomicU64,
+    /// True while NATS takes nothing though the connection is up (a hung server), and the
+    /// times that began; meanwhile the envelopes the shards hand over are dropped.
+    pub stalled: AtomicBool,
+    pub stalls: AtomicU64,
+    pub dropped_stalled: AtomicU64,
     /// Envelopes in messages whose publish failed.
     pub dropped_publish_error: AtomicU64,
     /// Gaps in another node's sequence numbers, and the envelopes they lost.

@@ -21,7 +21,7 @@ fn get(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-const SERIES: [Series; 20] = [
+const SERIES: [Series; 24] = [
     (
         "connected",
         "1 while the node's NATS connection is up, else 0.",
@@ -90,6 +90,30 @@ const SERIES: [Series; 20] = [
         "Envelopes larger than the NATS server's max_payload, never published.",
         MetricType::Counter,
         |s| get(&s.dropped_oversize),
+    ),
+    (
+        "unresponsive",
+        "Times the NATS server stopped answering with the connection open (the uplink then reconnected).",
+        MetricType::Counter,
+        |s| get(&s.unresponsive),
+    ),
+    (
+        "stalled",
+        "1 while NATS takes nothing though the connection is up (what the node publishes is dropped meanwhile), else 0.",
+        MetricType::Gauge,
+        |s| s.stalled.load(Ordering::Relaxed) as u64,
+    ),
+    (
+        "stalls",
+        "Times NATS took nothing for 2 s with the connection up.",
+        MetricType::Counter,
+        |s| get(&s.stalls),
+    ),
+    (
+        "dropped_stalled",
+        "Envelopes not published while NATS took nothing (local clients got them).",
+        MetricType::Counter,
+        |s| get(&s.dropped_stalled),
     ),
     (
         "dropped_publish_error",
@@ -170,7 +194,12 @@ impl Cluster {
     /// this does not make the node unhealthy: the status stays 200 and the line says so.
     pub fn health_line(&self) -> String {
         let mut line = String::new();
-        if self.is_connected() {
+        if self.is_connected() && self.stats.stalled.load(Ordering::Relaxed) {
+            let _ = writeln!(
+                line,
+                "cluster: connected, but NATS takes nothing; relaying locally only"
+            );
+        } else if self.is_connected() {
             let _ = writeln!(
                 line,
                 "cluster: connected ({} other nodes heard)",
