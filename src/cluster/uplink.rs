@@ -118,6 +118,7 @@ async fn run(cluster: Arc<Cluster>, from_shards: Vec<Receiver<Arc<Batch>>>, to_s
     };
     // Each client gets a generation; events of a client that was replaced are ignored.
     let generation = Arc::new(AtomicU64::new(0));
+    let mut connects_at_last_log = u64::MAX;
     loop {
         let this = generation.fetch_add(1, Ordering::Relaxed) + 1;
         let closed = Arc::new(AtomicBool::new(false));
@@ -167,10 +168,15 @@ async fn run(cluster: Arc<Cluster>, from_shards: Vec<Receiver<Arc<Batch>>>, to_s
         cluster.stats.connected.store(false, Ordering::Relaxed);
         servers.rotate_left(1);
         order.rotate_left(1);
-        tracing::info!(
-            "cluster: starting a new NATS client, trying {} first",
-            order.first().map_or("", String::as_str)
-        );
+        // Once per outage, not once per client while every server is down.
+        let connects = cluster.stats.connects.load(Ordering::Relaxed);
+        if connects != connects_at_last_log {
+            connects_at_last_log = connects;
+            tracing::warn!(
+                "cluster: still no NATS connection; retrying with a new client, {} first (logged once per outage)",
+                order.first().map_or("", String::as_str)
+            );
+        }
     }
 }
 
@@ -490,7 +496,7 @@ async fn watchdog(cluster: &Cluster, client: &Client, closed: &AtomicBool) {
         if client.connection_state() != State::Connected {
             let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
             if since.elapsed() >= STUCK_RECONNECT {
-                tracing::warn!(
+                tracing::debug!(
                     "cluster: no NATS connection for {} ms; replacing the client",
                     since.elapsed().as_millis()
                 );
