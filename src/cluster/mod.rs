@@ -65,7 +65,8 @@ pub struct ClusterStats {
     /// Milliseconds (since the node started) when the connection last went down; 0 if it
     /// never went down.
     pub disconnected_at_ms: AtomicU64,
-    /// Successful connections after the first.
+    /// Successful connections after the first (`connects` counts them all), and times
+    /// the connection went down.
     pub reconnects: AtomicU64,
     /// Times the server stopped answering with the connection open (then the uplink
     /// reconnected, to the next URL).

@@ -1,9 +1,11 @@
 //! The uplink: one NATS connection per node, on its own thread (`corecast-cluster`) with a
-//! current-thread tokio runtime. Two halves run on it together: the publisher drains the
+//! current-thread tokio runtime. Three tasks run on it together: the publisher drains the
 //! shards' rings, packs their batches into messages and publishes them; the receiver takes
-//! the other nodes' messages, checks their sequence numbers and hands each to every shard.
-//! It ends when every shard's flush task has closed its ring (the drain at shutdown), and
-//! dropping it closes the rings to the shards, whose receiver tasks then end.
+//! the other nodes' messages, checks their sequence numbers and hands them to every shard;
+//! the watchdog checks that the server answers and replaces a client that is stuck. Their
+//! state (rings, sequence numbers) outlives any one async-nats client. The uplink ends
+//! when every shard's flush task has closed its ring (the drain at shutdown), and dropping
+//! it closes the rings to the shards, whose receiver tasks then end.
 
 use std::future::Future;
 use std::pin::Pin;
