@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// logs it). Off unless given here or as hyper_parameters.admin_addr.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
+    /// Join a cluster over this NATS server (repeatable: list every server of the NATS
+    /// cluster); replaces hyper_parameters.cluster.nats, subject "corecast" by default.
+    #[arg(long = "cluster-nats", value_name = "URL")]
+    pub cluster_nats: Vec<String>,
 }
 
 /// A configuration problem; the process exits 78 (EX_CONFIG) before binding anything.
@@ -243,6 +247,9 @@ pub struct Config {
     /// Where the admin HTTP endpoint (`/metrics`, `/healthz`, `/stats`) listens; `None`
     /// (the default) serves none. It has no authentication: bind it to loopback.
     pub admin_addr: Option<SocketAddr>,
+    /// `hyper_parameters.cluster`: the NATS cluster this node joins (see `cluster`); `None`
+    /// (the default) is a single node, with no uplink thread and no cost.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
@@ -293,6 +300,7 @@ impl Config {
             shutdown_grace_ms: 5000,
             flush_window_us: 1500,
             admin_addr: None,
+            cluster: None,
         }
     }
 }
@@ -482,6 +490,9 @@ impl Config {
         })? {
             self.admin_addr = addr;
         }
+        if let Some(v) = s.get("cluster") {
+            self.cluster = crate::cluster::config::parse(v, &s.path("cluster"), warnings).map_err(cluster_error)?;
+        }
         s.finish(warnings);
         Ok(())
     }
@@ -506,6 +517,8 @@ impl Config {
         if let Some(addr) = &args.admin {
             self.admin_addr = Some(parse_admin_addr(addr, "--admin")?);
         }
+        self.cluster =
+            crate::cluster::config::apply_flags(self.cluster.take(), &args.cluster_nats).map_err(cluster_error)?;
         Ok(())
     }
 
@@ -554,8 +567,17 @@ impl Config {
                 "shutdown_grace_ms": self.shutdown_grace_ms,
                 "flush_window_us": self.flush_window_us,
                 "admin_addr": self.admin_addr.map(|a| a.to_string()),
+                "cluster": self.cluster.as_ref().map(|c| c.to_json()),
             }
         })
+    }
+}
+
+fn cluster_error(e: crate::cluster::config::InvalidValue) -> ConfigError {
+    ConfigError::Invalid {
+        key: e.key,
+        expected: e.expected,
+        found: e.found,
     }
 }
 

@@ -19,6 +19,8 @@
 //! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
 //! - [`shutdown`]: the signal that starts every shard's drain.
 //! - [`metrics`]: per-shard counters, the close-reason and drop-reason enums.
+//! - [`cluster`]: optional: several nodes as one broadcast domain over NATS; the uplink is
+//!   one more mesh peer of every shard, on its own thread.
 //! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
 //!   own thread.
 //! - [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`) for `Type=notify` units.
@@ -33,6 +35,7 @@
 
 pub mod admin;
 pub mod backpressure;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod fanout;

@@ -147,6 +147,8 @@ pub struct Shared {
     pub epoch: Instant,
     /// Each shard's [`StartupStep`], written only by that shard, read by the main thread.
     startup_steps: Box<[AtomicU8]>,
+    /// The cluster uplink's identity and counters, when `hyper_parameters.cluster` is set.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -166,6 +168,10 @@ impl Shared {
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
             startup_steps: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
+            cluster: config
+                .cluster
+                .clone()
+                .map(|c| Arc::new(crate::cluster::Cluster::new(c))),
             config,
         }
     }
@@ -868,7 +874,11 @@ pub fn spawn_all(
 ) -> std::io::Result<Vec<ShardThread>> {
     install_kick_handler()?;
     let cpus = usable_cpus();
-    let mesh = fanout::build_mesh(listeners.len());
+    let mut mesh = fanout::build_mesh(listeners.len());
+    // With a cluster, the uplink is one more peer of every shard (see `cluster`).
+    if let Some(cluster) = &shared.cluster {
+        crate::cluster::attach(cluster.clone(), &mut mesh)?;
+    }
     let mut handles = Vec::with_capacity(listeners.len());
     for (id, (listener, ends)) in listeners.into_iter().zip(mesh).enumerate() {
         let placement = match cpus.get(id % cpus.len().max(1)) {

@@ -2,6 +2,7 @@
 
 mod admin;
 mod backpressure;
+mod cluster;
 mod config;
 mod fanout;
 mod ops;

@@ -72,10 +72,11 @@ pub fn healthz(shared: &Shared) -> (u16, String) {
             let _ = writeln!(problems, "shard {id}: {p}");
         }
     }
+    let cluster = shared.cluster.as_ref().map(|c| c.health_line()).unwrap_or_default();
     if problems.is_empty() {
-        (200, format!("ok: {} shards running\n", shared.stats.len()))
+        (200, format!("ok: {} shards running\n{cluster}", shared.stats.len()))
     } else {
-        (503, format!("unhealthy\n{problems}"))
+        (503, format!("unhealthy\n{problems}{cluster}"))
     }
 }
 
@@ -137,6 +138,7 @@ pub fn stats_json(shared: &Shared) -> Value {
         "quarantine_entries": shared.quarantine.len(),
         "total": snapshot_json(&total),
         "shards": shards,
+        "cluster": shared.cluster.as_ref().map(|c| c.to_json()),
     })
 }
 
