@@ -404,8 +404,13 @@ fn senders_pause_while_a_consumer_is_stalled_and_stop_once_it_is_gone() {
     let mut sender = relay.connect();
     let reader = std::thread::spawn(move || read_lines_raw(healthy, PHASE1 + PHASE2));
     let line = |i: usize| format!("{}{i}", "p".repeat(90));
-    let burst: String = (0..PHASE1).map(|i| line(i) + "\n").collect();
-    sender.send(burst.as_bytes());
+    // Sent over a second, so that the sender is still being read once the stall has lasted
+    // long enough to count (`backpressure::BEHIND_AFTER`).
+    for chunk in (0..PHASE1).collect::<Vec<_>>().chunks(1000) {
+        let text: String = chunk.iter().map(|&i| line(i) + "\n").collect();
+        sender.send(text.as_bytes());
+        std::thread::sleep(Duration::from_millis(25));
+    }
     relay
         .log
         .wait_for(&format!("client disconnected: {} (slow_consumer)", slow.local_addr));
