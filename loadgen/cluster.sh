@@ -42,7 +42,7 @@ start_node() {
     "$bin/corecast" --port 0 --shards 1 --config "$scratch/$1.json" --log-level info 2>"$scratch/$1.log" &
     node_pid=$!
     pids+=("$node_pid")
-    for _ in $(seq 100); do grep -q "listening on" "$scratch/$1.log" && break; sleep 0.1; done
+    for _ in $(seq 100); do grep -qs "listening on" "$scratch/$1.log" && break; sleep 0.1; done
     node_port=$(grep -o 'listening on [0-9.:]*' "$scratch/$1.log" | head -1 | sed 's/.*://')
 }
 

@@ -257,7 +257,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             for server in &servers {
                 let running = start(server, server_cpu, &scratch)?;
                 let run_args = RunArgs {
-                    target: format!("127.0.0.1:{}", running.port),
+                    target: vec![format!("127.0.0.1:{}", running.port)],
                     protocol: server.protocol,
                     clients,
                     publishers: clients,

@@ -67,9 +67,11 @@ pub enum Scenario {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Server address.
+    /// Server address. Repeat it for the nodes of a corecast cluster: client i connects to
+    /// target i mod n, and the summary adds the deliveries that crossed nodes (publisher
+    /// and receiver on different targets) and their latency.
     #[arg(long, default_value = "127.0.0.1:8888")]
-    pub target: String,
+    pub target: Vec<String>,
     #[arg(long, value_enum, default_value_t = Protocol::Summoner)]
     pub protocol: Protocol,
     /// Connections that receive.

@@ -1,11 +1,12 @@
 //! Merging the workers' reports into one [`RunResult`]: delivery totals overall and per
-//! receiver class, latency, the per-second timeline, disconnects and the CPU figures.
-//! Called once by the runner after every worker has stopped.
+//! receiver class, latency (and, over several targets, that of the deliveries that crossed
+//! nodes), the per-second timeline, disconnects and the CPU figures. Called once by the
+//! runner after every worker has stopped.
 
 use crate::accounting::SeqTracker;
 use crate::engine::{Plan, ReceiverReport, Report};
 use crate::reader::{ReaderClass, ReaderMix};
-use crate::report::{ClassResult, Latency, RunResult, Tick};
+use crate::report::{ClassResult, CrossNode, Latency, RunResult, Tick};
 use crate::{RunArgs, Scenario};
 
 /// Share of the generator's CPUs above which it warns that it measured itself.
@@ -26,6 +27,7 @@ pub fn merge(
 ) -> RunResult {
     let mut latency = reports[0].class_latency[0].clone();
     latency.reset();
+    let mut cross = latency.clone();
     let mut classes: Vec<ClassAcc> = ReaderClass::ALL
         .iter()
         .map(|&class| ClassAcc::new(class, &latency))
@@ -45,6 +47,7 @@ pub fn merge(
             let _ = acc.latency.add(h);
             let _ = latency.add(h);
         }
+        let _ = cross.add(&r.cross_latency);
         for rr in &r.receivers {
             classes[rr.class.index()].on_receiver(rr, sent, start_ns);
         }
@@ -78,7 +81,7 @@ pub fn merge(
     RunResult {
         protocol: args.protocol,
         scenario: args.scenario,
-        target: args.target.clone(),
+        target: args.target.join(","),
         clients: args.clients,
         publishers: plan.publishers,
         rate: args.rate,
@@ -98,6 +101,15 @@ pub fn merge(
         msgs_per_sec: in_window as f64 / args.duration,
         mb_per_sec: in_window as f64 * plan.size as f64 / args.duration / 1e6,
         latency_us: Latency::of(&latency),
+        cross_node: (plan.targets > 1).then(|| CrossNode {
+            delivered_in_window: cross.len(),
+            share: if in_window > 0 {
+                cross.len() as f64 / in_window as f64
+            } else {
+                0.0
+            },
+            latency_us: Latency::of(&cross),
+        }),
         timeline: timeline
             .iter()
             .enumerate()

@@ -115,6 +115,9 @@ pub struct RunResult {
     pub mb_per_sec: f64,
     /// Scheduled send time to receipt, for lines scheduled in the measured window.
     pub latency_us: Latency,
+    /// With several targets (a cluster): the deliveries that crossed nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_node: Option<CrossNode>,
     pub timeline: Vec<Tick>,
     /// The generator's CPU time during the measured window.
     pub loadgen_cpu_s: f64,
@@ -176,6 +179,9 @@ impl RunResult {
             "  latency µs   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if let Some(c) = &self.cross_node {
+            let _ = writeln!(s, "  {}", c.human());
+        }
         let _ = write!(s, "  cpu          loadgen {:.2} s", self.loadgen_cpu_s);
         if self.publisher_writes > 0 {
             let _ = write!(
@@ -252,6 +258,32 @@ impl ClassResult {
             let _ = write!(s, "; notice {n:?}");
         }
         s
+    }
+}
+
+/// Deliveries in the measured window whose publisher and receiver were on different
+/// targets (nodes of a cluster), and their latency.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrossNode {
+    pub delivered_in_window: u64,
+    /// Their share of all deliveries in the window.
+    pub share: f64,
+    pub latency_us: Latency,
+}
+
+impl CrossNode {
+    fn human(&self) -> String {
+        let l = &self.latency_us;
+        format!(
+            "cross-node   {} deliveries ({:.0}%): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            self.delivered_in_window,
+            self.share * 100.0,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max
+        )
     }
 }
 

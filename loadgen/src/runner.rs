@@ -34,7 +34,9 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     if size != args.size {
         errors.push(format!("--size raised to {HEADER_LEN}, the payload header"));
     }
-    let target = resolve(&args.target)?;
+    let targets: Vec<SocketAddr> = args.target.iter().map(|t| resolve(t)).collect::<Result<_, _>>()?;
+    // Side traffic (churn, bad input) goes to the first target.
+    let target = *targets.first().ok_or("need at least one --target")?;
     let sources = match &args.source_ips {
         Some(spec) => parse_ips(spec)?,
         None => Vec::new(),
@@ -54,6 +56,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         size,
         mix,
         epoch: Instant::now(),
+        targets: targets.len(),
     });
     let control = Arc::new(Control::new(publishers));
     let rss_before = args.server_pid.and_then(server_rss_kib);
@@ -64,6 +67,8 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         .then(|| Duration::from_secs_f64(1.0 / args.connect_rate));
     let summoner = args.protocol == Protocol::Summoner;
     for client in 0..args.clients {
+        // A publisher's separate connection goes to its client's target too.
+        let target = targets[engine::target_of(client, targets.len())];
         let stream = connect(target, source(&sources, client))?;
         let separate = args.protocol.separate_publisher();
         shares[client % args.threads].push(Conn {

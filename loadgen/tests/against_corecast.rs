@@ -117,6 +117,49 @@ fn fan_out_against_corecast_is_complete_in_order_and_without_duplicates() {
         assert!(r["latency_us"][key].as_u64().is_some(), "latency {key} missing");
     }
     assert!(r["timeline"].as_array().unwrap().len() >= 3, "{r:#}");
+    assert!(
+        r.get("cross_node").is_none(),
+        "one target, yet a cross-node result: {r:#}"
+    );
+}
+
+#[test]
+fn two_targets_count_the_deliveries_between_clients_on_different_targets_as_cross_node() {
+    // Both targets name the same relay, so all four clients share one room while the
+    // generator treats even and odd clients as being on different nodes: each publisher's
+    // lines reach 3 receivers, 2 of them on the other target, so exactly 2/3 cross.
+    let relay = start_relay(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#);
+    let second = format!("127.0.0.1:{}", relay.port);
+    let r = loadgen(
+        &relay,
+        &[
+            "--target",
+            &second,
+            "--clients",
+            "4",
+            "--publishers",
+            "4",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+        ],
+    );
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["delivered"], r["expected"], "{r:#}");
+    let cross = &r["cross_node"];
+    let crossed = cross["delivered_in_window"].as_u64().expect("no cross_node result");
+    // 4 publishers × 100 lines/s × 2 s × 2 receivers across: 1600; ask for half.
+    assert!(crossed >= 800, "too few cross-node deliveries: {r:#}");
+    let share = cross["share"].as_f64().unwrap();
+    assert!(
+        (share - 2.0 / 3.0).abs() < 1e-9,
+        "cross-node share {share}, not 2/3: {r:#}"
+    );
+    assert!(cross["latency_us"]["p99"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["target"], format!("{second},{second}"), "{r:#}");
 }
 
 #[test]

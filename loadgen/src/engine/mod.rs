@@ -57,6 +57,20 @@ pub struct Plan {
     pub mix: ReaderMix,
     /// Time zero for every timestamp in a payload.
     pub epoch: Instant,
+    /// Targets the clients are spread over (nodes of a cluster); see [`target_of`].
+    pub targets: usize,
+}
+
+/// The target client `client` connects to, of `targets`: round-robin, so every node of a
+/// cluster gets the same share of receivers and of publishers.
+pub fn target_of(client: usize, targets: usize) -> usize {
+    client % targets.max(1)
+}
+
+/// A delivery from `publisher` to `receiver` crossed nodes when they are on different
+/// targets (with one target, nothing crosses).
+pub fn crosses_nodes(publisher: usize, receiver: usize, targets: usize) -> bool {
+    target_of(publisher, targets) != target_of(receiver, targets)
 }
 
 impl Plan {
@@ -240,6 +254,9 @@ pub struct Report {
     /// Latency per [`ReaderClass`], indexed by [`ReaderClass::index`]; the run's overall
     /// latency is their sum (one record per delivery, not two).
     pub class_latency: Vec<Histogram<u64>>,
+    /// With several targets: the latency of the deliveries that crossed nodes (each also
+    /// counts in its class).
+    pub cross_latency: Histogram<u64>,
     /// Per second since the start: deliveries and their latency.
     pub timeline: Vec<(u64, Histogram<u64>)>,
     pub receivers: Vec<ReceiverReport>,
@@ -500,6 +517,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
 fn empty_report() -> Report {
     Report {
         class_latency: ReaderClass::ALL.iter().map(|_| histogram()).collect(),
+        cross_latency: histogram(),
         timeline: Vec::new(),
         receivers: Vec::new(),
         delivered_in_window: 0,
@@ -541,7 +559,25 @@ fn flush(l: &mut Live, control: &Control, now: u64, report: &mut Report) {
 
 #[cfg(test)]
 mod tests {
-    use super::send_time;
+    use super::{crosses_nodes, send_time, target_of};
+
+    #[test]
+    fn clients_are_spread_round_robin_and_cross_only_between_targets() {
+        // Three targets: clients 0, 3, 6 on the first, 1, 4 on the second, 2, 5 on the third.
+        let on: Vec<usize> = (0..7).map(|c| target_of(c, 3)).collect();
+        assert_eq!(on, vec![0, 1, 2, 0, 1, 2, 0]);
+        assert!(!crosses_nodes(0, 3, 3));
+        assert!(!crosses_nodes(4, 1, 3));
+        assert!(crosses_nodes(0, 1, 3));
+        assert!(crosses_nodes(5, 3, 3));
+        // Of 4 publishers x 4 receivers on two targets, the 8 pairs on different ones cross.
+        let crossing = (0..4)
+            .flat_map(|p| (0..4).map(move |r| (p, r)))
+            .filter(|&(p, r)| crosses_nodes(p, r, 2));
+        assert_eq!(crossing.count(), 8);
+        // One target: nothing crosses.
+        assert!((0..10).all(|p| (0..10).all(|r| !crosses_nodes(p, r, 1))));
+    }
 
     #[test]
     fn a_burst_takes_the_lines_due_before_the_next_one() {

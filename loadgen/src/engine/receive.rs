@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll};
 
-use super::{histogram, Control, Live, Plan, Report, HIST_MAX_US};
+use super::{crosses_nodes, histogram, Control, Live, Plan, Report, HIST_MAX_US};
 use crate::accounting::Arrival;
 use crate::proto::{self, Event, Protocol, SYNC_PREFIX};
 use crate::reader::{ReaderClass, SLOW_READ_BUF};
@@ -142,6 +142,9 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
                 *in_window += 1;
                 let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
                 let _ = report.class_latency[class].record(us);
+                if crosses_nodes(h.publisher as usize, own as usize, plan.targets) {
+                    let _ = report.cross_latency.record(us);
+                }
                 let second = (now.saturating_sub(start) / 1_000_000_000) as usize;
                 while report.timeline.len() <= second {
                     report.timeline.push((0, histogram()));
