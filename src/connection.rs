@@ -521,7 +521,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr) {
     info!("client disconnected: {addr} ({reason})");
 }
 
-/// Turns away a connection over `max_connections` with N6 (SPEC §2.5).
+/// Turns away a connection over `max_connections` with N6 (docs/protocol.md#admission-and-accept-errors).
 pub async fn refuse_full(shard: Rc<Shard>, stream: TcpStream) {
     let stream = RefCell::new(stream);
     farewell(&stream, notice(CloseReason::ServerFull, 0)).await;
@@ -784,7 +784,7 @@ async fn write_in_flight(shard: &Shard, client: &Client, stream: &RefCell<TcpStr
     }
 }
 
-/// The notice a client gets before the relay closes it, if any (SPEC §1.3).
+/// The notice a client gets before the relay closes it, if any (docs/protocol.md#notices).
 fn notice(reason: CloseReason, max_line_bytes: usize) -> Option<String> {
     Some(match reason {
         CloseReason::InvalidUtf8 => protocol::NOTICE_INVALID_UTF8.to_string(),

@@ -17,7 +17,7 @@ use crate::metrics::{CloseReason, DropReason};
 use crate::shard::Shard;
 use crate::startup::{listen_error, StartupError};
 
-/// Ceiling of the accept-error back-off (SPEC §2.5).
+/// Ceiling of the accept-error back-off (docs/protocol.md#admission-and-accept-errors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The kernel's listen backlog ceiling, used as our backlog.
@@ -51,7 +51,7 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec
     Ok((bound, fds))
 }
 
-/// Admission (SPEC §2.3, §2.5): a quarantined peer is closed at once with no bytes; over
+/// Admission (docs/protocol.md#quarantine, docs/protocol.md#admission-and-accept-errors): a quarantined peer is closed at once with no bytes; over
 /// `max_connections` the client gets N6; everyone else gets a connection task.
 fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
     if shard.shared.quarantine.contains(addr, Instant::now()) {

@@ -1,4 +1,4 @@
-//! Logging (SPEC §3 `logger.*`, §4): tracing events written in the Summoner form
+//! Logging (docs/protocol.md#configuration `logger.*`, docs/protocol.md#command-line): tracing events written in the Summoner form
 //! `<date> - <name> - <LEVEL> - <message>` with Python's level names (WARNING), or with
 //! `enable_json_log` as one JSON object per line (`timestamp`, `level`, `name`, `message`,
 //! then the event's structured fields), to stderr (`enable_console_log`) and/or appended to

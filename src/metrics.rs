@@ -1,4 +1,4 @@
-//! Per-shard counters (SPEC §6), the one [`CloseReason`] enum that logs, counters and tests
+//! Per-shard counters (docs/protocol.md#observability), the one [`CloseReason`] enum that logs, counters and tests
 //! share, and [`DropReason`] for everything that was not delivered. Each shard is the only
 //! writer of its [`ShardStats`] and logs them when it stops; the admin thread
 //! ([`crate::admin`]) reads them at any time through [`ShardStats::snapshot`].

@@ -1,4 +1,4 @@
-//! The wire protocol (SPEC §1): inbound line framing, the outbound JSON envelope and the
+//! The wire protocol (docs/protocol.md#wire-protocol): inbound line framing, the outbound JSON envelope and the
 //! notice texts. Pure functions over byte slices; the connection module feeds it socket
 //! reads, the load generator and the tests use it to check what comes back.
 //!
@@ -96,7 +96,7 @@ impl Framer {
         Ok(())
     }
 
-    /// Ends the stream: a final unterminated line is returned as a message (SPEC §1.1).
+    /// Ends the stream: a final unterminated line is returned as a message (docs/protocol.md#inbound-framing).
     pub fn finish(&mut self, on_line: impl FnOnce(&str)) -> Result<(), FrameError> {
         if self.partial.is_empty() {
             return Ok(());
@@ -137,7 +137,7 @@ const ESCAPE: [u8; 256] = {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Appends `s` to `out` escaped as the inside of a JSON string (SPEC §1.2).
+/// Appends `s` to `out` escaped as the inside of a JSON string (docs/protocol.md#the-envelope).
 pub fn escape_json_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;

@@ -1,4 +1,4 @@
-//! The quarantine table (SPEC §2.3), one for the whole process, shared by every shard.
+//! The quarantine table (docs/protocol.md#quarantine), one for the whole process, shared by every shard.
 //!
 //! A consumer closed as `slow_consumer` is a strike against its key (the peer IP, or its
 //! ip:port); `strikes` strikes within [`STRIKE_WINDOW`] quarantine the key for the cooldown,

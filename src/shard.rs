@@ -741,7 +741,7 @@ impl Shard {
         self.stats.on_sender_pause(start.elapsed());
     }
 
-    /// Asks every idle client to close (SPEC §2.4); one sweep per shard.
+    /// Asks every idle client to close (docs/protocol.md#idle-timeout); one sweep per shard.
     fn sweep_idle(&self, timeout: Duration, now: Instant) {
         for client in self.clients.borrow().values() {
             if now.saturating_duration_since(client.last_inbound()) >= timeout {

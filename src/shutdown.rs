@@ -1,4 +1,4 @@
-//! Shutdown (SPEC §2.6): the main thread catches SIGINT/SIGTERM and triggers a
+//! Shutdown (docs/protocol.md#shutdown): the main thread catches SIGINT/SIGTERM and triggers a
 //! [`ShutdownSignal`] that every shard awaits. Each shard then stops accepting, stops
 //! reading, flushes its last batch to its peers and closes its mesh senders; a client is
 //! closed once every batch bound for it has been delivered: its outbox is flushed, then N3,

@@ -1,4 +1,4 @@
-//! Start-up checks (SPEC §5), run by [`crate::run`] before any shard starts: each failure
+//! Start-up checks (docs/protocol.md#start-up-checks), run by [`crate::run`] before any shard starts: each failure
 //! is one sentence that says what is wrong and how to fix it, and nothing is left
 //! half-started. The limits themselves are read (and the open-file limit raised) in
 //! [`crate::machine`].
