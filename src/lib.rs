@@ -61,6 +61,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use config::Config;
+use metrics::ShardState;
 use shard::{ShardEvent, Shared};
 use startup::StartupError;
 
@@ -103,6 +104,11 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new executor may take to run its first task before the main thread wakes it
 /// (it takes microseconds unless glommio parked it; see `shard::kick`).
 const FIRST_RUN_PATIENCE: Duration = Duration::from_millis(100);
+/// A running shard whose heartbeat (every `shard::HEARTBEAT_INTERVAL`) is older than this
+/// is woken with [`shard::kick`]: glommio 0.9 can park a running executor with its tasks
+/// queued, the heartbeat's among them, and then nothing is armed to wake it (see
+/// `shard::kick`). A shard that is merely busy loses nothing by the signal.
+const HEARTBEAT_PATIENCE: Duration = Duration::from_millis(750);
 
 /// Resolves the listen address; a hostname takes its first address.
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
@@ -288,8 +294,10 @@ fn control_loop(
     let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
     let mut stopped = 0;
     let mut next_purge = Instant::now() + purge_every;
+    let mut next_watch = Instant::now() + shard::HEARTBEAT_INTERVAL;
     loop {
-        let wake_at = drain.as_ref().map_or(next_purge, |d| d.deadline.min(next_purge));
+        let next = next_purge.min(next_watch);
+        let wake_at = drain.as_ref().map_or(next, |d| d.deadline.min(next));
         crossbeam_channel::select! {
             recv(signals) -> sig => {
                 let name = signal_name(sig.ok());
@@ -323,6 +331,10 @@ fn control_loop(
                     shared.quarantine.purge(now);
                     next_purge = now + purge_every;
                 }
+                if now >= next_watch {
+                    wake_parked_shards(shared, &handles);
+                    next_watch = now + shard::HEARTBEAT_INTERVAL;
+                }
             }
         }
     }
@@ -338,6 +350,21 @@ fn test_listen_delay() {
         .and_then(|v| v.parse().ok())
     {
         std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Kicks every running shard whose heartbeat is older than [`HEARTBEAT_PATIENCE`].
+fn wake_parked_shards(shared: &Shared, handles: &[shard::ShardThread]) {
+    let now_ms = shared.clock_ms();
+    for (id, handle) in handles.iter().enumerate() {
+        let stats = &shared.stats[id];
+        let age = now_ms.saturating_sub(stats.last_heartbeat_ms());
+        let running = matches!(stats.state(), ShardState::Running | ShardState::Draining);
+        if running && age > HEARTBEAT_PATIENCE.as_millis() as u64 {
+            tracing::debug!("shard {id}: no heartbeat for {age} ms; waking it");
+            stats.on_kick();
+            shard::kick(handle);
+        }
     }
 }
 

@@ -917,10 +917,11 @@ pub fn spawn_all(
 /// 2 ms preempt timer, then `run_task_queues` returns at once, running nothing, if that
 /// timer has already fired (the thread was descheduled in between, as happens when
 /// several shards share a CPU); the park that follows counts only wakers woken in that
-/// pass and sleeps. A running shard recovers at its next timer or socket event (its
-/// heartbeat is at most 250 ms away), but a new executor has nothing armed, so its first
-/// task, the shard itself, can wait forever: 22 starts of 8 to 32 shards on 2 CPUs hung
-/// about once in ten series without this. The signal makes the sleep return `EINTR`,
+/// pass and sleeps. A new executor has nothing armed, so its first task, the shard
+/// itself, can wait forever: 22 starts of 8 to 32 shards on 2 CPUs hung about once in ten
+/// series without this. A running shard can be caught the same way once the task queued
+/// is its heartbeat's (no timer is armed until that task runs): one such hang was seen in
+/// a test, so the control loop also kicks any shard whose heartbeat has gone stale. The signal makes the sleep return `EINTR`,
 /// which glommio treats as a wake-up, and the next turn runs the queued task.
 pub fn kick(thread: &ShardThread) {
     // SAFETY: the pthread_t belongs to a thread we have not joined, so it is valid; the

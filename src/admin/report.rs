@@ -154,7 +154,7 @@ impl std::fmt::Debug for ShardCollector {
 /// One per-shard series family: name (without prefix), help, type, and the value.
 type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
 
-const SERIES: [Series; 13] = [
+const SERIES: [Series; 14] = [
     (
         "connections",
         "Connections currently open on the shard.",
@@ -214,6 +214,12 @@ const SERIES: [Series; 13] = [
         "Total time of those pauses, in milliseconds.",
         MetricType::Counter,
         |s| s.sender_pause_ms,
+    ),
+    (
+        "kicks",
+        "Times the main thread woke the shard's thread because its heartbeat was stale (glommio parked it with work queued).",
+        MetricType::Counter,
+        |s| s.kicks,
     ),
     (
         "reads_at_runs",
