@@ -31,8 +31,11 @@
 
 pub mod admin;
 pub mod backpressure;
+pub mod batch;
+pub mod client;
 pub mod config;
 pub mod connection;
+pub mod executor;
 pub mod fanout;
 pub mod limiter;
 pub mod listener;
@@ -46,6 +49,7 @@ pub mod quarantine;
 pub mod ready_set;
 pub mod sd_notify;
 pub mod shard;
+pub mod shared;
 pub mod shutdown;
 pub mod startup;
 
@@ -55,7 +59,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use config::Config;
-use shard::{ShardEvent, Shared};
+use executor::ShardEvent;
+use shared::Shared;
 use startup::StartupError;
 
 /// Why `run` returned with an error.
@@ -95,7 +100,7 @@ impl From<StartupError> for Error {
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a new executor may take to run its first task before the main thread wakes it
-/// (it takes microseconds unless glommio parked it; see `shard::kick`).
+/// (it takes microseconds unless glommio parked it; see `executor::kick`).
 const FIRST_RUN_PATIENCE: Duration = Duration::from_millis(100);
 
 /// Resolves the listen address; a hostname takes its first address.
@@ -189,7 +194,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             ""
         }
     );
-    let handles = shard::spawn_all(shared.clone(), listeners, events_tx)
+    let handles = executor::spawn_all(shared.clone(), listeners, events_tx)
         .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     // Start-up: every shard reports `Started` by the deadline, or the one that did not is
@@ -198,7 +203,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let timeout = startup_timeout();
     let startup_deadline = Instant::now() + timeout;
     let mut started = 0;
-    // Shards whose executor had not run its first task at the last look (see `shard::kick`).
+    // Shards whose executor had not run its first task at the last look (see `executor::kick`).
     let mut waiting_first_run = vec![false; shards];
     let mut next_look = Instant::now() + FIRST_RUN_PATIENCE;
     while started < shards {
@@ -218,10 +223,10 @@ pub fn run(config: Config) -> Result<(), Error> {
                     return Err(startup_failure(&shared, timeout));
                 }
                 for (id, waited) in waiting_first_run.iter_mut().enumerate() {
-                    let waiting = shared.startup_step(id) == shard::StartupStep::FirstRun;
+                    let waiting = shared.startup_step(id) == shared::StartupStep::FirstRun;
                     if waiting && *waited {
                         tracing::debug!("shard {id}: its executor sleeps before its first run; waking it");
-                        shard::kick(&handles[id]);
+                        executor::kick(&handles[id]);
                     }
                     *waited = waiting;
                 }
@@ -274,7 +279,7 @@ fn control_loop(
     shared: &Shared,
     signals: &crossbeam_channel::Receiver<i32>,
     events: &crossbeam_channel::Receiver<ShardEvent>,
-    handles: Vec<shard::ShardThread>,
+    handles: Vec<executor::ShardThread>,
     mut drain: Option<Drain>,
     purge_every: Duration,
 ) -> Result<(), Error> {
@@ -358,9 +363,9 @@ fn startup_timeout() -> Duration {
 
 /// The error for shards that did not start in time: the first one, and its step.
 fn startup_failure(shared: &Shared, timeout: Duration) -> Error {
-    let late: Vec<(usize, shard::StartupStep)> = (0..shared.config.shards)
+    let late: Vec<(usize, shared::StartupStep)> = (0..shared.config.shards)
         .map(|id| (id, shared.startup_step(id)))
-        .filter(|&(_, step)| step != shard::StartupStep::Started)
+        .filter(|&(_, step)| step != shared::StartupStep::Started)
         .collect();
     let within = format_duration(timeout);
     match late.as_slice() {
@@ -416,7 +421,7 @@ fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
 }
 
 /// Collects the reason a shard ended, from its thread's join result.
-fn shard_failure(id: usize, handles: Vec<shard::ShardThread>) -> Error {
+fn shard_failure(id: usize, handles: Vec<executor::ShardThread>) -> Error {
     let detail = handles
         .into_iter()
         .nth(id)

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use socket2::{Domain, Socket, Type};
 
+use crate::connection::{self, Admission};
 use crate::metrics::{CloseReason, DropReason};
 use crate::shard::Shard;
 use crate::startup::{listen_error, StartupError};
 
-/// Ceiling of the accept-error back-off (SPEC §2.5).
+/// Ceiling of the accept-error back-off (docs/protocol.md#admission-and-accept-errors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The kernel's listen backlog ceiling, used as our backlog.
@@ -51,8 +52,10 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec
     Ok((bound, fds))
 }
 
-/// Admission (SPEC §2.3, §2.5): a quarantined peer is closed at once with no bytes; over
-/// `max_connections` the client gets N6; everyone else gets a connection task.
+/// Admission (docs/protocol.md#quarantine, #admission-and-accept-errors): a quarantined peer
+/// is closed at once with no bytes; over `max_connections` the client gets N6 while the
+/// shard has a refusal slot; everyone else gets a connection task, which holds its
+/// connection slot and a pass of the shard's drain until it ends.
 fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
     if shard.shared.quarantine.contains(addr, Instant::now()) {
         shard.stats.on_drop(DropReason::Quarantined, 1);
@@ -60,18 +63,23 @@ fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
         tracing::debug!("refused quarantined peer {addr}");
         return; // dropping the stream closes it
     }
-    if !shard.shared.try_admit() {
+    let Some(slot) = shard.shared.connections.try_take() else {
         shard.stats.on_drop(DropReason::ServerFull, 1);
         tracing::debug!("refused {addr}: server full");
-        if shard.try_start_refusal() {
-            glommio::spawn_local(crate::connection::refuse_full(shard.clone(), stream)).detach();
-        } else {
-            shard.stats.on_close(CloseReason::ServerFull, false);
+        match shard.refusals.try_take() {
+            Some(refusal) => {
+                glommio::spawn_local(connection::refuse_full(shard.clone(), stream, refusal)).detach();
+            }
+            None => shard.stats.on_close(CloseReason::ServerFull, false),
         }
         return;
-    }
+    };
     let _ = stream.set_nodelay(true);
-    glommio::spawn_local(crate::connection::serve(shard.clone(), stream, addr)).detach();
+    let admission = Admission {
+        slot,
+        pass: shard.drain.enter(),
+    };
+    glommio::spawn_local(connection::serve(shard.clone(), stream, addr, admission)).detach();
 }
 
 /// Accepts until the shard stops it; every client gets its own task.

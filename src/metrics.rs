@@ -173,7 +173,7 @@ impl ShardState {
 }
 
 /// Counters owned by one shard: only that shard's thread writes them; the admin thread
-/// reads them. Shared through an `Arc` held by the shard and by [`crate::shard::Shared`].
+/// reads them. Shared through an `Arc` held by the shard and by [`crate::shared::Shared`].
 #[derive(Default)]
 pub struct ShardStats {
     /// Connections accepted (including ones closed at once by admission).
@@ -210,7 +210,7 @@ pub struct ShardStats {
     pub quarantines: Counter,
     /// [`ShardState`] as a `u8`, written by the shard (and by its stop guard).
     state: AtomicU8,
-    /// Milliseconds since [`crate::shard::Shared::epoch`] at the shard's last heartbeat, written
+    /// Milliseconds since [`crate::shared::Shared::epoch`] at the shard's last heartbeat, written
     /// by a timer task on the shard: it stops moving when the shard's thread is stuck.
     heartbeat_ms: Counter,
 }

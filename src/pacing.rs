@@ -16,6 +16,13 @@
 //! New clients fill one slot up to [`SLOT_GROUP`] before the next slot is used, so a shard
 //! with few clients wakes at few ticks. Senders that keep sending are read in *read rounds*,
 //! every [`READ_ROUND_TICKS`] ticks, each read taking all that arrived since.
+//!
+//! This file is the pure clock arithmetic ([`Pacer`], [`pick_slot`]); [`Schedule`] holds a
+//! shard's schedule state and applies these rules to its clients.
+
+mod schedule;
+
+pub use schedule::{Entry, NextRun, Schedule, Scheduled};
 
 use std::time::{Duration, Instant};
 
