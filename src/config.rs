@@ -1,4 +1,4 @@
-//! Configuration (SPEC §3, §4): the clap command line and the Summoner
+//! Configuration (docs/protocol.md#configuration, #command-line): the clap command line and the Summoner
 //! `server_config.json` format, merged into one validated [`Config`].
 //!
 //! Precedence is built-in defaults < file < flags. The file is walked as a
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
-/// The command line (SPEC §4).
+/// The command line (docs/protocol.md#command-line).
 #[derive(Debug, Parser)]
 #[command(
     name = "corecast",
@@ -147,7 +147,7 @@ pub struct LogConfig {
     pub log_keys: Option<Vec<String>>,
 }
 
-/// What a quarantine entry is keyed by (SPEC §2.3).
+/// What a quarantine entry is keyed by (docs/protocol.md#quarantine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuarantineBy {
     /// The peer IP: every port of a misbehaving host is refused.
@@ -156,7 +156,7 @@ pub enum QuarantineBy {
     Addr,
 }
 
-/// `hyper_parameters.backpressure_policy` (SPEC §2.2). Thresholds count messages queued
+/// `hyper_parameters.backpressure_policy` (docs/protocol.md#backpressure). Thresholds count messages queued
 /// for a stalled recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackpressureConfig {
@@ -180,11 +180,11 @@ pub struct Config {
     pub log: LogConfig,
     /// Number of shards, each one executor pinned to its own CPU. Default: usable CPUs.
     pub shards: usize,
-    /// Idle timeout in seconds (SPEC §2.4); `None` disables. Default 300.
+    /// Idle timeout in seconds (docs/protocol.md#idle-timeout); `None` disables. Default 300.
     pub client_timeout_secs: Option<u64>,
     /// Period of the per-shard idle sweep, seconds. Default 30.
     pub timeout_check_interval_secs: u64,
-    /// Token-bucket capacity and per-minute refill (SPEC §2.1); `None` disables. Default 300.
+    /// Token-bucket capacity and per-minute refill (docs/protocol.md#rate-limit); `None` disables. Default 300.
     pub rate_limit_msgs_per_minute: Option<u64>,
     /// First back-off after an accept error, doubling to 1 s. Default 100 ms.
     pub accept_error_backoff_ms: u64,

@@ -1,6 +1,7 @@
-//! Start-up checks (SPEC §5), run by [`crate::run`] before any shard starts: each failure
-//! is one sentence that says what is wrong and how to fix it, and nothing is left
-//! half-started. Also raises the open-file soft limit to its hard limit (SPEC §2.5).
+//! Start-up checks (docs/protocol.md#start-up-checks), run by [`crate::run`] before any
+//! shard starts: each failure is one sentence that says what is wrong and how to fix it,
+//! and nothing is left half-started. Also raises the open-file soft limit to its hard limit
+//! (docs/protocol.md#admission-and-accept-errors).
 
 use std::fmt;
 use std::io;

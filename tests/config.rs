@@ -1,4 +1,5 @@
-//! SPEC §3, §4: config files, flags, `corecast check`, and config errors.
+//! docs/protocol.md#configuration, #command-line: config files, flags, `corecast check`,
+//! and config errors.
 
 use std::process::Output;
 

@@ -1,4 +1,5 @@
-//! SPEC §1.1 limits, §1.3 notices, §2 policies and §6 counters, over real sockets.
+//! docs/protocol.md#inbound-framing limits, #notices notices, #policies policies and
+//! #observability counters, over real sockets.
 
 use std::io::Read;
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! SPEC §1: framing and the byte-exact envelope, over real sockets.
+//! docs/protocol.md#wire-protocol: framing and the byte-exact envelope, over real sockets.
 
 use crate::util::{envelope, Relay};
 
