@@ -1,29 +1,61 @@
 //! corecast: a thread-per-core TCP broadcast relay on glommio (io_uring), wire-compatible
 //! with the Summoner relay server.
 //!
-//! Architecture map (see README "How it works"):
-//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
-//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use) and the
-//!   port guard held for the life of the process; [`preflight`] is what `check` runs too.
-//! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
-//! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
-//! - [`connection`]: one client's reader and writer halves and its outbox.
-//! - [`fanout`]: batches of envelopes, local delivery, and the flush and receiver tasks
-//!   that move batches across the mesh.
-//! - [`mesh`]: the bounded lock-free SPSC channel between shards (std wakers, no connect
-//!   step, not tied to glommio) and the full mesh of them, one per ordered pair.
-//! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
-//! - [`protocol`]: line framing and envelope encoding (pure, no I/O).
-//! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
-//! - [`shutdown`]: the signal that starts every shard's drain.
-//! - [`metrics`]: per-shard counters, the close-reason and drop-reason enums.
-//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
-//!   own thread.
-//! - [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`) for `Type=notify` units.
-//! - [`log`]: console, file and JSON log sinks in the Summoner format.
+//! Architecture map, one room per behaviour. Modules are listed top to bottom and each
+//! uses only modules listed below it (the `layering` test at the end of this file checks
+//! it), so a line can be followed from its read to its writes going down only. See README
+//! "How it works" and docs/design.md.
 //!
-//! Data flow: reader → shard batch → flush task → local outboxes + one SPSC send per peer
-//! shard → peer receiver → its local outboxes → writer (one socket write per drain).
+//! The process ([`run`] drives it):
+//! - [`executor`]: one pinned glommio executor per shard, each on its own thread; a
+//!   shard's start-up steps, its tasks (receivers, flush task, timers, accept loop) and
+//!   its drain.
+//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use), the
+//!   port guard held for the life of the process, and the listening sockets;
+//!   [`preflight`] is what `check` runs too.
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
+//!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
+//!
+//! One shard, from an accepted socket to the writes it causes:
+//! - [`listener`]: the accept loop and admission (quarantine, connection slots and refusal
+//!   slots, both RAII guards).
+//! - [`connection`]: one client's task: `connection/reader.rs` (framing, rate limit, sender
+//!   pauses), `connection/writer.rs` (drains a stalled outbox), the close path and notices.
+//! - [`shard`]: the per-shard context those tasks share: its fan-out, its drain, its
+//!   refusal slots, the readers' scratch buffer.
+//! - [`fanout`]: the component that owns the fan-out state (clients, outgoing batch, write
+//!   schedule) and the tasks that drive it: the flush task and a receive loop per peer
+//!   (`fanout/flush.rs`); stall tracking and the slow-consumer close (`fanout/stalls.rs`);
+//!   read scheduling, read rounds and the ready set (`fanout/reads.rs`).
+//! - [`client`]: one recipient's outbox and the socket writes that drain it; a write
+//!   returns what happened ([`client::WriteOutcome`], [`client::Written`]).
+//! - [`pacing`]: the tick clock and the write schedule ([`pacing::Schedule`]).
+//! - [`batch`]: envelopes encoded once and shared by every recipient; the ledger of queued
+//!   memory.
+//!
+//! Shared between shards:
+//! - [`shared`]: what all shards share on purpose (config, policies, quarantine, published
+//!   stages and queued memory, connection slots, counters, start-up steps).
+//! - [`shutdown`]: the signal that starts every shard's drain, and a shard's drain state.
+//! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
+//!
+//! Leaves (pure, or one system facility each):
+//! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
+//! - [`protocol`]: line framing and envelope encoding (no I/O).
+//! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
+//!   in) and the per-shard counters with the close-reason and drop-reason enums.
+//! - [`log`]: console, file and JSON log sinks in the Summoner format.
+//! - [`notify`]: the shard-local wake-ups tasks wait on.
+//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
+//!
+//! A line's path: `connection/reader.rs` frames it → [`fanout::Fanout::relay`] appends its
+//! envelope to the shard's outgoing batch → the flush task (`fanout/flush.rs`) takes the
+//! batch at its next run → [`fanout::Fanout::deliver`] queues it in every local
+//! [`client::Client`]'s outbox, and [`fanout::Peers`] hands it to every peer shard, whose
+//! [`fanout::receive_loop`] delivers it the same way → the write schedule says who is due
+//! → [`client::Client::write_now`] writes each with one `sendmsg`. A socket that refuses
+//! data returns [`client::WriteOutcome::Stalled`]: `fanout/stalls.rs` applies the
+//! backpressure policy, and `connection/writer.rs` drains the rest when there is room.
 //!
 //! Start-up: [`run`] spawns the shards and waits up to 10 s for each to report that it is
 //! accepting; a shard that does not is named with the step it is stuck at, and a signal
@@ -169,7 +201,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     startup::check_port_free(addr)?;
     #[cfg(debug_assertions)]
     test_listen_delay();
-    let (bound, listeners) = listener::bind_listeners(addr, config.shards)?;
+    let (bound, listeners) = startup::bind_listeners(addr, config.shards)?;
     // Bound now so that a bad admin address stops start-up before any shard runs.
     let admin = match config.admin_addr {
         Some(addr) => Some(admin::bind(addr).map_err(|e| Error::Admin {
@@ -438,4 +470,111 @@ fn shard_failure(id: usize, handles: Vec<executor::ShardThread>) -> Error {
         })
         .unwrap_or_default();
     Error::Shard(format!("shard {id} stopped: {detail}"))
+}
+
+#[cfg(test)]
+mod layering {
+    //! Checks the architecture map above: every `crate::x` a top-level module names (outside
+    //! comments and its unit tests) is listed below it in [`LAYERS`].
+
+    /// The crate's top-level modules, top to bottom, as the map lists them.
+    const LAYERS: &[&str] = &[
+        "executor",
+        "startup",
+        "admin",
+        "sd_notify",
+        "listener",
+        "connection",
+        "shard",
+        "fanout",
+        "client",
+        "pacing",
+        "batch",
+        "shared",
+        "shutdown",
+        "mesh",
+        "ready_set",
+        "protocol",
+        "limiter",
+        "quarantine",
+        "metrics",
+        "backpressure",
+        "log",
+        "notify",
+        "config",
+    ];
+
+    /// Upward uses still to remove: `config`'s defaults read machine facts that live in
+    /// `shard` and `startup` until they move to a leaf of their own.
+    const PENDING: &[(&str, &str)] = &[("config", "shard"), ("config", "startup")];
+
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The code of a file without its comments and its `#[cfg(test)] mod tests`.
+    fn code(text: &str) -> String {
+        let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        text.lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The top-level modules `code` names, as `crate::x` or inside `use crate::{x, ...}`.
+    fn uses(code: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for (i, _) in code.match_indices("crate::") {
+            let rest = &code[i + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let group = &group[..group.find("};").unwrap_or(group.len())];
+                for part in group.split(',') {
+                    let part = part.trim();
+                    let name: String = part.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    names.push(name);
+                }
+            } else {
+                names.push(rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect());
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_module_uses_only_modules_below_it_in_the_map() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        let mut upward = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+            let module = rel.split('/').next().unwrap().trim_end_matches(".rs").to_string();
+            if module == "lib" || module == "main" {
+                continue;
+            }
+            seen.insert(module.clone());
+            let Some(level) = LAYERS.iter().position(|m| *m == module) else {
+                panic!("module {module} ({rel}) is not in the map");
+            };
+            for used in uses(&code(&std::fs::read_to_string(&file).unwrap())) {
+                let Some(used_level) = LAYERS.iter().position(|m| *m == used) else {
+                    continue;
+                };
+                let pending = PENDING.contains(&(module.as_str(), used.as_str()));
+                if used_level <= level && used != module && !pending {
+                    upward.push(format!("{rel} uses {used}"));
+                }
+            }
+        }
+        assert!(upward.is_empty(), "modules using modules above them: {upward:?}");
+        assert_eq!(seen.len(), LAYERS.len(), "the map lists modules that do not exist");
+    }
 }
