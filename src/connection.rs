@@ -31,6 +31,7 @@ use crate::shard::{RefusalSlot, Shard};
 use crate::shared::ConnectionSlot;
 use crate::shutdown::ConnectionPass;
 use reader::read_half;
+pub use reader::ReadScratch;
 use writer::{flush_outbox, write_half, write_in_flight};
 
 /// Bound on sending a closing notice and draining unread input before the final close.
@@ -48,7 +49,13 @@ pub struct Admission {
 
 /// Runs one admitted connection to its end. What `admission` holds is given back when
 /// this returns.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr, admission: Admission) {
+pub async fn serve(
+    shard: Rc<Shard>,
+    scratch: Rc<ReadScratch>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    admission: Admission,
+) {
     let membership = shard.fanout.join(addr, stream.as_raw_fd());
     let client = membership.client().clone();
     info!("client connected: {addr} (shard {})", shard.id);
@@ -59,7 +66,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, addr: SocketAddr, admiss
     let halves = or(
         client.close_requested(),
         or(
-            read_half(&shard, &client, &stream),
+            read_half(&shard, &scratch, &client, &stream),
             write_half(&shard, &client, &stream),
         ),
     );

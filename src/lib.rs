@@ -22,7 +22,7 @@
 //! - [`connection`]: one client's task: `connection/reader.rs` (framing, rate limit, sender
 //!   pauses), `connection/writer.rs` (drains a stalled outbox), the close path and notices.
 //! - [`shard`]: the per-shard context those tasks share: its fan-out, its drain, its
-//!   refusal slots, the readers' scratch buffer.
+//!   refusal slots.
 //! - [`fanout`]: the component that owns the fan-out state (clients, outgoing batch, write
 //!   schedule) and the tasks that drive it: the flush task and a receive loop per peer
 //!   (`fanout/flush.rs`); stall tracking and the slow-consumer close (`fanout/stalls.rs`);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
 
-use crate::connection::{self, Admission};
+use crate::connection::{self, Admission, ReadScratch};
 use crate::metrics::{CloseReason, DropReason};
 use crate::shard::Shard;
 
@@ -21,7 +21,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// is closed at once with no bytes; over `max_connections` the client gets N6 while the
 /// shard has a refusal slot; everyone else gets a connection task, which holds its
 /// connection slot and a pass of the shard's drain until it ends.
-fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
+fn admit(shard: &Rc<Shard>, scratch: &Rc<ReadScratch>, stream: glommio::net::TcpStream, addr: SocketAddr) {
     if shard.shared.quarantine.contains(addr, Instant::now()) {
         shard.stats.on_drop(DropReason::Quarantined, 1);
         shard.stats.on_close(CloseReason::Quarantined, false);
@@ -44,7 +44,14 @@ fn admit(shard: &Rc<Shard>, stream: glommio::net::TcpStream, addr: SocketAddr) {
         slot,
         pass: shard.drain.enter(),
     };
-    glommio::spawn_local(connection::serve(shard.clone(), stream, addr, admission)).detach();
+    glommio::spawn_local(connection::serve(
+        shard.clone(),
+        scratch.clone(),
+        stream,
+        addr,
+        admission,
+    ))
+    .detach();
 }
 
 /// Accepts until the shard stops it; every client gets its own task.
@@ -53,6 +60,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     let mut backoff = first_backoff;
     let mut errors_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
+    let scratch = ReadScratch::new();
     loop {
         match listener.accept().await {
             Ok(stream) => {
@@ -69,7 +77,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     );
                     continue;
                 };
-                admit(&shard, stream, addr);
+                admit(&shard, &scratch, stream, addr);
             }
             Err(e) => {
                 errors_since_log += 1;

@@ -1,13 +1,13 @@
 //! One shard's context: what every task on the shard (its accept loop, connection tasks,
 //! flush task, receivers and timers) shares through an `Rc`. It is a handful of handles,
-//! each owning its own state: the shard's [`Fanout`], its [`Drain`], its refusal slots and
-//! the scratch buffer its readers read into, plus the process-wide [`Shared`] and this
-//! shard's counters. `executor` builds it; `listener` and `connection` use it.
+//! each owning its own state: the shard's [`Fanout`], its [`Drain`] and its refusal slots,
+//! plus the process-wide [`Shared`] and this shard's counters. `executor` builds it;
+//! `listener` and `connection` use it.
 //!
 //! Also, for now, two machine facts ([`IO_MEMORY_BYTES`], [`usable_cpus`]) that `config`,
 //! `startup` and `executor` read; they belong in a leaf module of their own.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -20,8 +20,6 @@ use crate::shutdown::Drain;
 /// glommio's DMA buffer arena per executor. TCP never uses it, and glommio registers it
 /// with three rings against RLIMIT_MEMLOCK, so it is kept at glommio's minimum.
 pub const IO_MEMORY_BYTES: usize = 64 << 10;
-/// One read's worth of input, shared by all readers on the shard.
-const READ_SCRATCH_BYTES: usize = 64 << 10;
 /// N6 refusals a shard sends at once; past this a refused connection is just closed.
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 
@@ -35,8 +33,6 @@ pub struct Shard {
     pub drain: Rc<Drain>,
     /// N6 refusals in progress.
     pub refusals: RefusalSlots,
-    /// Every reader's read lands here; see `connection/reader.rs`.
-    read_scratch: RefCell<Box<[u8]>>,
 }
 
 impl Shard {
@@ -50,7 +46,6 @@ impl Shard {
             stats,
             shared,
             refusals: RefusalSlots::default(),
-            read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice()),
         }
     }
 
@@ -60,12 +55,6 @@ impl Shard {
 
     pub fn is_shutting_down(&self) -> bool {
         self.drain.is_started()
-    }
-
-    /// The buffer every reader on the shard reads into. Borrow it only inside one poll or
-    /// `recv`, and consume what it holds before the next `.await`.
-    pub fn read_scratch(&self) -> &RefCell<Box<[u8]>> {
-        &self.read_scratch
     }
 }
 

@@ -1,4 +1,4 @@
-//! A connection's reader half: reads into the shard's scratch buffer, frames lines,
+//! A connection's reader half: reads into the shard's [`ReadScratch`], frames lines,
 //! applies the token bucket and hands lines to the shard's fan-out; holds the sender back
 //! when backpressure or the process-wide bound on queued memory says so.
 //!
@@ -29,6 +29,21 @@ use crate::shard::Shard;
 const EMPTY_TURNS: u32 = 2;
 /// How often a sender held back by flow control or the process-wide bound looks again.
 const PAUSE_POLL: Duration = Duration::from_millis(10);
+/// One read's worth of input.
+const READ_SCRATCH_BYTES: usize = 64 << 10;
+
+/// The buffer every reader on a shard reads into (the accept loop makes one and hands it
+/// to each connection). A reader borrows it only inside one poll or `recv` and consumes
+/// what it holds before its next `.await`, so no other reader can overwrite its bytes.
+pub struct ReadScratch(RefCell<Box<[u8]>>);
+
+impl ReadScratch {
+    pub fn new() -> Rc<ReadScratch> {
+        Rc::new(ReadScratch(RefCell::new(
+            vec![0; READ_SCRATCH_BYTES].into_boxed_slice(),
+        )))
+    }
+}
 
 /// How a reader's next read happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +68,12 @@ enum NextRead {
 /// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
 ///   first run that finds its socket readable (see `Reads::read_at_runs`); when the shard
 ///   stops running often, it goes back to readiness.
-pub async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStream>) -> CloseReason {
+pub async fn read_half(
+    shard: &Shard,
+    scratch: &ReadScratch,
+    client: &Rc<Client>,
+    stream: &RefCell<TcpStream>,
+) -> CloseReason {
     let config = shard.config();
     let fanout = &shard.fanout;
     let reads = fanout.reads();
@@ -70,14 +90,14 @@ pub async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpS
         let read = match std::mem::replace(&mut next, NextRead::Readiness) {
             NextRead::Readiness => {
                 poll_fn(|cx| {
-                    let mut scratch = shard.read_scratch().borrow_mut();
+                    let mut scratch = scratch.0.borrow_mut();
                     Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
                 })
                 .await
             }
             how => {
                 // A statement of its own: the borrows must end before any `.await` below.
-                let read = recv_now(stream.borrow().as_raw_fd(), &mut shard.read_scratch().borrow_mut());
+                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut());
                 match read {
                     Some(read) => {
                         shard.stats.on_read_at_run();
@@ -117,7 +137,7 @@ pub async fn read_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpS
         let result = if n == 0 {
             framer.finish(&mut on_line)
         } else {
-            let scratch = shard.read_scratch().borrow();
+            let scratch = scratch.0.borrow();
             framer.feed(&scratch[..n], &mut on_line)
         };
         if notify {
