@@ -47,7 +47,7 @@ const SLOT_ORDER: [usize; SLOTS as usize] = [0, 4, 2, 6, 1, 5, 3, 7];
 pub const READ_ROUND_TICKS: u64 = 3;
 
 /// The slot for a new client, given how many clients each slot has: the first slot in
-/// [`SLOT_ORDER`] with room in its group, else the emptiest.
+/// `SLOT_ORDER` with room in its group, else the emptiest.
 pub fn pick_slot(load: &[usize]) -> usize {
     SLOT_ORDER
         .into_iter()

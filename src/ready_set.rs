@@ -72,7 +72,7 @@ impl ReadySet {
     }
 
     /// Calls `f` with the id of every member whose socket is readable now (data, end of
-    /// stream or an error), up to [`MAX_EVENTS`]. Does not wait.
+    /// stream or an error), up to `MAX_EVENTS`. Does not wait.
     pub fn for_each_ready(&self, mut f: impl FnMut(u64)) {
         if self.is_empty() {
             return;

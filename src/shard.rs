@@ -59,7 +59,7 @@ impl Shard {
 }
 
 /// The shard's N6 refusals in progress (each holds a descriptor for up to the farewell
-/// timeout), at most [`MAX_REFUSALS_IN_PROGRESS`].
+/// timeout), at most `MAX_REFUSALS_IN_PROGRESS`.
 #[derive(Default)]
 pub struct RefusalSlots {
     taken: Rc<Cell<usize>>,

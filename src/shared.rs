@@ -21,7 +21,7 @@ use crate::shutdown::ShutdownSignal;
 pub enum StartupStep {
     /// Its thread exists and is creating its glommio executor (io_uring rings, buffers).
     CreatingExecutor = 0,
-    /// Its executor exists and has not yet run the shard's first task (see [`kick`]).
+    /// Its executor exists and has not yet run the shard's first task (see [`kick`](crate::executor::kick)).
     FirstRun = 1,
     /// Building its per-shard context (its epoll set, buffers).
     SettingUp = 2,

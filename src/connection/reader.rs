@@ -205,7 +205,7 @@ fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
 }
 
 /// Holds back a sender whose read just relayed lines while a recipient anywhere is
-/// behind (docs/protocol.md, "Backpressure"): throttle sleeps `throttle_delay_ms`; flow
+/// behind (docs/protocol.md#backpressure): throttle sleeps `throttle_delay_ms`; flow
 /// control waits until no recipient is at that stage (each recipient's allowance bounds
 /// it). Returns after no wait when nobody is behind.
 async fn pause_sender(shard: &Shard) {

@@ -1,11 +1,11 @@
 //! Read scheduling: when a shard's readers read, so that the lines they frame join the
 //! flush task's next run instead of each read waking the shard on its own.
 //!
-//! - A sender that keeps sending waits for the next *read round* on [`Reads::turn`], which
+//! - A sender that keeps sending waits for the next *read round* (a read turn), which
 //!   the flush task releases at the start of a run (see `pacing`).
 //! - An occasional sender on a busy shard waits in the shard's [`ReadySet`] and is woken
 //!   by the first run that finds its socket readable. Only while the flush task's next run
-//!   is at most [`READY_SET_TICKS`] away: otherwise nothing would read it in time, and it
+//!   is at most `READY_SET_TICKS` away: otherwise nothing would read it in time, and it
 //!   goes back to readiness.
 //!
 //! The readers themselves are in `connection/reader.rs`; the flush task drives this.
@@ -33,7 +33,7 @@ pub struct Reads {
     /// Occasional senders read at the flush task's runs (`None` if the kernel refused an
     /// epoll set: then every reader uses readiness).
     ready_set: Option<ReadySet>,
-    /// The flush task's next run is within [`READY_SET_TICKS`]: readers may join the set.
+    /// The flush task's next run is within `READY_SET_TICKS`: readers may join the set.
     runs_soon: Cell<bool>,
 }
 
@@ -72,7 +72,7 @@ impl Reads {
     /// Puts an occasional sender's socket in the ready set, to be read at the flush task's
     /// runs instead of through a readiness wake-up of its own (each costs the shard an
     /// io_uring completion, a task wake-up and often a wake-up of its thread). Only while
-    /// the next run is near (see [`READY_SET_TICKS`]). False if the reader should wait for
+    /// the next run is near (see `READY_SET_TICKS`). False if the reader should wait for
     /// readiness instead.
     pub fn read_at_runs(&self, client: &Client) -> bool {
         let Some(set) = &self.ready_set else {
