@@ -168,3 +168,57 @@ impl Stalls {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, Ledger};
+    use crate::config::Config;
+    use crate::pacing::Entry;
+
+    fn stalls(config: Config) -> (Stalls, Arc<Shared>) {
+        let shared = Arc::new(Shared::new(config));
+        (Stalls::new(0, shared.clone(), shared.stats[0].clone()), shared)
+    }
+
+    /// A stalled client with `n` envelopes of `len` bytes queued.
+    fn stalled_client(id: u64, n: usize, len: usize) -> Rc<Client> {
+        let client = Rc::new(Client::new(id, "127.0.0.1:5".parse().unwrap(), -1, Entry::new(0)));
+        let mut b = BatchBuilder::default();
+        for _ in 0..n {
+            b.push(1, &"x".repeat(len), "127.0.0.1:6");
+        }
+        client.enqueue(&Ledger::detached().pin(Arc::new(b.take())));
+        assert!(client.mark_stalled());
+        client
+    }
+
+    #[test]
+    fn a_stalled_recipient_raises_the_shards_stage_until_it_catches_up() {
+        let (stalls, shared) = stalls(Config::default());
+        let throttle = Config::default().backpressure.throttle_threshold as usize;
+        let client = stalled_client(7, throttle + 1, 10);
+        stalls.on_stall(&client);
+        assert_eq!(shared.shard_stage(0), Stage::Throttle);
+        assert!(!client.is_closing());
+        stalls.on_caught_up(&client);
+        assert_eq!(shared.shard_stage(0), Stage::None);
+    }
+
+    #[test]
+    fn a_recipient_over_max_pending_bytes_is_closed_as_a_slow_consumer_once() {
+        let mut config = Config::default();
+        config.max_pending_bytes = 1000;
+        let (stalls, shared) = stalls(config);
+        let client = stalled_client(8, 20, 100);
+        stalls.on_stall(&client);
+        assert!(client.is_closing());
+        stalls.on_more_queued(&client, Instant::now());
+        let by_rule = shared.stats[0].snapshot().slow_consumer_by_rule;
+        let bytes = Rule::ALL.iter().position(|r| *r == Rule::Bytes).unwrap();
+        assert_eq!(by_rule.iter().sum::<u64>(), 1, "one close, one count: {by_rule:?}");
+        assert_eq!(by_rule[bytes], 1);
+        stalls.forget(&client);
+        assert_eq!(shared.shard_stage(0), Stage::None);
+    }
+}
