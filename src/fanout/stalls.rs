@@ -207,9 +207,10 @@ mod tests {
 
     #[test]
     fn a_recipient_over_max_pending_bytes_is_closed_as_a_slow_consumer_once() {
-        let mut config = Config::default();
-        config.max_pending_bytes = 1000;
-        let (stalls, shared) = stalls(config);
+        let (stalls, shared) = stalls(Config {
+            max_pending_bytes: 1000,
+            ..Config::default()
+        });
         let client = stalled_client(8, 20, 100);
         stalls.on_stall(&client);
         assert!(client.is_closing());
