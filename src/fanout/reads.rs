@@ -120,3 +120,58 @@ impl Reads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::pacing::Entry;
+
+    const TICK: Duration = Duration::from_micros(100);
+
+    #[test]
+    fn a_reader_joins_the_ready_set_only_while_runs_are_near_and_is_woken_when_readable() {
+        let reads = Reads::new(0);
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), ours.as_raw_fd(), Entry::new(0));
+        let far = Instant::now() + TICK * (READY_SET_TICKS + 50);
+        reads.set_next_run(NextRun::At(far), Some(TICK), |_| {});
+        assert!(!reads.read_at_runs(&client), "the next run is far: readiness");
+        reads.set_next_run(NextRun::At(Instant::now()), Some(TICK), |_| {});
+        assert!(reads.read_at_runs(&client));
+        let mut woken = Vec::new();
+        assert!(!reads.wake_ready(|id| {
+            woken.push(id);
+            true
+        }));
+        peer.write_all(b"x\n").unwrap();
+        assert!(reads.wake_ready(|id| {
+            woken.push(id);
+            true
+        }));
+        assert_eq!(woken, [3]);
+        // The flush task goes idle: the reader is sent back to readiness.
+        let mut sent_back = Vec::new();
+        reads.set_next_run(NextRun::Idle, Some(TICK), |id| sent_back.push(id));
+        assert_eq!(sent_back, [3]);
+        assert!(!reads.wake_ready(|_| true), "the set is empty");
+    }
+
+    #[test]
+    fn a_read_turn_is_released_only_to_waiting_readers() {
+        let reads = Reads::new(0);
+        assert!(!reads.turn_waiting());
+        assert!(!reads.release_turn());
+        let mut turn = Box::pin(reads.next_turn());
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(turn.as_mut().poll(&mut cx).is_pending());
+        assert!(reads.turn_waiting());
+        assert!(reads.release_turn());
+        assert!(turn.as_mut().poll(&mut cx).is_ready());
+    }
+}
