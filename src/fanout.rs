@@ -1,7 +1,7 @@
 //! Fan-out: the component that owns a shard's fan-out state and the tasks that drive it.
 //!
 //! [`Fanout`] holds the shard's clients, its outgoing batch (lines accepted and not yet
-//! flushed), its write schedule (`pacing::Schedule`), its stall tracking
+//! flushed, `fanout/outgoing.rs`), its write schedule (`pacing::Schedule`), its stall tracking
 //! ([`stalls::Stalls`]) and its read scheduling ([`reads::Reads`]). Readers hand it lines
 //! ([`Fanout::relay`]); the flush task (`fanout/flush.rs`) turns them into one batch per
 //! run, delivers it to every local outbox and to every peer over the mesh, and writes to
@@ -14,6 +14,7 @@
 //! in the order they were sent (docs/protocol.md#ordering-and-delivery).
 
 mod flush;
+mod outgoing;
 pub mod reads;
 pub mod stalls;
 
@@ -26,21 +27,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, MeshEnds, Peers, MESH_CAPACITY};
+pub use outgoing::MAX_OUTGOING_BYTES;
 
-use crate::batch::{Batch, BatchBuilder, Ledger, LocalBatch};
+use crate::batch::{Batch, Ledger, LocalBatch};
 use crate::client::{Client, WriteOutcome, Written};
 use crate::metrics::{CloseReason, DropReason, ShardStats};
-use crate::notify::{Notify, NotifyAll};
+use crate::notify::Notify;
 use crate::pacing::{NextRun, Schedule, Scheduled};
 use crate::protocol;
 use crate::shared::Shared;
 use crate::shutdown::Drain;
+use outgoing::Outgoing;
 use reads::Reads;
 use stalls::Stalls;
-
-/// Encoded bytes a shard may hold unflushed before its readers pause. Readers already
-/// waiting in a read may each add one more read's worth, so this is a soft bound.
-pub const MAX_OUTGOING_BYTES: usize = 4 << 20;
 
 /// One shard's fan-out state.
 pub struct Fanout {
@@ -54,9 +53,7 @@ pub struct Fanout {
     /// The memory this shard's queued envelopes hold, published in [`Shared`].
     ledger: Rc<Ledger>,
     /// Envelopes accepted on this shard and not yet flushed.
-    outgoing: RefCell<BatchBuilder>,
-    /// Releases readers paused because `outgoing` passed [`MAX_OUTGOING_BYTES`].
-    outgoing_drained: NotifyAll,
+    outgoing: Outgoing,
     /// Wakes the flush task when `outgoing` becomes non-empty, when a client becomes due,
     /// and at shutdown.
     flush_wanted: Notify,
@@ -81,8 +78,7 @@ impl Fanout {
             next_client: Cell::new(1),
             rate_limit_notice: Ledger::detached().pin(Arc::new(Batch::notice(protocol::NOTICE_RATE_LIMITED))),
             ledger,
-            outgoing: RefCell::default(),
-            outgoing_drained: NotifyAll::default(),
+            outgoing: Outgoing::default(),
             flush_wanted: Notify::default(),
             schedule: Schedule::new(window, Instant::now()),
             reads: Reads::new(shard_id),
@@ -130,11 +126,9 @@ impl Fanout {
         }
         #[cfg(debug_assertions)]
         test_triggers(line);
-        let mut outgoing = self.outgoing.borrow_mut();
-        if outgoing.is_empty() {
+        if self.outgoing.push(client.id, line, &client.remote_addr) {
             self.flush_wanted.notify();
         }
-        outgoing.push(client.id, line, &client.remote_addr);
     }
 
     /// Queues N1 for a rate-limited client, in order with its envelopes.
@@ -146,22 +140,12 @@ impl Fanout {
     /// Waits while the outgoing batch is over [`MAX_OUTGOING_BYTES`]: the flush task is
     /// behind (a peer ring is full), and readers pause until it catches up.
     pub async fn wait_for_outgoing_room(&self) {
-        while self.outgoing.borrow().len_bytes() >= MAX_OUTGOING_BYTES {
-            self.outgoing_drained.wait().await;
-        }
+        self.outgoing.wait_for_room().await;
     }
 
     /// Takes the batch built so far, if any, and releases paused readers.
     fn take_outgoing(&self) -> Option<Batch> {
-        let batch = {
-            let mut outgoing = self.outgoing.borrow_mut();
-            if outgoing.is_empty() {
-                return None;
-            }
-            outgoing.take()
-        };
-        self.outgoing_drained.notify_all();
-        Some(batch)
+        self.outgoing.take()
     }
 
     /// Queues `batch` for every client on this shard except each envelope's sender, and
@@ -248,7 +232,7 @@ impl Fanout {
     /// When the flush task runs next, given the tick of its last run; readers in the ready
     /// set go back to readiness if that is not soon.
     fn next_run(&self, last: Option<u64>) -> NextRun {
-        let lines = !self.outgoing.borrow().is_empty();
+        let lines = !self.outgoing.is_empty();
         let next = self.schedule.next_run(last, lines, self.reads.turn_waiting());
         let tick = self.schedule.pacer().map(|p| p.tick());
         self.reads.set_next_run(next, tick, |id| {
