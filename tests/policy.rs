@@ -118,14 +118,15 @@ fn with_the_default_three_strikes_a_slow_consumer_reconnects_and_receives_until_
         drop(stuck);
         if strike == 1 {
             // One close locks nobody out: the same host reconnects and receives. A
-            // watcher that has every line of the burst proves the relay has read it all,
-            // so the line after it is the first the reconnected client gets.
+            // watcher that has every line of the burst proves the relay has read it all;
+            // the reconnected client may still get the end of the burst first, from a
+            // peer shard's ring, before the line sent after it connected.
             let mut watcher = relay.connect();
             sender.send(b"burst over\n");
             while watcher.line_str() != sender.envelope("burst over") {}
             let mut back = relay.connect_from(host, None);
             sender.send(b"welcome back\n");
-            assert_eq!(back.line_str(), sender.envelope("welcome back"));
+            while back.line_str() != sender.envelope("welcome back") {}
         }
     }
     // The third strike quarantined the host: a new connection is closed with no bytes...
