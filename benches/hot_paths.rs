@@ -505,7 +505,7 @@ fn thread_cpu_time() -> Duration {
 /// thread used for them.
 fn cpu_for_tick_sleeps(sleeps: u64, glommio_timer: bool) -> Duration {
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .io_memory(corecast::shard::IO_MEMORY_BYTES)
+        .io_memory(corecast::machine::IO_MEMORY_BYTES)
         .spawn(move || async move {
             let before = thread_cpu_time();
             for _ in 0..sleeps {

@@ -7,6 +7,7 @@
 #   cargo build --release --workspace && mkdir -p /tmp/a && cp target/release/corecast{,-loadgen} /tmp/a
 #   (change something, rebuild, copy to /tmp/b)
 #   loadgen/compare-builds.sh "/tmp/a /tmp/b" "100x30 10x30000" 3
+#   loadgen/compare-builds.sh "/tmp/a /tmp/b" "100x30b0 10x30000b0" 3   # per-line writes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source loadgen/run-corecast.sh

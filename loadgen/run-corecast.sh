@@ -35,20 +35,24 @@ loadgen() {
         --no-progress "$@"
 }
 
-# run_corecast LABEL CONFIG_JSON CLIENTS RATE: one fan-out run, one line of results.
+# run_corecast LABEL CONFIG_JSON CLIENTS RATE[bBURST_US]: one fan-out run, one line of
+# results. A rate such as `30000b0` also sets --burst-us (`b0`: one write per line), so a
+# workload `10x30000b0` runs per-line writers.
 run_corecast() {
-    local label=$1 config=$2 clients=$3 rate=$4
+    local label=$1 config=$2 clients=$3 rate=${4%b*} burst=()
+    [[ $4 == *b* ]] && burst=(--burst-us "${4#*b}")
     start_relay "$config"
-    loadgen --clients "$clients" --publishers "$clients" --rate "$rate" --duration "$duration" --warmup 1 \
+    loadgen --clients "$clients" --publishers "$clients" --rate "$rate" "${burst[@]}" --duration "$duration" --warmup 1 \
         >"$scratch/run.txt"
     stop_relay
-    local delivered p99 ns lost gen
+    local delivered p99 ns lost gen closed
     delivered=$(sed -n 's/.*delivered *\([0-9.]*\) msgs\/s.*/\1/p' "$scratch/run.txt")
     p99=$(sed -n 's/.* p99 \([0-9]*\) .*/\1/p' "$scratch/run.txt")
     ns=$(sed -n 's/.*= \([0-9]*\) ns per delivery.*/\1/p' "$scratch/run.txt")
     lost=$(sed -n 's/.*lost \([0-9]*\),.*/\1/p' "$scratch/run.txt")
     gen=$(sed -n 's/.*cpu *loadgen \([0-9.]*\) s.*/\1/p' "$scratch/run.txt")
-    awk -v label="$label" -v wl="T${clients}x${rate}" -v d="$delivered" -v p="$p99" -v n="$ns" \
-        -v wr="$(relay_counter socket_writes)" -v e="$(relay_counter envelopes_out)" -v l="$lost" -v g="$gen" \
-        'BEGIN { printf "%-22s %-10s %10s msgs/s  p99 %6s us  %6s ns/delivery  writes/envelope %.4f  lost %s  generator %s s CPU\n", label, wl, d, p, n, wr / e, l, g }'
+    closed=$(sed -n 's/.*closed by server \([0-9]*\),.*/\1/p' "$scratch/run.txt")
+    awk -v label="$label" -v wl="T${clients}x$4" -v d="$delivered" -v p="$p99" -v n="$ns" \
+        -v wr="$(relay_counter socket_writes)" -v e="$(relay_counter envelopes_out)" -v l="$lost" -v g="$gen" -v c="${closed:-0}" \
+        'BEGIN { printf "%-22s %-12s %10s msgs/s  p99 %6s us  %6s ns/delivery  writes/envelope %.4f  lost %s  closed %s  generator %s s CPU\n", label, wl, d, p, n, (e > 0 ? wr / e : 0), l, c, g }'
 }

@@ -97,6 +97,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub fn spawn(listener: TcpListener, shared: Arc<Shared>, limits: Limits) -> io::Result<()> {
     let mut registry = Registry::with_prefix("corecast");
     registry.register_collector(Box::new(ShardCollector(shared.clone())));
+    if let Some(cluster) = &shared.cluster {
+        registry.register_collector(Box::new(crate::cluster::ClusterCollector(cluster.clone())));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -267,7 +270,7 @@ mod tests {
 
     #[test]
     fn routes_answer_by_method_and_path() {
-        let shared = Arc::new(Shared::new(Config::default()));
+        let shared = Arc::new(Shared::new(Config::defaults_for(&crate::machine::Machine::detect())));
         let app = App {
             registry: Registry::default(),
             shared,

@@ -8,7 +8,8 @@
 //! ([`Stage`]) and whether it must be closed ([`Rule`]).
 //!
 //! The rules, together:
-//! - *Pauses come first.* A recipient with `d` at the throttle threshold makes senders
+//! - *Pauses come first.* A recipient stalled for at least [`BEHIND_AFTER`] with `d` at
+//!   the throttle threshold makes senders
 //!   sleep `throttle_delay` after each read that relayed lines; at the flow-control
 //!   threshold they stop reading until it drops below. A recipient may hold the senders
 //!   back for at most `flow_control_delay` in any `write_deadline` window (its
@@ -21,6 +22,12 @@
 use std::time::{Duration, Instant};
 
 use crate::config::{BackpressureConfig, Config};
+
+/// How long a recipient must have been stalled before its backlog pauses anyone. A reader
+/// that keeps up stalls for moments at high rates (its socket is full while it catches
+/// up: 300 envelopes are a millisecond at 270,000 a second); one that stopped, or a
+/// blocking call in an agent, stays stalled far longer.
+pub const BEHIND_AFTER: Duration = Duration::from_millis(100);
 
 /// The thresholds and delays, copied out of the config.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +101,8 @@ pub struct Lag {
     /// While stalled: the later of the stall's start and the last write that made
     /// progress (the deadline's clock). `None` while the socket keeps up.
     progress_at: Option<Instant>,
+    /// When the current stall began.
+    stalled_since: Option<Instant>,
     /// Since when `d` has stayed at or over the disconnect threshold.
     over_since: Option<Instant>,
     /// The current allowance window and the pause time charged in it.
@@ -107,6 +116,7 @@ impl Lag {
     pub fn new(now: Instant) -> Self {
         Lag {
             progress_at: None,
+            stalled_since: None,
             over_since: None,
             window_start: now,
             charged: Duration::ZERO,
@@ -117,6 +127,7 @@ impl Lag {
     /// The socket refused data.
     pub fn on_stall(&mut self, now: Instant) {
         self.progress_at.get_or_insert(now);
+        self.stalled_since.get_or_insert(now);
     }
 
     /// A write to a stalled socket was accepted (some bytes went out).
@@ -131,6 +142,7 @@ impl Lag {
     pub fn on_caught_up(&mut self, now: Instant) {
         self.charge(now);
         self.progress_at = None;
+        self.stalled_since = None;
         self.over_since = None;
         self.last = None;
     }
@@ -186,7 +198,10 @@ impl Policy {
         } else {
             None
         };
-        let stage = if close.is_some() || lag.charged >= self.flow_control_delay {
+        let fresh = lag
+            .stalled_since
+            .is_none_or(|s| now.saturating_duration_since(s) < BEHIND_AFTER);
+        let stage = if close.is_some() || fresh || lag.charged >= self.flow_control_delay {
             Stage::None
         } else if t.enable_flow_control && d >= t.flow_control_threshold {
             Stage::FlowControl
@@ -210,18 +225,37 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy::from_config(&Config::default())
+        Policy::from_config(&Config::defaults_for(&crate::machine::Machine::detect()))
     }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
 
-    /// A stalled recipient's lag, as the shard sets it up at the stall.
+    /// A recipient stalled since [`BEHIND_AFTER`] before `t0` whose last write went out at
+    /// `t0`: its backlog counts for pauses from `t0` on.
     fn stalled(t0: Instant) -> Lag {
         let mut lag = Lag::new(t0);
-        lag.on_stall(t0);
+        lag.on_stall(t0 - BEHIND_AFTER);
+        lag.on_progress(t0);
         lag
+    }
+
+    #[test]
+    fn a_stall_pauses_nobody_until_it_has_lasted_a_moment() {
+        let p = policy();
+        let t0 = Instant::now();
+        let mut lag = Lag::new(t0);
+        lag.on_stall(t0);
+        assert_eq!(p.observe(&mut lag, 1000, 0, t0 + ms(99)).stage, Stage::None);
+        assert_eq!(
+            p.observe(&mut lag, 1000, 0, t0 + BEHIND_AFTER).stage,
+            Stage::FlowControl
+        );
+        // Caught up and stalled again: the moment starts over.
+        lag.on_caught_up(t0 + ms(200));
+        lag.on_stall(t0 + ms(300));
+        assert_eq!(p.observe(&mut lag, 1000, 0, t0 + ms(350)).stage, Stage::None);
     }
 
     #[test]
@@ -260,7 +294,7 @@ mod tests {
         // Catching up and falling behind again in the same window gives nothing new...
         lag.on_caught_up(t);
         lag.on_stall(t + ms(100));
-        assert_eq!(p.observe(&mut lag, 1000, 0, t + ms(100)).stage, Stage::None);
+        assert_eq!(p.observe(&mut lag, 1000, 0, t + ms(300)).stage, Stage::None);
         // ...until the next window.
         let next = t0 + p.write_deadline;
         lag.on_progress(next);

@@ -1,10 +1,19 @@
-//! Configuration (docs/protocol.md#configuration, #command-line): the clap command line and the Summoner
+//! Configuration (docs/protocol.md#configuration, docs/protocol.md#command-line): the clap command line and the Summoner
 //! `server_config.json` format, merged into one validated [`Config`].
 //!
-//! Precedence is built-in defaults < file < flags. The file is walked as a
-//! `serde_json::Value` rather than deserialised into structs so that every error names
-//! its JSON path and every unknown key can be reported with the closest known one.
-//! Nothing outside this module sees raw CLI or JSON types.
+//! Precedence is built-in defaults < file < flags. The defaults that depend on the machine
+//! come from a [`Machine`] passed in, so this module reads nothing itself. The file is
+//! walked as a `serde_json::Value` by `Section`, which names the JSON path, the expected
+//! type and range, and what was found in every error, and reports each unknown key with the
+//! closest known one. (serde derive with `serde_path_to_error` and `serde_ignored` gave the
+//! same messages, but only with a checked leaf type per value kind, a pre-check that
+//! sections are objects and a probe for the declared keys: more lines, not fewer.) Nothing
+//! outside this module sees raw CLI or JSON types.
+//!
+//! A new nested section (say `hyper_parameters.cluster`, an object or `null`) is a field of
+//! [`Config`], a `section` or `nullable_section` call in its parent's `apply_*` that reads
+//! its keys and ends with `finish` (which warns of the unknown ones), a line in `to_json`,
+//! and a flag in [`ServeArgs`] applied in `apply_args` if it has one.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
+
+use crate::machine::Machine;
 
 /// The command line (docs/protocol.md#command-line).
 #[derive(Debug, Parser)]
@@ -61,6 +72,10 @@ pub struct ServeArgs {
     /// logs it). Off unless given here or as hyper_parameters.admin_addr.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
+    /// Join a cluster over this NATS server (repeatable: list every server of the NATS
+    /// cluster); replaces hyper_parameters.cluster.nats, subject "corecast" by default.
+    #[arg(long = "cluster-nats", value_name = "URL")]
+    pub cluster_nats: Vec<String>,
 }
 
 /// A configuration problem; the process exits 78 (EX_CONFIG) before binding anything.
@@ -232,13 +247,18 @@ pub struct Config {
     /// Where the admin HTTP endpoint (`/metrics`, `/healthz`, `/stats`) listens; `None`
     /// (the default) serves none. It has no authentication: bind it to loopback.
     pub admin_addr: Option<SocketAddr>,
+    /// `hyper_parameters.cluster`: the NATS cluster this node joins (see `cluster`); `None`
+    /// (the default) is a single node, with no uplink thread and no cost.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
 pub const FD_RESERVE: u64 = 64;
 
-impl Default for Config {
-    fn default() -> Self {
+impl Config {
+    /// The built-in defaults, which depend on the machine only through `machine`: one shard
+    /// per usable CPU, and `max_connections` from the open-file hard limit.
+    pub fn defaults_for(machine: &Machine) -> Config {
         Config {
             host: "127.0.0.1".into(),
             port: 8888,
@@ -252,7 +272,7 @@ impl Default for Config {
                 date_format: "%Y-%m-%d %H:%M:%S.%3f".into(),
                 log_keys: None,
             },
-            shards: crate::shard::usable_cpus().len().max(1),
+            shards: machine.usable_cpus.max(1),
             client_timeout_secs: Some(300),
             timeout_check_interval_secs: 30,
             rate_limit_msgs_per_minute: Some(300),
@@ -274,19 +294,19 @@ impl Default for Config {
             max_pending_bytes: 64 << 20,
             max_total_pending_bytes: 1 << 30,
             write_deadline_ms: 10_000,
-            max_connections: default_max_connections(),
+            max_connections: default_max_connections(machine.nofile_hard_limit),
             quarantine_by: QuarantineBy::Ip,
             quarantine_max_entries: 100_000,
             shutdown_grace_ms: 5000,
             flush_window_us: 1500,
             admin_addr: None,
+            cluster: None,
         }
     }
 }
 
 /// The open-file hard limit (to which `run` raises the soft limit) minus [`FD_RESERVE`].
-fn default_max_connections() -> usize {
-    let hard = crate::startup::nofile_limit().1;
+fn default_max_connections(hard: u64) -> usize {
     hard.saturating_sub(FD_RESERVE).clamp(1, 10_000_000) as usize
 }
 
@@ -301,10 +321,11 @@ const INERT_HYPER_KEYS: &[&str] = &[
 ];
 
 impl Config {
-    /// Builds the effective config: defaults, then the file named by `--config`, then flags.
-    /// Unknown keys come back as warnings for the caller to log once logging is set up.
-    pub fn load(args: &ServeArgs) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut config = Config::default();
+    /// Builds the effective config: defaults for `machine`, then the file named by
+    /// `--config`, then flags. Unknown keys come back as warnings for the caller to log once
+    /// logging is set up.
+    pub fn load(args: &ServeArgs, machine: &Machine) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut config = Config::defaults_for(machine);
         let mut warnings = Vec::new();
         if let Some(path) = &args.config {
             let text = read_file(path)?;
@@ -324,10 +345,7 @@ impl Config {
         top.ignore("version");
         // Summoner's templates write `null` for "whatever run() was given": here, the default
         // (or the flag).
-        if let Some(Some(host)) = top.nullable("host", |v, path| match v {
-            Value::String(s) => Ok(s.clone()),
-            _ => Err(invalid(path, "a string", v)),
-        })? {
+        if let Some(Some(host)) = top.nullable("host", string_value)? {
             self.host = host;
         }
         if let Some(Some(port)) = top.nullable("port", |v, path| int_value(v, path, 0, 65535))? {
@@ -363,17 +381,7 @@ impl Config {
             self.log.date_format = fmt;
         }
         if let Some(keys) = s.nullable("log_keys", |v, path| {
-            let items = v
-                .as_array()
-                .ok_or_else(|| invalid(path, "an array of strings or null", v))?;
-            items
-                .iter()
-                .map(|item| {
-                    item.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| invalid(path, "an array of strings or null", v))
-                })
-                .collect::<Result<Vec<_>, _>>()
+            string_list(v, path, "an array of strings or null")
         })? {
             self.log.log_keys = keys;
         }
@@ -482,6 +490,9 @@ impl Config {
         })? {
             self.admin_addr = addr;
         }
+        if let Some(v) = s.get("cluster") {
+            self.cluster = crate::cluster::config::parse(v, &s.path("cluster"), warnings).map_err(cluster_error)?;
+        }
         s.finish(warnings);
         Ok(())
     }
@@ -506,6 +517,8 @@ impl Config {
         if let Some(addr) = &args.admin {
             self.admin_addr = Some(parse_admin_addr(addr, "--admin")?);
         }
+        self.cluster =
+            crate::cluster::config::apply_flags(self.cluster.take(), &args.cluster_nats).map_err(cluster_error)?;
         Ok(())
     }
 
@@ -554,8 +567,17 @@ impl Config {
                 "shutdown_grace_ms": self.shutdown_grace_ms,
                 "flush_window_us": self.flush_window_us,
                 "admin_addr": self.admin_addr.map(|a| a.to_string()),
+                "cluster": self.cluster.as_ref().map(|c| c.to_json()),
             }
         })
+    }
+}
+
+fn cluster_error(e: crate::cluster::config::InvalidValue) -> ConfigError {
+    ConfigError::Invalid {
+        key: e.key,
+        expected: e.expected,
+        found: e.found,
     }
 }
 
@@ -626,6 +648,21 @@ fn invalid(path: &str, expected: &str, found: &Value) -> ConfigError {
     }
 }
 
+fn string_value(v: &Value, path: &str) -> Result<String, ConfigError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| invalid(path, "a string", v))
+}
+
+/// An array of strings; `expected` names the whole array, which an error shows.
+fn string_list(v: &Value, path: &str, expected: &str) -> Result<Vec<String>, ConfigError> {
+    let items = v
+        .as_array()
+        .map(|items| items.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
+    let items = items.flatten().ok_or_else(|| invalid(path, expected, v))?;
+    Ok(items.into_iter().map(str::to_owned).collect())
+}
+
 fn int_value(v: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
     let expected = || {
         if max >= u32::MAX as u64 {
@@ -689,53 +726,55 @@ impl<'a> Section<'a> {
         self.map.get(key)
     }
 
+    /// A nested object; `null` counts as absent.
     fn section(&mut self, key: &'static str) -> Result<Option<Section<'a>>, ConfigError> {
+        Ok(self.nullable_section(key)?.flatten())
+    }
+
+    /// A nested object where `null` means "disabled": `None` if absent, `Some(None)` if null.
+    fn nullable_section(&mut self, key: &'static str) -> Result<Option<Option<Section<'a>>>, ConfigError> {
+        let root = self.root.unwrap_or(self.map);
+        self.nullable(key, |v, path| {
+            let mut s = Section::new(v, path)?;
+            s.root = Some(root);
+            Ok(s)
+        })
+    }
+
+    /// The key read by `parse`, which gets the value and its JSON path: `None` if absent.
+    fn parse<T>(
+        &mut self,
+        key: &'static str,
+        parse: impl FnOnce(&'a Value, &str) -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
         let path = self.path(key);
-        match self.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => {
-                let mut s = Section::new(v, &path)?;
-                s.root = Some(self.root.unwrap_or(self.map));
-                Ok(Some(s))
-            }
-        }
+        self.get(key).map(|v| parse(v, &path)).transpose()
     }
 
     fn string(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
-        let path = self.path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(invalid(&path, "a string", v)),
-        }
+        self.parse(key, string_value)
     }
 
     fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
-        let path = self.path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(invalid(&path, "true or false", v)),
-        }
+        self.parse(key, |v, path| {
+            v.as_bool().ok_or_else(|| invalid(path, "true or false", v))
+        })
     }
 
     fn int(&mut self, key: &'static str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
-        let path = self.path(key);
-        self.get(key).map(|v| int_value(v, &path, min, max)).transpose()
+        self.parse(key, |v, path| int_value(v, path, min, max))
     }
 
     /// A key where `null` means "disabled": `None` if absent, `Some(None)` if null.
     fn nullable<T>(
         &mut self,
         key: &'static str,
-        parse: impl FnOnce(&Value, &str) -> Result<T, ConfigError>,
+        parse: impl FnOnce(&'a Value, &str) -> Result<T, ConfigError>,
     ) -> Result<Option<Option<T>>, ConfigError> {
-        let path = self.path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Null) => Ok(Some(None)),
-            Some(v) => parse(v, &path).map(|t| Some(Some(t))),
-        }
+        self.parse(key, |v, path| match v {
+            Value::Null => Ok(None),
+            v => parse(v, path).map(Some),
+        })
     }
 
     /// Reports every key that was not consumed, with the closest known one.
@@ -747,7 +786,7 @@ impl<'a> Section<'a> {
             let closest = self
                 .seen
                 .iter()
-                .map(|k| (edit_distance(key, k), *k))
+                .map(|k| (strsim::levenshtein(key, k), *k))
                 .min()
                 .filter(|(d, _)| *d <= 3 || *d * 3 <= key.len());
             warnings.push(match closest {
@@ -762,25 +801,21 @@ impl<'a> Section<'a> {
     }
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MACHINE: Machine = Machine {
+        usable_cpus: 2,
+        nofile_hard_limit: 4096,
+    };
+
+    fn defaults() -> Config {
+        Config::defaults_for(&MACHINE)
+    }
+
     fn load(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut c = Config::default();
+        let mut c = defaults();
         let mut w = Vec::new();
         c.apply_json(&serde_json::from_str(text).unwrap(), &mut w)?;
         Ok((c, w))
@@ -789,13 +824,27 @@ mod tests {
     #[test]
     fn empty_object_gives_the_defaults() {
         let (c, w) = load("{}").unwrap();
-        assert_eq!(c, Config::default());
+        assert_eq!(c, defaults());
         assert!(w.is_empty());
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8888));
         assert_eq!(c.rate_limit_msgs_per_minute, Some(300));
         assert_eq!(c.backpressure.disconnect_threshold, 500);
         assert_eq!((c.max_pending_bytes, c.max_total_pending_bytes), (64 << 20, 1 << 30));
         assert_eq!(c.write_deadline_ms, 10_000);
+    }
+
+    #[test]
+    fn the_machine_sets_the_shard_count_and_the_connection_limit() {
+        let c = Config::defaults_for(&Machine {
+            usable_cpus: 6,
+            nofile_hard_limit: 10_064,
+        });
+        assert_eq!((c.shards, c.max_connections), (6, 10_000));
+        let tiny = Config::defaults_for(&Machine {
+            usable_cpus: 0,
+            nofile_hard_limit: 10,
+        });
+        assert_eq!((tiny.shards, tiny.max_connections), (1, 1));
     }
 
     #[test]
@@ -865,6 +914,47 @@ mod tests {
     }
 
     #[test]
+    fn a_section_that_is_not_an_object_is_refused_with_its_path_and_null_keeps_the_defaults() {
+        let e = load(r#"{"logger":[]}"#).unwrap_err();
+        assert_eq!(e.to_string(), "logger: expected an object, found []");
+        let e = load(r#"{"hyper_parameters":{"backpressure_policy":5}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.backpressure_policy: expected an object, found 5"
+        );
+        let e = load("[1]").unwrap_err();
+        assert_eq!(e.to_string(), "(top level): expected an object, found [1]");
+        let (c, w) = load(r#"{"logger":null,"hyper_parameters":{"backpressure_policy":null}}"#).unwrap();
+        assert_eq!((c, w.len()), (defaults(), 0));
+    }
+
+    #[test]
+    fn unknown_keys_are_matched_against_their_own_section() {
+        let (_, w) = load(r#"{"hots":"x","logger":{"log_kes":[]},"hyper_parameters":{"backpressure_policy":{"disconect_threshold":3}}}"#).unwrap();
+        let mut w = w;
+        w.sort();
+        assert_eq!(
+            w,
+            [
+                "unknown config key hots ignored (did you mean host?)",
+                "unknown config key hyper_parameters.backpressure_policy.disconect_threshold ignored (did you mean hyper_parameters.backpressure_policy.disconnect_threshold?)",
+                "unknown config key logger.log_kes ignored (did you mean logger.log_keys?)",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_array_of_strings_shows_the_whole_array_when_one_item_is_wrong() {
+        let e = load(r#"{"logger":{"log_keys":["a",1]}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"logger.log_keys: expected an array of strings or null, found ["a",1]"#
+        );
+        let (c, _) = load(r#"{"logger":{"log_keys":["a","b"]}}"#).unwrap();
+        assert_eq!(c.log.log_keys, Some(vec!["a".to_string(), "b".to_string()]));
+    }
+
+    #[test]
     fn python_only_and_inert_keys_are_accepted_silently() {
         let (_, w) = load(
             r#"{"version":"rss_3","logger":{"console_log_format":"x","log_format":"y","max_file_size":1,"backup_count":3},
@@ -926,7 +1016,7 @@ mod tests {
 
     #[test]
     fn flush_window_is_bounded() {
-        assert_eq!(Config::default().flush_window_us, 1500);
+        assert_eq!(defaults().flush_window_us, 1500);
         assert_eq!(
             load(r#"{"hyper_parameters":{"flush_window_us":0}}"#)
                 .unwrap()
@@ -939,7 +1029,7 @@ mod tests {
 
     #[test]
     fn admin_addr_is_off_by_default_and_the_flag_beats_the_file() {
-        assert_eq!(Config::default().admin_addr, None);
+        assert_eq!(defaults().admin_addr, None);
         let mut c = load(r#"{"hyper_parameters":{"admin_addr":"127.0.0.1:9100"}}"#)
             .unwrap()
             .0;
@@ -975,7 +1065,7 @@ mod tests {
 
     #[test]
     fn quarantine_strikes_default_to_three_and_must_be_a_positive_integer() {
-        assert_eq!(Config::default().quarantine_strikes, 3);
+        assert_eq!(defaults().quarantine_strikes, 3);
         let (c, _) = load(r#"{"hyper_parameters":{"quarantine_strikes":1}}"#).unwrap();
         assert_eq!(c.quarantine_strikes, 1);
         let e = load(r#"{"hyper_parameters":{"quarantine_strikes":0}}"#).unwrap_err();

@@ -20,8 +20,9 @@ use futures_lite::future::or;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::fanout::{self, Fanout, MeshEnds, Peers};
+use crate::machine::{usable_cpus, IO_MEMORY_BYTES};
 use crate::metrics::{Counter, DropReason, ShardState, ShardStats};
-use crate::shard::{usable_cpus, Shard, IO_MEMORY_BYTES};
+use crate::shard::Shard;
 use crate::shared::{Shared, StartupStep};
 
 /// How long a busy shard may run tasks before it polls for I/O, timers and channel wake-ups
@@ -76,7 +77,11 @@ pub fn spawn_all(
 ) -> std::io::Result<Vec<ShardThread>> {
     install_kick_handler()?;
     let cpus = usable_cpus();
-    let mesh = fanout::build_mesh(listeners.len());
+    let mut mesh = fanout::build_mesh(listeners.len());
+    // With a cluster, the uplink is one more peer of every shard (see `cluster`).
+    if let Some(cluster) = &shared.cluster {
+        crate::cluster::attach(cluster.clone(), &mut mesh, fanout::MESH_CAPACITY)?;
+    }
     let mut handles = Vec::with_capacity(listeners.len());
     for (id, (listener, ends)) in listeners.into_iter().zip(mesh).enumerate() {
         let placement = match cpus.get(id % cpus.len().max(1)) {
@@ -115,11 +120,13 @@ pub fn spawn_all(
 /// 2 ms preempt timer, then `run_task_queues` returns at once, running nothing, if that
 /// timer has already fired (the thread was descheduled in between, as happens when
 /// several shards share a CPU); the park that follows counts only wakers woken in that
-/// pass and sleeps. A running shard recovers at its next timer or socket event (its
-/// heartbeat is at most 250 ms away), but a new executor has nothing armed, so its first
-/// task, the shard itself, can wait forever: 22 starts of 8 to 32 shards on 2 CPUs hung
-/// about once in ten series without this. The signal makes the sleep return `EINTR`,
-/// which glommio treats as a wake-up, and the next turn runs the queued task.
+/// pass and sleeps. A new executor has nothing armed, so its first task, the shard
+/// itself, can wait forever: 22 starts of 8 to 32 shards on 2 CPUs hung about once in ten
+/// series without this. A running shard can be caught the same way once the task queued
+/// is its heartbeat's (no timer is armed until that task runs): one such hang was seen in
+/// a test, so the control loop also kicks any shard whose heartbeat has gone stale. The
+/// signal makes the sleep return `EINTR`, which glommio treats as a wake-up, and the next
+/// turn runs the queued task.
 pub fn kick(thread: &ShardThread) {
     // SAFETY: the pthread_t belongs to a thread we have not joined, so it is valid; the
     // signal's handler does nothing.

@@ -30,29 +30,41 @@
 //! - [`client`]: one recipient's outbox and the socket writes that drain it; a write
 //!   returns what happened ([`client::WriteOutcome`], [`client::Written`]).
 //! - [`pacing`]: the tick clock and the write schedule ([`pacing::Schedule`]).
-//! - [`batch`]: envelopes encoded once and shared by every recipient; the ledger of queued
-//!   memory.
 //!
 //! Shared between shards:
 //! - [`shared`]: what all shards share on purpose (config, policies, quarantine, published
-//!   stages and queued memory, connection slots, counters, start-up steps).
+//!   stages and queued memory, connection slots, counters, start-up steps, the cluster).
 //! - [`shutdown`]: the signal that starts every shard's drain, and a shard's drain state.
-//! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
 //!
-//! Leaves (pure, or one system facility each):
+//! Policies and facilities (pure, or one system facility each):
 //! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
-//! - [`protocol`]: line framing and envelope encoding (no I/O).
 //! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
 //!   in) and the per-shard counters with the close-reason and drop-reason enums.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
-//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
+//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
+//!   its defaults come from a [`machine::Machine`], and `cluster::config` parses its
+//!   cluster section.
+//!
+//! What the configuration and the fan-out stand on:
+//! - [`cluster`]: optional: several nodes as one broadcast domain over NATS. The uplink,
+//!   on its own thread, is one more mesh peer of every shard ([`cluster::attach`], called
+//!   by [`executor`]); it moves batches and knows nothing of clients.
+//! - [`batch`]: envelopes encoded once and shared by every recipient; the ledger of queued
+//!   memory.
+//! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
+//! - [`protocol`]: line framing and envelope encoding (no I/O).
+//! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
+//!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
+//!   [`executor`] read them too.
 //!
 //! A line's path: `connection/reader.rs` frames it → [`fanout::Fanout::relay`] appends its
 //! envelope to the shard's outgoing batch → the flush task (`fanout/flush.rs`) takes the
 //! batch at its next run → [`fanout::Fanout::deliver`] queues it in every local
-//! [`client::Client`]'s outbox, and [`fanout::Peers`] hands it to every peer shard, whose
-//! [`fanout::receive_loop`] delivers it the same way → the write schedule says who is due
+//! [`client::Client`]'s outbox, and [`fanout::Peers`] hands it to every peer shard (and,
+//! in a cluster, to the uplink, which publishes it; other nodes' batches come back through
+//! the uplink like a peer's), whose [`fanout::receive_loop`] delivers it the same way →
+//! the write schedule says who is due
 //! → [`client::Client::write_now`] writes each with one `sendmsg`. A socket that refuses
 //! data returns [`client::WriteOutcome::Stalled`]: `fanout/stalls.rs` applies the
 //! backpressure policy, and `connection/writer.rs` drains the rest when there is room.
@@ -65,6 +77,7 @@ pub mod admin;
 pub mod backpressure;
 pub mod batch;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod executor;
@@ -72,6 +85,7 @@ pub mod fanout;
 pub mod limiter;
 pub mod listener;
 pub mod log;
+pub mod machine;
 pub mod mesh;
 pub mod metrics;
 pub mod notify;
@@ -92,6 +106,7 @@ use std::time::{Duration, Instant};
 
 use config::Config;
 use executor::ShardEvent;
+use metrics::ShardState;
 use shared::Shared;
 use startup::StartupError;
 
@@ -134,6 +149,11 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new executor may take to run its first task before the main thread wakes it
 /// (it takes microseconds unless glommio parked it; see `executor::kick`).
 const FIRST_RUN_PATIENCE: Duration = Duration::from_millis(100);
+/// A running shard whose heartbeat (every `executor::HEARTBEAT_INTERVAL`) is older than this
+/// is woken with [`executor::kick`]: glommio 0.9 can park a running executor with its tasks
+/// queued, the heartbeat's among them, and then nothing is armed to wake it (see
+/// `executor::kick`). A shard that is merely busy loses nothing by the signal.
+const HEARTBEAT_PATIENCE: Duration = Duration::from_millis(750);
 
 /// Resolves the listen address; a hostname takes its first address.
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
@@ -195,7 +215,7 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 /// Start-up failures return before anything listens.
 pub fn run(config: Config) -> Result<(), Error> {
     let addr = preflight(&config)?;
-    let nofile = startup::raise_nofile_limit();
+    let nofile = machine::raise_nofile_limit();
     // Held until `run` returns (or the kernel drops it when the process exits).
     let _port_guard = startup::PortGuard::acquire(addr)?;
     startup::check_port_free(addr)?;
@@ -217,7 +237,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
     let shared = Arc::new(Shared::new(config));
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
-    let cpus = shard::usable_cpus().len().max(1);
+    let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
         "starting {shards} shards on {cpus} CPUs{}",
         if shards > cpus {
@@ -319,8 +339,10 @@ fn control_loop(
     let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
     let mut stopped = 0;
     let mut next_purge = Instant::now() + purge_every;
+    let mut next_watch = Instant::now() + executor::HEARTBEAT_INTERVAL;
     loop {
-        let wake_at = drain.as_ref().map_or(next_purge, |d| d.deadline.min(next_purge));
+        let next = next_purge.min(next_watch);
+        let wake_at = drain.as_ref().map_or(next, |d| d.deadline.min(next));
         crossbeam_channel::select! {
             recv(signals) -> sig => {
                 let name = signal_name(sig.ok());
@@ -354,6 +376,10 @@ fn control_loop(
                     shared.quarantine.purge(now);
                     next_purge = now + purge_every;
                 }
+                if now >= next_watch {
+                    wake_parked_shards(shared, &handles);
+                    next_watch = now + executor::HEARTBEAT_INTERVAL;
+                }
             }
         }
     }
@@ -369,6 +395,21 @@ fn test_listen_delay() {
         .and_then(|v| v.parse().ok())
     {
         std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Kicks every running shard whose heartbeat is older than [`HEARTBEAT_PATIENCE`].
+fn wake_parked_shards(shared: &Shared, handles: &[executor::ShardThread]) {
+    let now_ms = shared.clock_ms();
+    for (id, handle) in handles.iter().enumerate() {
+        let stats = &shared.stats[id];
+        let age = now_ms.saturating_sub(stats.last_heartbeat_ms());
+        let running = matches!(stats.state(), ShardState::Running | ShardState::Draining);
+        if running && age > HEARTBEAT_PATIENCE.as_millis() as u64 {
+            tracing::debug!("shard {id}: no heartbeat for {age} ms; waking it");
+            stats.on_kick();
+            executor::kick(handle);
+        }
     }
 }
 

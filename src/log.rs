@@ -308,7 +308,7 @@ mod tests {
         let _ = tracing_log::LogTracer::init();
         let out = Captured::default();
         let writer = out.clone();
-        let config = crate::config::Config::default().log;
+        let config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
         let sub = subscriber(&config, "relay", Some(move || writer.clone()), NO_FILE);
         tracing::subscriber::with_default(sub, || {
             log::warn!(target: "glommio::sys::uring", "Error: registering buffers in the main ring. Skipping");
@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn json_lines_carry_timestamp_level_name_message_and_fields() {
         let _ = tracing_log::LogTracer::init();
-        let mut config = crate::config::Config::default().log;
+        let mut config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
         config.json = true;
         config.date_format = "%Y".into();
         let text = capture(&config, || {
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn relayed_lines_are_logged_at_debug_with_their_sender() {
-        let mut config = crate::config::Config::default().log;
+        let mut config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
         config.level = LogLevel::Debug;
         let text = capture(&config, || relayed("[::1]:7", "a b", None));
         assert!(

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use corecast::config::{Cli, Command, Config};
+use corecast::machine::Machine;
 
 /// sysexits.h EX_CONFIG: the configuration is wrong.
 const EX_CONFIG: u8 = 78;
@@ -15,7 +16,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => (args, false),
         Some(Command::Check(args)) => (args, true),
     };
-    let (config, warnings) = match Config::load(&args) {
+    let (config, warnings) = match Config::load(&args, &Machine::detect()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("corecast: config error: {e}");

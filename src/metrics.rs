@@ -216,6 +216,9 @@ pub struct ShardStats {
     /// written by a timer task on the shard: it stops moving when the shard's thread is
     /// stuck.
     heartbeat_ms: Counter,
+    /// Times the main thread woke this shard's thread because its heartbeat was stale
+    /// (glommio parked it with work queued; see `executor::kick`). Written by the main thread.
+    pub kicks: Counter,
 }
 
 /// Every figure of one shard at one moment, for export.
@@ -237,6 +240,7 @@ pub struct StatsSnapshot {
     pub reads_at_runs: u64,
     pub quarantine_strikes: u64,
     pub quarantines: u64,
+    pub kicks: u64,
 }
 
 impl ShardStats {
@@ -337,6 +341,11 @@ impl ShardStats {
         self.heartbeat_ms.set(now_ms);
     }
 
+    /// The main thread (the only writer of `kicks`) woke the shard.
+    pub fn on_kick(&self) {
+        bump(&self.kicks, 1);
+    }
+
     pub fn last_heartbeat_ms(&self) -> u64 {
         self.heartbeat_ms.get()
     }
@@ -360,6 +369,7 @@ impl ShardStats {
             reads_at_runs: self.reads_at_runs.get(),
             quarantine_strikes: self.quarantine_strikes.get(),
             quarantines: self.quarantines.get(),
+            kicks: self.kicks.get(),
         }
     }
 
@@ -371,7 +381,7 @@ impl ShardStats {
 
 impl StatsSnapshot {
     /// The plain counters (everything but the per-reason arrays), by name.
-    pub fn scalars(&self) -> [(&'static str, u64); 13] {
+    pub fn scalars(&self) -> [(&'static str, u64); 14] {
         [
             ("accepted", self.accepted),
             ("open", self.open),
@@ -386,6 +396,7 @@ impl StatsSnapshot {
             ("reads_at_runs", self.reads_at_runs),
             ("quarantine_strikes", self.quarantine_strikes),
             ("quarantines", self.quarantines),
+            ("kicks", self.kicks),
         ]
     }
 
@@ -407,6 +418,7 @@ impl StatsSnapshot {
         self.reads_at_runs += other.reads_at_runs;
         self.quarantine_strikes += other.quarantine_strikes;
         self.quarantines += other.quarantines;
+        self.kicks += other.kicks;
         for (a, b) in self.closed.iter_mut().zip(other.closed) {
             *a += b;
         }

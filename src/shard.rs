@@ -3,9 +3,6 @@
 //! each owning its own state: the shard's [`Fanout`], its [`Drain`] and its refusal slots,
 //! plus the process-wide [`Shared`] and this shard's counters. `executor` builds it;
 //! `listener` and `connection` use it.
-//!
-//! Also, for now, two machine facts ([`IO_MEMORY_BYTES`], [`usable_cpus`]) that `config`,
-//! `startup` and `executor` read; they belong in a leaf module of their own.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -17,9 +14,6 @@ use crate::metrics::ShardStats;
 use crate::shared::Shared;
 use crate::shutdown::Drain;
 
-/// glommio's DMA buffer arena per executor. TCP never uses it, and glommio registers it
-/// with three rings against RLIMIT_MEMLOCK, so it is kept at glommio's minimum.
-pub const IO_MEMORY_BYTES: usize = 64 << 10;
 /// N6 refusals a shard sends at once; past this a refused connection is just closed.
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 
@@ -91,45 +85,9 @@ impl Drop for RefusalSlot {
     }
 }
 
-/// CPUs this process may run on: its affinity mask, restricted to online CPUs.
-pub fn usable_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the one we own.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
-        .ok()
-        .map(|s| parse_cpu_list(s.trim()));
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&cpu| !ok || unsafe { libc::CPU_ISSET(cpu, &set) })
-        .filter(|cpu| online.as_ref().is_none_or(|o| o.contains(cpu)))
-        .take(if ok { usize::MAX } else { 1 })
-        .collect()
-}
-
-/// Parses a kernel CPU list such as `0-3,6,8-9`.
-fn parse_cpu_list(s: &str) -> Vec<usize> {
-    let mut cpus = Vec::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let mut ends = part.splitn(2, '-').map(|x| x.trim().parse::<usize>());
-        match (ends.next(), ends.next()) {
-            (Some(Ok(a)), None) => cpus.push(a),
-            (Some(Ok(a)), Some(Ok(b))) if a <= b => cpus.extend(a..=b),
-            _ => {}
-        }
-    }
-    cpus
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_lists_parse_like_the_kernel_prints_them() {
-        assert_eq!(parse_cpu_list("0-1"), vec![0, 1]);
-        assert_eq!(parse_cpu_list("0,2-3,7"), vec![0, 2, 3, 7]);
-        assert_eq!(parse_cpu_list(""), Vec::<usize>::new());
-    }
 
     #[test]
     fn refusal_slots_stop_at_the_limit_and_come_back_when_dropped() {
@@ -139,10 +97,5 @@ mod tests {
         assert!(slots.try_take().is_none());
         drop(taken);
         assert!(slots.try_take().is_some());
-    }
-
-    #[test]
-    fn this_process_has_at_least_one_usable_cpu() {
-        assert!(!usable_cpus().is_empty());
     }
 }

@@ -1,6 +1,7 @@
 //! What every shard shares on purpose: the config and policies, the quarantine table, the
 //! process-wide connection count, each shard's published backpressure stage and queued
-//! memory, its counters and start-up step, and the shutdown signal. It crosses threads,
+//! memory, its counters and start-up step, the shutdown signal and, in a cluster, the
+//! uplink's identity and counters. It crosses threads,
 //! so it is all atomics, locks taken rarely, or read-only after start-up. Built once by
 //! [`crate::run`]; every shard and the admin thread hold an `Arc` of it.
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backpressure::{Policy, Stage};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
@@ -80,6 +82,8 @@ pub struct Shared {
     pub epoch: Instant,
     /// Each shard's [`StartupStep`], written only by that shard, read by the main thread.
     startup_steps: Box<[AtomicU8]>,
+    /// The cluster uplink's identity and counters, when `hyper_parameters.cluster` is set.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Shared {
@@ -99,6 +103,7 @@ impl Shared {
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
             startup_steps: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
+            cluster: config.cluster.clone().map(|c| Arc::new(Cluster::new(c))),
             config,
         }
     }

@@ -1,15 +1,14 @@
 //! Start-up checks (docs/protocol.md#start-up-checks), run by [`crate::run`] before any
 //! shard starts: each failure is one sentence that says what is wrong and how to fix it,
-//! and nothing is left half-started. Also raises the open-file soft limit to its hard limit
-//! (docs/protocol.md#admission-and-accept-errors), holds the [`PortGuard`], and binds the
-//! shards' listening sockets ([`bind_listeners`]) before any shard runs.
+//! and nothing is left half-started. Also holds the [`PortGuard`] and binds the shards'
+//! listening sockets ([`bind_listeners`]) before any shard runs. The limits themselves are
+//! read (and the open-file limit raised) in [`crate::machine`].
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 
-/// glommio refuses to create an executor below this `RLIMIT_MEMLOCK` (its reactor check).
-pub const MIN_MEMLOCK_BYTES: u64 = 512 << 10;
+use crate::machine::{self, IO_MEMORY_BYTES, MIN_MEMLOCK_BYTES};
 
 /// Why the relay cannot start.
 #[derive(Debug)]
@@ -48,41 +47,11 @@ impl fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
-/// `(soft, hard)` open-file limits.
-pub fn nofile_limit() -> (u64, u64) {
-    rlimit(libc::RLIMIT_NOFILE).unwrap_or((1024, 1024))
-}
-
-/// Raises the open-file soft limit to the hard limit; returns the new soft limit.
-pub fn raise_nofile_limit() -> u64 {
-    let (soft, hard) = nofile_limit();
-    if soft < hard {
-        let lim = libc::rlimit {
-            rlim_cur: hard,
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit reads a valid, initialised struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-            return hard;
-        }
-    }
-    soft
-}
-
-fn rlimit(resource: libc::__rlimit_resource_t) -> Option<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some((lim.rlim_cur, lim.rlim_max))
-}
-
 /// Checks `RLIMIT_MEMLOCK`. Each shard registers three 64 KiB rings' worth of buffers;
 /// glommio itself refuses to start below 512 KiB.
 pub fn check_memlock(shards: usize) -> Result<(), StartupError> {
-    let need = MIN_MEMLOCK_BYTES.max(shards as u64 * 3 * crate::shard::IO_MEMORY_BYTES as u64);
-    match rlimit(libc::RLIMIT_MEMLOCK) {
+    let need = MIN_MEMLOCK_BYTES.max(shards as u64 * 3 * IO_MEMORY_BYTES as u64);
+    match machine::memlock_limit() {
         Some((have, _)) if have != libc::RLIM_INFINITY && have < need => {
             Err(StartupError::MemlockTooLow { have, need })
         }

@@ -255,6 +255,17 @@ fn healthz_reports_a_stuck_shard_until_it_runs_again() {
     assert_eq!(stats["healthy"], false);
     assert_eq!(stats["shards"][0]["healthy"], false);
     assert_eq!(stats["shards"][0]["state"], "running");
+    // The main thread's watchdog signals a shard whose heartbeat is stale (a parked
+    // executor wakes; a busy one, as here, loses nothing).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats: Value = serde_json::from_str(&get(admin, "/stats").body).unwrap();
+        if stats["shards"][0]["kicks"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stuck shard was never woken: {stats}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The shard's thread comes back: healthy again, and still relaying.
     wait_until("healthz to recover", Duration::from_millis(100), || {
         get(admin, "/healthz").status == 200

@@ -5,6 +5,8 @@
 mod admin;
 /// Slow consumers with realistic blocking readers: who gets everything, who is closed.
 mod backpressure;
+/// Several nodes over a NATS cluster: cross-node delivery, NATS and node failures.
+mod cluster;
 /// Config files, flags, `corecast check`, config errors and the log format.
 mod config;
 /// Fan-out: everyone else gets every line in per-sender order; the flush window and reads.

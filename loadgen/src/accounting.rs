@@ -1,7 +1,8 @@
 //! Delivery accounting for one (receiver, publisher) pair: every line carries its
 //! publisher's sequence number, so a receiver can tell in-order deliveries, gaps (possible
 //! loss), late fills of a gap (reordering) and repeats (duplicates) without storing every
-//! number: it keeps the highest number seen and the gaps below it.
+//! number: it keeps the highest number seen and the gaps below it. [`GapTracker`] keeps
+//! the longest silence one receiver saw between deliveries during the measured window.
 
 /// What one arriving sequence number was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +73,52 @@ impl SeqTracker {
     }
 }
 
+/// The longest time one receiver went without a delivery inside the measured window
+/// `[start, end)`, counting from the window's start and up to its end, so a receiver that
+/// stops receiving shows the whole silence. Times are ns since the generator's epoch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GapTracker {
+    /// The last delivery inside the window, 0 before the first.
+    last: u64,
+    longest: u64,
+}
+
+impl GapTracker {
+    /// A read at `now` delivered something.
+    pub fn on_delivery(&mut self, now: u64, start: u64, end: u64) {
+        if now < start || now >= end {
+            return;
+        }
+        self.longest = self.longest.max(now - self.last.max(start));
+        self.last = now;
+    }
+
+    /// The longest gap, including the one from the last delivery to the window's end.
+    pub fn longest(&self, start: u64, end: u64) -> u64 {
+        self.longest.max(end.saturating_sub(self.last.max(start)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_gap_counts_the_window_edges_and_ignores_outside_deliveries() {
+        let mut g = GapTracker::default();
+        g.on_delivery(50, 100, 1000); // before the window
+        g.on_delivery(130, 100, 1000);
+        g.on_delivery(160, 100, 1000);
+        g.on_delivery(560, 100, 1000);
+        g.on_delivery(900, 100, 1000);
+        g.on_delivery(2000, 100, 1000); // after it
+        assert_eq!(g.longest(100, 1000), 400);
+        // A receiver that went silent early shows the silence up to the end.
+        let mut early = GapTracker::default();
+        early.on_delivery(120, 100, 1000);
+        assert_eq!(early.longest(100, 1000), 880);
+        assert_eq!(GapTracker::default().longest(100, 1000), 900);
+    }
 
     fn feed(seqs: &[u64]) -> SeqTracker {
         let mut t = SeqTracker::default();

@@ -2,7 +2,9 @@
 //! standard workloads. Each server runs pinned to one CPU (corecast with one shard), the
 //! generator pinned to another, in alternating rounds (A B C A B C ...), a fresh server per
 //! run, started on a free loopback port and stopped by PID. Prints a markdown table of the
-//! medians and the corecast/peer ratios (median of the per-round ratios).
+//! medians and the corecast/peer ratios (median of the per-round ratios). A workload
+//! `T<clients>x<rate>` uses `--burst-us`; `T<clients>x<rate>b<µs>` sets its own burst, so
+//! `T10x30000b0` is the per-line-write variant.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -45,8 +47,13 @@ pub struct CompareArgs {
     /// As for `run`.
     #[arg(long, default_value_t = crate::DEFAULT_BURST_US)]
     pub burst_us: u64,
-    /// Workloads `T<clients>x<lines/s each>`, every client publishing.
-    #[arg(long, value_delimiter = ',', default_value = "T100x30,T10x30000,T100x100,T1000x2")]
+    /// Workloads `T<clients>x<lines/s each>[b<burst µs>]`, every client publishing; `b0`
+    /// writes each line with its own write.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "T100x30,T10x30000,T100x100,T1000x2,T100x30b0,T10x30000b0"
+    )]
     pub workloads: Vec<String>,
     /// Peers to include when installed.
     #[arg(long, value_delimiter = ',', default_value = "nats,redis")]
@@ -173,11 +180,16 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         })
 }
 
-/// `T100x30` → (100 clients, 30 lines/s each).
-fn parse_workload(w: &str) -> Result<(usize, f64), String> {
-    let bad = || format!("bad workload {w:?}: want T<clients>x<rate>");
-    let (c, r) = w.strip_prefix('T').and_then(|s| s.split_once('x')).ok_or_else(bad)?;
-    Ok((c.parse().map_err(|_| bad())?, r.parse().map_err(|_| bad())?))
+/// `T100x30` → (100 clients, 30 lines/s each, no burst of its own); `T10x30000b0` → (10,
+/// 30000, bursts of 0 µs: per-line writes).
+fn parse_workload(w: &str) -> Result<(usize, f64, Option<u64>), String> {
+    let bad = || format!("bad workload {w:?}: want T<clients>x<rate> or T<clients>x<rate>b<burst µs>");
+    let (c, rest) = w.strip_prefix('T').and_then(|s| s.split_once('x')).ok_or_else(bad)?;
+    let (r, burst) = match rest.split_once('b') {
+        Some((r, b)) => (r, Some(b.parse().map_err(|_| bad())?)),
+        None => (rest, None),
+    };
+    Ok((c.parse().map_err(|_| bad())?, r.parse().map_err(|_| bad())?, burst))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -237,21 +249,21 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
 
     let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
     let mut table = String::from(
-        "| workload | server | delivered msgs/s | p99 latency | server CPU ns/delivery | lost | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|\n",
+        "| workload | server | delivered msgs/s | p99 latency | server CPU ns/delivery | lost | receivers closed | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for workload in &args.workloads {
-        let (clients, rate) = parse_workload(workload)?;
+        let (clients, rate, burst) = parse_workload(workload)?;
         for round in 0..args.rounds {
             for server in &servers {
                 let running = start(server, server_cpu, &scratch)?;
                 let run_args = RunArgs {
-                    target: format!("127.0.0.1:{}", running.port),
+                    target: vec![format!("127.0.0.1:{}", running.port)],
                     protocol: server.protocol,
                     clients,
                     publishers: clients,
                     rate,
                     size: args.size,
-                    burst_us: args.burst_us,
+                    burst_us: burst.unwrap_or(args.burst_us),
                     duration: args.duration,
                     warmup: args.warmup,
                     drain: 5.0,
@@ -264,16 +276,24 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     no_progress: true,
                     scenario: Scenario::Fanout,
                     slow: None,
+                    stuck_readers: None,
+                    reader_rate: None,
+                    slow_readers: None,
+                    pause_readers: None,
+                    pause_ms: None,
+                    pause_at_ms: 0,
                 };
                 let result = crate::runner::run(&run_args)?;
                 eprintln!(
-                    "{workload} round {} {:<13} {:>10.0} msgs/s  p99 {:>7} µs  {:>7.0} ns/delivery  lost {}",
+                    "{workload} round {} {:<13} {:>10.0} msgs/s  p99 {:>7} µs  {:>7.0} ns/delivery  lost {}  closed {}  generator {:.2} s CPU",
                     round + 1,
                     server.name,
                     result.msgs_per_sec,
                     result.latency_us.p99,
                     result.server_cpu_ns_per_delivery.unwrap_or(f64::NAN),
-                    result.lost
+                    result.lost,
+                    result.readers_disconnected,
+                    result.loadgen_cpu_s
                 );
                 drop(running);
                 all.push((workload.clone(), round, server.name, result));
@@ -303,17 +323,18 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 median(per_round).map_or("-".into(), |r| format!("{r:.2}"))
             };
             table.push_str(&format!(
-                "| {workload} | {} | {:.0} | {:.2} ms | {:.0} | {:.0} | {ratio} |\n",
+                "| {workload} | {} | {:.0} | {:.2} ms | {:.0} | {:.0} | {:.0} | {ratio} |\n",
                 server.name,
                 med(&|r| r.msgs_per_sec).unwrap_or(0.0),
                 med(&|r| r.latency_us.p99 as f64).unwrap_or(0.0) / 1000.0,
                 med(&|r| r.server_cpu_ns_per_delivery.unwrap_or(f64::NAN)).unwrap_or(f64::NAN),
                 med(&|r| r.lost as f64).unwrap_or(0.0),
+                med(&|r| r.readers_disconnected as f64).unwrap_or(0.0),
             ));
         }
     }
     println!("{table}");
-    println!("(medians of {} rounds; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds);
+    println!("(medians of {} rounds; `b0`: each line written with its own write; receivers closed: those the server closed or warned; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds);
     if let Some(path) = &args.json {
         let runs: Vec<_> = all
             .iter()
@@ -336,8 +357,11 @@ mod tests {
 
     #[test]
     fn workloads_parse_and_medians_ignore_missing_values() {
-        assert_eq!(parse_workload("T100x30").unwrap(), (100, 30.0));
+        assert_eq!(parse_workload("T100x30").unwrap(), (100, 30.0, None));
+        assert_eq!(parse_workload("T10x30000b0").unwrap(), (10, 30000.0, Some(0)));
+        assert_eq!(parse_workload("T10x30000b250").unwrap(), (10, 30000.0, Some(250)));
         assert!(parse_workload("100x30").is_err());
+        assert!(parse_workload("T10x30000b").is_err());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0]), Some(2.0));
         assert_eq!(median(vec![]), None);

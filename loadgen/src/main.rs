@@ -8,7 +8,9 @@
 mod accounting;
 mod compare;
 mod engine;
+mod merge;
 mod proto;
+mod reader;
 mod report;
 mod runner;
 
@@ -50,7 +52,8 @@ enum Command {
 pub enum Scenario {
     /// Every client receives; publishers send at the rate.
     Fanout,
-    /// Like fanout, but `--slow` receivers never read; accounting covers the others.
+    /// Like fanout, but `--slow` receivers never read (the same as `--stuck-readers`);
+    /// accounting covers the others.
     SlowConsumer,
     /// Like fanout at a rate meant to exceed the server's limit: counts notices and loss.
     OverRate,
@@ -64,9 +67,11 @@ pub enum Scenario {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Server address.
+    /// Server address. Repeat it for the nodes of a corecast cluster: client i connects to
+    /// target i mod n, and the summary adds the deliveries that crossed nodes (publisher
+    /// and receiver on different targets) and their latency.
     #[arg(long, default_value = "127.0.0.1:8888")]
-    pub target: String,
+    pub target: Vec<String>,
     #[arg(long, value_enum, default_value_t = Protocol::Summoner)]
     pub protocol: Protocol,
     /// Connections that receive.
@@ -122,6 +127,27 @@ pub struct RunArgs {
     /// Receivers that never read, in the slow-consumer scenario (default: a tenth).
     #[arg(long)]
     pub slow: Option<usize>,
+    /// Receivers that connect and never read, in any scenario; the report says whether and
+    /// when the server closed each.
+    #[arg(long)]
+    pub stuck_readers: Option<usize>,
+    /// Bytes per second a rate-limited receiver reads at most: it reads 4096 bytes at a
+    /// time and then waits as long as they take at this rate. Applies to `--slow-readers`
+    /// receivers, or to every receiver that is neither stuck nor pausing.
+    #[arg(long, value_name = "BYTES_PER_S")]
+    pub reader_rate: Option<f64>,
+    /// How many receivers read at `--reader-rate`.
+    #[arg(long, requires = "reader_rate")]
+    pub slow_readers: Option<usize>,
+    /// Receivers that stop reading once, for `--pause-ms`, then read normally.
+    #[arg(long, requires = "pause_ms")]
+    pub pause_readers: Option<usize>,
+    /// How long a pausing receiver stops reading.
+    #[arg(long, requires = "pause_readers")]
+    pub pause_ms: Option<u64>,
+    /// When it stops, after the start of the measured window (the end of the warm-up).
+    #[arg(long, default_value_t = 0, requires = "pause_readers")]
+    pub pause_at_ms: u64,
 }
 
 fn main() -> ExitCode {

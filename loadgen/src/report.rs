@@ -1,10 +1,12 @@
-//! The result of one run: the JSON object `--json` writes and the human summary.
+//! The result of one run: the JSON object `--json` writes and the human summary, overall
+//! and per receiver class (healthy, rate-limited, pausing, stuck).
 
 use std::fmt::Write;
 
 use serde::Serialize;
 
 use crate::proto::Protocol;
+use crate::reader::ReaderClass;
 use crate::Scenario;
 
 #[derive(Debug, Clone, Serialize)]
@@ -14,6 +16,58 @@ pub struct Latency {
     pub p99: u64,
     pub p999: u64,
     pub max: u64,
+}
+
+impl Latency {
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
+        let q = |p: f64| if h.is_empty() { 0 } else { h.value_at_quantile(p) };
+        Latency {
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// The outcome for one class of receivers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassResult {
+    pub class: ReaderClass,
+    pub receivers: usize,
+    /// Rate-limited class: the bytes per second each reads at most.
+    pub reader_rate: Option<f64>,
+    /// Pausing class: how long each stopped reading.
+    pub pause_ms: Option<f64>,
+    /// Deliveries owed to this class, and what it got (zero for stuck receivers, which are
+    /// not accounted).
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    /// Deliveries of lines scheduled in the measured window, per second, for the class.
+    pub msgs_per_sec: f64,
+    pub latency_us: Option<Latency>,
+    /// The longest time any receiver of the class went without a delivery during the
+    /// measured window (from its start to its end), in ms.
+    pub max_gap_ms: Option<f64>,
+    pub bytes_read: u64,
+    /// Receivers the server closed (EOF, reset or failed write), during the run or, for
+    /// stuck ones, found when they read after the stop.
+    pub closed_by_server: usize,
+    /// Receivers that got a notice (`Warning: ...` or a server error).
+    pub warned: usize,
+    /// Receivers closed or warned.
+    pub disconnected: usize,
+    /// When each close seen during the run reached its receiver, in ms since the first
+    /// line was sent (the start of the warm-up), sorted; at most 20.
+    pub closed_after_ms: Vec<f64>,
+    /// Stuck receivers whose close was found only after the stop, behind unread data.
+    pub closed_seen_at_end: usize,
+    /// Distinct notice texts the class received; at most 20.
+    pub notices: Vec<String>,
 }
 
 /// One second of the run, counted from the start of the warm-up.
@@ -42,6 +96,12 @@ pub struct RunResult {
     pub threads: usize,
     /// Lines published (all phases).
     pub sent: u64,
+    /// write(2) calls that carried them (`--burst-us 0`: one per line while the sockets
+    /// take them).
+    pub publisher_writes: u64,
+    /// With `--burst-us 0`: lines that could not go out with a write of their own because
+    /// the socket still held bytes it had refused (they went out together with them).
+    pub queued_lines: u64,
     /// Deliveries owed: every line to every other counted receiver.
     pub expected: u64,
     /// Unique deliveries.
@@ -55,6 +115,9 @@ pub struct RunResult {
     pub mb_per_sec: f64,
     /// Scheduled send time to receipt, for lines scheduled in the measured window.
     pub latency_us: Latency,
+    /// With several targets (a cluster): the deliveries that crossed nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_node: Option<CrossNode>,
     pub timeline: Vec<Tick>,
     /// The generator's CPU time during the measured window.
     pub loadgen_cpu_s: f64,
@@ -71,6 +134,13 @@ pub struct RunResult {
     pub notices: u64,
     /// Connections the server closed before the end.
     pub closed_by_server: u64,
+    /// Per receiver class, only the classes the run had.
+    pub classes: Vec<ClassResult>,
+    /// Receivers that read (healthy, rate-limited, pausing) and were closed or warned.
+    pub readers_disconnected: usize,
+    /// No receiver that reads was closed or warned: what a run that must "close nobody"
+    /// asserts. Stuck receivers are reported in their class.
+    pub closed_no_reader: bool,
     /// Churn / bad-input connections made, and notices they got back.
     pub side_connections: u64,
     pub side_notices: u64,
@@ -109,7 +179,17 @@ impl RunResult {
             "  latency µs   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if let Some(c) = &self.cross_node {
+            let _ = writeln!(s, "  {}", c.human());
+        }
         let _ = write!(s, "  cpu          loadgen {:.2} s", self.loadgen_cpu_s);
+        if self.publisher_writes > 0 {
+            let _ = write!(
+                s,
+                " ({:.2} lines per write)",
+                self.sent as f64 / self.publisher_writes as f64
+            );
+        }
         if let (Some(cpu), Some(ns)) = (self.server_cpu_s, self.server_cpu_ns_per_delivery) {
             let _ = write!(s, ", server {cpu:.2} s = {ns:.0} ns per delivery");
         }
@@ -128,10 +208,82 @@ impl RunResult {
                 self.notices, self.closed_by_server, self.slow_consumers, self.side_connections, self.side_notices
             );
         }
+        let special = self.classes.iter().any(|c| c.class != ReaderClass::Healthy);
+        if special || self.classes.iter().any(|c| c.disconnected > 0) {
+            for c in &self.classes {
+                let _ = writeln!(s, "  {}", c.human());
+            }
+        }
         for e in &self.errors {
             let _ = writeln!(s, "  warning: {e}");
         }
         s
+    }
+}
+
+impl ClassResult {
+    fn human(&self) -> String {
+        let mut s = format!("{:<12} x{}", self.class.name(), self.receivers);
+        if let Some(rate) = self.reader_rate {
+            let _ = write!(s, " at {rate:.0} B/s");
+        }
+        if let Some(ms) = self.pause_ms {
+            let _ = write!(s, " for {ms:.0} ms");
+        }
+        if self.class != ReaderClass::Stuck {
+            let _ = write!(
+                s,
+                ": {} of {} (lost {}, reordered {}, duplicated {})",
+                self.delivered, self.expected, self.lost, self.reordered, self.duplicated
+            );
+            if let Some(l) = &self.latency_us {
+                let _ = write!(s, ", p99 {} µs, max {} µs", l.p99, l.max);
+            }
+            if let Some(gap) = self.max_gap_ms {
+                let _ = write!(s, ", longest gap {gap:.1} ms");
+            }
+        }
+        let _ = write!(s, "; disconnected {}", self.disconnected);
+        if self.closed_by_server > 0 {
+            let _ = write!(s, " (closed {}", self.closed_by_server);
+            if let Some(first) = self.closed_after_ms.first() {
+                let _ = write!(s, ", first {:.0} ms after the start", first);
+            }
+            if self.closed_seen_at_end > 0 {
+                let _ = write!(s, ", {} found only after the stop", self.closed_seen_at_end);
+            }
+            s.push(')');
+        }
+        for n in &self.notices {
+            let _ = write!(s, "; notice {n:?}");
+        }
+        s
+    }
+}
+
+/// Deliveries in the measured window whose publisher and receiver were on different
+/// targets (nodes of a cluster), and their latency.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrossNode {
+    pub delivered_in_window: u64,
+    /// Their share of all deliveries in the window.
+    pub share: f64,
+    pub latency_us: Latency,
+}
+
+impl CrossNode {
+    fn human(&self) -> String {
+        let l = &self.latency_us;
+        format!(
+            "cross-node   {} deliveries ({:.0}%): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            self.delivered_in_window,
+            self.share * 100.0,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max
+        )
     }
 }
 

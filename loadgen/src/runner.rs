@@ -1,6 +1,6 @@
 //! One run: connect every client, wait until all are subscribed, run the phases (warm-up,
-//! measured window, drain), then merge the workers' reports into a [`RunResult`]. Scenario
-//! side traffic (churn, bad input) runs on the main thread meanwhile.
+//! measured window, drain), then merge the workers' reports into a [`RunResult`] (see
+//! `merge.rs`). Scenario side traffic (churn, bad input) runs on the main thread meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -8,18 +8,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::accounting::SeqTracker;
 use crate::engine::{self, Conn, Control, Plan, Report, PHASE_RUN, PHASE_STOP};
 use crate::proto::{Protocol, HEADER_LEN};
-use crate::report::{Latency, RunResult, Tick};
+use crate::reader::{ReaderClass, ReaderMix};
+use crate::report::RunResult;
 use crate::{RunArgs, Scenario};
 
 /// How long every receiver has to confirm its subscription.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle scenario: wait before reading the server's memory.
 const IDLE_SETTLE: Duration = Duration::from_secs(1);
-/// Share of the generator's CPUs above which it warns that it measured itself.
-const SATURATION: f64 = 0.9;
 
 pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     let mut errors = Vec::new();
@@ -31,21 +29,14 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     if args.clients == 0 || publishers > args.clients || args.threads == 0 || args.duration <= 0.0 {
         return Err("need clients >= 1, publishers <= clients, threads >= 1 and duration > 0".into());
     }
-    let slow = match args.scenario {
-        Scenario::SlowConsumer => args.slow.unwrap_or((args.clients / 10).max(1)),
-        _ => 0,
-    };
-    if publishers + slow > args.clients {
-        return Err(format!(
-            "{publishers} publishers + {slow} slow consumers exceed {} clients",
-            args.clients
-        ));
-    }
+    let mix = reader_mix(args)?;
     let size = args.size.max(HEADER_LEN);
     if size != args.size {
         errors.push(format!("--size raised to {HEADER_LEN}, the payload header"));
     }
-    let target = resolve(&args.target)?;
+    let targets: Vec<SocketAddr> = args.target.iter().map(|t| resolve(t)).collect::<Result<_, _>>()?;
+    // Side traffic (churn, bad input) goes to the first target.
+    let target = *targets.first().ok_or("need at least one --target")?;
     let sources = match &args.source_ips {
         Some(spec) => parse_ips(spec)?,
         None => Vec::new(),
@@ -59,13 +50,13 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     }
     let plan = Arc::new(Plan {
         protocol: args.protocol,
-        clients: args.clients,
         publishers,
         rate: args.rate,
         burst_ns: args.burst_us.saturating_mul(1000),
         size,
-        slow,
+        mix,
         epoch: Instant::now(),
+        targets: targets.len(),
     });
     let control = Arc::new(Control::new(publishers));
     let rss_before = args.server_pid.and_then(server_rss_kib);
@@ -76,6 +67,8 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         .then(|| Duration::from_secs_f64(1.0 / args.connect_rate));
     let summoner = args.protocol == Protocol::Summoner;
     for client in 0..args.clients {
+        // A publisher's separate connection goes to its client's target too.
+        let target = targets[engine::target_of(client, targets.len())];
         let stream = connect(target, source(&sources, client))?;
         let separate = args.protocol.separate_publisher();
         shares[client % args.threads].push(Conn {
@@ -121,6 +114,13 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
 
     let sync_deadline = Instant::now() + SYNC_TIMEOUT;
     while control.subscribed.load(Ordering::Relaxed) < args.clients {
+        let closed = control.closed_in_sync.load(Ordering::Relaxed);
+        if closed > 0 {
+            control.phase.store(PHASE_STOP, Ordering::Release);
+            return Err(format!(
+                "the server closed {closed} connection(s) before every receiver was subscribed (is it full, or refusing this address?)"
+            ));
+        }
         if Instant::now() > sync_deadline {
             control.phase.store(PHASE_STOP, Ordering::Release);
             return Err(format!(
@@ -189,9 +189,10 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / clock_ticks_per_sec()),
         _ => None,
     };
-    Ok(merge(
+    Ok(crate::merge::merge(
         args,
         &plan,
+        start,
         &sent,
         reports,
         loadgen_cpu_s,
@@ -202,149 +203,64 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     ))
 }
 
+/// Which receivers read how, from the flags; errors name the flag and the limit.
+fn reader_mix(args: &RunArgs) -> Result<ReaderMix, String> {
+    let stuck = match (args.stuck_readers, args.scenario) {
+        (Some(n), _) => n,
+        (None, Scenario::SlowConsumer) => args.slow.unwrap_or((args.clients / 10).max(1)),
+        (None, _) => 0,
+    };
+    let pausing = args.pause_readers.unwrap_or(0);
+    let reader_rate = args.reader_rate.unwrap_or(0.0);
+    if args.reader_rate.is_some() && !(reader_rate.is_finite() && reader_rate > 0.0) {
+        return Err(format!(
+            "--reader-rate must be a positive number of bytes per second, not {reader_rate}"
+        ));
+    }
+    if stuck + pausing > args.clients {
+        return Err(format!(
+            "{stuck} stuck + {pausing} pausing readers exceed {} clients",
+            args.clients
+        ));
+    }
+    let rate_limited = match (args.slow_readers, args.reader_rate) {
+        (Some(n), _) => n,
+        // A rate without a count applies to every receiver left.
+        (None, Some(_)) => args.clients - stuck - pausing,
+        (None, None) => 0,
+    };
+    if stuck + pausing + rate_limited > args.clients {
+        return Err(format!(
+            "{stuck} stuck + {pausing} pausing + {rate_limited} rate-limited readers exceed {} clients",
+            args.clients
+        ));
+    }
+    if stuck >= args.clients {
+        return Err("every receiver is stuck: nothing would be measured".into());
+    }
+    Ok(ReaderMix {
+        clients: args.clients,
+        rate_limited,
+        pausing,
+        stuck,
+        reader_rate,
+        pause_at_ns: args.pause_at_ms.saturating_mul(1_000_000),
+        pause_ns: args.pause_ms.unwrap_or(0).saturating_mul(1_000_000),
+    })
+}
+
 /// Σ over counted receivers r and publishers p ≠ r of what p sent.
 fn expected_total(plan: &Plan, control: &Control) -> u64 {
     let receivers = plan.counted_receivers() as u64;
     control
         .sent
         .iter()
-        .map(|s| s.load(Ordering::Relaxed) * (receivers - 1))
+        .enumerate()
+        .map(|(p, s)| {
+            let own = u64::from(plan.mix.class_of(p) != ReaderClass::Stuck);
+            s.load(Ordering::Relaxed) * (receivers - own)
+        })
         .sum()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn merge(
-    args: &RunArgs,
-    plan: &Plan,
-    sent: &[u64],
-    reports: Vec<Report>,
-    loadgen_cpu_s: f64,
-    server_cpu_s: Option<f64>,
-    rss: (Option<u64>, Option<u64>),
-    side: (u64, u64),
-    mut errors: Vec<String>,
-) -> RunResult {
-    let mut latency = reports[0].latency.clone();
-    latency.reset();
-    let mut timeline: Vec<(u64, hdrhistogram::Histogram<u64>)> = Vec::new();
-    let (mut delivered, mut lost, mut duplicated, mut reordered) = (0, 0, 0, 0);
-    let (mut in_window, mut notices, mut closed) = (0, 0, 0);
-    let mut expected = 0;
-    for r in &reports {
-        let _ = latency.add(&r.latency);
-        for (t, (n, h)) in r.timeline.iter().enumerate() {
-            if timeline.len() <= t {
-                timeline.push((0, h.clone()));
-                timeline[t].1.reset();
-            }
-            timeline[t].0 += n;
-            let _ = timeline[t].1.add(h);
-        }
-        for (client, trackers) in &r.trackers {
-            for (p, tracker) in trackers.iter().enumerate() {
-                let should = if p == *client { 0 } else { sent[p] };
-                account(
-                    tracker,
-                    should,
-                    &mut expected,
-                    &mut delivered,
-                    &mut lost,
-                    &mut duplicated,
-                    &mut reordered,
-                );
-            }
-        }
-        in_window += r.delivered_in_window;
-        notices += r.notices;
-        closed += r.closed_by_server;
-    }
-    let threads = args.threads as f64;
-    let saturated = loadgen_cpu_s >= SATURATION * threads * args.duration;
-    if saturated {
-        errors.push(format!(
-            "the generator used {loadgen_cpu_s:.2} s of CPU in {:.2} s on {} thread(s): it is saturated and measured itself, not the server; add --threads",
-            args.duration, args.threads
-        ));
-    }
-    let q = |p: f64| {
-        if latency.is_empty() {
-            0
-        } else {
-            latency.value_at_quantile(p)
-        }
-    };
-    RunResult {
-        protocol: args.protocol,
-        scenario: args.scenario,
-        target: args.target.clone(),
-        clients: args.clients,
-        publishers: plan.publishers,
-        rate: args.rate,
-        burst_us: args.burst_us,
-        size: plan.size,
-        duration_s: args.duration,
-        warmup_s: args.warmup,
-        threads: args.threads,
-        sent: sent.iter().sum(),
-        expected,
-        delivered,
-        lost,
-        duplicated,
-        reordered,
-        msgs_per_sec: in_window as f64 / args.duration,
-        mb_per_sec: in_window as f64 * plan.size as f64 / args.duration / 1e6,
-        latency_us: Latency {
-            p50: q(0.5),
-            p90: q(0.9),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: latency.max(),
-        },
-        timeline: timeline
-            .iter()
-            .enumerate()
-            .map(|(t, (n, h))| Tick {
-                t: t as u64,
-                delivered: *n,
-                p99_us: if h.is_empty() { 0 } else { h.value_at_quantile(0.99) },
-            })
-            .collect(),
-        loadgen_cpu_s,
-        loadgen_saturated: saturated,
-        server_cpu_s,
-        server_cpu_ns_per_delivery: server_cpu_s
-            .filter(|_| in_window > 0)
-            .map(|s| s * 1e9 / in_window as f64),
-        server_rss_kib: rss.1,
-        server_rss_bytes_per_connection: match rss {
-            (Some(before), Some(after)) if args.scenario == Scenario::Idle => {
-                Some((after.saturating_sub(before) * 1024) as f64 / args.clients as f64)
-            }
-            _ => None,
-        },
-        slow_consumers: plan.slow,
-        notices,
-        closed_by_server: closed,
-        side_connections: side.0,
-        side_notices: side.1,
-        errors,
-    }
-}
-
-fn account(
-    t: &SeqTracker,
-    should: u64,
-    expected: &mut u64,
-    delivered: &mut u64,
-    lost: &mut u64,
-    duplicated: &mut u64,
-    reordered: &mut u64,
-) {
-    *expected += should;
-    *delivered += t.delivered;
-    *lost += t.lost(should);
-    *duplicated += t.duplicated;
-    *reordered += t.reordered;
 }
 
 /// Extra connections for the churn and bad-input scenarios, paced from the main thread.

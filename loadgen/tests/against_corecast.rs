@@ -1,4 +1,5 @@
-//! Runs the generator against a real corecast for a few seconds and checks its accounting.
+//! Runs the generator against a real corecast for a few seconds and checks its accounting,
+//! overall and per receiver class (healthy, rate-limited, pausing).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -116,6 +117,49 @@ fn fan_out_against_corecast_is_complete_in_order_and_without_duplicates() {
         assert!(r["latency_us"][key].as_u64().is_some(), "latency {key} missing");
     }
     assert!(r["timeline"].as_array().unwrap().len() >= 3, "{r:#}");
+    assert!(
+        r.get("cross_node").is_none(),
+        "one target, yet a cross-node result: {r:#}"
+    );
+}
+
+#[test]
+fn two_targets_count_the_deliveries_between_clients_on_different_targets_as_cross_node() {
+    // Both targets name the same relay, so all four clients share one room while the
+    // generator treats even and odd clients as being on different nodes: each publisher's
+    // lines reach 3 receivers, 2 of them on the other target, so exactly 2/3 cross.
+    let relay = start_relay(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#);
+    let second = format!("127.0.0.1:{}", relay.port);
+    let r = loadgen(
+        &relay,
+        &[
+            "--target",
+            &second,
+            "--clients",
+            "4",
+            "--publishers",
+            "4",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+        ],
+    );
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["delivered"], r["expected"], "{r:#}");
+    let cross = &r["cross_node"];
+    let crossed = cross["delivered_in_window"].as_u64().expect("no cross_node result");
+    // 4 publishers × 100 lines/s × 2 s × 2 receivers across: 1600; ask for half.
+    assert!(crossed >= 800, "too few cross-node deliveries: {r:#}");
+    let share = cross["share"].as_f64().unwrap();
+    assert!(
+        (share - 2.0 / 3.0).abs() < 1e-9,
+        "cross-node share {share}, not 2/3: {r:#}"
+    );
+    assert!(cross["latency_us"]["p99"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["target"], format!("{second},{second}"), "{r:#}");
 }
 
 #[test]
@@ -143,4 +187,109 @@ fn over_rate_senders_are_reported_as_lost_with_notices() {
     assert!(r["notices"].as_u64().unwrap() > 0, "{r:#}");
     assert_eq!(r["duplicated"], 0);
     assert_eq!(r["reordered"], 0);
+}
+
+/// The class entry `name` of a result, or a failure that shows the whole result.
+fn class<'a>(r: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    r["classes"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["class"] == name))
+        .unwrap_or_else(|| panic!("no {name} class in {r:#}"))
+}
+
+#[test]
+fn per_line_writers_reach_a_pausing_and_a_rate_limited_reader_completely_and_close_nobody() {
+    // Little enough traffic that the pausing and the rate-limited reader fall behind by
+    // less than the socket buffers hold, so even a relay that closes slow consumers at
+    // its first stall keeps them.
+    let relay = start_relay(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#);
+    let r = loadgen(
+        &relay,
+        &[
+            "--clients",
+            "6",
+            "--publishers",
+            "2",
+            "--rate",
+            "100",
+            "--burst-us",
+            "0",
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+            "--drain",
+            "10",
+            // Client 4 reads 16 kB/s, a fifth of what it is sent: it ends seconds behind.
+            "--reader-rate",
+            "16000",
+            "--slow-readers",
+            "1",
+            // Client 5 stops reading for 400 ms, half a second into the window.
+            "--pause-readers",
+            "1",
+            "--pause-ms",
+            "400",
+            "--pause-at-ms",
+            "500",
+        ],
+    );
+    for name in ["healthy", "rate-limited", "pausing"] {
+        let c = class(&r, name);
+        assert!(c["expected"].as_u64().unwrap() > 0, "{name}: {r:#}");
+        assert_eq!(c["delivered"], c["expected"], "{name}: {r:#}");
+        assert_eq!(c["lost"], 0, "{name}: {r:#}");
+        assert_eq!(c["reordered"], 0, "{name}: {r:#}");
+        assert_eq!(c["duplicated"], 0, "{name}: {r:#}");
+        assert_eq!(c["disconnected"], 0, "{name}: {r:#}");
+        assert!(c["max_gap_ms"].as_f64().is_some(), "{name}: {r:#}");
+    }
+    assert_eq!(class(&r, "healthy")["receivers"], 4);
+    assert_eq!(r["closed_no_reader"], true, "{r:#}");
+    assert_eq!(r["closed_by_server"], 0, "{r:#}");
+    // The two did read as told: the pausing one went without a delivery for its pause,
+    // the rate-limited one ended far behind (about 2.5 s; without the limit, milliseconds).
+    let pause_gap = class(&r, "pausing")["max_gap_ms"].as_f64().unwrap();
+    assert!(pause_gap >= 350.0, "pausing reader's longest gap {pause_gap} ms: {r:#}");
+    let behind_us = class(&r, "rate-limited")["latency_us"]["max"].as_u64().unwrap();
+    assert!(
+        behind_us >= 500_000,
+        "rate-limited reader at most {behind_us} µs behind: {r:#}"
+    );
+}
+
+#[test]
+fn per_line_writers_at_t10x30000_close_nobody_twice_in_a_row() {
+    // Issue 14: ten clients each writing 30,000 lines/s, one write per line, reading with
+    // a plain loop. A relay may slow the senders down (TCP pushes back) but must not
+    // close any of these receivers: every one of them keeps reading. The second run
+    // shows that nothing from the first locked this address out.
+    let relay = start_relay(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#);
+    for run in 1..=2 {
+        let r = loadgen(
+            &relay,
+            &[
+                "--clients",
+                "10",
+                "--publishers",
+                "10",
+                "--rate",
+                "30000",
+                "--burst-us",
+                "0",
+                "--duration",
+                "1.5",
+                "--warmup",
+                "0.5",
+                "--drain",
+                "2",
+                "--threads",
+                "2",
+            ],
+        );
+        assert!(r["sent"].as_u64().unwrap() > 0, "run {run}: {r:#}");
+        assert_eq!(r["closed_by_server"], 0, "run {run}: {r:#}");
+        assert_eq!(r["readers_disconnected"], 0, "run {run}: {r:#}");
+        assert_eq!(r["closed_no_reader"], true, "run {run}: {r:#}");
+    }
 }

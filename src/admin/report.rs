@@ -72,10 +72,11 @@ pub fn healthz(shared: &Shared) -> (u16, String) {
             let _ = writeln!(problems, "shard {id}: {p}");
         }
     }
+    let cluster = shared.cluster.as_ref().map(|c| c.health_line()).unwrap_or_default();
     if problems.is_empty() {
-        (200, format!("ok: {} shards running\n", shared.stats.len()))
+        (200, format!("ok: {} shards running\n{cluster}", shared.stats.len()))
     } else {
-        (503, format!("unhealthy\n{problems}"))
+        (503, format!("unhealthy\n{problems}{cluster}"))
     }
 }
 
@@ -137,6 +138,7 @@ pub fn stats_json(shared: &Shared) -> Value {
         "quarantine_entries": shared.quarantine.len(),
         "total": snapshot_json(&total),
         "shards": shards,
+        "cluster": shared.cluster.as_ref().map(|c| c.to_json()),
     })
 }
 
@@ -152,7 +154,7 @@ impl std::fmt::Debug for ShardCollector {
 /// One per-shard series family: name (without prefix), help, type, and the value.
 type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
 
-const SERIES: [Series; 13] = [
+const SERIES: [Series; 14] = [
     (
         "connections",
         "Connections currently open on the shard.",
@@ -212,6 +214,12 @@ const SERIES: [Series; 13] = [
         "Total time of those pauses, in milliseconds.",
         MetricType::Counter,
         |s| s.sender_pause_ms,
+    ),
+    (
+        "kicks",
+        "Times the main thread woke the shard's thread because its heartbeat was stale (glommio parked it with work queued).",
+        MetricType::Counter,
+        |s| s.kicks,
     ),
     (
         "reads_at_runs",

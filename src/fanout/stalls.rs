@@ -21,7 +21,7 @@ use crate::shared::Shared;
 
 /// How often a shard re-examines its stalled recipients while it has any: the write
 /// deadline, the messages rule and the end of pause allowances are seen this late at most.
-pub const LAG_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+pub const LAG_SWEEP_INTERVAL: Duration = Duration::from_millis(20);
 
 pub struct Stalls {
     shard_id: usize,
@@ -172,9 +172,15 @@ impl Stalls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backpressure::BEHIND_AFTER;
     use crate::batch::{BatchBuilder, Ledger};
     use crate::config::Config;
+    use crate::machine::Machine;
     use crate::pacing::Entry;
+
+    fn defaults() -> Config {
+        Config::defaults_for(&Machine::detect())
+    }
 
     fn stalls(config: Config) -> (Stalls, Arc<Shared>) {
         let shared = Arc::new(Shared::new(config));
@@ -194,11 +200,14 @@ mod tests {
     }
 
     #[test]
-    fn a_stalled_recipient_raises_the_shards_stage_until_it_catches_up() {
-        let (stalls, shared) = stalls(Config::default());
-        let throttle = Config::default().backpressure.throttle_threshold as usize;
+    fn a_stalled_recipient_raises_the_shards_stage_once_stalled_a_moment_until_it_catches_up() {
+        let (stalls, shared) = stalls(defaults());
+        let throttle = defaults().backpressure.throttle_threshold as usize;
         let client = stalled_client(7, throttle + 1, 10);
         stalls.on_stall(&client);
+        // A stall of a moment holds nobody back; one that has lasted does.
+        assert_eq!(shared.shard_stage(0), Stage::None);
+        stalls.on_more_queued(&client, Instant::now() + BEHIND_AFTER);
         assert_eq!(shared.shard_stage(0), Stage::Throttle);
         assert!(!client.is_closing());
         stalls.on_caught_up(&client);
@@ -209,7 +218,7 @@ mod tests {
     fn a_recipient_over_max_pending_bytes_is_closed_as_a_slow_consumer_once() {
         let (stalls, shared) = stalls(Config {
             max_pending_bytes: 1000,
-            ..Config::default()
+            ..defaults()
         });
         let client = stalled_client(8, 20, 100);
         stalls.on_stall(&client);

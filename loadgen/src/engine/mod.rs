@@ -1,12 +1,19 @@
 //! The generator's worker threads. Each owns a share of the connections and runs one mio
 //! event loop: publishers append lines at their scheduled times, in bursts `--burst-us`
-//! apart (open loop: a late send keeps its scheduled time, so latency includes any
-//! queueing the server caused), receivers decode what arrives, account for every
-//! (receiver, publisher) sequence and record latency in an HDR histogram. The main thread moves the shared [`Control`]
-//! through the phases: sync (wait until every receiver is subscribed), run, stop.
+//! apart or, with `--burst-us 0`, each line with its own write (open loop: a late send
+//! keeps its scheduled time, so latency includes any queueing the server caused);
+//! receivers read the way their [`ReaderClass`] says, decode what arrives, account for
+//! every (receiver, publisher) sequence and record latency in HDR histograms, overall and
+//! per class. The main thread moves the shared [`Control`] through the phases: sync (wait
+//! until every receiver is subscribed), run, stop. After the stop, stuck receivers read
+//! what was left for them once, to learn whether the server closed them. Reading and
+//! accounting live in `receive.rs`, the loop's timer in `timer.rs`.
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod receive;
+mod timer;
+
+use std::io::{ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,8 +22,11 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::accounting::{Arrival, SeqTracker};
-use crate::proto::{self, Event, Header, Protocol, SYNC_PREFIX};
+use crate::accounting::{GapTracker, SeqTracker};
+use crate::proto::{self, Header, Protocol, SYNC_PREFIX};
+use crate::reader::{ReaderClass, ReaderMix};
+use receive::{drain_stuck, read, read_gated, READ_CHUNK};
+use timer::{Timer, TIMER_TOKEN};
 
 pub const PHASE_SYNC: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
@@ -30,21 +40,37 @@ const UNPACED_BURST: usize = 64;
 const UNPACED_PENDING_BYTES: usize = 256 << 10;
 /// Latency histogram range: 1 µs to 60 s, 3 significant digits.
 const HIST_MAX_US: u64 = 60_000_000;
+/// Distinct notice texts kept per receiver, and their length.
+const NOTICES_KEPT: usize = 4;
+const NOTICE_MAX_CHARS: usize = 200;
 
 /// Read-only description of the workload, shared by all threads.
 pub struct Plan {
     pub protocol: Protocol,
-    pub clients: usize,
     pub publishers: usize,
     /// Lines per second per publisher; 0 = as fast as the socket takes them.
     pub rate: f64,
     /// Time between one publisher's bursts (see `--burst-us`); 0 = a line at a time.
     pub burst_ns: u64,
     pub size: usize,
-    /// Clients `[clients - slow, clients)` never read (slow-consumer scenario).
-    pub slow: usize,
+    /// How each receiver reads.
+    pub mix: ReaderMix,
     /// Time zero for every timestamp in a payload.
     pub epoch: Instant,
+    /// Targets the clients are spread over (nodes of a cluster); see [`target_of`].
+    pub targets: usize,
+}
+
+/// The target client `client` connects to, of `targets`: round-robin, so every node of a
+/// cluster gets the same share of receivers and of publishers.
+pub fn target_of(client: usize, targets: usize) -> usize {
+    client % targets.max(1)
+}
+
+/// A delivery from `publisher` to `receiver` crossed nodes when they are on different
+/// targets (with one target, nothing crosses).
+pub fn crosses_nodes(publisher: usize, receiver: usize, targets: usize) -> bool {
+    target_of(publisher, targets) != target_of(receiver, targets)
 }
 
 impl Plan {
@@ -53,7 +79,7 @@ impl Plan {
     }
 
     pub fn counted_receivers(&self) -> usize {
-        self.clients - self.slow
+        self.mix.counted()
     }
 }
 
@@ -65,6 +91,9 @@ pub struct Control {
     pub send_end_ns: AtomicU64,
     /// Receivers known to be subscribed.
     pub subscribed: AtomicUsize,
+    /// Connections the server closed while receivers were still being subscribed (a
+    /// server that is full or refuses this address): the run cannot start.
+    pub closed_in_sync: AtomicUsize,
     /// Unique deliveries so far (all phases).
     pub delivered: AtomicU64,
     /// Lines sent so far, per publisher.
@@ -80,6 +109,7 @@ impl Control {
             warmup_end_ns: AtomicU64::new(u64::MAX),
             send_end_ns: AtomicU64::new(u64::MAX),
             subscribed: AtomicUsize::new(0),
+            closed_in_sync: AtomicUsize::new(0),
             delivered: AtomicU64::new(0),
             sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
             errors: Mutex::new(Vec::new()),
@@ -110,12 +140,57 @@ pub struct Conn {
 
 struct Live {
     conn: Conn,
+    /// How this connection reads (meaningful only when it receives).
+    class: ReaderClass,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// The last write left bytes the socket would not take.
+    refused: bool,
     subscribed: bool,
     closed: bool,
+    /// Edge-triggered readiness: set by a readable event, cleared when a read would block,
+    /// so a receiver that chose not to read yet knows there is something to read.
+    readable: bool,
+    /// Rate-limited receivers: no read before this time (ns since the epoch).
+    read_not_before: u64,
+    /// When the server's close reached this connection during the run.
+    closed_at: Option<u64>,
+    /// A stuck receiver found the close only when it read, after the stop.
+    closed_seen_at_end: bool,
+    notices: Vec<String>,
+    gaps: GapTracker,
+    /// Deliveries of lines scheduled in the measured window.
+    in_window: u64,
+    bytes_read: u64,
     trackers: Vec<SeqTracker>,
+}
+
+impl Live {
+    /// The server closed this connection (EOF, reset, a failed write or a closing event).
+    fn on_server_close(&mut self, now: u64, control: &Control, report: &mut Report) {
+        self.closed = true;
+        if self.closed_at.is_some() || self.closed_seen_at_end {
+            return;
+        }
+        let phase = control.phase.load(Ordering::Relaxed);
+        if phase == PHASE_SYNC {
+            control.closed_in_sync.fetch_add(1, Ordering::Relaxed);
+        }
+        if phase != PHASE_STOP {
+            self.closed_at = Some(now);
+            report.closed_by_server += 1;
+        } else if self.class == ReaderClass::Stuck {
+            self.closed_seen_at_end = true;
+        }
+    }
+
+    fn on_notice(&mut self, text: &[u8]) {
+        let text: String = String::from_utf8_lossy(text).chars().take(NOTICE_MAX_CHARS).collect();
+        if self.notices.len() < NOTICES_KEPT && !self.notices.contains(&text) {
+            self.notices.push(text);
+        }
+    }
 }
 
 /// One publisher's schedule, on the connection `conn` (an index into the worker's list).
@@ -156,18 +231,46 @@ impl Publisher {
     }
 }
 
+/// One receiver's outcome.
+pub struct ReceiverReport {
+    pub client: usize,
+    pub class: ReaderClass,
+    /// Indexed by publisher; empty for a stuck receiver.
+    pub trackers: Vec<SeqTracker>,
+    /// When the server's close reached it during the run, ns since the epoch.
+    pub closed_at_ns: Option<u64>,
+    /// A stuck receiver found the close only when it read, after the stop.
+    pub closed_seen_at_end: bool,
+    /// Distinct notice texts it received.
+    pub notices: Vec<String>,
+    /// The longest time it went without a delivery in the measured window.
+    pub max_gap_ns: u64,
+    pub in_window: u64,
+    pub bytes_read: u64,
+}
+
 /// What a worker hands back.
 pub struct Report {
-    pub latency: Histogram<u64>,
+    /// Latency per [`ReaderClass`], indexed by [`ReaderClass::index`]; the run's overall
+    /// latency is their sum (one record per delivery, not two).
+    pub class_latency: Vec<Histogram<u64>>,
+    /// With several targets: the latency of the deliveries that crossed nodes (each also
+    /// counts in its class).
+    pub cross_latency: Histogram<u64>,
     /// Per second since the start: deliveries and their latency.
     pub timeline: Vec<(u64, Histogram<u64>)>,
-    /// Per counted receiver: its client index and its trackers, indexed by publisher.
-    pub trackers: Vec<(usize, Vec<SeqTracker>)>,
+    pub receivers: Vec<ReceiverReport>,
     /// Deliveries of lines scheduled inside the measured window.
     pub delivered_in_window: u64,
     pub notices: u64,
     /// Connections the server closed during the run.
     pub closed_by_server: u64,
+    /// write(2) calls that sent a publisher's bytes (with `--burst-us 0`, one per line
+    /// unless the socket refused data).
+    pub publisher_writes: u64,
+    /// With `--burst-us 0`: lines that could not go out alone because their socket still
+    /// held refused bytes; they went out with them.
+    pub queued_lines: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -185,21 +288,20 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
     };
     let mut live: Vec<Live> = Vec::with_capacity(conns.len());
     for (i, mut conn) in conns.into_iter().enumerate() {
-        let slow = conn.receives && conn.client >= plan.counted_receivers();
-        let interest = if slow {
-            Interest::WRITABLE
-        } else {
-            Interest::READABLE | Interest::WRITABLE
-        };
+        // A stuck receiver is registered for reading too, only to see a reset or a FIN
+        // the moment it arrives; it never reads during the run.
+        let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = poll.registry().register(&mut conn.stream, Token(i), interest) {
             control.error(format!("cannot register a connection: {e}"));
         }
-        if slow || (conn.receives && plan.protocol == Protocol::Summoner && plan.publishers == 0) {
-            // Nothing will confirm these: slow ones never read, and with no publishers
+        let class = plan.mix.class_of(conn.client);
+        let stuck = conn.receives && class == ReaderClass::Stuck;
+        if stuck || (conn.receives && plan.protocol == Protocol::Summoner && plan.publishers == 0) {
+            // Nothing will confirm these: stuck ones never read, and with no publishers
             // there are no SYNC probes. Count them as subscribed.
             control.subscribed.fetch_add(1, Ordering::Relaxed);
         }
-        let trackers = if conn.receives && !slow {
+        let trackers = if conn.receives && !stuck {
             vec![SeqTracker::default(); plan.publishers]
         } else {
             Vec::new()
@@ -207,17 +309,32 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
         let wbuf = std::mem::take(&mut conn.hello);
         live.push(Live {
             conn,
+            class,
             rbuf: Vec::new(),
             wbuf,
             wpos: 0,
-            subscribed: slow,
+            refused: false,
+            subscribed: stuck,
             closed: false,
+            readable: false,
+            read_not_before: 0,
+            closed_at: None,
+            closed_seen_at_end: false,
+            notices: Vec::new(),
+            gaps: GapTracker::default(),
+            in_window: 0,
+            bytes_read: 0,
             trackers,
         });
     }
+    // Receivers that do not read on every event: rate-limited and pausing ones.
+    let gated: Vec<usize> = (0..live.len())
+        .filter(|&i| live[i].conn.receives && matches!(live[i].class, ReaderClass::RateLimited | ReaderClass::Pausing))
+        .collect();
+    let mut pause = (u64::MAX, u64::MAX);
     let timer = Timer::new()
         .and_then(|t| {
-            let fd = t.fd.as_raw_fd();
+            let fd = t.as_raw_fd();
             poll.registry()
                 .register(&mut mio::unix::SourceFd(&fd), TIMER_TOKEN, Interest::READABLE)
                 .map(|_| t)
@@ -240,12 +357,15 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
         })
         .collect();
     let mut scheduled = false;
+    let per_line = plan.burst_ns == 0;
     let mut last_probe = 0u64;
     let mut events = Events::with_capacity(1024);
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut payload = Vec::with_capacity(plan.size + 64);
     let mut delivered_reported = 0u64;
     let mut delivered = 0u64;
+    // When the timer fires next, ns since the epoch (0: not armed).
+    let mut armed = 0u64;
 
     loop {
         let phase = control.phase.load(Ordering::Acquire);
@@ -271,6 +391,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                     p.next_due = start + interval_ns * p.id as u64 / n;
                     p.burst_phase = start + plan.burst_ns * p.id as u64 / n;
                 }
+                pause = plan.mix.pause_window(control.warmup_end_ns.load(Ordering::Acquire));
             }
             for p in pubs.iter_mut() {
                 let l = &mut live[p.conn];
@@ -280,6 +401,16 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                     while at(p) <= now && p.next_due < send_end {
                         if l.wbuf.len() - l.wpos < MAX_PENDING_BYTES {
                             p.append(&plan, &mut l.wbuf, &mut payload, at(p));
+                            // Per-line writes: a line goes out with its own write(2).
+                            // Behind a socket that refused data the lines queue up and go
+                            // together, as TCP would merge them anyway.
+                            if per_line && !l.closed {
+                                if l.refused {
+                                    report.queued_lines += 1;
+                                } else {
+                                    flush(l, &control, now, &mut report);
+                                }
+                            }
                         }
                         p.next_due += interval_ns;
                     }
@@ -299,15 +430,28 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 }
             }
         }
-        for (i, l) in live.iter_mut().enumerate() {
+        for &i in &gated {
+            let (n, wait) = read_gated(&mut live[i], pause, &mut chunk, &plan, &control, &mut report);
+            delivered += n;
+            if let Some(wait) = wait {
+                timeout = timeout.min(wait);
+            }
+        }
+        for l in live.iter_mut() {
             if l.wpos < l.wbuf.len() && !l.closed {
-                flush(l, &control, i);
+                flush(l, &control, now, &mut report);
             }
         }
         // epoll's own timeout has millisecond resolution: a timer descriptor wakes the loop
-        // when the next line is due (the epoll timeout is only a backstop).
+        // when the next line is due (the epoll timeout is only a backstop). Re-arming costs
+        // a syscall that shows at 300k lines/s, so a pending earlier expiry is kept (it
+        // only wakes the loop once too early).
         if let Some(timer) = &timer {
-            timer.arm(timeout);
+            let deadline = now + timeout.as_nanos() as u64;
+            if deadline < armed || armed <= now {
+                timer.arm(timeout);
+                armed = deadline;
+            }
         }
         if let Err(e) = poll.poll(&mut events, Some(timeout + Duration::from_millis(1))) {
             if e.kind() != ErrorKind::Interrupted {
@@ -324,11 +468,20 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 continue;
             }
             let l = &mut live[i];
-            if event.is_readable() && !l.closed {
-                delivered += read(l, &mut chunk, &plan, &control, &mut report);
+            let now = plan.now_ns();
+            if l.conn.receives && l.class == ReaderClass::Stuck {
+                if !l.closed && (event.is_read_closed() || event.is_error()) {
+                    l.on_server_close(now, &control, &mut report);
+                }
+            } else if event.is_readable() && !l.closed {
+                l.readable = true;
+                // Gated receivers read at the top of the loop, when their gate allows.
+                if !gated.contains(&i) {
+                    delivered += read(l, &mut chunk, false, &plan, &control, &mut report);
+                }
             }
             if event.is_writable() && l.wpos < l.wbuf.len() && !l.closed {
-                flush(l, &control, i);
+                flush(l, &control, now, &mut report);
             }
         }
         if delivered != delivered_reported {
@@ -338,83 +491,63 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
             delivered_reported = delivered;
         }
     }
-    report.trackers = live
+    drain_stuck(&mut live, &mut poll, &mut chunk, &plan, &control, &mut report);
+    let (window_start, window_end) = (
+        control.warmup_end_ns.load(Ordering::Relaxed),
+        control.send_end_ns.load(Ordering::Relaxed),
+    );
+    report.receivers = live
         .into_iter()
-        .filter(|l| !l.trackers.is_empty())
-        .map(|l| (l.conn.client, l.trackers))
+        .filter(|l| l.conn.receives)
+        .map(|l| ReceiverReport {
+            client: l.conn.client,
+            class: l.class,
+            trackers: l.trackers,
+            closed_at_ns: l.closed_at,
+            closed_seen_at_end: l.closed_seen_at_end,
+            notices: l.notices,
+            max_gap_ns: l.gaps.longest(window_start, window_end),
+            in_window: l.in_window,
+            bytes_read: l.bytes_read,
+        })
         .collect();
     report
 }
 
-/// The poll loop's token for its [`Timer`] (connections use their index).
-const TIMER_TOKEN: Token = Token(usize::MAX);
-
-/// A `timerfd`: wakes the poll loop with nanosecond resolution.
-struct Timer {
-    fd: OwnedFd,
-}
-
-impl Timer {
-    fn new() -> std::io::Result<Timer> {
-        // SAFETY: plain syscall; on success we own the returned descriptor.
-        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        Ok(Timer {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-
-    /// Fires once, `after` from now (at once for zero).
-    fn arm(&self, after: Duration) {
-        let after = after.max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: after.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: `spec` is a valid itimerspec and the descriptor is ours.
-        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-    }
-
-    /// Consumes an expiry so the descriptor can signal the next one.
-    fn clear(&self) {
-        let mut expirations = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a buffer of 8; a failed read changes nothing.
-        unsafe { libc::read(self.fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
-    }
-}
-
 fn empty_report() -> Report {
     Report {
-        latency: histogram(),
+        class_latency: ReaderClass::ALL.iter().map(|_| histogram()).collect(),
+        cross_latency: histogram(),
         timeline: Vec::new(),
-        trackers: Vec::new(),
+        receivers: Vec::new(),
         delivered_in_window: 0,
         notices: 0,
         closed_by_server: 0,
+        publisher_writes: 0,
+        queued_lines: 0,
     }
 }
 
-/// Writes as much pending output as the socket takes.
-fn flush(l: &mut Live, control: &Control, i: usize) {
+/// Writes as much pending output as the socket takes. A failed write means the server
+/// closed the connection.
+fn flush(l: &mut Live, control: &Control, now: u64, report: &mut Report) {
     while l.wpos < l.wbuf.len() {
         match l.conn.stream.write(&l.wbuf[l.wpos..]) {
             Ok(0) => break,
-            Ok(n) => l.wpos += n,
+            Ok(n) => {
+                l.wpos += n;
+                report.publisher_writes += u64::from(l.conn.publishes.is_some());
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                control.error(format!("connection {i} write failed: {e}"));
-                l.closed = true;
+                control.error(format!("client {} write failed: {e}", l.conn.client));
+                l.on_server_close(now, control, report);
                 break;
             }
         }
     }
+    l.refused = l.wpos < l.wbuf.len();
     if l.wpos == l.wbuf.len() {
         l.wbuf.clear();
         l.wpos = 0;
@@ -424,106 +557,27 @@ fn flush(l: &mut Live, control: &Control, i: usize) {
     }
 }
 
-/// Bytes read from a socket per `read` call, into the worker's one scratch buffer.
-const READ_CHUNK: usize = 64 << 10;
-
-/// Reads everything available and accounts for it; returns unique deliveries. Each read
-/// lands in `chunk` (the worker's, allocated once) and is decoded from there; only an
-/// incomplete last message is kept in the connection's own buffer.
-fn read(l: &mut Live, chunk: &mut [u8], plan: &Plan, control: &Control, report: &mut Report) -> u64 {
-    let mut delivered = 0;
-    loop {
-        let n = match l.conn.stream.read(chunk) {
-            Ok(0) => {
-                l.closed = true;
-                if control.phase.load(Ordering::Relaxed) != PHASE_STOP {
-                    report.closed_by_server += 1;
-                }
-                return delivered;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return delivered,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => {
-                l.closed = true;
-                report.closed_by_server += 1;
-                return delivered;
-            }
-        };
-        if l.rbuf.is_empty() {
-            let used = decode(l, &chunk[..n], plan, control, report, &mut delivered);
-            l.rbuf.extend_from_slice(&chunk[used..n]);
-        } else {
-            l.rbuf.extend_from_slice(&chunk[..n]);
-            let rbuf = std::mem::take(&mut l.rbuf);
-            let used = decode(l, &rbuf, plan, control, report, &mut delivered);
-            l.rbuf = rbuf;
-            l.rbuf.drain(..used);
-        }
-        if l.closed {
-            return delivered;
-        }
-    }
-}
-
-/// Accounts for the complete messages in `buf`; returns the bytes they took.
-fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut Report, delivered: &mut u64) -> usize {
-    let now = plan.now_ns();
-    let start = control.start_ns.load(Ordering::Relaxed);
-    let warmup_end = control.warmup_end_ns.load(Ordering::Relaxed);
-    let send_end = control.send_end_ns.load(Ordering::Relaxed);
-    let (mut pong, mut subscribed) = (false, false);
-    let own = l.conn.client as u32;
-    let trackers = &mut l.trackers;
-    let decoded = plan.protocol.decode(buf, |event| match event {
-        Event::Message(p) if p.starts_with(SYNC_PREFIX) => subscribed = true,
-        Event::Message(p) => {
-            let Some(h) = proto::parse_header(p) else { return };
-            // Redis delivers a publisher's own messages back: drop them here.
-            if h.publisher == own && plan.protocol == Protocol::Redis {
-                return;
-            }
-            let Some(tracker) = trackers.get_mut(h.publisher as usize) else {
-                return;
-            };
-            if tracker.on_arrival(h.seq) == Arrival::Duplicate {
-                return;
-            }
-            *delivered += 1;
-            if h.sched_ns >= warmup_end && h.sched_ns < send_end {
-                report.delivered_in_window += 1;
-                let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
-                let _ = report.latency.record(us);
-                let second = (now.saturating_sub(start) / 1_000_000_000) as usize;
-                while report.timeline.len() <= second {
-                    report.timeline.push((0, histogram()));
-                }
-                report.timeline[second].0 += 1;
-                let _ = report.timeline[second].1.record(us);
-            }
-        }
-        Event::Subscribed => subscribed = true,
-        Event::Ping => pong = true,
-        Event::Notice(_) => report.notices += 1,
-    });
-    let used = decoded.unwrap_or_else(|e| {
-        control.error(format!("client {}: {e}", l.conn.client));
-        l.closed = true;
-        buf.len()
-    });
-    if subscribed && !l.subscribed {
-        l.subscribed = true;
-        control.subscribed.fetch_add(1, Ordering::Relaxed);
-    }
-    if pong {
-        l.wbuf.extend_from_slice(b"PONG\r\n");
-    }
-    used
-}
-
 #[cfg(test)]
 mod tests {
-    use super::send_time;
+    use super::{crosses_nodes, send_time, target_of};
+
+    #[test]
+    fn clients_are_spread_round_robin_and_cross_only_between_targets() {
+        // Three targets: clients 0, 3, 6 on the first, 1, 4 on the second, 2, 5 on the third.
+        let on: Vec<usize> = (0..7).map(|c| target_of(c, 3)).collect();
+        assert_eq!(on, vec![0, 1, 2, 0, 1, 2, 0]);
+        assert!(!crosses_nodes(0, 3, 3));
+        assert!(!crosses_nodes(4, 1, 3));
+        assert!(crosses_nodes(0, 1, 3));
+        assert!(crosses_nodes(5, 3, 3));
+        // Of 4 publishers x 4 receivers on two targets, the 8 pairs on different ones cross.
+        let crossing = (0..4)
+            .flat_map(|p| (0..4).map(move |r| (p, r)))
+            .filter(|&(p, r)| crosses_nodes(p, r, 2));
+        assert_eq!(crossing.count(), 8);
+        // One target: nothing crosses.
+        assert!((0..10).all(|p| (0..10).all(|r| !crosses_nodes(p, r, 1))));
+    }
 
     #[test]
     fn a_burst_takes_the_lines_due_before_the_next_one() {
