@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
+use corecast::batch::{BatchBuilder, Ledger, LocalBatch};
+use corecast::client::Client;
 use corecast::config::QuarantineBy;
-use corecast::connection::Client;
-use corecast::fanout::{BatchBuilder, Ledger, LocalBatch};
 use corecast::limiter::{Decision, TokenBucket};
+use corecast::pacing::Entry;
 use corecast::protocol::{encode_envelope, Framer};
 use corecast::quarantine::Quarantine;
 
@@ -200,7 +201,14 @@ fn fanout_enqueue(c: &mut Criterion) {
     let recipients = |n: u64| -> Vec<Client> {
         (0..n)
             // No socket (fd -1): enqueueing never writes.
-            .map(|i| Client::new(FIRST_RECIPIENT + i, peer(127, i as u32 + 1, 50_000), -1, i % 8))
+            .map(|i| {
+                Client::new(
+                    FIRST_RECIPIENT + i,
+                    peer(127, i as u32 + 1, 50_000),
+                    -1,
+                    Entry::new(i % 8),
+                )
+            })
             .collect()
     };
     let probe = &recipients(1)[0];

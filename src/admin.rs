@@ -35,7 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 
-use crate::shard::Shared;
+use crate::shared::Shared;
 
 pub mod report;
 use report::{healthz, metrics_text, ShardCollector};

@@ -1,9 +1,9 @@
-//! Backpressure decisions (docs/protocol.md, "Backpressure"), pure: the fan-out code
+//! Backpressure decisions (docs/protocol.md#backpressure), pure: the fan-out code
 //! measures, this module decides, with the clock passed in.
 //!
 //! A recipient is *stalled* while its socket refuses data. For a stalled recipient, `d`
 //! counts the envelopes queued for it and `b` the bytes. Its shard keeps one [`Lag`] per
-//! recipient and calls [`Lag::observe`] whenever it delivers to a stalled recipient and at
+//! recipient and calls [`Policy::observe`] whenever it delivers to a stalled recipient and at
 //! every lag sweep; the answer says how much the recipient holds the senders back
 //! ([`Stage`]) and whether it must be closed ([`Rule`]).
 //!

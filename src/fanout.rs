@@ -1,358 +1,351 @@
-//! Fan-out: lines accepted on a shard are encoded once into the shard's outgoing
-//! [`BatchBuilder`]; the flush task turns it into a [`Batch`], hands it to every local
-//! recipient's outbox and sends it once to every peer shard over the mesh (one bounded
-//! lock-free SPSC ring per ordered pair of shards, see `mesh`), whose receiver tasks hand it
-//! to their own local recipients. The mesh ends are built by [`build_mesh`] on the main
-//! thread and are usable as soon as a shard holds them: there is no connect step.
+//! Fan-out: the component that owns a shard's fan-out state and the tasks that drive it.
+//!
+//! [`Fanout`] holds the shard's clients, its outgoing batch (lines accepted and not yet
+//! flushed, `fanout/outgoing.rs`), its write schedule (`pacing::Schedule`), its stall tracking
+//! ([`stalls::Stalls`]) and its read scheduling ([`reads::Reads`]). Readers hand it lines
+//! ([`Fanout::relay`]); the flush task (`fanout/flush.rs`) turns them into one batch per
+//! run, delivers it to every local outbox and to every peer over the mesh, and writes to
+//! the recipients that are due; a receive loop per peer delivers that peer's batches here.
+//! Below it, a [`Client`] only reports what a write did; above it, the connection task
+//! reads and drains its own stalled writer.
 //!
 //! Ordering: a sender's lines enter one builder in order, batches leave a shard in order,
 //! each SPSC ring is FIFO and outboxes are FIFO, so every recipient sees each sender's lines
-//! in the order they were sent (docs/protocol.md). A batch records which connection sent
-//! each run of envelopes so that a sender never receives its own lines.
+//! in the order they were sent (docs/protocol.md#ordering-and-delivery).
 
-use std::cell::Cell;
+mod flush;
+mod outgoing;
+pub mod reads;
+pub mod stalls;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use futures_lite::future::or;
+pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, MeshEnds, Peers, MESH_CAPACITY};
+pub use outgoing::MAX_OUTGOING_BYTES;
 
-use crate::mesh::{self, Receiver, Sender};
-use crate::pacing::Pacer;
-use crate::protocol::encode_envelope;
-use crate::shard::{NextRun, Shard};
+use crate::batch::{Batch, Ledger, LocalBatch};
+use crate::client::{Client, WriteOutcome, Written};
+use crate::metrics::{CloseReason, DropReason, ShardStats};
+use crate::notify::Notify;
+use crate::pacing::{NextRun, Schedule, Scheduled};
+use crate::protocol;
+use crate::shared::Shared;
+use crate::shutdown::Drain;
+use outgoing::Outgoing;
+use reads::Reads;
+use stalls::Stalls;
 
-/// Batches in flight per ordered pair of shards. A full ring means the peer shard is
-/// behind: the flush task waits for room, the outgoing builder grows, and readers on this
-/// shard pause once it passes [`MAX_OUTGOING_BYTES`] (pushing back on senders through TCP).
-pub const MESH_CAPACITY: usize = 1024;
-
-/// Encoded bytes a shard may hold unflushed before its readers pause. Readers already
-/// waiting in a read may each add one more read's worth, so this is a soft bound.
-pub const MAX_OUTGOING_BYTES: usize = 4 << 20;
-
-/// Envelopes from one connection, contiguous in a batch: `[previous run's end, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub origin: u64,
-    pub end: usize,
-    pub count: u32,
-}
-
-/// Encoded envelopes plus who sent them. Immutable once built; shared by `Arc` across
-/// shards and by `Rc<Arc<_>>` among one shard's recipients.
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub data: Vec<u8>,
-    pub runs: Vec<Run>,
-}
-
-/// A batch as one shard's recipients share it: one atomic reference per shard, then
-/// shard-local reference counts per recipient.
-pub type LocalBatch = Rc<PinnedBatch>;
-
-/// The memory one shard's queued envelopes hold: the bytes of every batch its recipients
-/// still reference (each batch once, however many recipients share it) plus a fixed cost
-/// per outbox entry. Kept exact as batches and entries come and go, and published at each
-/// change for the process-wide bound on queued bytes (`max_total_pending_bytes`), which
-/// every shard's readers check.
-pub struct Ledger {
-    bytes: Cell<u64>,
-    /// This shard's entry in the table every reader sums; only this shard writes it.
-    published: Arc<AtomicU64>,
-}
-
-impl Ledger {
-    pub fn new(published: Arc<AtomicU64>) -> Rc<Self> {
-        Rc::new(Ledger {
-            bytes: Cell::new(0),
-            published,
-        })
-    }
-
-    /// A ledger of its own, for tests and benches.
-    pub fn detached() -> Rc<Self> {
-        Ledger::new(Arc::default())
-    }
-
-    /// Makes `batch` shard-local; its bytes count until the last recipient lets go of it.
-    pub fn pin(self: &Rc<Self>, batch: Arc<Batch>) -> LocalBatch {
-        self.add(batch.data.len() as u64);
-        Rc::new(PinnedBatch {
-            batch,
-            ledger: self.clone(),
-        })
-    }
-
-    pub fn add(&self, n: u64) {
-        self.set(self.bytes.get() + n);
-    }
-
-    pub fn sub(&self, n: u64) {
-        self.set(self.bytes.get().saturating_sub(n));
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes.get()
-    }
-
-    fn set(&self, v: u64) {
-        self.bytes.set(v);
-        self.published.store(v, Ordering::Relaxed);
-    }
-}
-
-/// A batch on one shard, counted in that shard's [`Ledger`] while it lives.
-pub struct PinnedBatch {
-    batch: Arc<Batch>,
+/// One shard's fan-out state.
+pub struct Fanout {
+    shard_id: usize,
+    shared: Arc<Shared>,
+    stats: Arc<ShardStats>,
+    drain: Rc<Drain>,
+    /// Connected clients on this shard, by client id.
+    clients: RefCell<HashMap<u64, Rc<Client>>>,
+    next_client: Cell<u64>,
+    /// The memory this shard's queued envelopes hold, published in [`Shared`].
     ledger: Rc<Ledger>,
+    /// Envelopes accepted on this shard and not yet flushed.
+    outgoing: Outgoing,
+    /// Wakes the flush task when `outgoing` becomes non-empty, when a client becomes due,
+    /// and at shutdown.
+    flush_wanted: Notify,
+    schedule: Schedule<Rc<Client>>,
+    stalls: Stalls,
+    reads: Reads,
+    /// N1, shared by every rate-limited client on the shard.
+    rate_limit_notice: LocalBatch,
 }
 
-impl PinnedBatch {
-    pub fn ledger(&self) -> &Rc<Ledger> {
-        &self.ledger
+impl Fanout {
+    pub fn new(shard_id: usize, shared: Arc<Shared>, stats: Arc<ShardStats>, drain: Rc<Drain>) -> Self {
+        let ledger = Ledger::new(shared.pending_bytes_entry(shard_id));
+        let window = Duration::from_micros(shared.config.flush_window_us);
+        Fanout {
+            shard_id,
+            stalls: Stalls::new(shard_id, shared.clone(), stats.clone()),
+            shared,
+            stats,
+            drain,
+            clients: RefCell::default(),
+            next_client: Cell::new(1),
+            rate_limit_notice: Ledger::detached().pin(Arc::new(Batch::notice(protocol::NOTICE_RATE_LIMITED))),
+            ledger,
+            outgoing: Outgoing::default(),
+            flush_wanted: Notify::default(),
+            schedule: Schedule::new(window, Instant::now()),
+            reads: Reads::new(shard_id),
+        }
+    }
+
+    /// Adds a client to this shard's fan-out for as long as the returned membership lives.
+    pub fn join(self: &Rc<Self>, addr: SocketAddr, fd: RawFd) -> Membership {
+        let n = self.next_client.get();
+        self.next_client.set(n + 1);
+        let id = ((self.shard_id as u64) << 48) | n;
+        let client = Rc::new(Client::new(id, addr, fd, self.schedule.join()));
+        self.clients.borrow_mut().insert(id, client.clone());
+        self.stats.on_open();
+        Membership {
+            fanout: self.clone(),
+            client,
+        }
+    }
+
+    fn leave(&self, client: &Client) {
+        self.clients.borrow_mut().remove(&client.id);
+        self.reads.leave_ready_set(client);
+        self.schedule.leave(client.entry());
+        self.stalls.forget(client);
+    }
+
+    pub fn open_clients(&self) -> usize {
+        self.clients.borrow().len()
+    }
+
+    pub fn reads(&self) -> &Reads {
+        &self.reads
+    }
+
+    pub fn stalls(&self) -> &Stalls {
+        &self.stalls
+    }
+
+    /// Accepts one line from `client` for relaying to everyone else.
+    pub fn relay(&self, client: &Client, line: &str) {
+        self.stats.on_line();
+        if tracing::enabled!(target: crate::log::RELAY_TARGET, tracing::Level::DEBUG) {
+            crate::log::relayed(&client.remote_addr, line, self.shared.config.log.log_keys.as_deref());
+        }
+        #[cfg(debug_assertions)]
+        test_triggers(line);
+        if self.outgoing.push(client.id, line, &client.remote_addr) {
+            self.flush_wanted.notify();
+        }
+    }
+
+    /// Queues N1 for a rate-limited client, in order with its envelopes.
+    pub fn send_rate_limit_notice(&self, client: &Rc<Client>) {
+        client.enqueue(&self.rate_limit_notice);
+        self.schedule(client);
+    }
+
+    /// Waits while the outgoing batch is over [`MAX_OUTGOING_BYTES`]: the flush task is
+    /// behind (a peer ring is full), and readers pause until it catches up.
+    pub async fn wait_for_outgoing_room(&self) {
+        self.outgoing.wait_for_room().await;
+    }
+
+    /// Takes the batch built so far, if any, and releases paused readers.
+    fn take_outgoing(&self) -> Option<Batch> {
+        self.outgoing.take()
+    }
+
+    /// Queues `batch` for every client on this shard except each envelope's sender, and
+    /// applies the slow-consumer policy to recipients that are stalled.
+    pub fn deliver(&self, batch: Arc<Batch>) {
+        let batch = self.ledger.pin(batch);
+        let mut now = None;
+        for client in self.clients.borrow().values() {
+            // Closing clients take no more, except for shutdown, which flushes them within
+            // the usual per-connection byte bound.
+            let refuse = client.refusing_envelopes().or_else(|| {
+                (client.is_closing() && client.queued_bytes() > self.shared.policy.max_pending_bytes)
+                    .then_some(CloseReason::SlowConsumer)
+            });
+            if let Some(reason) = refuse {
+                let lost: u32 = batch
+                    .runs
+                    .iter()
+                    .filter(|r| r.origin != client.id)
+                    .map(|r| r.count)
+                    .sum();
+                self.stats.on_drop(undelivered_reason(reason), lost as u64);
+                continue;
+            }
+            client.enqueue(&batch);
+            if client.is_stalled() {
+                self.stalls
+                    .on_more_queued(client, *now.get_or_insert_with(Instant::now));
+            }
+            self.schedule(client);
+        }
+    }
+
+    /// Decides when `client`'s newly queued envelopes are written (see `pacing`).
+    fn schedule(&self, client: &Rc<Client>) {
+        if client.is_closing() {
+            // Its connection task flushes it (shutdown) or it takes nothing more.
+            return;
+        }
+        if client.writer_busy() {
+            client.wake_writer();
+            return;
+        }
+        if self.schedule.offer(client, client.queued_bytes()) {
+            // The flush task may be parked with nothing to do (a peer's batch).
+            self.flush_wanted.notify();
+        }
+    }
+
+    /// Writes every due client and every waiting client whose period started after tick
+    /// `last` and up to the current tick.
+    fn write_due(&self, last: u64) {
+        let clients = self.schedule.take_due(last);
+        for client in &clients {
+            if client.is_closing() || client.writer_busy() {
+                continue;
+            }
+            self.schedule.on_written(client.entry());
+            match client.write_now(&self.stats) {
+                WriteOutcome::Done => {}
+                WriteOutcome::Stalled => self.stalls.on_stall(client),
+                WriteOutcome::Failed => client.request_close(CloseReason::WriteError),
+            }
+        }
+        self.schedule.recycle(clients);
+    }
+
+    /// Tells stall tracking what the writer half's last write did.
+    pub fn on_written(&self, client: &Rc<Client>, written: Written) {
+        match written {
+            Written::Partial => self.on_refused(client),
+            Written::Job => {}
+            Written::CaughtUp => self.stalls.on_caught_up(client),
+        }
+    }
+
+    /// The writer half found the socket refusing data.
+    pub fn on_refused(&self, client: &Rc<Client>) {
+        if client.mark_stalled() {
+            self.stalls.on_stall(client);
+        }
+    }
+
+    /// When the flush task runs next, given the tick of its last run; readers in the ready
+    /// set go back to readiness if that is not soon.
+    fn next_run(&self, last: Option<u64>) -> NextRun {
+        let lines = !self.outgoing.is_empty();
+        let next = self.schedule.next_run(last, lines, self.reads.turn_waiting());
+        let tick = self.schedule.pacer().map(|p| p.tick());
+        self.reads.set_next_run(next, tick, |id| {
+            self.wake_reader(id);
+        });
+        next
+    }
+
+    /// At the start of a run at `tick` (the last was at `last`): wakes the readers in the
+    /// ready set whose socket is readable and, at a read round, those waiting for one.
+    /// True if any reader was let go.
+    fn release_readers(&self, last: Option<u64>, tick: u64) -> bool {
+        let woken = self.reads.wake_ready(|id| self.wake_reader(id));
+        let turns = self.schedule.read_round_since(last, tick) && self.reads.release_turn();
+        woken || turns
+    }
+
+    /// Reads the clock into the schedule's current tick; returns it.
+    fn refresh_tick(&self) -> u64 {
+        self.schedule.refresh(Instant::now())
+    }
+
+    fn flush_wanted(&self) -> &Notify {
+        &self.flush_wanted
+    }
+
+    /// Time between read rounds (zero without a flush window).
+    pub fn read_round_interval(&self) -> Duration {
+        self.schedule.read_round_interval()
+    }
+
+    /// Wakes client `id`'s reader, if it is still connected.
+    fn wake_reader(&self, id: u64) -> bool {
+        self.clients.borrow().get(&id).map(|c| c.wake_reader()).is_some()
+    }
+
+    /// Asks every client idle for `timeout` at `now` to close (docs/protocol.md#idle-timeout).
+    pub fn sweep_idle(&self, timeout: Duration, now: Instant) {
+        for client in self.clients.borrow().values() {
+            if now.saturating_duration_since(client.last_inbound()) >= timeout {
+                client.request_close(CloseReason::IdleTimeout);
+            }
+        }
+    }
+
+    /// Starts this shard's drain: every client stops reading (its task sees the close
+    /// request before it reads again) and the flush task sends what is left, then stops.
+    pub fn begin_shutdown(&self) {
+        self.drain.begin();
+        for client in self.clients.borrow().values() {
+            client.request_close(CloseReason::Shutdown);
+        }
+        self.flush_wanted.notify();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.drain.is_started()
+    }
+
+    pub fn drain(&self) -> &Rc<Drain> {
+        &self.drain
     }
 }
 
-impl std::ops::Deref for PinnedBatch {
-    type Target = Batch;
-    fn deref(&self) -> &Batch {
-        &self.batch
+/// A client's membership in its shard's fan-out: it leaves (registry, ready set, slot,
+/// stall tracking) when this is dropped, however its connection ends.
+pub struct Membership {
+    fanout: Rc<Fanout>,
+    client: Rc<Client>,
+}
+
+impl Membership {
+    pub fn client(&self) -> &Rc<Client> {
+        &self.client
     }
 }
 
-impl Drop for PinnedBatch {
+impl Drop for Membership {
     fn drop(&mut self) {
-        self.ledger.sub(self.batch.data.len() as u64);
+        self.fanout.leave(&self.client);
     }
 }
 
-impl Batch {
-    /// Calls `f(start, end, count)` for each maximal stretch of envelopes not sent by
-    /// `recipient`, in order.
-    pub fn for_each_stretch_except(&self, recipient: u64, mut f: impl FnMut(usize, usize, u32)) {
-        if !self.runs.iter().any(|r| r.origin == recipient) {
-            // Notices are runs of count 0: still sent, never counted as envelopes.
-            if !self.data.is_empty() {
-                f(0, self.data.len(), self.runs.iter().map(|r| r.count).sum());
-            }
-            return;
-        }
-        let (mut start, mut open_start, mut open_count) = (0usize, None::<usize>, 0u32);
-        for run in &self.runs {
-            if run.origin == recipient {
-                if let Some(s) = open_start.take() {
-                    f(s, start, open_count);
-                }
-                open_count = 0;
-            } else {
-                open_start.get_or_insert(start);
-                open_count += run.count;
-            }
-            start = run.end;
-        }
-        if let Some(s) = open_start {
-            f(s, start, open_count);
-        }
+/// What envelopes that a closing recipient will never get are counted as.
+pub fn undelivered_reason(close: CloseReason) -> DropReason {
+    if close == CloseReason::SlowConsumer {
+        DropReason::SlowConsumer
+    } else {
+        DropReason::RecipientGone
     }
 }
 
-/// Most bytes a new batch reserves up front, going by the size of the last one.
-const MAX_BATCH_RESERVE: usize = 64 << 10;
-
-/// The shard's batch under construction.
-#[derive(Debug, Default)]
-pub struct BatchBuilder {
-    batch: Batch,
-    /// The last batch's size: the next one reserves that much on its first line instead
-    /// of growing (and copying) a dozen times on the way.
-    last_len: usize,
-}
-
-impl BatchBuilder {
-    /// Appends one line's envelope, sent by connection `origin` from `remote_addr`.
-    pub fn push(&mut self, origin: u64, line: &str, remote_addr: &str) {
-        let b = &mut self.batch;
-        if b.data.capacity() == 0 {
-            b.data.reserve(self.last_len.min(MAX_BATCH_RESERVE));
-        }
-        encode_envelope(&mut b.data, line, remote_addr);
-        let end = b.data.len();
-        match b.runs.last_mut() {
-            Some(run) if run.origin == origin => {
-                run.end = end;
-                run.count += 1;
-            }
-            _ => b.runs.push(Run { origin, end, count: 1 }),
-        }
+/// Debug builds only: panics on the line named by `CORECAST_TEST_PANIC_LINE`, so the tests
+/// can show that a panic closes one connection and nothing else; blocks the shard's thread
+/// for `CORECAST_TEST_STALL_MS` on the line named by `CORECAST_TEST_STALL_LINE`, so they
+/// can show that `/healthz` notices a stuck shard.
+#[cfg(debug_assertions)]
+fn test_triggers(line: &str) {
+    static PANIC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static STALL: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    if PANIC
+        .get_or_init(|| std::env::var("CORECAST_TEST_PANIC_LINE").ok())
+        .as_deref()
+        == Some(line)
+    {
+        panic!("test-only panic trigger");
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.batch.runs.is_empty()
-    }
-
-    pub fn len_bytes(&self) -> usize {
-        self.batch.data.len()
-    }
-
-    /// Takes the batch built so far, leaving the builder empty.
-    pub fn take(&mut self) -> Batch {
-        self.last_len = self.batch.data.len();
-        std::mem::take(&mut self.batch)
-    }
-}
-
-/// One shard's ends of the mesh: a sender to and a receiver from each other shard.
-pub type MeshEnds = mesh::MeshEnds<Arc<Batch>>;
-
-/// Builds a full mesh of SPSC rings of [`MESH_CAPACITY`], one per ordered pair of shards;
-/// element `i` is shard `i`'s ends.
-pub fn build_mesh(shards: usize) -> Vec<MeshEnds> {
-    mesh::full_mesh(shards, MESH_CAPACITY)
-}
-
-/// The shard's flush task. At most once per tick, and only at ticks with something to do
-/// (see `pacing` and [`Shard::next_run`]), it lets waiting readers read (at read rounds,
-/// and those in the ready set whose socket is readable), turns the lines accepted since
-/// the last run into one batch, hands it to every local recipient's outbox and once to
-/// every peer shard over the SPSC mesh, then writes to the recipients that are due. At
-/// shutdown it sends what is left and returns, which drops (closes) its senders: peer
-/// receivers then drain their ring and end.
-pub async fn flush_loop(shard: Rc<Shard>, mut peers: Vec<Sender<Arc<Batch>>>) {
-    let mut last_tick: Option<u64> = None;
-    loop {
-        // Everything a notification announces (lines, due or waiting clients, readers, the
-        // shutdown) is read below, so an earlier one, such as those the last run raised
-        // itself, need not wake this loop again.
-        shard.flush_wanted.clear();
-        let stopping = shard.is_shutting_down();
-        if !stopping {
-            let next = shard.next_run(last_tick);
-            shard.set_next_run(next);
-            match next {
-                NextRun::Idle => {
-                    shard.flush_wanted.wait().await;
-                    continue;
-                }
-                NextRun::At(when) if when > Instant::now() => {
-                    // Something new may want an earlier run: wake for it too.
-                    let wait = when.saturating_duration_since(Instant::now());
-                    or(glommio::timer::sleep(wait), shard.flush_wanted.wait()).await;
-                    continue;
-                }
-                NextRun::At(_) | NextRun::Now => {}
-            }
-        }
-        let tick = shard.refresh_tick();
-        let read_round = match (shard.pacer(), last_tick) {
-            (Some(_), Some(last)) => Pacer::read_round_between(last, tick),
-            _ => true,
-        };
-        // Readers read what arrived since their last turn, and readers in the ready set
-        // whose socket is readable; their lines join this run.
-        let woken = shard.wake_ready_readers();
-        let turns = read_round && shard.read_turn.has_waiters();
-        if turns {
-            shard.read_turn.notify_all();
-        }
-        if woken || turns {
-            futures_lite::future::yield_now().await;
-        }
-        while let Some(batch) = shard.take_outgoing() {
-            let batch = Arc::new(batch);
-            shard.deliver_local(&shard.ledger.pin(batch.clone()));
-            for peer in &mut peers {
-                // Waits while the peer's ring is full (readers here pause meanwhile). An
-                // error means the peer shard is gone, which only happens as the process stops.
-                let _ = peer.send(batch.clone()).await;
-            }
-        }
-        shard.write_due(last_tick.unwrap_or(tick.saturating_sub(1)));
-        last_tick = Some(tick);
-        if stopping {
-            shard.on_flush_done();
-            return;
-        }
-    }
-}
-
-/// Receives one peer shard's batches and delivers them to this shard's recipients, until
-/// the peer closes its sender.
-pub async fn receive_loop(shard: Rc<Shard>, mut from_peer: Receiver<Arc<Batch>>) {
-    while let Some(batch) = from_peer.recv().await {
-        shard.refresh_tick();
-        shard.deliver_local(&shard.ledger.pin(batch));
-    }
-    shard.on_receiver_done();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stretches(batch: &Batch, recipient: u64) -> Vec<(usize, usize, u32)> {
-        let mut out = Vec::new();
-        batch.for_each_stretch_except(recipient, |s, e, c| out.push((s, e, c)));
-        out
-    }
-
-    #[test]
-    fn consecutive_lines_from_one_sender_share_a_run() {
-        let mut b = BatchBuilder::default();
-        b.push(1, "a", "x:1");
-        b.push(1, "b", "x:1");
-        b.push(2, "c", "x:2");
-        let batch = b.take();
-        assert!(b.is_empty());
-        assert_eq!(batch.runs.len(), 2);
-        assert_eq!((batch.runs[0].count, batch.runs[1].count), (2, 1));
-        assert_eq!(batch.runs[1].end, batch.data.len());
-    }
-
-    #[test]
-    fn a_sender_gets_everything_but_its_own_lines() {
-        let mut b = BatchBuilder::default();
-        for (origin, line) in [(1, "a"), (2, "b"), (2, "c"), (3, "d"), (1, "e"), (3, "f")] {
-            b.push(origin, line, "h:1");
-        }
-        let batch = b.take();
-        let text = |v: Vec<(usize, usize, u32)>| {
-            v.iter()
-                .map(|&(s, e, _)| String::from_utf8(batch.data[s..e].to_vec()).unwrap())
-                .collect::<String>()
-        };
-        let only = |lines: &[&str]| {
-            let mut out = Vec::new();
-            for l in lines {
-                encode_envelope(&mut out, l, "h:1");
-            }
-            String::from_utf8(out).unwrap()
-        };
-        assert_eq!(text(stretches(&batch, 2)), only(&["a", "d", "e", "f"]));
-        assert_eq!(stretches(&batch, 2).iter().map(|s| s.2).sum::<u32>(), 4);
-        assert_eq!(text(stretches(&batch, 1)), only(&["b", "c", "d", "f"]));
-        assert_eq!(stretches(&batch, 9), vec![(0, batch.data.len(), 6)]);
-        assert_eq!(text(stretches(&batch, 3)), only(&["a", "b", "c", "e"]));
-    }
-
-    #[test]
-    fn a_notice_batch_reaches_everyone_and_counts_no_envelopes() {
-        let notice = Batch {
-            data: b"Warning: x\n".to_vec(),
-            runs: vec![Run {
-                origin: 0,
-                end: 11,
-                count: 0,
-            }],
-        };
-        assert_eq!(stretches(&notice, 5), vec![(0, 11, 0)]);
-    }
-
-    #[test]
-    fn a_batch_only_from_the_recipient_gives_nothing() {
-        let mut b = BatchBuilder::default();
-        b.push(7, "x", "h:1");
-        assert!(stretches(&b.take(), 7).is_empty());
+    let stall = STALL.get_or_init(|| {
+        let line = std::env::var("CORECAST_TEST_STALL_LINE").ok()?;
+        let ms = std::env::var("CORECAST_TEST_STALL_MS").ok()?.parse().ok()?;
+        Some((line, ms))
+    });
+    if let Some((_, ms)) = stall.as_ref().filter(|(l, _)| l == line) {
+        std::thread::sleep(Duration::from_millis(*ms));
     }
 }

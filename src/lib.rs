@@ -1,33 +1,73 @@
 //! corecast: a thread-per-core TCP broadcast relay on glommio (io_uring), wire-compatible
 //! with the Summoner relay server.
 //!
-//! Architecture map (see README "How it works"):
-//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`].
-//! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
-//!   limits), a leaf that `main` reads once and hands to [`config::Config::load`].
-//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use) and the
-//!   port guard held for the life of the process; [`preflight`] is what `check` runs too.
-//! - [`shard`]: one pinned glommio executor per CPU and the per-shard context.
-//! - [`listener`]: per-shard SO_REUSEPORT listeners and accept loops.
-//! - [`connection`]: one client's reader and writer halves and its outbox.
-//! - [`fanout`]: batches of envelopes, local delivery, and the flush and receiver tasks
-//!   that move batches across the mesh.
-//! - [`mesh`]: the bounded lock-free SPSC channel between shards (std wakers, no connect
-//!   step, not tied to glommio) and the full mesh of them, one per ordered pair.
-//! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
-//! - [`protocol`]: line framing and envelope encoding (pure, no I/O).
-//! - [`limiter`], [`backpressure`], [`quarantine`]: the policies (pure, clock passed in).
-//! - [`shutdown`]: the signal that starts every shard's drain.
-//! - [`metrics`]: per-shard counters, the close-reason and drop-reason enums.
-//! - [`cluster`]: optional: several nodes as one broadcast domain over NATS; the uplink is
-//!   one more mesh peer of every shard, on its own thread.
-//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
-//!   own thread.
-//! - [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`) for `Type=notify` units.
-//! - [`log`]: console, file and JSON log sinks in the Summoner format.
+//! Architecture map, one room per behaviour. Modules are listed top to bottom and each
+//! uses only modules listed below it (the unit test in `src/layering.rs` checks
+//! it), so a line can be followed from its read to its writes going down only. See README
+//! "How it works" and docs/design.md.
 //!
-//! Data flow: reader → shard batch → flush task → local outboxes + one SPSC send per peer
-//! shard → peer receiver → its local outboxes → writer (one socket write per drain).
+//! The process ([`run`] drives it):
+//! - [`executor`]: one pinned glommio executor per shard, each on its own thread; a
+//!   shard's start-up steps, its tasks (receivers, flush task, timers, accept loop) and
+//!   its drain.
+//! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use), the
+//!   port guard held for the life of the process, and the listening sockets;
+//!   [`preflight`] is what `check` runs too.
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
+//!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
+//!
+//! One shard, from an accepted socket to the writes it causes:
+//! - [`listener`]: the accept loop and admission (quarantine, connection slots and refusal
+//!   slots, both RAII guards).
+//! - [`connection`]: one client's task: `connection/reader.rs` (framing, rate limit, sender
+//!   pauses), `connection/writer.rs` (drains a stalled outbox), the close path and notices.
+//! - [`shard`]: the per-shard context those tasks share: its fan-out, its drain, its
+//!   refusal slots.
+//! - [`fanout`]: the component that owns the fan-out state (clients, outgoing batch, write
+//!   schedule) and the tasks that drive it: the flush task and a receive loop per peer
+//!   (`fanout/flush.rs`); stall tracking and the slow-consumer close (`fanout/stalls.rs`);
+//!   read scheduling, read rounds and the ready set (`fanout/reads.rs`).
+//! - [`client`]: one recipient's outbox and the socket writes that drain it; a write
+//!   returns what happened ([`client::WriteOutcome`], [`client::Written`]).
+//! - [`pacing`]: the tick clock and the write schedule ([`pacing::Schedule`]).
+//!
+//! Shared between shards:
+//! - [`shared`]: what all shards share on purpose (config, policies, quarantine, published
+//!   stages and queued memory, connection slots, counters, start-up steps, the cluster).
+//! - [`shutdown`]: the signal that starts every shard's drain, and a shard's drain state.
+//!
+//! Policies and facilities (pure, or one system facility each):
+//! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
+//! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
+//!   in) and the per-shard counters with the close-reason and drop-reason enums.
+//! - [`log`]: console, file and JSON log sinks in the Summoner format.
+//! - [`notify`]: the shard-local wake-ups tasks wait on.
+//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
+//!   its defaults come from a [`machine::Machine`], and `cluster::config` parses its
+//!   cluster section.
+//!
+//! What the configuration and the fan-out stand on:
+//! - [`cluster`]: optional: several nodes as one broadcast domain over NATS. The uplink,
+//!   on its own thread, is one more mesh peer of every shard ([`cluster::attach`], called
+//!   by [`executor`]); it moves batches and knows nothing of clients.
+//! - [`batch`]: envelopes encoded once and shared by every recipient; the ledger of queued
+//!   memory.
+//! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
+//! - [`protocol`]: line framing and envelope encoding (no I/O).
+//! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
+//!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
+//!   [`executor`] read them too.
+//!
+//! A line's path: `connection/reader.rs` frames it → [`fanout::Fanout::relay`] appends its
+//! envelope to the shard's outgoing batch → the flush task (`fanout/flush.rs`) takes the
+//! batch at its next run → [`fanout::Fanout::deliver`] queues it in every local
+//! [`client::Client`]'s outbox, and [`fanout::Peers`] hands it to every peer shard (and,
+//! in a cluster, to the uplink, which publishes it; other nodes' batches come back through
+//! the uplink like a peer's), whose [`fanout::receive_loop`] delivers it the same way →
+//! the write schedule says who is due
+//! → [`client::Client::write_now`] writes each with one `sendmsg`. A socket that refuses
+//! data returns [`client::WriteOutcome::Stalled`]: `fanout/stalls.rs` applies the
+//! backpressure policy, and `connection/writer.rs` drains the rest when there is room.
 //!
 //! Start-up: [`run`] spawns the shards and waits up to 10 s for each to report that it is
 //! accepting; a shard that does not is named with the step it is stuck at, and a signal
@@ -35,9 +75,12 @@
 
 pub mod admin;
 pub mod backpressure;
+pub mod batch;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod executor;
 pub mod fanout;
 pub mod limiter;
 pub mod listener;
@@ -52,6 +95,7 @@ pub mod quarantine;
 pub mod ready_set;
 pub mod sd_notify;
 pub mod shard;
+pub mod shared;
 pub mod shutdown;
 pub mod startup;
 
@@ -61,8 +105,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use config::Config;
+use executor::ShardEvent;
 use metrics::ShardState;
-use shard::{ShardEvent, Shared};
+use shared::Shared;
 use startup::StartupError;
 
 /// Why `run` returned with an error.
@@ -102,12 +147,12 @@ impl From<StartupError> for Error {
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a new executor may take to run its first task before the main thread wakes it
-/// (it takes microseconds unless glommio parked it; see `shard::kick`).
+/// (it takes microseconds unless glommio parked it; see `executor::kick`).
 const FIRST_RUN_PATIENCE: Duration = Duration::from_millis(100);
-/// A running shard whose heartbeat (every `shard::HEARTBEAT_INTERVAL`) is older than this
-/// is woken with [`shard::kick`]: glommio 0.9 can park a running executor with its tasks
+/// A running shard whose heartbeat (every `executor::HEARTBEAT_INTERVAL`) is older than this
+/// is woken with [`executor::kick`]: glommio 0.9 can park a running executor with its tasks
 /// queued, the heartbeat's among them, and then nothing is armed to wake it (see
-/// `shard::kick`). A shard that is merely busy loses nothing by the signal.
+/// `executor::kick`). A shard that is merely busy loses nothing by the signal.
 const HEARTBEAT_PATIENCE: Duration = Duration::from_millis(750);
 
 /// Resolves the listen address; a hostname takes its first address.
@@ -176,7 +221,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     startup::check_port_free(addr)?;
     #[cfg(debug_assertions)]
     test_listen_delay();
-    let (bound, listeners) = listener::bind_listeners(addr, config.shards)?;
+    let (bound, listeners) = startup::bind_listeners(addr, config.shards)?;
     // Bound now so that a bad admin address stops start-up before any shard runs.
     let admin = match config.admin_addr {
         Some(addr) => Some(admin::bind(addr).map_err(|e| Error::Admin {
@@ -201,7 +246,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             ""
         }
     );
-    let handles = shard::spawn_all(shared.clone(), listeners, events_tx)
+    let handles = executor::spawn_all(shared.clone(), listeners, events_tx)
         .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     // Start-up: every shard reports `Started` by the deadline, or the one that did not is
@@ -210,14 +255,14 @@ pub fn run(config: Config) -> Result<(), Error> {
     let timeout = startup_timeout();
     let startup_deadline = Instant::now() + timeout;
     let mut started = 0;
-    // Shards whose executor had not run its first task at the last look (see `shard::kick`).
+    // Shards whose executor had not run its first task at the last look (see `executor::kick`).
     let mut waiting_first_run = vec![false; shards];
     let mut next_look = Instant::now() + FIRST_RUN_PATIENCE;
     while started < shards {
         crossbeam_channel::select! {
             recv(signals) -> sig => {
                 let why = format!("{} received during start-up", signal_name(sig.ok()));
-                let drain = Drain::start(&shared, grace, &why);
+                let drain = Draining::start(&shared, grace, &why);
                 return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every);
             }
             recv(events) -> event => match event {
@@ -230,10 +275,10 @@ pub fn run(config: Config) -> Result<(), Error> {
                     return Err(startup_failure(&shared, timeout));
                 }
                 for (id, waited) in waiting_first_run.iter_mut().enumerate() {
-                    let waiting = shared.startup_step(id) == shard::StartupStep::FirstRun;
+                    let waiting = shared.startup_step(id) == shared::StartupStep::FirstRun;
                     if waiting && *waited {
                         tracing::debug!("shard {id}: its executor sleeps before its first run; waking it");
-                        shard::kick(&handles[id]);
+                        executor::kick(&handles[id]);
                     }
                     *waited = waiting;
                 }
@@ -262,18 +307,18 @@ pub fn run(config: Config) -> Result<(), Error> {
 }
 
 /// A drain in progress: when it must be over.
-struct Drain {
+struct Draining {
     deadline: Instant,
 }
 
-impl Drain {
+impl Draining {
     /// Starts every shard's drain, bounded by the shutdown grace; `why` opens the log line.
-    fn start(shared: &Shared, grace: Duration, why: &str) -> Drain {
+    fn start(shared: &Shared, grace: Duration, why: &str) -> Draining {
         tracing::info!("{why}; draining (grace {} ms)", grace.as_millis());
         systemd_notify("STOPPING=1\nSTATUS=draining");
         shared.shutdown.trigger();
         // Margin past the grace: the shards bound their own drain by it.
-        Drain {
+        Draining {
             deadline: Instant::now() + grace + Duration::from_millis(500),
         }
     }
@@ -286,15 +331,15 @@ fn control_loop(
     shared: &Shared,
     signals: &crossbeam_channel::Receiver<i32>,
     events: &crossbeam_channel::Receiver<ShardEvent>,
-    handles: Vec<shard::ShardThread>,
-    mut drain: Option<Drain>,
+    handles: Vec<executor::ShardThread>,
+    mut drain: Option<Draining>,
     purge_every: Duration,
 ) -> Result<(), Error> {
     let shards = shared.config.shards;
     let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
     let mut stopped = 0;
     let mut next_purge = Instant::now() + purge_every;
-    let mut next_watch = Instant::now() + shard::HEARTBEAT_INTERVAL;
+    let mut next_watch = Instant::now() + executor::HEARTBEAT_INTERVAL;
     loop {
         let next = next_purge.min(next_watch);
         let wake_at = drain.as_ref().map_or(next, |d| d.deadline.min(next));
@@ -305,7 +350,7 @@ fn control_loop(
                     tracing::warn!("second signal ({name}) during the drain; exiting now");
                     std::process::exit(shutdown::EXIT_SECOND_SIGNAL);
                 }
-                drain = Some(Drain::start(shared, grace, &format!("{name} received")));
+                drain = Some(Draining::start(shared, grace, &format!("{name} received")));
             }
             recv(events) -> event => match event {
                 Ok(ShardEvent::Stopped(id)) if drain.is_none() => return Err(shard_failure(id, handles)),
@@ -333,7 +378,7 @@ fn control_loop(
                 }
                 if now >= next_watch {
                     wake_parked_shards(shared, &handles);
-                    next_watch = now + shard::HEARTBEAT_INTERVAL;
+                    next_watch = now + executor::HEARTBEAT_INTERVAL;
                 }
             }
         }
@@ -354,7 +399,7 @@ fn test_listen_delay() {
 }
 
 /// Kicks every running shard whose heartbeat is older than [`HEARTBEAT_PATIENCE`].
-fn wake_parked_shards(shared: &Shared, handles: &[shard::ShardThread]) {
+fn wake_parked_shards(shared: &Shared, handles: &[executor::ShardThread]) {
     let now_ms = shared.clock_ms();
     for (id, handle) in handles.iter().enumerate() {
         let stats = &shared.stats[id];
@@ -363,7 +408,7 @@ fn wake_parked_shards(shared: &Shared, handles: &[shard::ShardThread]) {
         if running && age > HEARTBEAT_PATIENCE.as_millis() as u64 {
             tracing::debug!("shard {id}: no heartbeat for {age} ms; waking it");
             stats.on_kick();
-            shard::kick(handle);
+            executor::kick(handle);
         }
     }
 }
@@ -391,9 +436,9 @@ fn startup_timeout() -> Duration {
 
 /// The error for shards that did not start in time: the first one, and its step.
 fn startup_failure(shared: &Shared, timeout: Duration) -> Error {
-    let late: Vec<(usize, shard::StartupStep)> = (0..shared.config.shards)
+    let late: Vec<(usize, shared::StartupStep)> = (0..shared.config.shards)
         .map(|id| (id, shared.startup_step(id)))
-        .filter(|&(_, step)| step != shard::StartupStep::Started)
+        .filter(|&(_, step)| step != shared::StartupStep::Started)
         .collect();
     let within = format_duration(timeout);
     match late.as_slice() {
@@ -449,7 +494,7 @@ fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
 }
 
 /// Collects the reason a shard ended, from its thread's join result.
-fn shard_failure(id: usize, handles: Vec<shard::ShardThread>) -> Error {
+fn shard_failure(id: usize, handles: Vec<executor::ShardThread>) -> Error {
     let detail = handles
         .into_iter()
         .nth(id)
@@ -467,3 +512,6 @@ fn shard_failure(id: usize, handles: Vec<shard::ShardThread>) -> Error {
         .unwrap_or_default();
     Error::Shard(format!("shard {id} stopped: {detail}"))
 }
+
+#[cfg(test)]
+mod layering;

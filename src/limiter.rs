@@ -1,6 +1,7 @@
-//! Per-connection token bucket (docs/protocol.md#rate-limit). Plain shard-local state owned by the
-//! connection's reader, refilled lazily from the `now` it is given, so tests drive it with
-//! a fake clock and the relay pays one `Instant` per read, not a timer per connection.
+//! Per-connection token bucket (docs/protocol.md#rate-limit). Plain shard-local state owned
+//! by the connection's reader, refilled lazily from the `now` it is given, so tests drive
+//! it with a fake clock and the relay pays one `Instant` per read, not a timer per
+//! connection.
 
 use std::time::{Duration, Instant};
 

@@ -1,9 +1,10 @@
-//! Logging (docs/protocol.md#configuration `logger.*`, docs/protocol.md#command-line): tracing events written in the Summoner form
-//! `<date> - <name> - <LEVEL> - <message>` with Python's level names (WARNING), or with
-//! `enable_json_log` as one JSON object per line (`timestamp`, `level`, `name`, `message`,
-//! then the event's structured fields), to stderr (`enable_console_log`) and/or appended to
-//! `<log_file_path>/<name>.log` (`enable_file_log`). glommio logs through the `log` crate;
-//! `tracing-log` forwards those records here too.
+//! Logging (docs/protocol.md#configuration `logger.*`, #command-line): tracing events
+//! written in the Summoner form `<date> - <name> - <LEVEL> - <message>` with Python's level
+//! names (WARNING), or with `enable_json_log` as one JSON object per line (`timestamp`,
+//! `level`, `name`, `message`, then the event's structured fields), to stderr
+//! (`enable_console_log`) and/or appended to `<log_file_path>/<name>.log`
+//! (`enable_file_log`). glommio logs through the `log` crate; `tracing-log` forwards those
+//! records here too.
 //!
 //! `main` calls [`init`] once, before any shard starts. The file is written by a
 //! `tracing-appender` worker thread, so shard threads never wait on the disk; its queue

@@ -14,7 +14,7 @@
 //! executor. glommio 0.9's run loop can meanwhile park with that task queued and not run
 //! (when the 2 ms preempt timer fired before `run_task_queues` looked, it returns without
 //! running anything, and the park that follows counts only wakers woken in that pass; see
-//! `shard::kick`). At start-up nothing else is armed, so the executor sleeps for ever:
+//! `executor::kick`). At start-up nothing else is armed, so the executor sleeps for ever:
 //! every shard parked in `io_uring_enter`, the pending connect polled a few thousand times
 //! and then never again; 8 shards on 2 CPUs hung 7 starts in 10, and none with a 100 ms
 //! preempt timer or with a 3 s timer armed beside the connect (which released them at 3 s).

@@ -1,7 +1,8 @@
-//! Per-shard counters (docs/protocol.md#observability), the one [`CloseReason`] enum that logs, counters and tests
-//! share, and [`DropReason`] for everything that was not delivered. Each shard is the only
-//! writer of its [`ShardStats`] and logs them when it stops; the admin thread
-//! ([`crate::admin`]) reads them at any time through [`ShardStats::snapshot`].
+//! Per-shard counters (docs/protocol.md#observability), the one [`CloseReason`] enum that
+//! logs, counters and tests share, and [`DropReason`] for everything that was not
+//! delivered. Each shard is the only writer of its [`ShardStats`] and logs them when it
+//! stops; the admin thread ([`crate::admin`]) reads them at any time through
+//! [`ShardStats::snapshot`].
 //!
 //! A [`Counter`] is an `AtomicU64` that only its shard writes, so an update is a relaxed
 //! load and a relaxed store (a plain `mov`/`add` on x86, no `lock` prefix) rather than a
@@ -84,8 +85,9 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// Why something was not delivered. Units differ by reason and are part of the name in
-/// the docs: lines for the first three, envelopes for the next two, connections for the last two.
+/// Why something was not delivered. Units differ by reason and are part of the name in the
+/// docs: lines for the first three, envelopes for the next two, connections for the last
+/// two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// A line the sender's token bucket refused (lines).
@@ -173,7 +175,7 @@ impl ShardState {
 }
 
 /// Counters owned by one shard: only that shard's thread writes them; the admin thread
-/// reads them. Shared through an `Arc` held by the shard and by [`crate::shard::Shared`].
+/// reads them. Shared through an `Arc` held by the shard and by [`crate::shared::Shared`].
 #[derive(Default)]
 pub struct ShardStats {
     /// Connections accepted (including ones closed at once by admission).
@@ -210,11 +212,12 @@ pub struct ShardStats {
     pub quarantines: Counter,
     /// [`ShardState`] as a `u8`, written by the shard (and by its stop guard).
     state: AtomicU8,
-    /// Milliseconds since [`crate::shard::Shared::epoch`] at the shard's last heartbeat, written
-    /// by a timer task on the shard: it stops moving when the shard's thread is stuck.
+    /// Milliseconds since [`crate::shared::Shared::epoch`] at the shard's last heartbeat,
+    /// written by a timer task on the shard: it stops moving when the shard's thread is
+    /// stuck.
     heartbeat_ms: Counter,
     /// Times the main thread woke this shard's thread because its heartbeat was stale
-    /// (glommio parked it with work queued; see `shard::kick`). Written by the main thread.
+    /// (glommio parked it with work queued; see `executor::kick`). Written by the main thread.
     pub kicks: Counter,
 }
 

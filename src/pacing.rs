@@ -16,6 +16,13 @@
 //! New clients fill one slot up to [`SLOT_GROUP`] before the next slot is used, so a shard
 //! with few clients wakes at few ticks. Senders that keep sending are read in *read rounds*,
 //! every [`READ_ROUND_TICKS`] ticks, each read taking all that arrived since.
+//!
+//! This file is the pure clock arithmetic ([`Pacer`], [`pick_slot`]); [`Schedule`] holds a
+//! shard's schedule state and applies these rules to its clients.
+
+mod schedule;
+
+pub use schedule::{Entry, NextRun, Schedule, Scheduled};
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +47,7 @@ const SLOT_ORDER: [usize; SLOTS as usize] = [0, 4, 2, 6, 1, 5, 3, 7];
 pub const READ_ROUND_TICKS: u64 = 3;
 
 /// The slot for a new client, given how many clients each slot has: the first slot in
-/// [`SLOT_ORDER`] with room in its group, else the emptiest.
+/// `SLOT_ORDER` with room in its group, else the emptiest.
 pub fn pick_slot(load: &[usize]) -> usize {
     SLOT_ORDER
         .into_iter()

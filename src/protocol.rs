@@ -1,6 +1,7 @@
-//! The wire protocol (docs/protocol.md#wire-protocol): inbound line framing, the outbound JSON envelope and the
-//! notice texts. Pure functions over byte slices; the connection module feeds it socket
-//! reads, the load generator and the tests use it to check what comes back.
+//! The wire protocol (docs/protocol.md#wire-protocol): inbound line framing, the outbound
+//! JSON envelope and the notice texts. Pure functions over byte slices; the connection
+//! module feeds it socket reads, the load generator and the tests use it to check what
+//! comes back.
 //!
 //! Invariants: a [`Framer`] never holds more than `max_line_bytes + 1` bytes of a partial
 //! line (the `+ 1` is a trailing `\r` that may still be stripped), and every line it hands
@@ -96,7 +97,8 @@ impl Framer {
         Ok(())
     }
 
-    /// Ends the stream: a final unterminated line is returned as a message (docs/protocol.md#inbound-framing).
+    /// Ends the stream: a final unterminated line is returned as a message
+    /// (docs/protocol.md#inbound-framing).
     pub fn finish(&mut self, on_line: impl FnOnce(&str)) -> Result<(), FrameError> {
         if self.partial.is_empty() {
             return Ok(());
@@ -137,7 +139,8 @@ const ESCAPE: [u8; 256] = {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Appends `s` to `out` escaped as the inside of a JSON string (docs/protocol.md#the-envelope).
+/// Appends `s` to `out` escaped as the inside of a JSON string
+/// (docs/protocol.md#the-envelope).
 pub fn escape_json_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -217,7 +220,8 @@ fn skip_plain_swar(bytes: &[u8], mut from: usize) -> usize {
 }
 
 /// Appends the envelope `{"content":"<line>","remote_addr":"<addr>"}\n` to `out`.
-/// `remote_addr` is the sender's `SocketAddr` as Display prints it; it never needs escaping.
+/// `remote_addr` is the sender's `SocketAddr` as Display prints it; it never needs
+/// escaping.
 pub fn encode_envelope(out: &mut Vec<u8>, line: &str, remote_addr: &str) {
     out.reserve(line.len() + remote_addr.len() + 32);
     out.extend_from_slice(b"{\"content\":\"");

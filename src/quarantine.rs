@@ -1,8 +1,10 @@
-//! The quarantine table (docs/protocol.md#quarantine), one for the whole process, shared by every shard.
+//! The quarantine table (docs/protocol.md#quarantine), one for the whole process, shared by
+//! every shard.
 //!
 //! A consumer closed as `slow_consumer` is a strike against its key (the peer IP, or its
-//! ip:port); `strikes` strikes within [`STRIKE_WINDOW`] quarantine the key for the cooldown,
-//! so one close never locks out a host's other agents nor the same agent's reconnect.
+//! ip:port); `strikes` strikes within [`STRIKE_WINDOW`] quarantine the key for the
+//! cooldown, so one close never locks out a host's other agents nor the same agent's
+//! reconnect.
 //!
 //! Reads happen on every accept and must not take a lock: readers load an immutable
 //! snapshot of the quarantined keys through `ArcSwap` (one atomic load). Writes are rare (a

@@ -1,6 +1,6 @@
 //! A shard's ready set: the sockets of occasional senders that are read at the flush task's
-//! runs instead of through a readiness wake-up each (see `connection::read_half` and
-//! `Shard::read_at_runs`). It is a level-triggered epoll set that is only ever polled with
+//! runs instead of through a readiness wake-up each (see `connection/reader.rs` and
+//! `fanout/reads.rs`). It is a level-triggered epoll set that is only ever polled with
 //! a zero timeout, never slept on: the shard's thread sleeps in glommio's ring.
 
 use std::cell::RefCell;
@@ -72,7 +72,7 @@ impl ReadySet {
     }
 
     /// Calls `f` with the id of every member whose socket is readable now (data, end of
-    /// stream or an error), up to [`MAX_EVENTS`]. Does not wait.
+    /// stream or an error), up to `MAX_EVENTS`. Does not wait.
     pub fn for_each_ready(&self, mut f: impl FnMut(u64)) {
         if self.is_empty() {
             return;

@@ -1,7 +1,8 @@
-//! Start-up checks (docs/protocol.md#start-up-checks), run by [`crate::run`] before any shard starts: each failure
-//! is one sentence that says what is wrong and how to fix it, and nothing is left
-//! half-started. The limits themselves are read (and the open-file limit raised) in
-//! [`crate::machine`].
+//! Start-up checks (docs/protocol.md#start-up-checks), run by [`crate::run`] before any
+//! shard starts: each failure is one sentence that says what is wrong and how to fix it,
+//! and nothing is left half-started. Also holds the [`PortGuard`] and binds the shards'
+//! listening sockets ([`bind_listeners`]) before any shard runs. The limits themselves are
+//! read (and the open-file limit raised) in [`crate::machine`].
 
 use std::fmt;
 use std::io;
@@ -179,6 +180,39 @@ pub fn listen_error(addr: SocketAddr, e: io::Error) -> StartupError {
         addr: addr.to_string(),
         reason: e.to_string(),
     }
+}
+
+/// The kernel's listen backlog ceiling, used as our backlog.
+fn backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// Binds `count` listeners sharing `addr` through SO_REUSEPORT, one per shard, with
+/// socket2 (glommio's own `bind` panics on a bad address and hard-codes its backlog). With port 0 the first
+/// one picks the port and the rest join it. Returns the bound address.
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec<std::os::fd::OwnedFd>), StartupError> {
+    let mut bound = addr;
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(bound), socket2::Type::STREAM, None)
+            .map_err(|e| listen_error(addr, e))?;
+        socket.set_reuse_address(true).map_err(|e| listen_error(addr, e))?;
+        socket.set_reuse_port(true).map_err(|e| listen_error(addr, e))?;
+        socket.bind(&bound.into()).map_err(|e| listen_error(addr, e))?;
+        socket.listen(backlog()).map_err(|e| listen_error(addr, e))?;
+        if bound.port() == 0 {
+            bound = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| listen_error(addr, std::io::Error::other("no local address")))?;
+        }
+        fds.push(std::os::fd::OwnedFd::from(socket));
+    }
+    Ok((bound, fds))
 }
 
 #[cfg(test)]

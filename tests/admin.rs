@@ -3,200 +3,17 @@
 //! connections do not delay `/healthz`, an oversize head gets 431, an unfinished head is
 //! closed after the header timeout.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{corecast, temp_config, Client, Relay, PATIENCE};
-
-/// Starts a relay with an admin endpoint on a free loopback port; returns it and that port.
-fn relay_with_admin(config: &str, args: &[&str]) -> (Relay, SocketAddr) {
-    let mut full = vec!["--admin", "127.0.0.1:0"];
-    full.extend_from_slice(args);
-    let relay = Relay::with_config(config, &full);
-    let admin = admin_addr(&relay);
-    (relay, admin)
-}
-
-/// The connection bound the relay logged with its admin address.
-fn admin_connection_bound(relay: &Relay) -> usize {
-    let line = relay.log.wait_for("admin listening on ");
-    line.split("at most ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse the connection bound from {line:?}"))
-}
-
-fn admin_addr(relay: &Relay) -> SocketAddr {
-    let line = relay.log.wait_for("admin listening on ");
-    line.split("admin listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse the admin address from {line:?}"))
-}
-
-/// One HTTP response: status, lower-cased headers, body.
-struct Response {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-/// Sends `request` as it is and reads the response until the server closes.
-fn http_raw(addr: SocketAddr, request: &[u8]) -> Response {
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.write_all(request).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read the admin response");
-    let text = String::from_utf8(raw).expect("the response is UTF-8");
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no head in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
-fn get(addr: SocketAddr, path: &str) -> Response {
-    let r = http_raw(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nUser-Agent: ops-test\r\n\r\n").as_bytes(),
-    );
-    assert_eq!(r.headers.get("connection").map(String::as_str), Some("close"));
-    assert_eq!(
-        r.headers.get("content-length").and_then(|l| l.parse::<usize>().ok()),
-        Some(r.body.len()),
-        "Content-Length must match the body"
-    );
-    r
-}
-
-/// One sample of the exposition: name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the text exposition strictly enough to catch a malformed one: every sample
-/// belongs to a family declared by `# HELP` and `# TYPE`, and the text ends with `# EOF`.
-fn parse_metrics(text: &str) -> Vec<Sample> {
-    let mut types: HashMap<String, String> = HashMap::new();
-    let mut helped = Vec::new();
-    let mut samples = Vec::new();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.last(), Some(&"# EOF"), "the exposition must end with # EOF");
-    for line in &lines[..lines.len() - 1] {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            helped.push(rest.split(' ').next().unwrap().to_string());
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE line");
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
-            types.insert(name.to_string(), kind.to_string());
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unexpected comment {line:?}");
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let body = rest
-                    .strip_suffix('}')
-                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
-                let labels = body
-                    .split(',')
-                    .map(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap();
-                        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap();
-                        (k.to_string(), v.to_string())
-                    })
-                    .collect();
-                (name, labels)
-            }
-            None => (series, BTreeMap::new()),
-        };
-        assert!(name.starts_with("corecast_"), "{name} lacks the corecast_ prefix");
-        let family = match name.strip_suffix("_total") {
-            Some(f) if types.get(f).map(String::as_str) == Some("counter") => f,
-            _ => name,
-        };
-        assert!(types.contains_key(family), "{name} has no # TYPE line");
-        assert!(helped.iter().any(|h| h == family), "{name} has no # HELP line");
-        samples.push(Sample {
-            name: name.to_string(),
-            labels,
-            value,
-        });
-    }
-    samples
-}
-
-/// Sums a series over every label combination that includes `with` (e.g. a reason).
-fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> u64 {
-    samples
-        .iter()
-        .filter(|s| {
-            s.name == name
-                && with
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value as u64)
-        .sum()
-}
-
-fn scrape(admin: SocketAddr) -> Vec<Sample> {
-    let r = get(admin, "/metrics");
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert!(
-        r.headers["content-type"].starts_with("application/openmetrics-text"),
-        "{:?}",
-        r.headers
-    );
-    parse_metrics(&r.body)
-}
-
-/// Envelopes that reached a recipient or were dropped as undeliverable.
-fn envelopes_accounted(m: &[Sample]) -> u64 {
-    sum(m, "corecast_envelopes_out_total", &[])
-        + sum(m, "corecast_dropped_total", &[("reason", "slow_consumer")])
-        + sum(m, "corecast_dropped_total", &[("reason", "recipient_gone")])
-}
-
-/// Scrapes until `done` holds for the samples, within [`PATIENCE`].
-fn scrape_until(admin: SocketAddr, what: &str, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let m = scrape(admin);
-        if done(&m) {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "metrics never showed {what}: {m:#?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use crate::util::http::{
+    admin_connection_bound, envelopes_accounted, get, http_raw, relay_with_admin, scrape, scrape_until, sum, Response,
+    Sample,
+};
+use crate::util::{corecast, temp_config, wait_until, Client, Relay, PATIENCE};
 
 /// Reads `n` lines; returns how many bytes they were.
 fn read_lines(c: &mut Client, n: usize) -> u64 {
@@ -420,7 +237,7 @@ fn healthz_reports_a_stuck_shard_until_it_runs_again() {
         ],
         &["--shards", "1", "--admin", "127.0.0.1:0"],
     );
-    let admin = admin_addr(&relay);
+    let admin = relay.admin_addr();
     assert_eq!(get(admin, "/healthz").status, 200);
     let mut c = relay.connect();
     c.send(b"stall\n");
@@ -450,11 +267,9 @@ fn healthz_reports_a_stuck_shard_until_it_runs_again() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The shard's thread comes back: healthy again, and still relaying.
-    let deadline = Instant::now() + PATIENCE;
-    while get(admin, "/healthz").status != 200 {
-        assert!(Instant::now() < deadline, "healthz never recovered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("healthz to recover", Duration::from_millis(100), || {
+        get(admin, "/healthz").status == 200
+    });
     let mut d = relay.connect();
     c.send(b"after\n");
     assert_eq!(d.line_str(), c.envelope("after"));
@@ -653,19 +468,18 @@ fn connections_past_the_bound_are_closed_at_once_and_room_comes_back() {
 
     // Ending some held connections frees their slots.
     held.truncate(bound - 8);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut s = TcpStream::connect(admin).unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-        let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw);
-        if raw.starts_with(b"HTTP/1.1 200 ") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no slot came back after closing connections");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "a slot to come back after closing connections",
+        Duration::from_millis(50),
+        || {
+            let mut s = TcpStream::connect(admin).unwrap();
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut raw = Vec::new();
+            let _ = s.read_to_end(&mut raw);
+            raw.starts_with(b"HTTP/1.1 200 ")
+        },
+    );
 }
 
 #[test]

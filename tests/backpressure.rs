@@ -1,4 +1,4 @@
-//! Slow consumers (docs/protocol.md, "Backpressure"), with readers written as plain
+//! Slow consumers (docs/protocol.md#backpressure), with readers written as plain
 //! blocking sockets the way agents read: fast, at a fixed byte rate, pausing once, slower
 //! than the traffic, or never. A consumer that keeps taking data gets everything in order;
 //! one that stopped, or stays slower than the traffic, is closed in bounded time without
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::util::http::get_json;
 use crate::util::{envelope, Client, Relay};
 
 /// Rate limit and idle timeout off, as for a benchmark; everything else at its default.
@@ -259,19 +260,6 @@ fn a_consumer_slower_than_the_traffic_is_closed_after_a_bounded_time() {
     assert!(want.starts_with(&seen.bytes[..seen.bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)]));
 }
 
-/// Reads `/stats` from the admin endpoint.
-fn stats(admin: SocketAddr) -> Value {
-    use std::io::Write;
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("bad /stats ({e}): {raw}"))
-}
-
 /// With a process-wide bound of 2 MiB, consumers that stop reading cannot together hold
 /// more than about that: reads pause (the sender is pushed back through TCP) instead of
 /// queueing 64 MiB for each; once the deadline has closed them, the sender resumes and a
@@ -287,14 +275,7 @@ fn the_process_wide_bound_pauses_reads_instead_of_queueing_for_every_stuck_consu
         ),
         &["--shards", "2", "--admin", "127.0.0.1:0"],
     );
-    let admin: SocketAddr = relay
-        .log
-        .wait_for("admin listening on ")
-        .split("admin listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let admin = relay.admin_addr();
     let stuck: Vec<Client> = (0..5)
         .map(|i| relay.connect_from(format!("127.0.1.{}:0", i + 1).parse().unwrap(), Some(4096)))
         .collect();
@@ -310,7 +291,7 @@ fn the_process_wide_bound_pauses_reads_instead_of_queueing_for_every_stuck_consu
     let mut largest = 0u64;
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        let s = stats(admin);
+        let s = get_json(admin, "/stats");
         let pending: u64 = s["shards"]
             .as_array()
             .unwrap()
@@ -327,7 +308,7 @@ fn the_process_wide_bound_pauses_reads_instead_of_queueing_for_every_stuck_consu
     }
     let _sender = writer.join().unwrap();
     assert_complete("healthy", &healthy.join().unwrap(), &want);
-    let s = stats(admin);
+    let s = get_json(admin, "/stats");
     let total = |f: &dyn Fn(&Value) -> u64| s["shards"].as_array().unwrap().iter().map(f).sum::<u64>();
     assert_eq!(total(&|sh| sh["slow_consumer_closed"]["deadline"].as_u64().unwrap()), 5);
     assert!(total(&|sh| sh["sender_pause_ms"].as_u64().unwrap()) > 0, "{s}");

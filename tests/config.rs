@@ -1,4 +1,5 @@
-//! docs/protocol.md#configuration, docs/protocol.md#command-line: config files, flags, `corecast check`, and config errors.
+//! docs/protocol.md#configuration, #command-line: config files, flags, `corecast check`,
+//! and config errors.
 
 use std::process::Output;
 
@@ -207,14 +208,7 @@ fn check_refuses_what_serve_refuses_with_the_same_message_and_exit_code() {
 fn check_passes_beside_a_relay_that_already_serves_the_port() {
     let relay = Relay::start(&["--admin", "127.0.0.1:0"]);
     let port = relay.addr.port().to_string();
-    let admin = relay
-        .log
-        .wait_for("admin listening on ")
-        .split("admin listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let admin = relay.admin_addr().to_string();
     // The port and the admin address are in use, by the relay this config would replace.
     let (code, err, stdout) = outcome(Some("check"), &["--port", &port, "--admin", &admin]);
     assert_eq!(code, Some(0), "{err}");

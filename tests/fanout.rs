@@ -1,4 +1,5 @@
-//! docs/protocol.md#ordering-and-delivery: everyone else on every shard gets every line, in per-sender order.
+//! docs/protocol.md#ordering-and-delivery: everyone else on every shard gets every line, in
+//! per-sender order.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

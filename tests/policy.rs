@@ -1,4 +1,5 @@
-//! docs/protocol.md#inbound-framing limits, #notices, #policies and #observability counters, over real sockets.
+//! Limits (docs/protocol.md#inbound-framing), notices (#notices), the policies (#policies)
+//! and their counters (#observability), over real sockets.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -7,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use corecast::protocol::{self, decode_envelope};
 
-use crate::util::{connect_socket, Client, Relay};
+use crate::util::http::{scrape, sum};
+use crate::util::{connect_socket, wait_until, Client, Relay};
 
 fn local(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -401,8 +403,20 @@ fn senders_pause_while_a_consumer_is_stalled_and_stop_once_it_is_gone() {
     let relay = Relay::with_config(
         r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"throttle_delay_ms":20,"flow_control_delay_ms":50,"write_deadline_ms":1000,
             "backpressure_policy":{"throttle_threshold":50,"flow_control_threshold":200,"disconnect_threshold":1000}}}"#,
-        &["--shards", "1"],
+        &["--shards", "1", "--admin", "127.0.0.1:0"],
     );
+    let admin = relay.admin_addr();
+    let pauses = || sum(&scrape(admin), "corecast_sender_pauses_total", &[]);
+    // What the summary lines have reported so far: "shard 0: N sender read pauses ...".
+    let reported = || -> u64 {
+        let text = relay.log.text();
+        text.lines()
+            .filter_map(|l| {
+                let (head, _) = l.split_once(" sender read pauses")?;
+                head.rsplit(' ').next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
     let slow = relay.connect_from(local("127.0.0.8:0"), Some(4096));
     let healthy = relay.connect();
     let mut sender = relay.connect();
@@ -419,9 +433,15 @@ fn senders_pause_while_a_consumer_is_stalled_and_stop_once_it_is_gone() {
         .log
         .wait_for(&format!("client disconnected: {} (slow_consumer)", slow.local_addr));
     relay.log.wait_for("sender read pauses for backpressure");
-    // Let the summary of the last phase-1 pauses reach the log.
-    std::thread::sleep(Duration::from_millis(2500));
+    // The summary of the last phase-1 pauses reaches the log: the summaries add up to the
+    // relay's counter.
+    wait_until(
+        "the summaries to report every phase-1 pause",
+        Duration::from_millis(100),
+        || reported() == pauses(),
+    );
     let pause_reports = relay.log.count("sender read pauses");
+    let phase1_pauses = pauses();
 
     let burst: String = (PHASE1..PHASE1 + PHASE2).map(|i| line(i) + "\n").collect();
     sender.send(burst.as_bytes());
@@ -429,7 +449,10 @@ fn senders_pause_while_a_consumer_is_stalled_and_stop_once_it_is_gone() {
     for (i, got) in received.iter().enumerate() {
         assert_eq!(*got, sender.envelope(&line(i)), "healthy consumer, line {i}");
     }
+    // No pause in phase 2: neither counted, nor reported by the summaries, which would
+    // say so within their 1 s interval. (Showing that nothing happens takes a wait.)
     std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(pauses(), phase1_pauses, "{}", relay.log.text());
     assert_eq!(
         relay.log.count("sender read pauses"),
         pause_reports,

@@ -1,4 +1,5 @@
-//! docs/protocol.md#start-up-checks: start-up checks fail with one clear sentence and a non-zero exit.
+//! docs/protocol.md#start-up-checks: start-up checks fail with one clear sentence and a
+//! non-zero exit.
 
 use std::os::unix::process::CommandExt;
 use std::process::Output;

@@ -1,14 +1,27 @@
-//! corecast's integration tests: one binary, the real relay over real sockets.
+//! corecast's integration tests: one binary, the real relay over real sockets. One module
+//! per area; `util` is the harness they share.
 
+/// The admin endpoint: `/metrics`, `/healthz`, `/stats`, bad requests and its bounds.
 mod admin;
+/// Slow consumers with realistic blocking readers: who gets everything, who is closed.
 mod backpressure;
+/// Several nodes over a NATS cluster: cross-node delivery, NATS and node failures.
 mod cluster;
+/// Config files, flags, `corecast check`, config errors and the log format.
 mod config;
+/// Fan-out: everyone else gets every line in per-sender order; the flush window and reads.
 mod fanout;
+/// Operations: file and JSON logs, `log_keys`, systemd readiness and the shipped unit.
 mod ops;
+/// Limits, notices and policies: rate limit, quarantine, idle timeout, admission, shutdown.
 mod policy;
+/// One test per fixed bug.
 mod regression;
+/// Many shards: prompt start-up, a shard that does not start, fan-out over 8 and more.
 mod shards;
+/// Start-up checks: port in use, port guard, locked memory, io_uring.
 mod startup;
+/// The harness: starts the relay binary, clients, logs, waits, HTTP to the admin endpoint.
 mod util;
+/// The wire protocol: framing and the byte-exact envelope.
 mod wire;

@@ -2,6 +2,8 @@
 //! real sockets. Every wait has a generous deadline so a broken relay fails the test
 //! instead of hanging it; no test asserts on timing.
 
+pub mod http;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -14,6 +16,15 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub fn corecast() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corecast"))
+}
+
+/// Polls `done` every `every` until it holds; panics naming `what` past [`PATIENCE`].
+pub fn wait_until(what: &str, every: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(every);
+    }
 }
 
 /// Writes `json` to a fresh temporary file and returns its path.
@@ -202,6 +213,16 @@ impl Relay {
         let client = Client::from_stream(connect_socket(self.addr, local, rcvbuf).expect("connect"));
         self.log.wait_for(&format!("client connected: {}", client.local_addr));
         client
+    }
+
+    /// The admin endpoint's address, as the relay logged it (started with `--admin`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self.log.wait_for("admin listening on ");
+        line.split("admin listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("cannot parse the admin address from {line:?}"))
     }
 
     pub fn pid(&self) -> i32 {

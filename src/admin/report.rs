@@ -17,9 +17,9 @@ use serde_json::{json, Map, Value};
 
 use crate::backpressure::Rule;
 use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot};
-use crate::shard::Shared;
+use crate::shared::Shared;
 
-/// A running shard whose heartbeat (every `shard::HEARTBEAT_INTERVAL`) is older than this
+/// A running shard whose heartbeat (every `executor::HEARTBEAT_INTERVAL`) is older than this
 /// is reported unhealthy: its thread has not run a timer task for that long.
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(3);
 

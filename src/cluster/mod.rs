@@ -32,11 +32,8 @@ use std::time::Instant;
 pub use config::ClusterConfig;
 pub use report::ClusterCollector;
 
-use crate::fanout::{Batch, MeshEnds};
-use crate::mesh;
-
-/// Batches in flight in each ring between a shard and the uplink, as between two shards.
-pub const UPLINK_CAPACITY: usize = crate::fanout::MESH_CAPACITY;
+use crate::batch::Batch;
+use crate::mesh::{self, MeshEnds};
 
 /// The `origin` of every run in a batch received from another node: no local client has
 /// it (client ids are `shard << 48 | n` with far fewer than 65535 shards, and 0 marks
@@ -136,15 +133,16 @@ impl Cluster {
 /// Makes the uplink one more peer of every shard: appends to each shard's ends a sender
 /// into the uplink (its flush task sends it every local batch) and a receiver from it (a
 /// receiver task delivers other nodes' batches), then starts the uplink thread with the
-/// other ends. Called once, before the shards start.
-pub fn attach(cluster: Arc<Cluster>, shards: &mut [MeshEnds]) -> std::io::Result<()> {
+/// other ends. Called once, before the shards start. Each ring holds `capacity` batches,
+/// as between two shards (the caller passes `fanout::MESH_CAPACITY`).
+pub fn attach(cluster: Arc<Cluster>, shards: &mut [MeshEnds<Arc<Batch>>], capacity: usize) -> std::io::Result<()> {
     let mut from_shards = Vec::with_capacity(shards.len());
     let mut to_shards = Vec::with_capacity(shards.len());
     for ends in shards.iter_mut() {
-        let (tx, rx) = mesh::channel::<Arc<Batch>>(UPLINK_CAPACITY);
+        let (tx, rx) = mesh::channel::<Arc<Batch>>(capacity);
         ends.to_peers.push(tx);
         from_shards.push(rx);
-        let (tx, rx) = mesh::channel::<Arc<Batch>>(UPLINK_CAPACITY);
+        let (tx, rx) = mesh::channel::<Arc<Batch>>(capacity);
         ends.from_peers.push(rx);
         to_shards.push(tx);
     }
@@ -177,12 +175,12 @@ mod tests {
             nats: vec!["nats://127.0.0.1:1".into()],
             subject: "corecast.test".into(),
         }));
-        attach(cluster.clone(), &mut mesh).unwrap();
+        attach(cluster.clone(), &mut mesh, crate::fanout::MESH_CAPACITY).unwrap();
         for ends in &mesh {
             assert_eq!((ends.to_peers.len(), ends.from_peers.len()), (3, 3));
         }
         // Disconnected, the uplink takes a batch at once and counts it as dropped.
-        let mut b = crate::fanout::BatchBuilder::default();
+        let mut b = crate::batch::BatchBuilder::default();
         b.push(1, "x", "h:1");
         mesh[0].to_peers[2].try_send(Arc::new(b.take())).unwrap();
         let deadline = Instant::now() + std::time::Duration::from_secs(5);

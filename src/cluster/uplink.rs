@@ -21,7 +21,7 @@ use futures_lite::StreamExt;
 
 use super::wire::{self, Header, Packer, SeqTracker, Verdict, HEADER_LEN};
 use super::{Cluster, REMOTE_ORIGIN};
-use crate::fanout::{Batch, Run};
+use crate::batch::{Batch, Run};
 use crate::mesh::{Receiver, Sender, TryRecvError};
 
 /// Commands async-nats may queue between us and its connection task. Each publish is one;

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use crate::fanout::Batch;
+use crate::batch::Batch;
 
 pub const MAGIC: [u8; 4] = *b"CCv1";
 pub const HEADER_LEN: usize = 40;
@@ -237,7 +237,7 @@ impl SeqTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fanout::BatchBuilder;
+    use crate::batch::BatchBuilder;
 
     fn batch(lines: &[(u64, &str)]) -> Batch {
         let mut b = BatchBuilder::default();

@@ -1,0 +1,239 @@
+//! A connection's reader half: reads into the shard's [`ReadScratch`], frames lines,
+//! applies the token bucket and hands lines to the shard's fan-out; holds the sender back
+//! when backpressure or the process-wide bound on queued memory says so.
+//!
+//! When it reads is up to the shard's read scheduling (`fanout::reads`): readiness, a read
+//! turn at a read round, or a wake-up from the ready set. It keeps only an unfinished line
+//! (in its framer), so an idle connection holds no buffer.
+
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future::poll_fn;
+use futures_lite::AsyncRead;
+use glommio::net::TcpStream;
+
+use crate::backpressure::Stage;
+use crate::client::Client;
+use crate::fanout::stalls::LAG_SWEEP_INTERVAL;
+use crate::limiter::{Decision, TokenBucket};
+use crate::metrics::{CloseReason, DropReason};
+use crate::protocol::{FrameError, Framer};
+use crate::shard::Shard;
+
+/// Read turns in a row that may find nothing before a reader waits for readiness again: a
+/// sender that writes in bursts a little further apart than read rounds stays on turns.
+const EMPTY_TURNS: u32 = 2;
+/// How often a sender held back by flow control or the process-wide bound looks again.
+const PAUSE_POLL: Duration = Duration::from_millis(10);
+/// One read's worth of input.
+const READ_SCRATCH_BYTES: usize = 64 << 10;
+
+/// The buffer every reader on a shard reads into (the accept loop makes one and hands it
+/// to each connection). A reader borrows it only inside one poll or `recv` and consumes
+/// what it holds before its next `.await`, so no other reader can overwrite its bytes.
+pub struct ReadScratch(RefCell<Box<[u8]>>);
+
+impl ReadScratch {
+    pub fn new() -> Rc<ReadScratch> {
+        Rc::new(ReadScratch(RefCell::new(
+            vec![0; READ_SCRATCH_BYTES].into_boxed_slice(),
+        )))
+    }
+}
+
+/// How a reader's next read happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NextRead {
+    /// Wait for readiness (glommio's io_uring poll).
+    Readiness,
+    /// A plain `recv` at a read round (the flush task released the read turn).
+    Turn,
+    /// A plain `recv`: the flush task found the socket readable in the shard's ready set,
+    /// or sent the reader back to readiness.
+    Woken,
+}
+
+/// Reads into the shard's scratch buffer, frames lines, applies the token bucket and hands
+/// lines to the shard; pauses when backpressure says so.
+///
+/// A read waits for readiness, except in two cases where it is a plain non-blocking `recv`
+/// at the flush task's run, so that the lines join that run and no readiness poll (whose
+/// completion would wake the shard) is armed:
+/// - a sender that keeps sending is read at read rounds (see `fanout::reads`); after
+///   [`EMPTY_TURNS`] turns in a row that find nothing it goes back to readiness;
+/// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
+///   first run that finds its socket readable (see `Reads::read_at_runs`); when the shard
+///   stops running often, it goes back to readiness.
+pub async fn read_half(
+    shard: &Shard,
+    scratch: &ReadScratch,
+    client: &Rc<Client>,
+    stream: &RefCell<TcpStream>,
+) -> CloseReason {
+    let config = shard.config();
+    let fanout = &shard.fanout;
+    let reads = fanout.reads();
+    let mut framer = Framer::new(config.max_line_bytes);
+    let mut limiter = config
+        .rate_limit_msgs_per_minute
+        .map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
+    let (mut next, mut empty_turns) = (NextRead::Readiness, 0);
+    loop {
+        fanout.wait_for_outgoing_room().await;
+        wait_for_pending_room(shard).await;
+        // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
+        // consumed below before the next `.await`, so no other reader can overwrite them.
+        let read = match std::mem::replace(&mut next, NextRead::Readiness) {
+            NextRead::Readiness => {
+                poll_fn(|cx| {
+                    let mut scratch = scratch.0.borrow_mut();
+                    Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
+                })
+                .await
+            }
+            how => {
+                // A statement of its own: the borrows must end before any `.await` below.
+                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut());
+                match read {
+                    Some(read) => {
+                        shard.stats.on_read_at_run();
+                        read
+                    }
+                    None if how == NextRead::Turn => {
+                        empty_turns += 1;
+                        if empty_turns < EMPTY_TURNS {
+                            reads.next_turn().await;
+                            next = NextRead::Turn;
+                        }
+                        continue;
+                    }
+                    // Sent back from the ready set with nothing to read.
+                    None => continue,
+                }
+            }
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(_) => return CloseReason::ReadError,
+        };
+        let now = Instant::now();
+        let previous_read = client.on_inbound(now);
+        shard.stats.on_read(n);
+        let (mut relayed, mut notify) = (0u64, false);
+        let mut on_line = |line: &str| match limiter.as_mut().map_or(Decision::Allow, |b| b.check(now)) {
+            Decision::Allow => {
+                relayed += 1;
+                fanout.relay(client, line);
+            }
+            Decision::Drop { notify: n } => {
+                shard.stats.on_drop(DropReason::RateLimited, 1);
+                notify |= n;
+            }
+        };
+        let result = if n == 0 {
+            framer.finish(&mut on_line)
+        } else {
+            let scratch = scratch.0.borrow();
+            framer.feed(&scratch[..n], &mut on_line)
+        };
+        if notify {
+            fanout.send_rate_limit_notice(client);
+        }
+        match result {
+            Err(FrameError::LineTooLong) => {
+                shard.stats.on_drop(DropReason::LineTooLong, 1);
+                return CloseReason::LineTooLong;
+            }
+            Err(FrameError::InvalidUtf8) => {
+                shard.stats.on_drop(DropReason::InvalidUtf8, 1);
+                return CloseReason::InvalidUtf8;
+            }
+            Ok(()) if n == 0 => return CloseReason::PeerClosed,
+            Ok(()) => {}
+        }
+        if relayed == 0 {
+            // A socket with a backlog is readable every time: let timers and other tasks
+            // run once the preempt period is up.
+            glommio::executor().yield_if_needed().await;
+        } else if shard.shared.stage() != Stage::None {
+            pause_sender(shard).await;
+        } else if relayed >= 2 || now.saturating_duration_since(previous_read) < fanout.read_round_interval() {
+            // A sender that keeps sending: read it again at the next read round, with all
+            // that arrived by then.
+            reads.leave_ready_set(client);
+            reads.next_turn().await;
+            (next, empty_turns) = (NextRead::Turn, 0);
+        } else if reads.read_at_runs(client) {
+            // An occasional single line on a busy shard: read the next one at the run that
+            // finds it. (Otherwise it waits for readiness: a read turn would only delay it.)
+            // What the flush task reported before this read is stale now.
+            client.reader_woken().await;
+            next = NextRead::Woken;
+        }
+    }
+}
+
+/// One non-blocking `recv` into `buf`; `None` when the socket has nothing to read.
+fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    loop {
+        // SAFETY: `fd` is the connection's open socket and `buf` is writable for its length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                fd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut::<libc::sockaddr>(),
+                std::ptr::null_mut::<libc::socklen_t>(),
+            )
+        };
+        if n >= 0 {
+            return Some(Ok(n as usize));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return None,
+            _ => return Some(Err(e)),
+        }
+    }
+}
+
+/// Holds back a sender whose read just relayed lines while a recipient anywhere is
+/// behind (docs/protocol.md#backpressure): throttle sleeps `throttle_delay_ms`; flow
+/// control waits until no recipient is at that stage (each recipient's allowance bounds
+/// it). Returns after no wait when nobody is behind.
+async fn pause_sender(shard: &Shard) {
+    let policy = &shard.shared.policy;
+    let start = Instant::now();
+    match shard.shared.stage() {
+        Stage::None => return,
+        Stage::Throttle => glommio::timer::sleep(policy.throttle_delay).await,
+        Stage::FlowControl => {
+            // One allowance and one sweep late at most, even if the stage were stale.
+            let limit = start + policy.flow_control_delay + LAG_SWEEP_INTERVAL;
+            while shard.shared.stage() == Stage::FlowControl && !shard.is_shutting_down() && Instant::now() < limit {
+                glommio::timer::sleep(PAUSE_POLL).await;
+            }
+        }
+    }
+    shard.stats.on_sender_pause(start.elapsed());
+}
+
+/// Waits before a read while the process-wide bound on queued bytes is exceeded: TCP
+/// then pushes back on every sender until stalled recipients drain or are closed.
+async fn wait_for_pending_room(shard: &Shard) {
+    if !shard.shared.over_total_pending() {
+        return;
+    }
+    let start = Instant::now();
+    while shard.shared.over_total_pending() && !shard.is_shutting_down() {
+        glommio::timer::sleep(PAUSE_POLL).await;
+    }
+    shard.stats.on_sender_pause(start.elapsed());
+}

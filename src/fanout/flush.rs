@@ -1,0 +1,127 @@
+//! The tasks that drive a shard's [`Fanout`]: the flush task, which at most once per tick
+//! turns the lines accepted since its last run into one batch, delivers it locally and
+//! hands it to every peer, and one receive loop per peer, which delivers that peer's
+//! batches here.
+//!
+//! A peer is anything that takes this shard's batches through a [`mesh::Sender`] and sends
+//! its own through a [`mesh::Receiver`]: today the other shards, over the full mesh of
+//! SPSC rings that [`build_mesh`] makes on the main thread (usable as soon as a shard holds
+//! its ends: there is no connect step). The flush task holds [`Peers`]; anything that
+//! delivers batches like a peer shard runs [`receive_loop`] (see [`spawn_receiver`]).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_lite::future::or;
+
+use super::Fanout;
+use crate::batch::Batch;
+use crate::mesh::{self, Receiver, Sender};
+use crate::pacing::NextRun;
+
+/// Batches in flight per ordered pair of shards. A full ring means the peer shard is
+/// behind: the flush task waits for room, the outgoing builder grows, and readers on this
+/// shard pause once it passes [`super::MAX_OUTGOING_BYTES`] (pushing back on senders
+/// through TCP).
+pub const MESH_CAPACITY: usize = 1024;
+
+/// One shard's ends of the mesh: a sender to and a receiver from each other shard.
+pub type MeshEnds = mesh::MeshEnds<Arc<Batch>>;
+
+/// Builds a full mesh of SPSC rings of [`MESH_CAPACITY`], one per ordered pair of shards;
+/// element `i` is shard `i`'s ends.
+pub fn build_mesh(shards: usize) -> Vec<MeshEnds> {
+    mesh::full_mesh(shards, MESH_CAPACITY)
+}
+
+/// The senders the flush task hands each locally built batch to, one per peer.
+#[derive(Default)]
+pub struct Peers {
+    senders: Vec<Sender<Arc<Batch>>>,
+}
+
+impl Peers {
+    pub fn new(senders: Vec<Sender<Arc<Batch>>>) -> Self {
+        Peers { senders }
+    }
+
+    /// Adds one more peer.
+    pub fn push(&mut self, sender: Sender<Arc<Batch>>) {
+        self.senders.push(sender);
+    }
+
+    /// Hands `batch` to every peer in turn, waiting while a peer's ring is full (readers
+    /// on this shard pause meanwhile). A send error means that peer is gone, which only
+    /// happens as the process stops.
+    async fn send(&mut self, batch: &Arc<Batch>) {
+        for peer in &mut self.senders {
+            let _ = peer.send(batch.clone()).await;
+        }
+    }
+}
+
+/// The shard's flush task. At most once per tick, and only at ticks with something to do
+/// (see `pacing`), it lets waiting readers read (at read rounds, and those in the ready
+/// set whose socket is readable), turns the lines accepted since the last run into one
+/// batch, hands it to every local recipient's outbox and once to every peer, then writes
+/// to the recipients that are due. At shutdown it sends what is left and returns, which
+/// drops (closes) its senders: peer receivers then drain their ring and end.
+pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
+    let mut last_tick: Option<u64> = None;
+    loop {
+        // Everything a notification announces (lines, due or waiting clients, readers, the
+        // shutdown) is read below, so an earlier one, such as those the last run raised
+        // itself, need not wake this loop again.
+        fanout.flush_wanted().clear();
+        let stopping = fanout.is_shutting_down();
+        if !stopping {
+            match fanout.next_run(last_tick) {
+                NextRun::Idle => {
+                    fanout.flush_wanted().wait().await;
+                    continue;
+                }
+                NextRun::At(when) if when > Instant::now() => {
+                    // Something new may want an earlier run: wake for it too.
+                    let wait = when.saturating_duration_since(Instant::now());
+                    or(glommio::timer::sleep(wait), fanout.flush_wanted().wait()).await;
+                    continue;
+                }
+                NextRun::At(_) | NextRun::Now => {}
+            }
+        }
+        let tick = fanout.refresh_tick();
+        // Readers read what arrived since their last turn, and readers in the ready set
+        // whose socket is readable; their lines join this run.
+        if fanout.release_readers(last_tick, tick) {
+            futures_lite::future::yield_now().await;
+        }
+        while let Some(batch) = fanout.take_outgoing() {
+            let batch = Arc::new(batch);
+            fanout.deliver(batch.clone());
+            peers.send(&batch).await;
+        }
+        fanout.write_due(last_tick.unwrap_or(tick.saturating_sub(1)));
+        last_tick = Some(tick);
+        if stopping {
+            fanout.drain().on_flush_done();
+            return;
+        }
+    }
+}
+
+/// Receives one peer's batches and delivers them to this shard's recipients, until the
+/// peer closes its sender.
+pub async fn receive_loop(fanout: Rc<Fanout>, mut receiver: Receiver<Arc<Batch>>) {
+    while let Some(batch) = receiver.recv().await {
+        fanout.refresh_tick();
+        fanout.deliver(batch);
+    }
+    fanout.drain().on_receiver_done();
+}
+
+/// Starts a [`receive_loop`] for `receiver`, which the shard's drain waits for.
+pub fn spawn_receiver(fanout: &Rc<Fanout>, receiver: Receiver<Arc<Batch>>) {
+    fanout.drain().add_receiver();
+    glommio::spawn_local(receive_loop(fanout.clone(), receiver)).detach();
+}

@@ -1,0 +1,177 @@
+//! Read scheduling: when a shard's readers read, so that the lines they frame join the
+//! flush task's next run instead of each read waking the shard on its own.
+//!
+//! - A sender that keeps sending waits for the next *read round* (a read turn), which
+//!   the flush task releases at the start of a run (see `pacing`).
+//! - An occasional sender on a busy shard waits in the shard's [`ReadySet`] and is woken
+//!   by the first run that finds its socket readable. Only while the flush task's next run
+//!   is at most `READY_SET_TICKS` away: otherwise nothing would read it in time, and it
+//!   goes back to readiness.
+//!
+//! The readers themselves are in `connection/reader.rs`; the flush task drives this.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use crate::client::Client;
+use crate::notify::NotifyAll;
+use crate::pacing::{self, NextRun};
+use crate::ready_set::ReadySet;
+
+/// Occasional senders are read at the flush task's runs (from the ready set) only while
+/// its next run is at most this many ticks away: a line from such a sender then waits no
+/// longer to be read than a busy sender's does (a read round). At a hundred busy clients
+/// the slots in use are two ticks apart, so the shard runs that often anyway.
+const READY_SET_TICKS: u32 = pacing::READ_ROUND_TICKS as u32;
+
+pub struct Reads {
+    /// Readers that just relayed lines wait here for the next read round and then read at
+    /// the start of the flush task's run, so their lines join its batch. A sender that
+    /// keeps sending is then read a few times per window, each read taking all that
+    /// arrived since, instead of at every readiness wake-up.
+    turn: NotifyAll,
+    /// Occasional senders read at the flush task's runs (`None` if the kernel refused an
+    /// epoll set: then every reader uses readiness).
+    ready_set: Option<ReadySet>,
+    /// The flush task's next run is within `READY_SET_TICKS`: readers may join the set.
+    runs_soon: Cell<bool>,
+}
+
+impl Reads {
+    pub fn new(shard_id: usize) -> Self {
+        Reads {
+            turn: NotifyAll::default(),
+            ready_set: ReadySet::new()
+                .inspect_err(|e| {
+                    tracing::warn!("shard {shard_id}: no epoll set ({e}); every reader waits for readiness")
+                })
+                .ok(),
+            runs_soon: Cell::new(false),
+        }
+    }
+
+    /// Waits for the next read round.
+    pub async fn next_turn(&self) {
+        self.turn.wait().await;
+    }
+
+    /// True while readers wait for a read round.
+    pub fn turn_waiting(&self) -> bool {
+        self.turn.has_waiters()
+    }
+
+    /// Starts a read round: every reader waiting for one reads now. True if any waited.
+    pub fn release_turn(&self) -> bool {
+        let waiting = self.turn.has_waiters();
+        if waiting {
+            self.turn.notify_all();
+        }
+        waiting
+    }
+
+    /// Puts an occasional sender's socket in the ready set, to be read at the flush task's
+    /// runs instead of through a readiness wake-up of its own (each costs the shard an
+    /// io_uring completion, a task wake-up and often a wake-up of its thread). Only while
+    /// the next run is near (see `READY_SET_TICKS`). False if the reader should wait for
+    /// readiness instead.
+    pub fn read_at_runs(&self, client: &Client) -> bool {
+        let Some(set) = &self.ready_set else {
+            return false;
+        };
+        if set.contains(client.id) {
+            return true;
+        }
+        self.runs_soon.get() && !client.is_closing() && set.insert(client.id, client.raw_fd())
+    }
+
+    /// Takes a reader out of the ready set (it is closing, or it keeps sending and reads
+    /// at read rounds instead).
+    pub fn leave_ready_set(&self, client: &Client) {
+        if let Some(set) = &self.ready_set {
+            set.remove(client.id);
+        }
+    }
+
+    /// Calls `wake` with every reader in the ready set whose socket is readable; true if
+    /// any was woken (`wake` says whether the client is still there).
+    pub fn wake_ready(&self, mut wake: impl FnMut(u64) -> bool) -> bool {
+        let Some(set) = &self.ready_set else {
+            return false;
+        };
+        let mut woke = false;
+        set.for_each_ready(|id| woke |= wake(id));
+        woke
+    }
+
+    /// Records when the flush task runs next (`tick` is the schedule's tick length, `None`
+    /// without a flush window). If that is not near, every reader in the ready set is
+    /// handed to `wake` and goes back to readiness: nothing would read it in time.
+    pub fn set_next_run(&self, next: NextRun, tick: Option<Duration>, mut wake: impl FnMut(u64)) {
+        let soon = match (next, tick) {
+            (NextRun::At(when), Some(tick)) => when <= Instant::now() + tick * READY_SET_TICKS,
+            // No flush window: runs follow the lines, with no ticks to ride on.
+            _ => false,
+        };
+        self.runs_soon.set(soon);
+        if !soon {
+            if let Some(set) = &self.ready_set {
+                set.drain(&mut wake);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::pacing::Entry;
+
+    const TICK: Duration = Duration::from_micros(100);
+
+    #[test]
+    fn a_reader_joins_the_ready_set_only_while_runs_are_near_and_is_woken_when_readable() {
+        let reads = Reads::new(0);
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), ours.as_raw_fd(), Entry::new(0));
+        let far = Instant::now() + TICK * (READY_SET_TICKS + 50);
+        reads.set_next_run(NextRun::At(far), Some(TICK), |_| {});
+        assert!(!reads.read_at_runs(&client), "the next run is far: readiness");
+        reads.set_next_run(NextRun::At(Instant::now()), Some(TICK), |_| {});
+        assert!(reads.read_at_runs(&client));
+        let mut woken = Vec::new();
+        assert!(!reads.wake_ready(|id| {
+            woken.push(id);
+            true
+        }));
+        peer.write_all(b"x\n").unwrap();
+        assert!(reads.wake_ready(|id| {
+            woken.push(id);
+            true
+        }));
+        assert_eq!(woken, [3]);
+        // The flush task goes idle: the reader is sent back to readiness.
+        let mut sent_back = Vec::new();
+        reads.set_next_run(NextRun::Idle, Some(TICK), |id| sent_back.push(id));
+        assert_eq!(sent_back, [3]);
+        assert!(!reads.wake_ready(|_| true), "the set is empty");
+    }
+
+    #[test]
+    fn a_read_turn_is_released_only_to_waiting_readers() {
+        let reads = Reads::new(0);
+        assert!(!reads.turn_waiting());
+        assert!(!reads.release_turn());
+        let mut turn = Box::pin(reads.next_turn());
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(turn.as_mut().poll(&mut cx).is_pending());
+        assert!(reads.turn_waiting());
+        assert!(reads.release_turn());
+        assert!(turn.as_mut().poll(&mut cx).is_ready());
+    }
+}
