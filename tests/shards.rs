@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::util::{corecast, envelope, Client, Log, Relay, PATIENCE};
+use crate::util::{corecast, envelope, Client, Log, Relay};
 
 /// Generous: a start takes a fraction of a second even with 32 shards on 2 busy CPUs; a
 /// hung mesh never starts at all.
@@ -44,19 +44,7 @@ impl Starting {
     }
 
     fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for corecast") {
-                self.log.wait_closed();
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "relay did not exit; log:\n{}",
-                self.log.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::util::wait_exit(&mut self.child, &self.log)
     }
 }
 

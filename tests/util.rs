@@ -237,19 +237,7 @@ impl Relay {
 
     /// Waits for the relay to exit by itself and returns its exit code.
     pub fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.log.wait_closed();
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "relay did not exit; log:\n{}",
-                self.log.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut self.child, &self.log)
     }
 
     /// The relay's CPU time (user + system) so far, from /proc.
@@ -383,4 +371,18 @@ pub fn envelope(content: &str, from: SocketAddr) -> String {
         "{{\"content\":{},\"remote_addr\":\"{from}\"}}\n",
         serde_json::to_string(content).unwrap()
     )
+}
+
+/// Waits for a relay process to exit by itself (its log read to the end) and returns its
+/// exit code; fails the test, with the log, after [`PATIENCE`].
+pub fn wait_exit(child: &mut Child, log: &Log) -> Option<i32> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for corecast") {
+            log.wait_closed();
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "relay did not exit; log:\n{}", log.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
