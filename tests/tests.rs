@@ -1,5 +1,7 @@
-//! corecast's integration tests: one binary, the real relay over real sockets. One module
-//! per area; `util` is the harness they share.
+//! corecast's integration tests: the real relay over real sockets. One module per area;
+//! `util` is the harness they share. The load generator's runs against the relay are a
+//! second binary, `tests/loadgen.rs`, on the same harness: cargo runs it on its own, so
+//! those runs do not share the CPUs with these tests.
 
 /// The admin endpoint: `/metrics`, `/healthz`, `/stats`, bad requests and its bounds.
 mod admin;

@@ -1,9 +1,17 @@
-//! Runs the generator against a real corecast for a few seconds and checks its accounting,
-//! overall and per receiver class (healthy, rate-limited, pausing).
+//! The load generator against the real relay for a few seconds: its accounting, overall
+//! and per receiver class (healthy, rate-limited, pausing), and the relay keeping every
+//! receiver that reads. A test binary of its own (not a module of `tests.rs`), because
+//! cargo runs test binaries one after another: these runs need the machine's CPUs to
+//! themselves. The relay comes from the shared harness (`util`); the generator runs in
+//! this process through its library, with the same command line as its binary.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+#[allow(dead_code)] // the harness serves tests.rs too; this binary uses part of it
+mod util;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use util::Relay;
 
 /// These tests load the machine (the T10x30000 one needs both CPUs for the relay and the
 /// generator): each holds this lock, so they run one at a time rather than starving each
@@ -14,76 +22,27 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The relay, built from this workspace, killed by PID when dropped.
-struct Relay {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn corecast_binary() -> PathBuf {
-    // Built beside this test's own binary (target/<profile>/deps/..).
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "corecast", "--bin", "corecast"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot build corecast");
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("corecast")
-}
-
+/// Starts the relay on two shards with `config`.
 fn start_relay(config: &str) -> Relay {
-    let dir = std::env::temp_dir().join(format!("corecast-loadgen-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("config-{}.json", config.len()));
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(corecast_binary())
-        .args(["--port", "0", "--shards", "2", "--log-level", "info", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let port = loop {
-        let line = lines.next().expect("relay exited before listening").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr: std::net::SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            break addr.port();
-        }
-    };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Relay { child, port }
+    Relay::with_config(config, &["--shards", "2"])
 }
 
+/// Runs the generator in this process, as its command line would, against `relay`
+/// with `args`; returns its JSON result.
 fn loadgen(relay: &Relay, args: &[&str]) -> serde_json::Value {
-    let json = std::env::temp_dir().join(format!("corecast-loadgen-{}-{}.json", std::process::id(), relay.port));
-    let out = Command::new(env!("CARGO_BIN_EXE_corecast-loadgen"))
-        .args([
-            "--target",
-            &format!("127.0.0.1:{}", relay.port),
-            "--no-progress",
-            "--json",
-        ])
-        .arg(&json)
-        .args(["--server-pid", &relay.child.id().to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "loadgen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, Ordering::Relaxed);
+    let json = std::env::temp_dir().join(format!("corecast-loadgen-{}-{n}.json", std::process::id()));
+    let target = relay.addr.to_string();
+    let pid = relay.pid().to_string();
+    let mut argv = vec!["corecast-loadgen", "--target", &target, "--no-progress"];
+    argv.extend(["--json", json.to_str().unwrap(), "--server-pid", &pid]);
+    argv.extend_from_slice(args);
+    let status = corecast_loadgen::main_with(argv);
+    assert_eq!(status, ExitCode::SUCCESS, "the generator failed (its error is above)");
+    let result = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    result
 }
 
 #[test]
@@ -140,7 +99,7 @@ fn two_targets_count_the_deliveries_between_clients_on_different_targets_as_cros
     // generator treats even and odd clients as being on different nodes: each publisher's
     // lines reach 3 receivers, 2 of them on the other target, so exactly 2/3 cross.
     let relay = start_relay(r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#);
-    let second = format!("127.0.0.1:{}", relay.port);
+    let second = relay.addr.to_string();
     let r = loadgen(
         &relay,
         &[
