@@ -216,6 +216,19 @@ impl Batch {
 }
 
 #[cfg(test)]
+impl Batch {
+    /// The batch of `lines`, each `(origin, content)`, all sent from `remote_addr`: the
+    /// fixture the modules above this one build their tests on.
+    pub fn of(lines: &[(u64, &str)], remote_addr: &str) -> Batch {
+        let mut b = BatchBuilder::default();
+        for &(origin, line) in lines {
+            b.push(origin, line, remote_addr);
+        }
+        b.take()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -375,14 +375,10 @@ mod tests {
     use std::rc::Rc;
 
     use super::*;
-    use crate::batch::{BatchBuilder, Ledger};
+    use crate::batch::{Batch, Ledger};
 
     fn batch_from(lines: &[(u64, &str)]) -> LocalBatch {
-        let mut b = BatchBuilder::default();
-        for (origin, line) in lines {
-            b.push(*origin, line, "127.0.0.1:1");
-        }
-        Ledger::detached().pin(std::sync::Arc::new(b.take()))
+        Ledger::detached().pin(std::sync::Arc::new(Batch::of(lines, "127.0.0.1:1")))
     }
 
     fn client(id: u64) -> Client {

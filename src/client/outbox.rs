@@ -243,15 +243,12 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{BatchBuilder, Ledger};
+    use crate::batch::Ledger;
 
     #[test]
     fn a_half_written_job_counts_only_its_unwritten_envelopes() {
-        let mut b = BatchBuilder::default();
-        for (origin, line) in [(1, "aaaa"), (2, "bbbb"), (3, "cccc")] {
-            b.push(origin, line, "127.0.0.1:1");
-        }
-        let batch = Ledger::detached().pin(std::sync::Arc::new(b.take()));
+        let lines = Batch::of(&[(1, "aaaa"), (2, "bbbb"), (3, "cccc")], "127.0.0.1:1");
+        let batch = Ledger::detached().pin(std::sync::Arc::new(lines));
         let job = WriteJob::Single(Segment::new(batch.clone(), 0, batch.data.len(), 3));
         let first_end = memchr::memchr(b'\n', job.bytes()).unwrap() + 1;
         let mut f = InFlight::new(job, first_end + 3);
@@ -264,9 +261,7 @@ mod tests {
 
     #[test]
     fn queued_stretches_are_gathered_into_one_job_up_to_the_write_bound() {
-        let mut b = BatchBuilder::default();
-        b.push(1, "x", "h:1");
-        let batch = Ledger::detached().pin(std::sync::Arc::new(b.take()));
+        let batch = Ledger::detached().pin(std::sync::Arc::new(Batch::of(&[(1, "x")], "h:1")));
         let mut outbox = Outbox::default();
         for _ in 0..3 {
             outbox.push(Segment::new(batch.clone(), 0, batch.data.len(), 1));

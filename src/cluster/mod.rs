@@ -180,9 +180,8 @@ mod tests {
             assert_eq!((ends.to_peers.len(), ends.from_peers.len()), (3, 3));
         }
         // Disconnected, the uplink takes a batch at once and counts it as dropped.
-        let mut b = crate::batch::BatchBuilder::default();
-        b.push(1, "x", "h:1");
-        mesh[0].to_peers[2].try_send(Arc::new(b.take())).unwrap();
+        let batch = crate::batch::Batch::of(&[(1, "x")], "h:1");
+        mesh[0].to_peers[2].try_send(Arc::new(batch)).unwrap();
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         while cluster.stats.dropped_disconnected.load(Ordering::Relaxed) == 0 {
             assert!(Instant::now() < deadline, "the uplink did not drain its ring");

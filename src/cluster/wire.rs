@@ -237,14 +237,9 @@ impl SeqTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::BatchBuilder;
 
     fn batch(lines: &[(u64, &str)]) -> Batch {
-        let mut b = BatchBuilder::default();
-        for (origin, line) in lines {
-            b.push(*origin, line, "10.0.0.1:5");
-        }
-        b.take()
+        Batch::of(lines, "10.0.0.1:5")
     }
 
     fn header(node: u64, seq: u64, before: u64, count: u32) -> Header {

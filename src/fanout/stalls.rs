@@ -173,7 +173,7 @@ impl Stalls {
 mod tests {
     use super::*;
     use crate::backpressure::BEHIND_AFTER;
-    use crate::batch::{BatchBuilder, Ledger};
+    use crate::batch::{Batch, Ledger};
     use crate::config::Config;
     use crate::machine::Machine;
     use crate::pacing::Entry;
@@ -190,11 +190,9 @@ mod tests {
     /// A stalled client with `n` envelopes of `len` bytes queued.
     fn stalled_client(id: u64, n: usize, len: usize) -> Rc<Client> {
         let client = Rc::new(Client::new(id, "127.0.0.1:5".parse().unwrap(), -1, Entry::new(0)));
-        let mut b = BatchBuilder::default();
-        for _ in 0..n {
-            b.push(1, &"x".repeat(len), "127.0.0.1:6");
-        }
-        client.enqueue(&Ledger::detached().pin(Arc::new(b.take())));
+        let line = "x".repeat(len);
+        let batch = Batch::of(&vec![(1, line.as_str()); n], "127.0.0.1:6");
+        client.enqueue(&Ledger::detached().pin(Arc::new(batch)));
         assert!(client.mark_stalled());
         client
     }
