@@ -35,7 +35,7 @@ use crate::metrics::{CloseReason, DropReason, ShardStats};
 use crate::notify::Notify;
 use crate::pacing::{NextRun, Schedule, Scheduled};
 use crate::protocol;
-use crate::shared::Shared;
+use crate::shared::{LocalTunables, Shared, Tunables};
 use crate::shutdown::Drain;
 use outgoing::Outgoing;
 use reads::Reads;
@@ -62,15 +62,20 @@ pub struct Fanout {
     reads: Reads,
     /// N1, shared by every rate-limited client on the shard.
     rate_limit_notice: LocalBatch,
+    /// The reloadable limits this shard obeys (shared with `stalls`); the heartbeat
+    /// refreshes them after a SIGHUP reload.
+    tunables: Rc<LocalTunables>,
 }
 
 impl Fanout {
     pub fn new(shard_id: usize, shared: Arc<Shared>, stats: Arc<ShardStats>, drain: Rc<Drain>) -> Self {
         let ledger = Ledger::new(shared.pending_bytes_entry(shard_id));
         let window = Duration::from_micros(shared.config.flush_window_us);
+        let tunables = Rc::new(LocalTunables::new(shared.clone()));
         Fanout {
             shard_id,
-            stalls: Stalls::new(shard_id, shared.clone(), stats.clone()),
+            stalls: Stalls::new(shard_id, shared.clone(), stats.clone(), tunables.clone()),
+            tunables,
             shared,
             stats,
             drain,
@@ -83,6 +88,17 @@ impl Fanout {
             schedule: Schedule::new(window, Instant::now()),
             reads: Reads::new(shard_id),
         }
+    }
+
+    /// The reloadable limits as this shard last copied them.
+    pub fn tunables(&self) -> Tunables {
+        self.tunables.get()
+    }
+
+    /// Copies the running config's reloadable limits after a reload (the heartbeat calls
+    /// this); true when they changed.
+    pub fn refresh_tunables(&self) -> bool {
+        self.tunables.refresh()
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.
@@ -157,7 +173,7 @@ impl Fanout {
             // Closing clients take no more, except for shutdown, which flushes them within
             // the usual per-connection byte bound.
             let refuse = client.refusing_envelopes().or_else(|| {
-                (client.is_closing() && client.queued_bytes() > self.shared.policy.max_pending_bytes)
+                (client.is_closing() && client.queued_bytes() > self.tunables.get().policy.max_pending_bytes)
                     .then_some(CloseReason::SlowConsumer)
             });
             if let Some(reason) = refuse {

@@ -108,6 +108,7 @@ use config::Config;
 use executor::ShardEvent;
 use metrics::ShardState;
 use shared::Shared;
+use signal_hook::consts::SIGHUP;
 use startup::StartupError;
 
 /// Why `run` returned with an error.
@@ -211,9 +212,21 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || wildcard_covers(a, b) || wildcard_covers(b, a))
 }
 
-/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`).
-/// Start-up failures return before anything listens.
+/// Where a SIGHUP reload reads the config from: the file and flags `main` loaded it from,
+/// giving the new config and its warnings, or why it is invalid.
+pub type ConfigSource = Box<dyn FnMut() -> Result<(Config, Vec<String>), config::ConfigError> + Send>;
+
+/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`), with
+/// no file to reload: SIGHUP re-applies `config` (a no-op). See [`run_reloadable`].
 pub fn run(config: Config) -> Result<(), Error> {
+    let same = config.clone();
+    run_reloadable(config, Box::new(move || Ok((same.clone(), Vec::new()))))
+}
+
+/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`);
+/// SIGHUP reloads the config from `source` (docs/protocol.md#reload). Start-up failures
+/// return before anything listens.
+pub fn run_reloadable(config: Config, mut source: ConfigSource) -> Result<(), Error> {
     let addr = preflight(&config)?;
     let nofile = machine::raise_nofile_limit();
     // Held until `run` returns (or the kernel drops it when the process exits).
@@ -233,7 +246,6 @@ pub fn run(config: Config) -> Result<(), Error> {
     let signals = signal_channel().map_err(|e| Error::Shard(format!("cannot install signal handlers: {e}")))?;
 
     let shards = config.shards;
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
     let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
     let shared = Arc::new(Shared::new(config));
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
@@ -261,9 +273,13 @@ pub fn run(config: Config) -> Result<(), Error> {
     while started < shards {
         crossbeam_channel::select! {
             recv(signals) -> sig => {
+                if sig == Ok(SIGHUP) {
+                    reload(&shared, &mut source);
+                    continue;
+                }
                 let why = format!("{} received during start-up", signal_name(sig.ok()));
-                let drain = Draining::start(&shared, grace, &why);
-                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every);
+                let drain = Draining::start(&shared, &why);
+                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every, source);
             }
             recv(events) -> event => match event {
                 Ok(ShardEvent::Started(_)) => started += 1,
@@ -303,7 +319,35 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
     }
     systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
-    control_loop(&shared, &signals, &events, handles, None, purge_every)
+    control_loop(&shared, &signals, &events, handles, None, purge_every, source)
+}
+
+/// SIGHUP: reads the config again and applies it, or keeps the running one whole if it is
+/// invalid. Keys that need a restart keep their running values and are named in the log.
+fn reload(shared: &Shared, source: &mut ConfigSource) {
+    use std::sync::atomic::Ordering;
+    let (new, warnings) = match source() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
+            return;
+        }
+    };
+    for w in &warnings {
+        tracing::warn!("SIGHUP: {w}");
+    }
+    let outcome = shared.live().reloaded(new);
+    for key in &outcome.kept {
+        tracing::warn!("SIGHUP: {key} changed but needs a restart; the running value is kept");
+    }
+    log::set_level(outcome.config.log.level);
+    shared.reload(outcome.config);
+    if outcome.applied.is_empty() {
+        tracing::info!("SIGHUP: config reloaded; no key that applies live changed");
+    } else {
+        tracing::info!("SIGHUP: config reloaded; applied {}", outcome.applied.join(", "));
+    }
 }
 
 /// A drain in progress: when it must be over.
@@ -312,8 +356,10 @@ struct Draining {
 }
 
 impl Draining {
-    /// Starts every shard's drain, bounded by the shutdown grace; `why` opens the log line.
-    fn start(shared: &Shared, grace: Duration, why: &str) -> Draining {
+    /// Starts every shard's drain, bounded by the shutdown grace (as last reloaded); `why`
+    /// opens the log line.
+    fn start(shared: &Shared, why: &str) -> Draining {
+        let grace = Duration::from_millis(shared.live().shutdown_grace_ms);
         tracing::info!("{why}; draining (grace {} ms)", grace.as_millis());
         systemd_notify("STOPPING=1\nSTATUS=draining");
         shared.shutdown.trigger();
@@ -324,9 +370,10 @@ impl Draining {
     }
 }
 
-/// The control loop: signals, shard exits, and the quarantine purge, until every shard has
-/// drained (`Ok`) or one stops on its own (`Err`). `drain` is set when a signal came during
-/// start-up; shards still starting then start and drain at once.
+/// The control loop: signals (SIGHUP reloads, the others drain), shard exits, and the
+/// quarantine purge, until every shard has drained (`Ok`) or one stops on its own (`Err`).
+/// `drain` is set when a signal came during start-up; shards still starting then start and
+/// drain at once.
 fn control_loop(
     shared: &Shared,
     signals: &crossbeam_channel::Receiver<i32>,
@@ -334,9 +381,9 @@ fn control_loop(
     handles: Vec<executor::ShardThread>,
     mut drain: Option<Draining>,
     purge_every: Duration,
+    mut source: ConfigSource,
 ) -> Result<(), Error> {
     let shards = shared.config.shards;
-    let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
     let mut stopped = 0;
     let mut next_purge = Instant::now() + purge_every;
     let mut next_watch = Instant::now() + executor::HEARTBEAT_INTERVAL;
@@ -345,12 +392,20 @@ fn control_loop(
         let wake_at = drain.as_ref().map_or(next, |d| d.deadline.min(next));
         crossbeam_channel::select! {
             recv(signals) -> sig => {
+                if sig == Ok(SIGHUP) {
+                    if drain.is_some() {
+                        tracing::info!("SIGHUP during the drain; not reloading");
+                    } else {
+                        reload(shared, &mut source);
+                    }
+                    continue;
+                }
                 let name = signal_name(sig.ok());
                 if drain.is_some() {
                     tracing::warn!("second signal ({name}) during the drain; exiting now");
                     std::process::exit(shutdown::EXIT_SECOND_SIGNAL);
                 }
-                drain = Some(Draining::start(shared, grace, &format!("{name} received")));
+                drain = Some(Draining::start(shared, &format!("{name} received")));
             }
             recv(events) -> event => match event {
                 Ok(ShardEvent::Stopped(id)) if drain.is_none() => return Err(shard_failure(id, handles)),
@@ -476,10 +531,11 @@ fn systemd_notify(state: &str) {
     }
 }
 
-/// SIGINT and SIGTERM, delivered by a small thread into a channel the control loop selects on.
+/// SIGINT, SIGTERM and SIGHUP, delivered by a small thread into a channel the control loop
+/// selects on.
 fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let (tx, rx) = crossbeam_channel::bounded(4);
     std::thread::Builder::new()
         .name("corecast-signals".into())

@@ -149,13 +149,30 @@ fn filter(level: LogLevel) -> LevelFilter {
     }
 }
 
-/// The subscriber for `config`: a console sink and a file sink, each optional.
+/// The handle [`set_level`] changes the level through; set by [`init`], `None` when no
+/// sink is on (the level stays OFF).
+static LEVEL: std::sync::OnceLock<Option<LevelHandle>> = std::sync::OnceLock::new();
+
+type LevelHandle = tracing_subscriber::reload::Handle<LevelFilter, tracing_subscriber::Registry>;
+
+/// Sets the level of the installed subscriber (a SIGHUP reload of `logger.log_level`):
+/// events from then on are filtered at `level`. Without [`init`], or without any sink,
+/// it does nothing.
+pub fn set_level(level: LogLevel) {
+    if let Some(Some(handle)) = LEVEL.get() {
+        // Fails only if the subscriber is gone, when there is nothing left to filter.
+        let _ = handle.reload(filter(level));
+    }
+}
+
+/// The subscriber for `config`: a console sink and a file sink, each optional, and the
+/// handle its level can be changed through.
 fn subscriber<C, F>(
     config: &LogConfig,
     name: &str,
     console: Option<C>,
     file: Option<F>,
-) -> impl Subscriber + Send + Sync
+) -> (impl Subscriber + Send + Sync, Option<LevelHandle>)
 where
     C: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     F: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -165,15 +182,18 @@ where
         date_format: config.date_format.clone(),
         json: config.json,
     };
-    let level = if console.is_some() || file.is_some() {
+    let has_sink = console.is_some() || file.is_some();
+    let level = if has_sink {
         filter(config.level)
     } else {
         LevelFilter::OFF
     };
-    tracing_subscriber::registry()
+    let (level, handle) = tracing_subscriber::reload::Layer::new(level);
+    let subscriber = tracing_subscriber::registry()
         .with(level)
         .with(console.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())))
-        .with(file.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())))
+        .with(file.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())));
+    (subscriber, has_sink.then_some(handle))
 }
 
 /// The log file could not be opened.
@@ -222,7 +242,10 @@ pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
         (None, None)
     };
     let console = config.console.then_some(std::io::stderr);
-    let _ = subscriber(config, name, console, file).try_init();
+    let (subscriber, handle) = subscriber(config, name, console, file);
+    if subscriber.try_init().is_ok() {
+        let _ = LEVEL.set(handle);
+    }
     Ok(LogGuard { _worker: guard })
 }
 
@@ -309,7 +332,7 @@ mod tests {
         let out = Captured::default();
         let writer = out.clone();
         let config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
-        let sub = subscriber(&config, "relay", Some(move || writer.clone()), NO_FILE);
+        let (sub, _) = subscriber(&config, "relay", Some(move || writer.clone()), NO_FILE);
         tracing::subscriber::with_default(sub, || {
             log::warn!(target: "glommio::sys::uring", "Error: registering buffers in the main ring. Skipping");
             log::debug!(target: "glommio", "below the INFO level");
@@ -327,7 +350,7 @@ mod tests {
     fn capture(config: &LogConfig, f: impl FnOnce()) -> String {
         let out = Captured::default();
         let writer = out.clone();
-        let sub = subscriber(config, "relay", Some(move || writer.clone()), NO_FILE);
+        let (sub, _) = subscriber(config, "relay", Some(move || writer.clone()), NO_FILE);
         tracing::subscriber::with_default(sub, f);
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         text

@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,9 +146,11 @@ pub enum Strike {
 /// The shared table.
 pub struct Quarantine {
     by: QuarantineBy,
-    cooldown: Duration,
-    /// Strikes within [`STRIKE_WINDOW`] that quarantine a key; 1 quarantines at once.
-    strikes_to_quarantine: u32,
+    /// `quarantine_cooldown_secs` in milliseconds; a reload may change it ([`Quarantine::set_rules`]).
+    cooldown_ms: AtomicU64,
+    /// Strikes within [`STRIKE_WINDOW`] that quarantine a key; 1 quarantines at once. A
+    /// reload may change it.
+    strikes_to_quarantine: AtomicU32,
     max_entries: usize,
     snapshot: ArcSwap<Table>,
     /// Serialises writers (and holds the strikes, which only writers use); readers never
@@ -159,12 +162,23 @@ impl Quarantine {
     pub fn new(by: QuarantineBy, cooldown: Duration, strikes: u32, max_entries: usize) -> Self {
         Quarantine {
             by,
-            cooldown,
-            strikes_to_quarantine: strikes.max(1),
+            cooldown_ms: AtomicU64::new(cooldown.as_millis() as u64),
+            strikes_to_quarantine: AtomicU32::new(strikes.max(1)),
             max_entries: max_entries.max(1),
             snapshot: ArcSwap::from_pointee(Table::default()),
             write: Mutex::new(Strikes::default()),
         }
+    }
+
+    /// Sets the cooldown and the strikes that quarantine (a reload): entries already in the
+    /// table keep their end time; strikes already counted count against the new limit.
+    pub fn set_rules(&self, cooldown: Duration, strikes: u32) {
+        self.cooldown_ms.store(cooldown.as_millis() as u64, Ordering::Relaxed);
+        self.strikes_to_quarantine.store(strikes.max(1), Ordering::Relaxed);
+    }
+
+    fn cooldown(&self) -> Duration {
+        Duration::from_millis(self.cooldown_ms.load(Ordering::Relaxed))
     }
 
     /// The key a peer at `addr` is quarantined under.
@@ -188,21 +202,19 @@ impl Quarantine {
     /// Records a strike against `addr`'s key (a slow-consumer close); quarantines the key
     /// when this is its `strikes`-th within the window.
     pub fn strike(&self, addr: SocketAddr, now: Instant) -> Strike {
-        if self.cooldown.is_zero() {
+        let cooldown = self.cooldown();
+        if cooldown.is_zero() {
             return Strike::Off;
         }
         let key = self.key(addr);
-        let limit = self.strikes_to_quarantine;
+        let limit = self.strikes_to_quarantine.load(Ordering::Relaxed);
         let mut strikes = self.lock();
         let count = strikes.expire_key(key, now) as u64 + 1;
         if count >= u64::from(limit) {
             strikes.clear_key(key);
             strikes.compact_if_stale();
             self.publish(&mut strikes, |t| self.enter(t, key, now));
-            return Strike::Quarantined {
-                limit,
-                cooldown: self.cooldown,
-            };
+            return Strike::Quarantined { limit, cooldown };
         }
         strikes.push(key, now, self.max_entries);
         Strike::Counted {
@@ -213,7 +225,7 @@ impl Quarantine {
 
     /// Quarantines `addr`'s key for the cooldown at once, whatever its strikes.
     pub fn insert(&self, addr: SocketAddr, now: Instant) {
-        if self.cooldown.is_zero() {
+        if self.cooldown().is_zero() {
             return;
         }
         let key = self.key(addr);
@@ -224,7 +236,7 @@ impl Quarantine {
 
     /// Enters `key` for the cooldown, evicting the oldest entries past the bound.
     fn enter(&self, t: &mut Table, key: Key, now: Instant) {
-        t.entries.insert(key, (now, now + self.cooldown));
+        t.entries.insert(key, (now, now + self.cooldown()));
         t.order.push_back((now, key));
         while t.entries.len() > self.max_entries {
             let Some((entered, k)) = t.order.pop_front() else { break };

@@ -4,10 +4,18 @@
 //! uplink's identity and counters. It crosses threads,
 //! so it is all atomics, locks taken rarely, or read-only after start-up. Built once by
 //! [`crate::run`]; every shard and the admin thread hold an `Arc` of it.
+//!
+//! A SIGHUP reload ([`Shared::reload`], on the main thread) swaps the running config in
+//! [`Shared::live`] and bumps a generation; each shard's heartbeat then copies the
+//! reloadable values it obeys into its [`LocalTunables`], a `Cell` the hot path reads
+//! without an atomic. The quarantine rules and the connection limit are set in place.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use crate::backpressure::{Policy, Stage};
 use crate::cluster::Cluster;
@@ -63,8 +71,18 @@ impl StartupStep {
 /// State shared by every shard. It crosses threads on purpose, and none of it is touched
 /// per message except one relaxed load per shard when a sender's read relayed lines.
 pub struct Shared {
+    /// The config the relay started with. The keys a reload applies (`reload` column of
+    /// the key table) may since have changed: read those from [`Shared::live`], or on a
+    /// shard from its [`LocalTunables`].
     pub config: Config,
-    pub policy: Policy,
+    /// The running config: `config` with the reloadable keys as the last reload set them.
+    /// Written only by [`Shared::reload`].
+    live: ArcSwap<Config>,
+    /// Bumped by every reload, so that a shard's heartbeat copies only after a change.
+    generation: AtomicU64,
+    /// SIGHUP reloads that were applied and that were refused (invalid file), for
+    /// `corecast_config_reloads_total{result}`.
+    pub reloads: ReloadCounts,
     /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
     pub quarantine: Quarantine,
     /// Each shard's backpressure [`Stage`] (the largest among its stalled recipients),
@@ -89,7 +107,9 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> Self {
         Shared {
-            policy: Policy::from_config(&config),
+            live: ArcSwap::from_pointee(config.clone()),
+            generation: AtomicU64::new(0),
+            reloads: ReloadCounts::default(),
             quarantine: Quarantine::new(
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
@@ -106,6 +126,25 @@ impl Shared {
             cluster: config.cluster.clone().map(|c| Arc::new(Cluster::new(c))),
             config,
         }
+    }
+
+    /// The running config (see [`Shared::live`]).
+    pub fn live(&self) -> Arc<Config> {
+        self.live.load_full()
+    }
+
+    /// Makes `config` the running config: the quarantine rules and the connection limit at
+    /// once, each shard's tunables at its next heartbeat. `config` must keep the start-up
+    /// values of the keys that need a restart (`Config::reloaded` does).
+    pub fn reload(&self, config: Config) {
+        self.quarantine.set_rules(
+            Duration::from_secs(config.quarantine_cooldown_secs),
+            config.quarantine_strikes,
+        );
+        self.connections.set_max(config.max_connections);
+        self.live.store(Arc::new(config));
+        self.generation.fetch_add(1, Ordering::Release);
+        self.reloads.success.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Shard `id`'s start-up step as it last reported it.
@@ -151,33 +190,101 @@ impl Shared {
         Stage::from_u8(self.stage.iter().map(|s| s.load(Ordering::Relaxed)).max().unwrap_or(0))
     }
 
-    /// True while the memory queued for recipients, process-wide, is past
+    /// True while the memory queued for recipients, process-wide, is past `policy`'s
     /// `max_total_pending_bytes`.
-    pub fn over_total_pending(&self) -> bool {
-        self.policy
-            .over_total(self.pending_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum())
+    pub fn over_total_pending(&self, policy: &Policy) -> bool {
+        policy.over_total(self.pending_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum())
+    }
+}
+
+/// Counts of SIGHUP reloads by outcome.
+#[derive(Default)]
+pub struct ReloadCounts {
+    /// Applied (even when nothing changed).
+    pub success: AtomicU64,
+    /// Refused: the file could not be read or was invalid; the running config stayed.
+    pub failure: AtomicU64,
+}
+
+/// The reloadable values a shard's hot path obeys, copied out of the running config.
+#[derive(Debug, Clone, Copy)]
+pub struct Tunables {
+    pub policy: Policy,
+    /// `hyper_parameters.rate_limit_msgs_per_minute`; `None` disables.
+    pub rate_limit_msgs_per_minute: Option<u64>,
+}
+
+impl Tunables {
+    pub fn from_config(config: &Config) -> Self {
+        Tunables {
+            policy: Policy::from_config(config),
+            rate_limit_msgs_per_minute: config.rate_limit_msgs_per_minute,
+        }
+    }
+}
+
+/// One shard's copy of the [`Tunables`]: read per read and per stalled delivery without
+/// an atomic, refreshed by the shard's heartbeat ([`LocalTunables::refresh`]) after a
+/// reload. Owned by the shard's fan-out, shared with its stall tracking.
+pub struct LocalTunables {
+    shared: Arc<Shared>,
+    current: Cell<Tunables>,
+    /// The [`Shared`] generation `current` was copied at.
+    generation: Cell<u64>,
+}
+
+impl LocalTunables {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let generation = shared.generation.load(Ordering::Acquire);
+        LocalTunables {
+            current: Cell::new(Tunables::from_config(&shared.live())),
+            generation: Cell::new(generation),
+            shared,
+        }
+    }
+
+    pub fn get(&self) -> Tunables {
+        self.current.get()
+    }
+
+    /// Copies the running config's values if a reload happened since the last copy; one
+    /// atomic load otherwise. Returns whether they changed.
+    pub fn refresh(&self) -> bool {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation == self.generation.get() {
+            return false;
+        }
+        self.current.set(Tunables::from_config(&self.shared.live()));
+        self.generation.set(generation);
+        true
     }
 }
 
 /// The process-wide count of open connections, against `max_connections`.
 pub struct ConnectionSlots {
     open: Arc<AtomicUsize>,
-    max: usize,
+    /// `max_connections`; a reload may change it (lowering it closes nobody: only new
+    /// connections are refused until enough have left).
+    max: AtomicUsize,
 }
 
 impl ConnectionSlots {
     pub fn new(max: usize) -> Self {
         ConnectionSlots {
             open: Arc::default(),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Takes a slot, or `None` when `max_connections` are open. The slot is given back
     /// when the returned guard is dropped, however the connection ends.
     pub fn try_take(&self) -> Option<ConnectionSlot> {
         let before = self.open.fetch_add(1, Ordering::Relaxed);
-        if before >= self.max {
+        if before >= self.max.load(Ordering::Relaxed) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return None;
         }

@@ -328,6 +328,19 @@ impl Collector for ShardCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(shared.quarantine.len() as u64).encode(family)?;
+        let mut family = encoder.encode_descriptor(
+            "config_reloads",
+            "SIGHUP reloads of the config file, by result: success (applied) or failure (refused whole, the running config kept).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [
+            ("success", &shared.reloads.success),
+            ("failure", &shared.reloads.failure),
+        ] {
+            let n = n.load(std::sync::atomic::Ordering::Relaxed);
+            ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
+        }
         Ok(())
     }
 }
