@@ -691,4 +691,142 @@ mod tests {
         assert!(load(r#"{"logger":{"date_format":"%Q"}}"#).is_err());
         assert!(load(r#"{"logger":{"date_format":"%Y-%m-%dT%H:%M:%S.%6fZ"}}"#).is_ok());
     }
+    #[test]
+    fn every_flag_names_a_declared_key() {
+        for path in [
+            "host",
+            "port",
+            "name",
+            WORKER_THREADS,
+            LOG_LEVEL,
+            ADMIN_ADDR,
+            CLUSTER_NATS,
+        ] {
+            assert!(keys::key(path).is_some(), "{path}");
+        }
+    }
+
+    #[test]
+    fn every_default_passes_its_own_key_check() {
+        let c = defaults();
+        for key in keys::KEYS
+            .iter()
+            .filter(|k| k.is_field() && !keys::in_optional_section(k.path))
+        {
+            let v = (key.get)(&c);
+            if v.is_null() && key.null == keys::Null::Disables {
+                continue;
+            }
+            key.kind.check(&v, key.path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(v, (key.default)(&MACHINE), "{}", key.path);
+        }
+    }
+
+    #[test]
+    fn the_cluster_section_is_null_or_an_object_with_nats_urls() {
+        assert_eq!(
+            load(r#"{"hyper_parameters":{"cluster":null}}"#).unwrap().0.cluster,
+            None
+        );
+        let (c, _) =
+            load(r#"{"hyper_parameters":{"cluster":{"nats":["nats://127.0.0.1:4222","nats://h2:4223"],"subject":"room.a"}}}"#)
+                .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.nats, ["nats://127.0.0.1:4222", "nats://h2:4223"]);
+        assert_eq!(cluster.subject, "room.a");
+        let (c, _) = load(r#"{"hyper_parameters":{"cluster":{"nats":"nats://[::1]:4222"}}}"#).unwrap();
+        assert_eq!(
+            c.to_json()["hyper_parameters"]["cluster"],
+            json!({"nats": ["nats://[::1]:4222"], "subject": "corecast"})
+        );
+        assert_eq!(defaults().to_json()["hyper_parameters"]["cluster"], Value::Null);
+    }
+
+    #[test]
+    fn wrong_cluster_values_name_their_json_path() {
+        let err = |text: &str| {
+            load(&format!(r#"{{"hyper_parameters":{{"cluster":{text}}}}}"#))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(r#"{"nats":5}"#),
+            "hyper_parameters.cluster.nats: expected a list of nats:// URLs, found 5"
+        );
+        assert!(err(r#"{"nats":["nats://a:1", 7]}"#)
+            .starts_with("hyper_parameters.cluster.nats[1]: expected a nats:// URL"));
+        assert!(err(r#"{"nats":["http://a:1"]}"#)
+            .starts_with("hyper_parameters.cluster.nats[0]: expected a nats://host:port URL"));
+        assert!(err(r#"{"nats":[]}"#).contains("(1 to 64)"));
+        assert_eq!(
+            err(r#"{"subject":"x"}"#),
+            "hyper_parameters.cluster.nats: expected a list of nats:// URLs, found null"
+        );
+        assert!(err(r#"{"nats":["nats://a:1"],"subject":"a.*"}"#)
+            .starts_with("hyper_parameters.cluster.subject: expected a NATS subject"));
+        assert!(err(r#""nats://a:1""#).starts_with("hyper_parameters.cluster: expected null or an object"));
+        let (_, w) = load(r#"{"hyper_parameters":{"cluster":{"nats":"nats://a:1","subjet":"x"}}}"#).unwrap();
+        assert_eq!(
+            w,
+            ["unknown config key hyper_parameters.cluster.subjet ignored (did you mean hyper_parameters.cluster.subject?)"]
+        );
+    }
+
+    #[test]
+    fn cluster_flags_replace_the_urls_and_keep_the_subject() {
+        let mut c = load(r#"{"hyper_parameters":{"cluster":{"nats":"nats://a:1","subject":"s"}}}"#)
+            .unwrap()
+            .0;
+        let flags = |urls: &[&str]| ServeArgs {
+            cluster_nats: urls.iter().map(|u| u.to_string()).collect(),
+            ..Default::default()
+        };
+        c.apply_args(&flags(&["nats://b:2", "nats://c:3"])).unwrap();
+        let cluster = c.cluster.clone().unwrap();
+        assert_eq!((cluster.nats.len(), cluster.subject.as_str()), (2, "s"));
+        let mut single = defaults();
+        single.apply_args(&flags(&["nats://b:2"])).unwrap();
+        assert_eq!(single.cluster.unwrap().subject, "corecast");
+        let e = defaults().apply_args(&flags(&["b:2"])).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--cluster-nats: expected a nats://host:port URL"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_reload_applies_live_keys_and_keeps_restart_keys() {
+        let running = defaults();
+        let (new, _) = load(
+            r#"{"port":9999,"logger":{"log_level":"debug"},"hyper_parameters":{"rate_limit_msgs_per_minute":5,
+               "worker_threads":7,"backpressure_policy":{"throttle_threshold":9},"cluster":{"nats":"nats://a:1"}}}"#,
+        )
+        .unwrap();
+        let r = running.reloaded(new);
+        assert_eq!(
+            r.applied,
+            [
+                "logger.log_level",
+                "hyper_parameters.rate_limit_msgs_per_minute",
+                "hyper_parameters.backpressure_policy.throttle_threshold"
+            ]
+        );
+        assert_eq!(
+            r.kept,
+            ["port", "hyper_parameters.worker_threads", "hyper_parameters.cluster"]
+        );
+        assert_eq!(
+            (r.config.port, r.config.shards, r.config.cluster.as_ref()),
+            (8888, 2, None)
+        );
+        assert_eq!(
+            (r.config.log.level, r.config.rate_limit_msgs_per_minute),
+            (LogLevel::Debug, Some(5))
+        );
+        assert_eq!(r.config.backpressure.throttle_threshold, 9);
+        let same = running.reloaded(running.clone());
+        assert!(same.applied.is_empty() && same.kept.is_empty());
+        assert_eq!(same.config, running);
+    }
 }

@@ -849,3 +849,39 @@ pub fn markdown() -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEGIN: &str = "<!-- keys:begin";
+    const END: &str = "<!-- keys:end -->";
+
+    #[test]
+    fn docs_protocol_md_carries_the_declared_key_table() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md");
+        let docs = std::fs::read_to_string(path).unwrap();
+        let start = docs.find(BEGIN).expect("docs/protocol.md has the keys:begin marker");
+        let body = &docs[start..];
+        let body = &body[body.find('\n').unwrap() + 1..];
+        let end = body.find(END).expect("docs/protocol.md has the keys:end marker");
+        assert!(
+            body[..end] == markdown(),
+            "docs/protocol.md's key table differs from the declared table: replace it with \
+             the output of `corecast keys`"
+        );
+    }
+
+    #[test]
+    fn paths_are_unique_and_every_key_lives_in_a_declared_section() {
+        for (i, key) in KEYS.iter().enumerate() {
+            assert!(KEYS[..i].iter().all(|k| k.path != key.path), "{} twice", key.path);
+            assert!(SECTIONS.iter().any(|s| s.path == key.parent()), "{}", key.path);
+            assert!(
+                !key.doc.is_empty() && !key.doc.contains('|') && !key.doc.contains('\n'),
+                "{}",
+                key.path
+            );
+        }
+    }
+}
