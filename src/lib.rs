@@ -42,9 +42,10 @@
 //!   in) and the per-shard counters with the close-reason and drop-reason enums.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
-//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
-//!   its defaults come from a [`machine::Machine`], and `cluster::config` parses its
-//!   cluster section.
+//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`],
+//!   every key declared once in the table of `config/keys.rs` (parsing, errors, defaults,
+//!   `check`'s JSON, what a reload applies, the docs table); its defaults come from a
+//!   [`machine::Machine`].
 //!
 //! What the configuration and the fan-out stand on:
 //! - [`cluster`]: optional: several nodes as one broadcast domain over NATS. The uplink,
@@ -68,6 +69,11 @@
 //! → [`client::Client::write_now`] writes each with one `sendmsg`. A socket that refuses
 //! data returns [`client::WriteOutcome::Stalled`]: `fanout/stalls.rs` applies the
 //! backpressure policy, and `connection/writer.rs` drains the rest when there is room.
+//!
+//! Reload: SIGHUP makes [`run_reloadable`]'s control loop read the config again through
+//! `main`'s source; [`config::Config::reloaded`] keeps the restart-only keys, and
+//! [`shared::Shared::reload`] publishes the rest, which each shard's heartbeat copies into
+//! its `Cell`-held tunables (no atomic per line).
 //!
 //! Start-up: [`run`] spawns the shards and waits up to 10 s for each to report that it is
 //! accepting; a shard that does not is named with the step it is stuck at, and a signal
