@@ -43,6 +43,8 @@ impl Shard {
         }
     }
 
+    /// The config the relay started with: right for the keys that need a restart. The
+    /// reloadable ones are in the fan-out's tunables or [`Shared::live`].
     pub fn config(&self) -> &Config {
         &self.shared.config
     }

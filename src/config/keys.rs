@@ -834,8 +834,10 @@ pub fn markdown() -> String {
             }
         }
         let mut range = key.kind.range_doc();
-        if key.null == Null::Disables {
-            range.push_str(" or `null`");
+        match key.null {
+            Null::Disables => range.push_str(" or `null`"),
+            Null::KeepsDefault if key.is_field() => range.push_str(" or `null` (the default)"),
+            _ => {}
         }
         out.push_str(&format!(
             "| `{}` | {} | {} | {} | {} | {} |\n",
