@@ -95,10 +95,15 @@ impl Fanout {
         self.tunables.get()
     }
 
-    /// Copies the running config's reloadable limits after a reload (the heartbeat calls
-    /// this); true when they changed.
+    /// The running config as this shard last copied it (see [`LocalTunables`]).
+    pub fn config(&self) -> Arc<crate::config::Config> {
+        self.tunables.config()
+    }
+
+    /// Copies the running config and its reloadable limits after a reload (the heartbeat
+    /// calls this); true when there was one.
     pub fn refresh_tunables(&self) -> bool {
-        self.tunables.refresh()
+        self.tunables.refresh().is_some()
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.

@@ -10,7 +10,7 @@
 //! reloadable values it obeys into its [`LocalTunables`], a `Cell` the hot path reads
 //! without an atomic. The quarantine rules and the connection limit are set in place.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,12 +223,16 @@ impl Tunables {
     }
 }
 
-/// One shard's copy of the [`Tunables`]: read per read and per stalled delivery without
-/// an atomic, refreshed by the shard's heartbeat ([`LocalTunables::refresh`]) after a
-/// reload. Owned by the shard's fan-out, shared with its stall tracking.
+/// One shard's copy of the running config and of the [`Tunables`] its hot path reads (per
+/// read and per stalled delivery, from a `Cell`, without an atomic), refreshed by the
+/// shard's heartbeat ([`LocalTunables::refresh`]) after a reload. Owned by the shard's
+/// fan-out, shared with its stall tracking.
 pub struct LocalTunables {
     shared: Arc<Shared>,
     current: Cell<Tunables>,
+    /// The running config as of the last refresh, for what is read per connection or per
+    /// accept ([`crate::shard::Shard::config`]).
+    config: RefCell<Arc<Config>>,
     /// The [`Shared`] generation `current` was copied at.
     generation: Cell<u64>,
 }
@@ -236,8 +240,10 @@ pub struct LocalTunables {
 impl LocalTunables {
     pub fn new(shared: Arc<Shared>) -> Self {
         let generation = shared.generation.load(Ordering::Acquire);
+        let config = shared.live();
         LocalTunables {
-            current: Cell::new(Tunables::from_config(&shared.live())),
+            current: Cell::new(Tunables::from_config(&config)),
+            config: RefCell::new(config),
             generation: Cell::new(generation),
             shared,
         }
@@ -247,16 +253,22 @@ impl LocalTunables {
         self.current.get()
     }
 
-    /// Copies the running config's values if a reload happened since the last copy; one
-    /// atomic load otherwise. Returns whether they changed.
-    pub fn refresh(&self) -> bool {
+    /// The running config as of the last refresh.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Copies the running config if a reload happened since the last copy; one atomic
+    /// load otherwise. Returns the config it replaced when there was a reload.
+    pub fn refresh(&self) -> Option<Arc<Config>> {
         let generation = self.shared.generation.load(Ordering::Acquire);
         if generation == self.generation.get() {
-            return false;
+            return None;
         }
-        self.current.set(Tunables::from_config(&self.shared.live()));
+        let config = self.shared.live();
+        self.current.set(Tunables::from_config(&config));
         self.generation.set(generation);
-        true
+        Some(self.config.replace(config))
     }
 }
 

@@ -294,8 +294,8 @@ pub struct Section {
 pub struct Optional {
     pub reload: Reload,
     pub doc: &'static str,
-    /// The key the object must have.
-    pub required: &'static str,
+    /// The keys the object must have; a missing one is reported as that key's `null`.
+    pub required: &'static [&'static str],
     pub enable: fn(&mut Config),
     pub disable: fn(&mut Config),
     pub is_on: fn(&Config) -> bool,
@@ -328,7 +328,7 @@ pub static SECTIONS: &[Section] = &[
         optional: Some(Optional {
             reload: Reload::Restart,
             doc: "several nodes as one room over a NATS cluster ([cluster.md](cluster.md)); `null` is a single node (corecast)",
-            required: "nats",
+            required: &["nats"],
             enable: |c| {
                 c.cluster.get_or_insert_with(|| ClusterConfig {
                     nats: Vec::new(),
@@ -726,14 +726,13 @@ fn walk(
             (Some(Value::Null), Some(optional)) => (optional.disable)(config),
             (Some(Value::Object(inner)), optional) => {
                 if let Some(optional) = optional {
-                    if !inner.contains_key(optional.required) {
-                        return Err(invalid(
-                            &join(section.path, optional.required),
-                            URLS_EXPECTED,
-                            &Value::Null,
-                        ));
-                    }
                     (optional.enable)(config);
+                    for name in optional.required.iter().filter(|n| !inner.contains_key(**n)) {
+                        let path = join(section.path, name);
+                        if let Some(key) = key(&path) {
+                            key.apply(config, &Value::Null, &path)?;
+                        }
+                    }
                 }
                 walk(config, inner, root, section.path, warnings)?;
             }
