@@ -296,7 +296,9 @@ pub struct Optional {
     pub doc: &'static str,
     /// The keys the object must have; a missing one is reported as that key's `null`.
     pub required: &'static [&'static str],
-    pub enable: fn(&mut Config),
+    /// Turns the feature on with blank fields, if it is off; true if it was. The section's
+    /// keys then get their defaults ([`enable_section`]).
+    pub enable: fn(&mut Config) -> bool,
     pub disable: fn(&mut Config),
     pub is_on: fn(&Config) -> bool,
 }
@@ -330,10 +332,12 @@ pub static SECTIONS: &[Section] = &[
             doc: "several nodes as one room over a NATS cluster ([cluster.md](cluster.md)); `null` is a single node (corecast)",
             required: &["nats"],
             enable: |c| {
+                let off = c.cluster.is_none();
                 c.cluster.get_or_insert_with(|| ClusterConfig {
                     nats: Vec::new(),
-                    subject: DEFAULT_SUBJECT.into(),
+                    subject: String::new(),
                 });
+                off
             },
             disable: |c| c.cluster = None,
             is_on: |c| c.cluster.is_some(),
@@ -671,14 +675,24 @@ pub fn in_optional_section(path: &str) -> bool {
         .any(|s| s.optional.is_some() && path.starts_with(s.path) && path[s.path.len()..].starts_with('.'))
 }
 
-/// Turns on the optional section at `path` (its keys at their defaults) unless it is on.
+/// Turns on the optional section at `path`, its keys at their defaults, unless it is on.
 pub fn enable_section(config: &mut Config, path: &str) {
-    if let Some(optional) = SECTIONS
+    let Some(optional) = SECTIONS
         .iter()
         .filter(|s| s.path == path)
         .find_map(|s| s.optional.as_ref())
-    {
-        (optional.enable)(config);
+    else {
+        return;
+    };
+    if (optional.enable)(config) {
+        // No key of an optional section depends on the machine.
+        let machine = Machine {
+            usable_cpus: 1,
+            nofile_hard_limit: 1024,
+        };
+        for key in KEYS.iter().filter(|k| k.parent() == path && k.is_field()) {
+            (key.set)(config, &(key.default)(&machine));
+        }
     }
 }
 
@@ -726,7 +740,7 @@ fn walk(
             (Some(Value::Null), Some(optional)) => (optional.disable)(config),
             (Some(Value::Object(inner)), optional) => {
                 if let Some(optional) = optional {
-                    (optional.enable)(config);
+                    enable_section(config, section.path);
                     for name in optional.required.iter().filter(|n| !inner.contains_key(**n)) {
                         let path = join(section.path, name);
                         if let Some(key) = key(&path) {
