@@ -368,6 +368,26 @@ mod tests {
     }
 
     #[test]
+    fn new_rules_apply_to_the_next_strike_and_keep_the_counted_ones_and_the_entries() {
+        let q = strikes(3, 100);
+        let (t0, peer, other) = (Instant::now(), addr("10.0.0.1:1"), addr("10.0.0.2:1"));
+        q.insert(other, t0);
+        assert_eq!(q.strike(peer, t0), Strike::Counted { count: 1, limit: 3 });
+        q.set_rules(Duration::from_secs(5), 2);
+        assert_eq!(
+            q.strike(peer, t0 + MIN),
+            Strike::Quarantined {
+                limit: 2,
+                cooldown: Duration::from_secs(5)
+            }
+        );
+        assert!(!q.contains(peer, t0 + MIN + Duration::from_secs(5)), "the new cooldown");
+        assert!(q.contains(other, t0 + MIN), "an entry keeps its end time");
+        q.set_rules(Duration::ZERO, 2);
+        assert_eq!(q.strike(peer, t0 + 2 * MIN), Strike::Off);
+    }
+
+    #[test]
     fn the_third_strike_within_the_window_quarantines_and_the_first_two_do_not() {
         let q = strikes(3, 100);
         let (t0, peer) = (Instant::now(), addr("10.0.0.1:1"));

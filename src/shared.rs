@@ -338,4 +338,44 @@ mod tests {
         drop((b, c));
         assert_eq!(slots.open(), 0);
     }
+
+    #[test]
+    fn a_shard_takes_up_a_reload_at_its_next_refresh_only() {
+        let config = Config::defaults_for(&crate::machine::Machine::detect());
+        let shared = Arc::new(Shared::new(config.clone()));
+        let local = LocalTunables::new(shared.clone());
+        assert!(local.refresh().is_none(), "nothing reloaded yet");
+        let mut next = config.clone();
+        next.rate_limit_msgs_per_minute = Some(7);
+        next.write_deadline_ms = 1234;
+        next.quarantine_strikes = 1;
+        shared.reload(next);
+        assert_eq!(
+            local.get().rate_limit_msgs_per_minute,
+            Some(300),
+            "a Cell, until the refresh"
+        );
+        let before = local.refresh().expect("a reload happened");
+        assert_eq!(before.rate_limit_msgs_per_minute, Some(300));
+        assert_eq!(local.get().rate_limit_msgs_per_minute, Some(7));
+        assert_eq!(local.get().policy.write_deadline, Duration::from_millis(1234));
+        assert_eq!(local.config().quarantine_strikes, 1);
+        assert!(local.refresh().is_none());
+        assert_eq!(shared.reloads.success.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_lowered_connection_limit_keeps_the_open_slots_and_refuses_new_ones() {
+        let slots = ConnectionSlots::new(3);
+        let held: Vec<_> = (0..3).filter_map(|_| slots.try_take()).collect();
+        slots.set_max(1);
+        assert_eq!(slots.open(), 3, "nobody is closed");
+        assert!(slots.try_take().is_none());
+        drop(held);
+        let one = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        slots.set_max(2);
+        assert!(slots.try_take().is_some());
+        drop(one);
+    }
 }
