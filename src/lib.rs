@@ -180,7 +180,7 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
 /// replace); `run` checks that next, under its [`startup::PortGuard`].
 pub fn preflight(config: &Config) -> Result<SocketAddr, Error> {
     startup::check_io_uring()?;
-    startup::check_memlock(config.shards)?;
+    startup::check_memlock()?;
     let addr = resolve(&config.host, config.port)?;
     let in_use = |e: &std::io::Error| e.raw_os_error() == Some(libc::EADDRINUSE);
     match startup::probe_bind(addr) {
@@ -213,9 +213,10 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 
 /// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`).
 /// Start-up failures return before anything listens.
-pub fn run(config: Config) -> Result<(), Error> {
+pub fn run(mut config: Config) -> Result<(), Error> {
     let addr = preflight(&config)?;
     let nofile = machine::raise_nofile_limit();
+    let rings = plan_rings(&mut config);
     // Held until `run` returns (or the kernel drops it when the process exits).
     let _port_guard = startup::PortGuard::acquire(addr)?;
     startup::check_port_free(addr)?;
@@ -246,7 +247,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             ""
         }
     );
-    let handles = executor::spawn_all(shared.clone(), listeners, events_tx)
+    let handles = executor::spawn_all(shared.clone(), listeners, events_tx, rings.ring_depth)
         .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     // Start-up: every shard reports `Started` by the deadline, or the one that did not is
@@ -304,6 +305,38 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
     control_loop(&shared, &signals, &events, handles, None, purge_every)
+}
+
+/// Sizes the shards' io_uring rings by the locked-memory limit (raised to its hard limit
+/// first) and, if even the smallest rings of every shard do not fit, lowers
+/// `config.shards` to what fits: one warning line says so. Never refuses: glommio's own
+/// floor was checked by [`preflight`].
+fn plan_rings(config: &mut Config) -> machine::RingPlan {
+    machine::raise_memlock_limit();
+    let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit());
+    let kib = |b: u64| b >> 10;
+    if plan.shards < config.shards {
+        tracing::warn!(
+            "locked-memory limit (RLIMIT_MEMLOCK) of {} KiB holds the io_uring rings of {} shards, not {}: starting {} ({} KiB each at {} entries per ring; raise it with `ulimit -l` or LimitMEMLOCK= to run them all)",
+            kib(plan.limit.unwrap_or(0)),
+            plan.shards,
+            config.shards,
+            plan.shards,
+            kib(plan.locked_per_shard),
+            plan.ring_depth
+        );
+        config.shards = plan.shards;
+    } else if let Some(limit) = plan.limit {
+        tracing::info!(
+            "io_uring rings of {} entries: {} KiB of locked memory per shard, {} KiB for {} shards (limit {} KiB)",
+            plan.ring_depth,
+            kib(plan.locked_per_shard),
+            kib(plan.locked_per_shard * plan.shards as u64),
+            plan.shards,
+            kib(limit)
+        );
+    }
+    plan
 }
 
 /// A drain in progress: when it must be over.

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,6 +132,80 @@ fn four_senders_over_the_default_one_shard_per_cpu_reach_every_recipient_in_orde
     assert_eq!(shards, cpus, "one shard per CPU by default: {line}");
     let shards: usize = shards.parse().expect("a shard count");
     fan_out_keeps_every_senders_order(&relay, shards.min(2));
+}
+
+/// The default locked-memory limit of current distributions, 8 MiB, in bytes.
+const DEFAULT_MEMLOCK: libc::rlim_t = 8 << 20;
+
+/// 128 shards under the default 8 MiB locked-memory limit, charged as for a user without
+/// CAP_IPC_LOCK: the relay sizes its rings to fit, starts every shard, and relays.
+#[test]
+fn a_hundred_and_twenty_eight_shards_start_under_the_default_8_mib_memlock_and_relay_in_order() {
+    let _alone = CHARGED.lock().unwrap_or_else(|p| p.into_inner());
+    let relay = Relay::spawn(charged_memlock(DEFAULT_MEMLOCK, &["--shards", "128"]));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.pid())).expect("the relay's status");
+    let charged = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 14) == 0);
+    assert!(charged, "the relay kept CAP_IPC_LOCK: {status}");
+    // 48 KiB a shard: 128-entry rings.
+    relay
+        .log
+        .wait_for("io_uring rings of 128 entries: 48 KiB of locked memory per shard, 6144 KiB for 128 shards");
+    // glommio's DMA arena is unregistered at once: nothing stays pinned.
+    assert!(status.contains("VmPin:\t       0 kB"), "{status}");
+    assert_eq!(relay.log.count("WARNING"), 0, "{}", relay.log.text());
+    fan_out_keeps_every_senders_order(&relay, 2);
+}
+
+/// A limit too small for the rings of every shard asked for starts as many as fit, says
+/// so in one line, and relays.
+#[test]
+fn a_limit_too_small_for_every_shard_starts_the_shards_that_fit_and_says_so() {
+    let _alone = CHARGED.lock().unwrap_or_else(|p| p.into_inner());
+    let relay = Relay::spawn(charged_memlock(1 << 20, &["--shards", "64"]));
+    // (1024 - 192) KiB of room for 24 KiB a shard at 64-entry rings.
+    let line = relay.log.wait_for("locked-memory limit (RLIMIT_MEMLOCK) of 1024 KiB");
+    assert!(
+        line.contains("holds the io_uring rings of 34 shards, not 64: starting 34"),
+        "{line}"
+    );
+    relay.log.wait_for("listening on ");
+    assert!(relay.log.text().contains("with 34 shards"), "{}", relay.log.text());
+    assert_eq!(relay.log.count("WARNING"), 1, "{}", relay.log.text());
+    fan_out_keeps_every_senders_order(&relay, 2);
+}
+
+/// The kernel counts locked memory per user, against each process's own limit: two relays
+/// charged at once would share one budget, so these tests run one at a time.
+static CHARGED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The relay with `args` under a locked-memory limit of `bytes`, charged as the kernel
+/// charges a user without CAP_IPC_LOCK.
+fn charged_memlock(bytes: libc::rlim_t, args: &[&str]) -> Command {
+    let mut cmd = Relay::command(UNLIMITED, args);
+    // Many executors on 2 busy CPUs take seconds to create in a debug build.
+    cmd.env("CORECAST_TEST_STARTUP_TIMEOUT_MS", "60000");
+    // SAFETY: only async-signal-safe calls (prctl, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Root keeps CAP_IPC_LOCK, for which the kernel charges no locked memory at all:
+            // dropping it from the bounding set leaves the exec'd relay without it, as a
+            // service user is. Without root (no CAP_SETPCAP) there is nothing to drop.
+            libc::prctl(libc::PR_CAPBSET_DROP, 14 /* CAP_IPC_LOCK */, 0, 0, 0);
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// 4 senders burst 300 lines each to 12 clients (the senders receive each other's lines
