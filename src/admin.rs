@@ -93,28 +93,46 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves `listener` on a new thread, `corecast-admin`, until the process exits.
+/// Serves `listener` on a new thread, `corecast-admin`, until the process exits. The thread
+/// is supervised (`supervisor`): a panic is logged, counted in `shared.admin_thread` and
+/// the endpoint restarts after a backoff on a new runtime, with the same listener (it
+/// stays open meanwhile, so requests wait in its backlog rather than being refused).
 pub fn spawn(listener: TcpListener, shared: Arc<Shared>, limits: Limits) -> io::Result<()> {
     let mut registry = Registry::with_prefix("corecast");
     registry.register_collector(Box::new(ShardCollector(shared.clone())));
     if let Some(cluster) = &shared.cluster {
         registry.register_collector(Box::new(crate::cluster::ClusterCollector(cluster.clone())));
     }
+    listener.set_nonblocking(true)?;
+    // The first runtime and listener are made here, so that a failure is start-up's error.
+    let mut first = Some(runtime_for(&listener)?);
+    let app = Arc::new(App { shared, registry });
+    std::thread::Builder::new().name("corecast-admin".into()).spawn(move || {
+        let watch = &app.shared.admin_thread;
+        crate::supervisor::supervise("admin", watch, std::thread::sleep, || {
+            let (runtime, listener) = match first.take() {
+                Some(made) => made,
+                // A failure here is one more death, retried after the next backoff.
+                None => runtime_for(&listener).unwrap_or_else(|e| panic!("cannot restart the admin endpoint: {e}")),
+            };
+            runtime.block_on(serve(listener, app.clone(), limits));
+        });
+    })?;
+    Ok(())
+}
+
+/// A current-thread runtime and, registered with its reactor, a copy of `listener`.
+fn runtime_for(listener: &TcpListener) -> io::Result<(tokio::runtime::Runtime, tokio::net::TcpListener)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()?;
-    listener.set_nonblocking(true)?;
-    // Registered with this runtime's reactor here, so that a failure is start-up's error.
+    let copy = listener.try_clone()?;
     let listener = {
         let _entered = runtime.enter();
-        tokio::net::TcpListener::from_std(listener)?
+        tokio::net::TcpListener::from_std(copy)?
     };
-    let app = Arc::new(App { shared, registry });
-    std::thread::Builder::new()
-        .name("corecast-admin".into())
-        .spawn(move || runtime.block_on(serve(listener, app, limits)))?;
-    Ok(())
+    Ok((runtime, listener))
 }
 
 /// What every connection's requests read.
@@ -143,7 +161,10 @@ async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits)
     };
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                crate::supervisor::test_panic_hook("admin");
+                accepted
+            }
             Err(e) => {
                 warn_at_most_every_second(format!("admin endpoint: accept failed: {e}"));
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;

@@ -54,6 +54,8 @@
 //!   memory.
 //! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
 //! - [`protocol`]: line framing and envelope encoding (no I/O).
+//! - [`supervisor`]: restarts the admin and uplink threads after a panic, with backoff,
+//!   and counts it.
 //! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
 //!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
 //!   [`executor`] read them too.
@@ -98,6 +100,7 @@ pub mod shard;
 pub mod shared;
 pub mod shutdown;
 pub mod startup;
+pub mod supervisor;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};

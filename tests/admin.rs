@@ -540,3 +540,44 @@ fn every_accepted_connection_ends_under_exactly_one_close_reason_through_a_reset
     assert_eq!(relay.final_counter("open"), 0);
     assert_eq!(relay.final_counter("accepted"), closed_at_exit);
 }
+
+// The panic hook exists only in debug builds (as `cargo test` builds the relay).
+#[cfg(debug_assertions)]
+#[test]
+fn an_admin_thread_that_panics_is_logged_counted_and_restarted_on_the_same_port() {
+    let relay = Relay::with_env(
+        "{}",
+        &[
+            ("CORECAST_TEST_PANIC", "admin"),
+            // Down long enough that the request below surely arrives while it is.
+            ("CORECAST_TEST_RESTART_BACKOFF_MS", "1500"),
+        ],
+        &["--admin", "127.0.0.1:0"],
+    );
+    let admin = relay.admin_addr();
+    // The first connection accepted kills the thread: no answer, the connection just ends.
+    let mut first = TcpStream::connect(admin).expect("connect to the admin endpoint");
+    first.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = first.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut nothing = Vec::new();
+    let _ = first.read_to_end(&mut nothing);
+    assert!(nothing.is_empty(), "{}", String::from_utf8_lossy(&nothing));
+    let died = relay.log.wait_for("the admin thread died: ");
+    assert!(
+        died.contains("ERROR - the admin thread died: panicked: test hook: CORECAST_TEST_PANIC=admin; restarting it in 1500 ms"),
+        "{died}"
+    );
+    // While it is down the listener stays open: a request waits in its backlog and is
+    // answered once the thread is back.
+    let waiting = std::thread::spawn(move || get(admin, "/healthz"));
+    relay.log.wait_for("the admin thread restarted (restarts so far: 1)");
+    let answered = waiting.join().expect("the waiting request");
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    let m = scrape(admin);
+    assert_eq!(sum(&m, "corecast_thread_restarts_total", &[("thread", "admin")]), 1);
+    assert_eq!(sum(&m, "corecast_thread_up", &[("thread", "admin")]), 1);
+    // Only once: the endpoint keeps answering.
+    for _ in 0..3 {
+        assert_eq!(get(admin, "/healthz").status, 200);
+    }
+}

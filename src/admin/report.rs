@@ -321,6 +321,30 @@ impl Collector for ShardCollector {
             let up = u64::from(ShardHealth::of(shared, id).is_healthy());
             ConstGauge::new(up).encode(family.encode_family(&[("shard", id)])?)?;
         }
+        // The supervised threads that are not shards (see `supervisor`).
+        let mut threads = vec![("admin", &shared.admin_thread)];
+        if let Some(cluster) = &shared.cluster {
+            threads.push(("cluster", &cluster.uplink_thread));
+        }
+        let mut family = encoder.encode_descriptor(
+            "thread_restarts",
+            "Times a supervised thread (admin, cluster) died of a panic and was restarted.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, watch) in &threads {
+            ConstCounter::new(watch.restarts()).encode(family.encode_family(&[("thread", *name)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "thread_up",
+            "1 while a supervised thread (admin, cluster) runs, 0 from its death to its restart.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, watch) in &threads {
+            let up = u64::from(!watch.is_down());
+            ConstGauge::new(up).encode(family.encode_family(&[("thread", *name)])?)?;
+        }
         let family = encoder.encode_descriptor(
             "quarantine_entries",
             "Entries in the quarantine table (shared by all shards).",
