@@ -581,3 +581,51 @@ fn an_admin_thread_that_panics_is_logged_counted_and_restarted_on_the_same_port(
         assert_eq!(get(admin, "/healthz").status, 200);
     }
 }
+
+/// With the relay's clients holding every descriptor under its open-file limit, the admin
+/// endpoint still answers `/healthz` and `/metrics`, from descriptors it keeps in reserve.
+#[test]
+fn healthz_and_metrics_answer_while_clients_hold_every_descriptor() {
+    use std::os::unix::process::CommandExt;
+    const NOFILE: libc::rlim_t = 256;
+    // No connection cap below the limit: the data port accepts until EMFILE.
+    let mut cmd = Relay::command(
+        r#"{"hyper_parameters":{"max_connections":100000}}"#,
+        &["--shards", "1", "--admin", "127.0.0.1:0"],
+    );
+    // SAFETY: setrlimit is async-signal-safe; the struct lives on this stack frame.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let relay = Relay::spawn(cmd);
+    let admin = relay.admin_addr();
+    assert_eq!(get(admin, "/healthz").status, 200);
+    // More clients than descriptors: the rest wait in the listen backlog.
+    let clients: Vec<TcpStream> = (0..NOFILE as usize + 50)
+        .map(|_| TcpStream::connect(relay.addr).expect("connect a client"))
+        .collect();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", relay.pid())).map_or(0, |d| d.count());
+    wait_until("the relay to hold every descriptor", Duration::from_millis(20), || {
+        fds() >= NOFILE as usize
+    });
+    relay.log.wait_for("Too many open files");
+    for path in ["/healthz", "/metrics", "/healthz", "/metrics"] {
+        let asked = Instant::now();
+        let r = get(admin, path);
+        let took = asked.elapsed();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        eprintln!("{path} answered in {took:?} with every descriptor taken");
+        // Still full: no client left, and the descriptors are all in use.
+        assert!(fds() >= NOFILE as usize - 1, "{} descriptors", fds());
+    }
+    drop(clients);
+}
