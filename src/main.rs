@@ -28,7 +28,8 @@ fn main() -> ExitCode {
             eprintln!("corecast: warning: {w}");
         }
         // What `serve` would refuse before listening, refused here the same way: the log
-        // file as a config error (78), the rest as `run`'s start-up errors (1).
+        // file as a config error (78), the rest as `run`'s start-up errors (1). Nothing is
+        // created, bound or changed.
         if let Err(e) = corecast::log::check_file(&config.log, &config.name) {
             eprintln!("corecast: config error: {e}");
             return ExitCode::from(EX_CONFIG);
