@@ -110,17 +110,19 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>, limits: Limits) -> io::
     // The first runtime and listener are made here, so that a failure is start-up's error.
     let mut first = Some(runtime_for(&listener)?);
     let app = Arc::new(App { shared, registry });
-    std::thread::Builder::new().name("corecast-admin".into()).spawn(move || {
-        let watch = &app.shared.admin_thread;
-        crate::supervisor::supervise("admin", watch, std::thread::sleep, || {
-            let (runtime, listener) = match first.take() {
-                Some(made) => made,
-                // A failure here is one more death, retried after the next backoff.
-                None => runtime_for(&listener).unwrap_or_else(|e| panic!("cannot restart the admin endpoint: {e}")),
-            };
-            runtime.block_on(serve(listener, app.clone(), limits));
-        });
-    })?;
+    std::thread::Builder::new()
+        .name("corecast-admin".into())
+        .spawn(move || {
+            let watch = &app.shared.admin_thread;
+            crate::supervisor::supervise("admin", watch, std::thread::sleep, || {
+                let (runtime, listener) = match first.take() {
+                    Some(made) => made,
+                    // A failure here is one more death, retried after the next backoff.
+                    None => runtime_for(&listener).unwrap_or_else(|e| panic!("cannot restart the admin endpoint: {e}")),
+                };
+                runtime.block_on(serve(listener, app.clone(), limits));
+            });
+        })?;
     Ok(())
 }
 

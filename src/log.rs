@@ -245,7 +245,11 @@ pub fn check_file(config: &LogConfig, name: &str) -> Result<(), LogFileError> {
     }
     let mut dir = path.parent().map(std::path::Path::to_path_buf);
     while let Some(d) = dir {
-        let probe = if d.as_os_str().is_empty() { PathBuf::from(".") } else { d.clone() };
+        let probe = if d.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            d.clone()
+        };
         match std::fs::metadata(&probe) {
             Ok(m) if !m.is_dir() => return Err(refused(std::io::Error::from_raw_os_error(libc::ENOTDIR))),
             Ok(_) => return may_create_in(&probe).map_err(refused),

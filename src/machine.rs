@@ -277,7 +277,10 @@ mod tests {
         let p64 = plan_rings(64, limit);
         assert_eq!((p64.shards, p64.ring_depth), (64, 256));
         let p128 = plan_rings(128, limit);
-        assert_eq!((p128.shards, p128.ring_depth, p128.locked_per_shard), (128, 128, 48 << 10));
+        assert_eq!(
+            (p128.shards, p128.ring_depth, p128.locked_per_shard),
+            (128, 128, 48 << 10)
+        );
         assert!(128 * p128.locked_per_shard + TRANSIENT_LOCKED_BYTES <= 8 << 20);
         // Uncharged: everything at the deepest rings.
         let free = plan_rings(1024, None);

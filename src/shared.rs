@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::supervisor::ThreadWatch;
 use crate::backpressure::{Policy, Stage};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
+use crate::supervisor::ThreadWatch;
 
 /// Where a shard is in its start-up: each shard records its step, and the main thread
 /// names it if the shard has not started in time.

@@ -54,10 +54,12 @@ impl std::error::Error for StartupError {}
 /// the hard limit instead.
 pub fn check_memlock() -> Result<(), StartupError> {
     match machine::memlock_limit() {
-        Some((_, hard)) if hard != libc::RLIM_INFINITY && hard < MIN_MEMLOCK_BYTES => Err(StartupError::MemlockTooLow {
-            have: hard,
-            need: MIN_MEMLOCK_BYTES,
-        }),
+        Some((_, hard)) if hard != libc::RLIM_INFINITY && hard < MIN_MEMLOCK_BYTES => {
+            Err(StartupError::MemlockTooLow {
+                have: hard,
+                need: MIN_MEMLOCK_BYTES,
+            })
+        }
         _ => Ok(()),
     }
 }

@@ -153,7 +153,10 @@ mod tests {
         assert!(!watch.is_down());
         assert_eq!(watch.cause(), "run 3 failed");
         let first = first_backoff();
-        assert_eq!(waits, vec![first, (first * 2).min(MAX_BACKOFF), (first * 4).min(MAX_BACKOFF)]);
+        assert_eq!(
+            waits,
+            vec![first, (first * 2).min(MAX_BACKOFF), (first * 4).min(MAX_BACKOFF)]
+        );
     }
 
     #[test]

@@ -564,7 +564,9 @@ fn an_admin_thread_that_panics_is_logged_counted_and_restarted_on_the_same_port(
     assert!(nothing.is_empty(), "{}", String::from_utf8_lossy(&nothing));
     let died = relay.log.wait_for("the admin thread died: ");
     assert!(
-        died.contains("ERROR - the admin thread died: panicked: test hook: CORECAST_TEST_PANIC=admin; restarting it in 1500 ms"),
+        died.contains(
+            "ERROR - the admin thread died: panicked: test hook: CORECAST_TEST_PANIC=admin; restarting it in 1500 ms"
+        ),
         "{died}"
     );
     // While it is down the listener stays open: a request waits in its backlog and is

@@ -732,5 +732,8 @@ fn an_uplink_that_panics_is_logged_counted_shown_down_and_restarted_and_drops_me
         metrics.contains("corecast_thread_restarts_total{thread=\"cluster\"} 1\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("corecast_thread_up{thread=\"cluster\"} 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("corecast_thread_up{thread=\"cluster\"} 1\n"),
+        "{metrics}"
+    );
 }

@@ -94,34 +94,36 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     // The first runtime is made here, so that a failure is start-up's error.
     let mut first = Some(runtime()?);
-    std::thread::Builder::new().name("corecast-cluster".into()).spawn(move || {
-        let publisher = RefCell::new(PublishState::new(from_shards));
-        let mut incoming = ReceiveState {
-            seqs: SeqTracker::default(),
-            warned_invalid: false,
-            to_shards,
-        };
-        let wait = |delay: Duration| {
-            cluster.stats.connected.store(false, Ordering::Relaxed);
-            let mut publisher = publisher.borrow_mut();
-            // What the dead run had packed but not published never reached NATS.
-            let lost = publisher.packer.discard();
-            cluster.stats.dropped_uplink_down.fetch_add(lost, Ordering::Relaxed);
-            match runtime() {
-                Ok(rt) => rt.block_on(discard_for(&cluster, &mut publisher.rings, delay)),
-                Err(_) => std::thread::sleep(delay),
-            }
-        };
-        crate::supervisor::supervise("cluster uplink", &cluster.uplink_thread, wait, || {
-            let rt = match first.take() {
-                Some(rt) => rt,
-                // A failure here is one more death, retried after the next backoff.
-                None => runtime().unwrap_or_else(|e| panic!("cannot restart the uplink's runtime: {e}")),
+    std::thread::Builder::new()
+        .name("corecast-cluster".into())
+        .spawn(move || {
+            let publisher = RefCell::new(PublishState::new(from_shards));
+            let mut incoming = ReceiveState {
+                seqs: SeqTracker::default(),
+                warned_invalid: false,
+                to_shards,
             };
-            let mut publisher = publisher.borrow_mut();
-            rt.block_on(run(&cluster, &mut publisher, &mut incoming));
-        });
-    })?;
+            let wait = |delay: Duration| {
+                cluster.stats.connected.store(false, Ordering::Relaxed);
+                let mut publisher = publisher.borrow_mut();
+                // What the dead run had packed but not published never reached NATS.
+                let lost = publisher.packer.discard();
+                cluster.stats.dropped_uplink_down.fetch_add(lost, Ordering::Relaxed);
+                match runtime() {
+                    Ok(rt) => rt.block_on(discard_for(&cluster, &mut publisher.rings, delay)),
+                    Err(_) => std::thread::sleep(delay),
+                }
+            };
+            crate::supervisor::supervise("cluster uplink", &cluster.uplink_thread, wait, || {
+                let rt = match first.take() {
+                    Some(rt) => rt,
+                    // A failure here is one more death, retried after the next backoff.
+                    None => runtime().unwrap_or_else(|e| panic!("cannot restart the uplink's runtime: {e}")),
+                };
+                let mut publisher = publisher.borrow_mut();
+                rt.block_on(run(&cluster, &mut publisher, &mut incoming));
+            });
+        })?;
     Ok(())
 }
 
