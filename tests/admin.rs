@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::http::{
-    admin_connection_bound, envelopes_accounted, get, http_raw, relay_with_admin, scrape, scrape_until, sum, Response,
-    Sample,
+    admin_connection_bound, envelopes_accounted, get, get_json, http_raw, relay_with_admin, scrape, scrape_until, sum,
+    Response, Sample,
 };
 use crate::util::{corecast, temp_config, wait_until, Client, Relay, PATIENCE};
 
@@ -581,6 +581,11 @@ fn an_admin_thread_that_panics_is_logged_counted_and_restarted_on_the_same_port(
     let m = scrape(admin);
     assert_eq!(sum(&m, "corecast_thread_restarts_total", &[("thread", "admin")]), 1);
     assert_eq!(sum(&m, "corecast_thread_up", &[("thread", "admin")]), 1);
+    let stats = get_json(admin, "/stats");
+    assert_eq!(
+        stats["threads"]["admin"],
+        serde_json::json!({"restarts": 1, "up": true})
+    );
     // Only once: the endpoint keeps answering.
     for _ in 0..3 {
         assert_eq!(get(admin, "/healthz").status, 200);
