@@ -163,15 +163,23 @@ fn release_registered_buffers() {
         return;
     };
     for entry in fds.flatten() {
-        let is_ring = std::fs::read_link(entry.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[io_uring]");
-        let fd = entry.file_name().to_str().and_then(|n| n.parse::<libc::c_long>().ok());
-        if let (true, Some(fd)) = (is_ring, fd) {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<libc::c_int>().ok()) else {
+            continue;
+        };
+        // Only anonymous inodes (no file type bits: io_uring, eventfd, epoll) are worth the
+        // readlink; sockets, which are most descriptors, are skipped with one fstat.
+        // SAFETY: fstat writes into the struct we own; a closed fd only fails.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != 0 {
+            continue;
+        }
+        if std::fs::read_link(entry.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[io_uring]") {
             // SAFETY: io_uring_register with no argument array; on anything but an io_uring
             // fd (one closed and reused meanwhile) it fails without effect.
             unsafe {
                 libc::syscall(
                     libc::SYS_io_uring_register,
-                    fd,
+                    fd as libc::c_long,
                     IORING_UNREGISTER_BUFFERS,
                     std::ptr::null::<libc::c_void>(),
                     0,
