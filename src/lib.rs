@@ -318,16 +318,8 @@ fn plan_rings(config: &mut Config) -> machine::RingPlan {
     machine::raise_memlock_limit();
     let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit());
     let kib = |b: u64| b >> 10;
-    if plan.shards < config.shards {
-        tracing::warn!(
-            "locked-memory limit (RLIMIT_MEMLOCK) of {} KiB holds the io_uring rings of {} shards, not {}: starting {} ({} KiB each at {} entries per ring; raise it with `ulimit -l` or LimitMEMLOCK= to run them all)",
-            kib(plan.limit.unwrap_or(0)),
-            plan.shards,
-            config.shards,
-            plan.shards,
-            kib(plan.locked_per_shard),
-            plan.ring_depth
-        );
+    if let Some(short) = fewer_shards_warning(config, &plan) {
+        tracing::warn!("{short}");
         config.shards = plan.shards;
     } else if let Some(limit) = plan.limit {
         tracing::info!(
@@ -340,6 +332,30 @@ fn plan_rings(config: &mut Config) -> machine::RingPlan {
         );
     }
     plan
+}
+
+/// The one line that says `plan` starts fewer shards than `config` asks for, if it does.
+fn fewer_shards_warning(config: &Config, plan: &machine::RingPlan) -> Option<String> {
+    let kib = |b: u64| b >> 10;
+    (plan.shards < config.shards).then(|| {
+        format!(
+            "locked-memory limit (RLIMIT_MEMLOCK) of {} KiB holds the io_uring rings of {} shards, not {}: starting {} ({} KiB each at {} entries per ring; raise it with `ulimit -l` or LimitMEMLOCK= to run them all)",
+            kib(plan.limit.unwrap_or(0)),
+            plan.shards,
+            config.shards,
+            plan.shards,
+            kib(plan.locked_per_shard),
+            plan.ring_depth
+        )
+    })
+}
+
+/// What `corecast check` warns about the locked-memory limit: the line `serve` would log if
+/// it would start fewer shards than asked for. It reads the hard limit, to which `serve`
+/// raises the soft one, and raises nothing itself.
+pub fn check_rings(config: &Config) -> Option<String> {
+    let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit_after_raise());
+    fewer_shards_warning(config, &plan)
 }
 
 /// A drain in progress: when it must be over.

@@ -121,6 +121,18 @@ pub fn charged_memlock_limit() -> Option<u64> {
     }
 }
 
+/// [`charged_memlock_limit`] as it will be once [`raise_memlock_limit`] has run (the hard
+/// limit), without raising anything: what `corecast check` plans with.
+pub fn charged_memlock_limit_after_raise() -> Option<u64> {
+    if has_ipc_lock() {
+        return None;
+    }
+    match memlock_limit() {
+        Some((_, hard)) if hard != libc::RLIM_INFINITY => Some(hard),
+        _ => None,
+    }
+}
+
 /// Whether CAP_IPC_LOCK is in this process's effective set (then io_uring charges no
 /// locked memory).
 fn has_ipc_lock() -> bool {

@@ -38,6 +38,9 @@ fn main() -> ExitCode {
             eprintln!("corecast: error: {e}");
             return ExitCode::FAILURE;
         }
+        if let Some(w) = corecast::check_rings(&config) {
+            eprintln!("corecast: warning: {w}");
+        }
         println!("{:#}", config.to_json());
         return ExitCode::SUCCESS;
     }

@@ -140,13 +140,26 @@ const DEFAULT_MEMLOCK: libc::rlim_t = 8 << 20;
 /// Under a locked-memory limit charged as for a user without CAP_IPC_LOCK, the relay sizes
 /// its rings to fit: 128 shards start under the default 8 MiB and relay in order, and a
 /// limit too small for the rings of every shard asked for starts as many as fit, says so
-/// in one line, and relays.
+/// in one line, and relays; `corecast check` says so too, as a warning, and exits 0.
 ///
 /// One test, the small limit first: the kernel counts locked memory per user, so two
 /// relays charged at once would share one budget, and a relay's rings are uncharged a
 /// moment after it exits, not at once.
 #[test]
 fn a_locked_memory_limit_sizes_the_rings_and_128_shards_start_under_the_default_8_mib() {
+    let mut check = corecast();
+    check.args(["check", "--port", "0", "--shards", "64"]);
+    let Some(check) = charge_memlock(check, 1 << 20) else {
+        return;
+    };
+    let out = crate::util::output_within_patience(check);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("corecast: warning: locked-memory limit (RLIMIT_MEMLOCK) of 1024 KiB holds the io_uring rings of 34 shards, not 64"),
+        "{err}"
+    );
+
     let Some(cmd) = charged_memlock(1 << 20, &["--shards", "64"]) else {
         return;
     };
@@ -192,6 +205,14 @@ const MANY_SHARDS_START: Duration = Duration::from_secs(60);
 /// charges a user without CAP_IPC_LOCK; `None` (after saying why) where this process may
 /// not raise its hard limit to `bytes`.
 fn charged_memlock(bytes: libc::rlim_t, args: &[&str]) -> Option<Command> {
+    let mut cmd = Relay::command(UNLIMITED, args);
+    cmd.env("CORECAST_TEST_STARTUP_TIMEOUT_MS", "60000");
+    charge_memlock(cmd, bytes)
+}
+
+/// `cmd` run under a locked-memory limit of `bytes` without CAP_IPC_LOCK (see
+/// [`charged_memlock`]).
+fn charge_memlock(mut cmd: Command, bytes: libc::rlim_t) -> Option<Command> {
     let mut hard = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -205,8 +226,6 @@ fn charged_memlock(bytes: libc::rlim_t, args: &[&str]) -> Option<Command> {
         );
         return None;
     }
-    let mut cmd = Relay::command(UNLIMITED, args);
-    cmd.env("CORECAST_TEST_STARTUP_TIMEOUT_MS", "60000");
     // SAFETY: only async-signal-safe calls (prctl, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
