@@ -117,9 +117,11 @@ fn first_backoff() -> Duration {
 pub fn test_panic_hook(place: &str) {
     #[cfg(debug_assertions)]
     {
+        // Read once: the uplink calls this for every batch.
+        static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
         static FIRED: AtomicBool = AtomicBool::new(false);
-        let wanted = std::env::var("CORECAST_TEST_PANIC").is_ok_and(|v| v == place);
-        if wanted && !FIRED.swap(true, Relaxed) {
+        let wanted = WANTED.get_or_init(|| std::env::var("CORECAST_TEST_PANIC").ok());
+        if wanted.as_deref() == Some(place) && !FIRED.swap(true, Relaxed) {
             panic!("test hook: CORECAST_TEST_PANIC={place}");
         }
     }

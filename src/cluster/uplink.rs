@@ -5,7 +5,8 @@
 //! the watchdog checks that the server answers and replaces a client that is stuck. Their
 //! state (rings, sequence numbers) outlives any one async-nats client. The uplink ends
 //! when every shard's flush task has closed its ring (the drain at shutdown), and dropping
-//! it closes the rings to the shards, whose receiver tasks then end.
+//! it closes the rings to the shards, whose receiver tasks then end. A panic does not end
+//! it: the thread is supervised ([`spawn`]) and keeps the rings across the restart.
 
 use std::cell::RefCell;
 use std::future::Future;
