@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
+use crate::supervisor::ThreadWatch;
 
 /// Where a shard is in its start-up: each shard records its step, and the main thread
 /// names it if the shard has not started in time.
@@ -84,6 +85,8 @@ pub struct Shared {
     startup_steps: Box<[AtomicU8]>,
     /// The cluster uplink's identity and counters, when `hyper_parameters.cluster` is set.
     pub cluster: Option<Arc<Cluster>>,
+    /// The admin endpoint's thread: its restarts and whether it is down (see `supervisor`).
+    pub admin_thread: ThreadWatch,
 }
 
 impl Shared {
@@ -104,6 +107,7 @@ impl Shared {
             epoch: Instant::now(),
             startup_steps: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             cluster: config.cluster.clone().map(|c| Arc::new(Cluster::new(c))),
+            admin_thread: ThreadWatch::default(),
             config,
         }
     }
