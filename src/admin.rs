@@ -59,6 +59,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 const LISTEN_BACKLOG: i32 = MAX_CONNECTIONS as i32;
 /// A failing `accept` (EMFILE and friends) is retried after this pause instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Descriptors the endpoint keeps in reserve for itself ([`FdReserve`]): that many admin
+/// connections are served at once even when the relay's clients hold every other one.
+pub const RESERVED_FDS: usize = 4;
 /// Content type of `/metrics` (the encoder writes OpenMetrics text, which Prometheus reads).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -93,28 +96,48 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves `listener` on a new thread, `corecast-admin`, until the process exits.
+/// Serves `listener` on a new thread, `corecast-admin`, until the process exits. The thread
+/// is supervised (`supervisor`): a panic is logged, counted in `shared.admin_thread` and
+/// the endpoint restarts after a backoff on a new runtime, with the same listener (it
+/// stays open meanwhile, so requests wait in its backlog rather than being refused).
 pub fn spawn(listener: TcpListener, shared: Arc<Shared>, limits: Limits) -> io::Result<()> {
     let mut registry = Registry::with_prefix("corecast");
     registry.register_collector(Box::new(ShardCollector(shared.clone())));
     if let Some(cluster) = &shared.cluster {
         registry.register_collector(Box::new(crate::cluster::ClusterCollector(cluster.clone())));
     }
+    listener.set_nonblocking(true)?;
+    // The first runtime and listener are made here, so that a failure is start-up's error.
+    let mut first = Some(runtime_for(&listener)?);
+    let app = Arc::new(App { shared, registry });
+    std::thread::Builder::new()
+        .name("corecast-admin".into())
+        .spawn(move || {
+            let watch = &app.shared.admin_thread;
+            crate::supervisor::supervise("admin", watch, std::thread::sleep, || {
+                let (runtime, listener) = match first.take() {
+                    Some(made) => made,
+                    // A failure here is one more death, retried after the next backoff.
+                    None => runtime_for(&listener).unwrap_or_else(|e| panic!("cannot restart the admin endpoint: {e}")),
+                };
+                runtime.block_on(serve(listener, app.clone(), limits));
+            });
+        })?;
+    Ok(())
+}
+
+/// A current-thread runtime and, registered with its reactor, a copy of `listener`.
+fn runtime_for(listener: &TcpListener) -> io::Result<(tokio::runtime::Runtime, tokio::net::TcpListener)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()?;
-    listener.set_nonblocking(true)?;
-    // Registered with this runtime's reactor here, so that a failure is start-up's error.
+    let copy = listener.try_clone()?;
     let listener = {
         let _entered = runtime.enter();
-        tokio::net::TcpListener::from_std(listener)?
+        tokio::net::TcpListener::from_std(copy)?
     };
-    let app = Arc::new(App { shared, registry });
-    std::thread::Builder::new()
-        .name("corecast-admin".into())
-        .spawn(move || runtime.block_on(serve(listener, app, limits)))?;
-    Ok(())
+    Ok((runtime, listener))
 }
 
 /// What every connection's requests read.
@@ -134,6 +157,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits)
         // `Connection: close` to every response.
         .keep_alive(false);
     let open = Arc::new(AtomicUsize::new(0));
+    let reserve = Arc::new(std::sync::Mutex::new(FdReserve::new(RESERVED_FDS)));
     let mut last_warning: Option<Instant> = None;
     let mut warn_at_most_every_second = |message: String| {
         if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -143,7 +167,12 @@ async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits)
     };
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                crate::supervisor::test_panic_hook("admin");
+                accepted
+            }
+            // Out of descriptors: one of the reserve makes room for this accept at once.
+            Err(e) if is_out_of_fds(&e) && lock(&reserve).release_one() => continue,
             Err(e) => {
                 warn_at_most_every_second(format!("admin endpoint: accept failed: {e}"));
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -156,13 +185,18 @@ async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits)
                 limits.max_connections
             ));
             drop(stream);
+            lock(&reserve).refill();
             continue;
         };
         // The response goes out in one write; nothing is gained by holding it back.
         let _ = stream.set_nodelay(true);
         let conn = http.serve_connection(TokioIo::new(stream), AppService(app.clone()));
+        let reserve = reserve.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            // Whatever this connection's socket was, once it is closed the reserve takes
+            // its descriptor back if it was short.
+            let _refill = Refill(reserve);
             match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                 Ok(Ok(())) => {}
                 // Header timeouts, resets and parse errors: the client's problem, and a port
@@ -174,6 +208,60 @@ async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, limits: Limits)
                 ),
             }
         });
+    }
+}
+
+/// Whether an accept failed for want of a descriptor (the process's or the system's).
+fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+fn lock(reserve: &std::sync::Mutex<FdReserve>) -> std::sync::MutexGuard<'_, FdReserve> {
+    // The reserve is a list of descriptors; a panic while holding it leaves it usable.
+    reserve.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Descriptors held back for the admin endpoint, so that `/healthz` and `/metrics` answer
+/// when the relay's clients have taken every other one (the data port accepts until the
+/// open-file limit): each is `/dev/null`, opened at start. When an accept fails with
+/// EMFILE, one is closed and the accept retried at once: the kernel hands out the lowest
+/// free descriptor, and the shards, backing off after their own EMFILE, are not accepting
+/// meanwhile. The reserve takes descriptors back as admin connections end (a shard may win
+/// one first; the reserve then stays short until another is free).
+struct FdReserve {
+    fds: Vec<std::fs::File>,
+    want: usize,
+}
+
+impl FdReserve {
+    fn new(want: usize) -> Self {
+        let mut reserve = FdReserve { fds: Vec::new(), want };
+        reserve.refill();
+        reserve
+    }
+
+    /// Closes one reserved descriptor; false if none is left.
+    fn release_one(&mut self) -> bool {
+        self.fds.pop().is_some()
+    }
+
+    /// Opens descriptors until the reserve is full or none is free.
+    fn refill(&mut self) {
+        while self.fds.len() < self.want {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.fds.push(f),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Refills the reserve when dropped, after the connection task's socket is closed.
+struct Refill(Arc<std::sync::Mutex<FdReserve>>);
+
+impl Drop for Refill {
+    fn drop(&mut self) {
+        lock(&self.0).refill();
     }
 }
 

@@ -332,31 +332,34 @@ impl Config {
         keys::to_json(self)
     }
 
-    /// The config to run with after a reload read `new` (file and flags as at start-up):
-    /// `new`'s values for the keys that apply live, `self`'s for those that need a restart,
-    /// and which changed keys fell in each group.
-    pub fn reloaded(&self, new: Config) -> Reloaded {
+    /// The config to run with after a reload read `new` (file and flags as at start-up),
+    /// `self` being the running config and `previous` what the file and flags said before:
+    /// `new`'s values for the keys that apply live (`applied` lists those that change the
+    /// running value), `self`'s for those that need a restart (`kept` lists those the file
+    /// changed).
+    pub fn reloaded(&self, new: Config, previous: &Config) -> Reloaded {
         let mut config = new;
         let (mut applied, mut kept) = (Vec::new(), Vec::new());
         for key in keys::KEYS
             .iter()
             .filter(|k| k.is_field() && !keys::in_optional_section(k.path))
         {
-            let old = (key.get)(self);
-            if old == (key.get)(&config) {
-                continue;
-            }
+            let running = (key.get)(self);
             if key.reload == keys::Reload::Live {
-                applied.push(key.path);
+                if running != (key.get)(&config) {
+                    applied.push(key.path);
+                }
             } else {
-                kept.push(key.path);
-                (key.set)(&mut config, &old);
+                if (key.get)(previous) != (key.get)(&config) {
+                    kept.push(key.path);
+                }
+                (key.set)(&mut config, &running);
             }
         }
-        if config.cluster != self.cluster {
+        if config.cluster != previous.cluster {
             kept.push("hyper_parameters.cluster");
-            config.cluster = self.cluster.clone();
         }
+        config.cluster = self.cluster.clone();
         Reloaded { config, applied, kept }
     }
 }
@@ -803,7 +806,7 @@ mod tests {
                "worker_threads":7,"backpressure_policy":{"throttle_threshold":9},"cluster":{"nats":"nats://a:1"}}}"#,
         )
         .unwrap();
-        let r = running.reloaded(new);
+        let r = running.reloaded(new, &running);
         assert_eq!(
             r.applied,
             [
@@ -825,8 +828,14 @@ mod tests {
             (LogLevel::Debug, Some(5))
         );
         assert_eq!(r.config.backpressure.throttle_threshold, 9);
-        let same = running.reloaded(running.clone());
+        let same = running.reloaded(running.clone(), &running);
         assert!(same.applied.is_empty() && same.kept.is_empty());
         assert_eq!(same.config, running);
+        // The relay may run with fewer shards than the file asks for: that is no change.
+        let mut fewer = running.clone();
+        fewer.shards = 1;
+        let r = fewer.reloaded(running.clone(), &running);
+        assert!(r.kept.is_empty(), "{:?}", r.kept);
+        assert_eq!(r.config.shards, 1);
     }
 }

@@ -20,7 +20,7 @@ use futures_lite::future::or;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::fanout::{self, Fanout, MeshEnds, Peers};
-use crate::machine::{usable_cpus, IO_MEMORY_BYTES};
+use crate::machine::{usable_cpus, IO_MEMORY_BYTES, RING_DEPTHS};
 use crate::metrics::{Counter, DropReason, ShardState, ShardStats};
 use crate::shard::Shard;
 use crate::shared::{Shared, StartupStep};
@@ -28,8 +28,6 @@ use crate::shared::{Shared, StartupStep};
 /// How long a busy shard may run tasks before it polls for I/O, timers and channel wake-ups
 /// (glommio's default, 100 ms, would delay all of them that long under load).
 const PREEMPT_TIMER: Duration = Duration::from_millis(2);
-/// Submission-queue depth per ring; connection bursts arm one poll each.
-const RING_DEPTH: usize = 1024;
 /// Period of the summary log lines for repeated events (drops, refusals).
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a shard's timer task proves that its thread is still running tasks (the
@@ -68,12 +66,14 @@ pub type ShardThread = std::thread::JoinHandle<Result<(), String>>;
 /// process expects it; corecast uses no out-of-band TCP data (its other meaning).
 const KICK_SIGNAL: libc::c_int = libc::SIGURG;
 
-/// Starts one pinned executor per listener, each on its own thread. Shard `i` runs on the
-/// `i`-th usable CPU (wrapping around when there are more shards than CPUs).
+/// Starts one pinned executor per listener, each on its own thread, with rings of
+/// `ring_depth` entries (see `machine::plan_rings`). Shard `i` runs on the `i`-th usable
+/// CPU (wrapping around when there are more shards than CPUs).
 pub fn spawn_all(
     shared: Arc<Shared>,
     listeners: Vec<OwnedFd>,
     events: Sender<ShardEvent>,
+    ring_depth: usize,
 ) -> std::io::Result<Vec<ShardThread>> {
     install_kick_handler()?;
     let cpus = usable_cpus();
@@ -99,12 +99,7 @@ pub fn spawn_all(
         let handle = std::thread::Builder::new()
             .name(format!("corecast-shard{id}"))
             .spawn(move || {
-                let executor = LocalExecutorBuilder::new(placement)
-                    .io_memory(IO_MEMORY_BYTES)
-                    .preempt_timer(PREEMPT_TIMER)
-                    .ring_depth(RING_DEPTH)
-                    .make()
-                    .map_err(|e| format!("cannot create its executor: {e}"))?;
+                let executor = make_executor(id, placement, ring_depth)?;
                 shared.set_startup_step(id, StartupStep::FirstRun);
                 executor.run(shard_main(id, shared, listener, ends, guard));
                 Ok(())
@@ -112,6 +107,86 @@ pub fn spawn_all(
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// Executors are created one at a time (see [`make_executor`]).
+static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Creates shard `id`'s executor with rings of `ring_depth` entries, then takes back the
+/// locked memory glommio's DMA arena holds ([`release_registered_buffers`]). One at a time,
+/// so that the arena's moment of 192 KiB never takes the room another shard's rings were
+/// planned in. If the kernel refuses the rings for lack of locked memory (another process
+/// of the same user holds some: the kernel counts per user), it tries the next smaller
+/// depth before giving up.
+fn make_executor(id: usize, placement: Placement, ring_depth: usize) -> Result<glommio::LocalExecutor, String> {
+    // A shard that panicked while holding it poisoned nothing: the lock guards no data.
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|p| p.into_inner());
+    let mut depths = RING_DEPTHS.into_iter().filter(|&d| d <= ring_depth).peekable();
+    loop {
+        let depth = depths.next().unwrap_or(ring_depth);
+        let made = LocalExecutorBuilder::new(placement.clone())
+            .io_memory(IO_MEMORY_BYTES)
+            .preempt_timer(PREEMPT_TIMER)
+            .ring_depth(depth)
+            .make();
+        match made {
+            Ok(executor) => {
+                release_registered_buffers();
+                if depth < ring_depth {
+                    tracing::warn!(
+                        "shard {id}: rings of {depth} entries instead of {ring_depth}: the locked-memory limit is shared with other processes of this user"
+                    );
+                }
+                return Ok(executor);
+            }
+            Err(e) if is_out_of_memory(&e) && depths.peek().is_some() => continue,
+            Err(e) => return Err(format!("cannot create its executor: {e}")),
+        }
+    }
+}
+
+fn is_out_of_memory(e: &glommio::GlommioError<()>) -> bool {
+    match e {
+        glommio::GlommioError::IoError(io) => io.raw_os_error() == Some(libc::ENOMEM),
+        _ => false,
+    }
+}
+
+/// Unregisters the buffers registered with every io_uring ring of the process. glommio
+/// registers its DMA arena with each of an executor's three rings, pinning it and charging
+/// it to RLIMIT_MEMLOCK; only DMA file I/O uses it, and corecast does none (were it ever
+/// to, this would have to go). Rings already without buffers answer ENXIO, harmlessly;
+/// the rings are glommio's, since nothing else in corecast keeps one open.
+fn release_registered_buffers() {
+    const IORING_UNREGISTER_BUFFERS: libc::c_long = 1;
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in fds.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<libc::c_int>().ok()) else {
+            continue;
+        };
+        // Only anonymous inodes (no file type bits: io_uring, eventfd, epoll) are worth the
+        // readlink; sockets, which are most descriptors, are skipped with one fstat.
+        // SAFETY: fstat writes into the struct we own; a closed fd only fails.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != 0 {
+            continue;
+        }
+        if std::fs::read_link(entry.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[io_uring]") {
+            // SAFETY: io_uring_register with no argument array; on anything but an io_uring
+            // fd (one closed and reused meanwhile) it fails without effect.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_register,
+                    fd as libc::c_long,
+                    IORING_UNREGISTER_BUFFERS,
+                    std::ptr::null::<libc::c_void>(),
+                    0,
+                );
+            }
+        }
+    }
 }
 
 /// Interrupts a shard thread's sleep in `io_uring_enter` with a no-op signal.

@@ -28,6 +28,7 @@ const LAYERS: &[&str] = &[
     "mesh",
     "protocol",
     "machine",
+    "supervisor",
 ];
 
 fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {

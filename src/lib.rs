@@ -55,6 +55,8 @@
 //!   memory.
 //! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
 //! - [`protocol`]: line framing and envelope encoding (no I/O).
+//! - [`supervisor`]: restarts the admin and uplink threads after a panic, with backoff,
+//!   and counts it.
 //! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
 //!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
 //!   [`executor`] read them too.
@@ -104,6 +106,7 @@ pub mod shard;
 pub mod shared;
 pub mod shutdown;
 pub mod startup;
+pub mod supervisor;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -187,7 +190,7 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
 /// replace); `run` checks that next, under its [`startup::PortGuard`].
 pub fn preflight(config: &Config) -> Result<SocketAddr, Error> {
     startup::check_io_uring()?;
-    startup::check_memlock(config.shards)?;
+    startup::check_memlock()?;
     let addr = resolve(&config.host, config.port)?;
     let in_use = |e: &std::io::Error| e.raw_os_error() == Some(libc::EADDRINUSE);
     match startup::probe_bind(addr) {
@@ -232,9 +235,14 @@ pub fn run(config: Config) -> Result<(), Error> {
 /// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`);
 /// SIGHUP reloads the config from `source` (docs/protocol.md#reload). Start-up failures
 /// return before anything listens.
-pub fn run_reloadable(config: Config, mut source: ConfigSource) -> Result<(), Error> {
+pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Error> {
+    let mut reloader = Reloader {
+        source,
+        loaded: config.clone(),
+    };
     let addr = preflight(&config)?;
     let nofile = machine::raise_nofile_limit();
+    let rings = plan_rings(&mut config);
     // Held until `run` returns (or the kernel drops it when the process exits).
     let _port_guard = startup::PortGuard::acquire(addr)?;
     startup::check_port_free(addr)?;
@@ -264,7 +272,7 @@ pub fn run_reloadable(config: Config, mut source: ConfigSource) -> Result<(), Er
             ""
         }
     );
-    let handles = executor::spawn_all(shared.clone(), listeners, events_tx)
+    let handles = executor::spawn_all(shared.clone(), listeners, events_tx, rings.ring_depth)
         .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     // Start-up: every shard reports `Started` by the deadline, or the one that did not is
@@ -280,12 +288,12 @@ pub fn run_reloadable(config: Config, mut source: ConfigSource) -> Result<(), Er
         crossbeam_channel::select! {
             recv(signals) -> sig => {
                 if sig == Ok(SIGHUP) {
-                    reload(&shared, &mut source);
+                    reloader.reload(&shared);
                     continue;
                 }
                 let why = format!("{} received during start-up", signal_name(sig.ok()));
                 let drain = Draining::start(&shared, &why);
-                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every, source);
+                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every, reloader);
             }
             recv(events) -> event => match event {
                 Ok(ShardEvent::Started(_)) => started += 1,
@@ -325,35 +333,95 @@ pub fn run_reloadable(config: Config, mut source: ConfigSource) -> Result<(), Er
         );
     }
     systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
-    control_loop(&shared, &signals, &events, handles, None, purge_every, source)
+    control_loop(&shared, &signals, &events, handles, None, purge_every, reloader)
 }
 
-/// SIGHUP: reads the config again and applies it, or keeps the running one whole if it is
-/// invalid. Keys that need a restart keep their running values and are named in the log.
-fn reload(shared: &Shared, source: &mut ConfigSource) {
-    use std::sync::atomic::Ordering;
-    let (new, warnings) = match source() {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
-            return;
+/// What SIGHUP reloads from, and what the file and flags said the last time they were
+/// read: a key that needs a restart is reported when the file changes it, not because the
+/// relay runs with another value (`run` may start fewer shards than asked for).
+struct Reloader {
+    source: ConfigSource,
+    loaded: Config,
+}
+
+impl Reloader {
+    /// SIGHUP: reads the config again and applies it, or keeps the running one whole if it
+    /// is invalid. Keys that need a restart keep their running values and are named in the
+    /// log.
+    fn reload(&mut self, shared: &Shared) {
+        use std::sync::atomic::Ordering;
+        let (new, warnings) = match (self.source)() {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
+                return;
+            }
+        };
+        for w in &warnings {
+            tracing::warn!("SIGHUP: {w}");
         }
-    };
-    for w in &warnings {
-        tracing::warn!("SIGHUP: {w}");
+        let outcome = shared.live().reloaded(new.clone(), &self.loaded);
+        self.loaded = new;
+        for key in &outcome.kept {
+            tracing::warn!("SIGHUP: {key} changed but needs a restart; the running value is kept");
+        }
+        log::set_level(outcome.config.log.level);
+        shared.reload(outcome.config);
+        if outcome.applied.is_empty() {
+            tracing::info!("SIGHUP: config reloaded; no key that applies live changed");
+        } else {
+            tracing::info!("SIGHUP: config reloaded; applied {}", outcome.applied.join(", "));
+        }
     }
-    let outcome = shared.live().reloaded(new);
-    for key in &outcome.kept {
-        tracing::warn!("SIGHUP: {key} changed but needs a restart; the running value is kept");
+}
+
+/// Sizes the shards' io_uring rings by the locked-memory limit (raised to its hard limit
+/// first) and, if even the smallest rings of every shard do not fit, lowers
+/// `config.shards` to what fits: one warning line says so. Never refuses: glommio's own
+/// floor was checked by [`preflight`].
+fn plan_rings(config: &mut Config) -> machine::RingPlan {
+    machine::raise_memlock_limit();
+    let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit());
+    let kib = |b: u64| b >> 10;
+    if let Some(short) = fewer_shards_warning(config, &plan) {
+        tracing::warn!("{short}");
+        config.shards = plan.shards;
+    } else if let Some(limit) = plan.limit {
+        tracing::info!(
+            "io_uring rings of {} entries: {} KiB of locked memory per shard, {} KiB for {} shards (limit {} KiB)",
+            plan.ring_depth,
+            kib(plan.locked_per_shard),
+            kib(plan.locked_per_shard * plan.shards as u64),
+            plan.shards,
+            kib(limit)
+        );
     }
-    log::set_level(outcome.config.log.level);
-    shared.reload(outcome.config);
-    if outcome.applied.is_empty() {
-        tracing::info!("SIGHUP: config reloaded; no key that applies live changed");
-    } else {
-        tracing::info!("SIGHUP: config reloaded; applied {}", outcome.applied.join(", "));
-    }
+    plan
+}
+
+/// The one line that says `plan` starts fewer shards than `config` asks for, if it does.
+fn fewer_shards_warning(config: &Config, plan: &machine::RingPlan) -> Option<String> {
+    let kib = |b: u64| b >> 10;
+    (plan.shards < config.shards).then(|| {
+        format!(
+            "locked-memory limit (RLIMIT_MEMLOCK) of {} KiB holds the io_uring rings of {} shards, not {}: starting {} ({} KiB each at {} entries per ring; raise it with `ulimit -l` or LimitMEMLOCK= to run them all)",
+            kib(plan.limit.unwrap_or(0)),
+            plan.shards,
+            config.shards,
+            plan.shards,
+            kib(plan.locked_per_shard),
+            plan.ring_depth
+        )
+    })
+}
+
+/// What `corecast check` warns about the locked-memory limit: the line `serve` would log if
+/// it would start fewer shards than asked for. It reads the hard limit, to which `serve`
+/// raises the soft one, and raises nothing itself.
+pub fn check_rings(config: &Config) -> Option<String> {
+    let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit_after_raise());
+    fewer_shards_warning(config, &plan)
 }
 
 /// A drain in progress: when it must be over.
@@ -387,7 +455,7 @@ fn control_loop(
     handles: Vec<executor::ShardThread>,
     mut drain: Option<Draining>,
     purge_every: Duration,
-    mut source: ConfigSource,
+    mut reloader: Reloader,
 ) -> Result<(), Error> {
     let shards = shared.config.shards;
     let mut stopped = 0;
@@ -402,7 +470,7 @@ fn control_loop(
                     if drain.is_some() {
                         tracing::info!("SIGHUP during the drain; not reloading");
                     } else {
-                        reload(shared, &mut source);
+                        reloader.reload(shared);
                     }
                     continue;
                 }

@@ -249,14 +249,52 @@ pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
     Ok(LogGuard { _worker: guard })
 }
 
-/// What `corecast check` does for the log: with `enable_file_log`, opens the file exactly
-/// as [`init`] will (creating the directory and the file if needed, as `nginx -t` does),
-/// then closes it, so that a path `serve` would refuse is refused here with the same error.
+/// What `corecast check` does for the log: with `enable_file_log`, refuses a path [`init`]
+/// would refuse, with the same error, without creating or writing anything (a check
+/// changes nothing): an existing file must open for appending; otherwise the nearest
+/// existing ancestor of its directory must be a directory this process may create
+/// entries in, as `init` will create the rest.
 pub fn check_file(config: &LogConfig, name: &str) -> Result<(), LogFileError> {
-    if config.file {
-        open_file(config, name)?;
+    if !config.file {
+        return Ok(());
+    }
+    let path = log_file_path(config, name);
+    let refused = |e: std::io::Error| LogFileError {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    if path.exists() {
+        return OpenOptions::new().append(true).open(&path).map(drop).map_err(refused);
+    }
+    let mut dir = path.parent().map(std::path::Path::to_path_buf);
+    while let Some(d) = dir {
+        let probe = if d.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            d.clone()
+        };
+        match std::fs::metadata(&probe) {
+            Ok(m) if !m.is_dir() => return Err(refused(std::io::Error::from_raw_os_error(libc::ENOTDIR))),
+            Ok(_) => return may_create_in(&probe).map_err(refused),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !d.as_os_str().is_empty() => {
+                dir = d.parent().map(std::path::Path::to_path_buf);
+            }
+            Err(e) => return Err(refused(e)),
+        }
     }
     Ok(())
+}
+
+/// Whether this process may create entries in `dir` (write and search permission).
+fn may_create_in(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: access reads a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Creates the log directory if needed and opens the file for appending.

@@ -37,7 +37,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
         // What `serve` would refuse before listening, refused here the same way: the log
-        // file as a config error (78), the rest as `run`'s start-up errors (1).
+        // file as a config error (78), the rest as `run`'s start-up errors (1). Nothing is
+        // created, bound or changed.
         if let Err(e) = corecast::log::check_file(&config.log, &config.name) {
             eprintln!("corecast: config error: {e}");
             return ExitCode::from(EX_CONFIG);
@@ -45,6 +46,9 @@ fn main() -> ExitCode {
         if let Err(e) = corecast::preflight(&config) {
             eprintln!("corecast: error: {e}");
             return ExitCode::FAILURE;
+        }
+        if let Some(w) = corecast::check_rings(&config) {
+            eprintln!("corecast: warning: {w}");
         }
         println!("{:#}", config.to_json());
         return ExitCode::SUCCESS;

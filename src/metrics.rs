@@ -86,8 +86,8 @@ impl fmt::Display for CloseReason {
 }
 
 /// Why something was not delivered. Units differ by reason and are part of the name in the
-/// docs: lines for the first three, envelopes for the next two, connections for the last
-/// two.
+/// docs: lines for the first three, envelopes for the next two, connections for the two
+/// after, envelopes for the last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// A line the sender's token bucket refused (lines).
@@ -104,10 +104,13 @@ pub enum DropReason {
     Quarantined,
     /// Connections refused because `max_connections` was reached (connections).
     ServerFull,
+    /// Envelopes of a batch handed to a peer (a shard, the cluster uplink) whose end of the
+    /// mesh is gone: only at shutdown, or if its thread died beyond restarting (envelopes).
+    PeerGone,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::RateLimited,
         DropReason::LineTooLong,
         DropReason::InvalidUtf8,
@@ -115,6 +118,7 @@ impl DropReason {
         DropReason::RecipientGone,
         DropReason::Quarantined,
         DropReason::ServerFull,
+        DropReason::PeerGone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +130,7 @@ impl DropReason {
             DropReason::RecipientGone => "recipient_gone",
             DropReason::Quarantined => "quarantined",
             DropReason::ServerFull => "server_full",
+            DropReason::PeerGone => "peer_gone",
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
+use crate::supervisor::ThreadWatch;
 
 /// Where a shard is in its start-up: each shard records its step, and the main thread
 /// names it if the shard has not started in time.
@@ -102,6 +103,8 @@ pub struct Shared {
     startup_steps: Box<[AtomicU8]>,
     /// The cluster uplink's identity and counters, when `hyper_parameters.cluster` is set.
     pub cluster: Option<Arc<Cluster>>,
+    /// The admin endpoint's thread: its restarts and whether it is down (see `supervisor`).
+    pub admin_thread: ThreadWatch,
 }
 
 impl Shared {
@@ -124,6 +127,7 @@ impl Shared {
             epoch: Instant::now(),
             startup_steps: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             cluster: config.cluster.clone().map(|c| Arc::new(Cluster::new(c))),
+            admin_thread: ThreadWatch::default(),
             config,
         }
     }

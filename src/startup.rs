@@ -8,7 +8,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 
-use crate::machine::{self, IO_MEMORY_BYTES, MIN_MEMLOCK_BYTES};
+use crate::machine::{self, MIN_MEMLOCK_BYTES};
 
 /// Why the relay cannot start.
 #[derive(Debug)]
@@ -47,13 +47,18 @@ impl fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
-/// Checks `RLIMIT_MEMLOCK`. Each shard registers three 64 KiB rings' worth of buffers;
-/// glommio itself refuses to start below 512 KiB.
-pub fn check_memlock(shards: usize) -> Result<(), StartupError> {
-    let need = MIN_MEMLOCK_BYTES.max(shards as u64 * 3 * IO_MEMORY_BYTES as u64);
+/// Checks `RLIMIT_MEMLOCK` against glommio's floor: it refuses to create any executor
+/// below 512 KiB, whatever the shard count. Above it every shard count starts: the rings
+/// are sized by the limit ([`machine::plan_rings`]). The soft limit is raised to the hard
+/// one first (by `run`), so only the hard limit matters; a check raises nothing and reads
+/// the hard limit instead.
+pub fn check_memlock() -> Result<(), StartupError> {
     match machine::memlock_limit() {
-        Some((have, _)) if have != libc::RLIM_INFINITY && have < need => {
-            Err(StartupError::MemlockTooLow { have, need })
+        Some((_, hard)) if hard != libc::RLIM_INFINITY && hard < MIN_MEMLOCK_BYTES => {
+            Err(StartupError::MemlockTooLow {
+                have: hard,
+                need: MIN_MEMLOCK_BYTES,
+            })
         }
         _ => Ok(()),
     }

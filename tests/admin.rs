@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::http::{
-    admin_connection_bound, envelopes_accounted, get, http_raw, relay_with_admin, scrape, scrape_until, sum, Response,
-    Sample,
+    admin_connection_bound, envelopes_accounted, get, get_json, http_raw, relay_with_admin, scrape, scrape_until, sum,
+    Response, Sample,
 };
 use crate::util::{corecast, temp_config, wait_until, Client, Relay, PATIENCE};
 
@@ -68,7 +68,10 @@ fn metrics_add_up_after_a_known_workload() {
         m.iter().filter(|s| s.name == "corecast_closed_total").count(),
         2 * corecast::metrics::CloseReason::ALL.len()
     );
-    assert_eq!(m.iter().filter(|s| s.name == "corecast_dropped_total").count(), 2 * 7);
+    assert_eq!(
+        m.iter().filter(|s| s.name == "corecast_dropped_total").count(),
+        2 * corecast::metrics::DropReason::ALL.len()
+    );
 
     // /stats carries the same figures, per shard and in total.
     let r = get(admin, "/stats");
@@ -539,4 +542,100 @@ fn every_accepted_connection_ends_under_exactly_one_close_reason_through_a_reset
         .sum();
     assert_eq!(relay.final_counter("open"), 0);
     assert_eq!(relay.final_counter("accepted"), closed_at_exit);
+}
+
+// The panic hook exists only in debug builds (as `cargo test` builds the relay).
+#[cfg(debug_assertions)]
+#[test]
+fn an_admin_thread_that_panics_is_logged_counted_and_restarted_on_the_same_port() {
+    let relay = Relay::with_env(
+        "{}",
+        &[
+            ("CORECAST_TEST_PANIC", "admin"),
+            // Down long enough that the request below surely arrives while it is.
+            ("CORECAST_TEST_RESTART_BACKOFF_MS", "1500"),
+        ],
+        &["--admin", "127.0.0.1:0"],
+    );
+    let admin = relay.admin_addr();
+    // The first connection accepted kills the thread: no answer, the connection just ends.
+    let mut first = TcpStream::connect(admin).expect("connect to the admin endpoint");
+    first.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = first.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut nothing = Vec::new();
+    let _ = first.read_to_end(&mut nothing);
+    assert!(nothing.is_empty(), "{}", String::from_utf8_lossy(&nothing));
+    let died = relay.log.wait_for("the admin thread died: ");
+    assert!(
+        died.contains(
+            "ERROR - the admin thread died: panicked: test hook: CORECAST_TEST_PANIC=admin; restarting it in 1500 ms"
+        ),
+        "{died}"
+    );
+    // While it is down the listener stays open: a request waits in its backlog and is
+    // answered once the thread is back.
+    let waiting = std::thread::spawn(move || get(admin, "/healthz"));
+    relay.log.wait_for("the admin thread restarted (restarts so far: 1)");
+    let answered = waiting.join().expect("the waiting request");
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    let m = scrape(admin);
+    assert_eq!(sum(&m, "corecast_thread_restarts_total", &[("thread", "admin")]), 1);
+    assert_eq!(sum(&m, "corecast_thread_up", &[("thread", "admin")]), 1);
+    let stats = get_json(admin, "/stats");
+    assert_eq!(
+        stats["threads"]["admin"],
+        serde_json::json!({"restarts": 1, "up": true})
+    );
+    // Only once: the endpoint keeps answering.
+    for _ in 0..3 {
+        assert_eq!(get(admin, "/healthz").status, 200);
+    }
+}
+
+/// With the relay's clients holding every descriptor under its open-file limit, the admin
+/// endpoint still answers `/healthz` and `/metrics`, from descriptors it keeps in reserve.
+#[test]
+fn healthz_and_metrics_answer_while_clients_hold_every_descriptor() {
+    use std::os::unix::process::CommandExt;
+    const NOFILE: libc::rlim_t = 256;
+    // No connection cap below the limit: the data port accepts until EMFILE.
+    let mut cmd = Relay::command(
+        r#"{"hyper_parameters":{"max_connections":100000}}"#,
+        &["--shards", "1", "--admin", "127.0.0.1:0"],
+    );
+    // SAFETY: setrlimit is async-signal-safe; the struct lives on this stack frame.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let relay = Relay::spawn(cmd);
+    let admin = relay.admin_addr();
+    assert_eq!(get(admin, "/healthz").status, 200);
+    // More clients than descriptors: the rest wait in the listen backlog.
+    let clients: Vec<TcpStream> = (0..NOFILE as usize + 50)
+        .map(|_| TcpStream::connect(relay.addr).expect("connect a client"))
+        .collect();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", relay.pid())).map_or(0, |d| d.count());
+    wait_until("the relay to hold every descriptor", Duration::from_millis(20), || {
+        fds() >= NOFILE as usize
+    });
+    relay.log.wait_for("Too many open files");
+    for path in ["/healthz", "/metrics", "/healthz", "/metrics"] {
+        let asked = Instant::now();
+        let r = get(admin, path);
+        let took = asked.elapsed();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        eprintln!("{path} answered in {took:?} with every descriptor taken");
+        // Still full: no client left, and the descriptors are all in use.
+        assert!(fds() >= NOFILE as usize - 1, "{} descriptors", fds());
+    }
+    drop(clients);
 }

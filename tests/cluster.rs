@@ -144,13 +144,18 @@ struct Node {
 impl Node {
     /// Starts a node on `subject` that lists `urls` (its own server first).
     fn start(urls: &[String], subject: &str) -> Node {
+        Node::start_with_env(urls, subject, &[])
+    }
+
+    /// [`Node::start`] with extra environment (the debug builds' test hooks).
+    fn start_with_env(urls: &[String], subject: &str, env: &[(&str, &str)]) -> Node {
         let config = serde_json::json!({
             "hyper_parameters": {
                 "rate_limit_msgs_per_minute": null,
                 "cluster": { "nats": urls, "subject": subject },
             }
         });
-        let relay = Relay::with_config(&config.to_string(), &["--shards", "2", "--admin", "127.0.0.1:0"]);
+        let relay = Relay::with_env(&config.to_string(), env, &["--shards", "2", "--admin", "127.0.0.1:0"]);
         let line = relay.log.wait_for("admin listening on ");
         let admin = line
             .split("admin listening on ")
@@ -662,4 +667,73 @@ fn a_hung_nats_server_neither_stalls_local_relaying_nor_keeps_the_node_off_the_c
     );
     // SAFETY: as above; the server is killed when `servers` is dropped.
     unsafe { libc::kill(hung_pid, libc::SIGCONT) };
+}
+
+// The panic hook exists only in debug builds (as `cargo test` builds the relay).
+#[cfg(debug_assertions)]
+#[test]
+fn an_uplink_that_panics_is_logged_counted_shown_down_and_restarted_and_drops_meanwhile_are_counted() {
+    let Some(bin) = nats_server() else { return };
+    let servers = nats_cluster(&bin, 1);
+    let urls = vec![servers[0].url()];
+    let subject = "corecast.t.uplinkpanic";
+    // The uplink panics as soon as it starts publishing, and stays down for 4 s: long
+    // enough to look at it while it is.
+    let hooked = Node::start_with_env(
+        &urls,
+        subject,
+        &[
+            ("CORECAST_TEST_PANIC", "cluster"),
+            ("CORECAST_TEST_RESTART_BACKOFF_MS", "4000"),
+        ],
+    );
+    let other = Node::start(&urls, subject);
+    let died = hooked.relay.log.wait_for("the cluster uplink thread died: ");
+    assert!(
+        died.contains("ERROR - the cluster uplink thread died: panicked: test hook: CORECAST_TEST_PANIC=cluster; restarting it in 4000 ms"),
+        "{died}"
+    );
+    let (status, body) = hooked.healthz();
+    assert_eq!(status, 200, "the shards still serve their own clients: {body}");
+    assert!(
+        body.contains("cluster: down (the uplink thread died: test hook: CORECAST_TEST_PANIC=cluster; restarting it)"),
+        "{body}"
+    );
+    // Lines sent meanwhile reach the node's own clients; what the shards hand the dead
+    // uplink is drained and counted, and the shards never wait for it.
+    let mut a = hooked.connect();
+    let mut b = hooked.connect();
+    for i in 0..20 {
+        a.send(format!("{}\n", content(0, i)).as_bytes());
+    }
+    for i in 0..20 {
+        assert_eq!(String::from_utf8_lossy(&b.line()), a.envelope(&content(0, i)));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while hooked.metric("dropped_uplink_down") < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the lines handed to the dead uplink were not counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(hooked.metric("connected"), 0);
+    // Back after the backoff: counted, connected again, and relaying across nodes.
+    hooked
+        .relay
+        .log
+        .wait_for("the cluster uplink thread restarted (restarts so far: 1)");
+    let nodes = [hooked, other];
+    warm_up(&nodes);
+    let (_, body) = nodes[0].healthz();
+    assert!(body.contains("cluster: connected"), "{body}");
+    let (_, metrics) = http_get(nodes[0].admin, "/metrics").expect("scrape /metrics");
+    assert!(
+        metrics.contains("corecast_thread_restarts_total{thread=\"cluster\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("corecast_thread_up{thread=\"cluster\"} 1\n"),
+        "{metrics}"
+    );
 }

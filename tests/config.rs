@@ -325,3 +325,28 @@ fn keys_prints_the_declared_table() {
         "| `hyper_parameters.rate_limit_msgs_per_minute` | `300` | ≥ 0 or `null` | lines per minute | live |"
     ));
 }
+
+#[test]
+fn check_with_a_file_log_creates_nothing() {
+    let base = std::env::temp_dir().join(format!("corecast-check-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let logs = base.join("new").join("logs");
+    let config = temp_config(&format!(
+        r#"{{"logger":{{"enable_file_log":true,"log_file_path":"{}"}}}}"#,
+        logs.display()
+    ));
+    let (code, err, stdout) = outcome(Some("check"), &["--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!stdout.is_empty());
+    let left: Vec<_> = std::fs::read_dir(&base).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "check created {left:?}");
+    // An existing log file is left as it was, neither truncated nor appended to.
+    std::fs::create_dir_all(&logs).unwrap();
+    let file = logs.join("corecast.log");
+    std::fs::write(&file, "earlier line\n").unwrap();
+    let (code, err, _) = outcome(Some("check"), &["--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "earlier line\n");
+    assert_eq!(std::fs::read_dir(&logs).unwrap().count(), 1);
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,6 +132,118 @@ fn four_senders_over_the_default_one_shard_per_cpu_reach_every_recipient_in_orde
     assert_eq!(shards, cpus, "one shard per CPU by default: {line}");
     let shards: usize = shards.parse().expect("a shard count");
     fan_out_keeps_every_senders_order(&relay, shards.min(2));
+}
+
+/// The default locked-memory limit of current distributions, 8 MiB, in bytes.
+const DEFAULT_MEMLOCK: libc::rlim_t = 8 << 20;
+
+/// Under a locked-memory limit charged as for a user without CAP_IPC_LOCK, the relay sizes
+/// its rings to fit: 128 shards start under the default 8 MiB and relay in order, and a
+/// limit too small for the rings of every shard asked for starts as many as fit, says so
+/// in one line, and relays; `corecast check` says so too, as a warning, and exits 0.
+///
+/// One test, the small limit first: the kernel counts locked memory per user, so two
+/// relays charged at once would share one budget, and a relay's rings are uncharged a
+/// moment after it exits, not at once.
+#[test]
+fn a_locked_memory_limit_sizes_the_rings_and_128_shards_start_under_the_default_8_mib() {
+    let mut check = corecast();
+    check.args(["check", "--port", "0", "--shards", "64"]);
+    let Some(check) = charge_memlock(check, 1 << 20) else {
+        return;
+    };
+    let out = crate::util::output_within_patience(check);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("corecast: warning: locked-memory limit (RLIMIT_MEMLOCK) of 1024 KiB holds the io_uring rings of 34 shards, not 64"),
+        "{err}"
+    );
+
+    let Some(cmd) = charged_memlock(1 << 20, &["--shards", "64"]) else {
+        return;
+    };
+    let relay = Relay::spawn_within(cmd, MANY_SHARDS_START);
+    // (1024 - 192) KiB of room for 24 KiB a shard at 64-entry rings.
+    let line = relay.log.wait_for("locked-memory limit (RLIMIT_MEMLOCK) of 1024 KiB");
+    assert!(
+        line.contains("holds the io_uring rings of 34 shards, not 64: starting 34"),
+        "{line}"
+    );
+    assert!(relay.log.text().contains("with 34 shards"), "{}", relay.log.text());
+    assert_eq!(relay.log.count("WARNING"), 1, "{}", relay.log.text());
+    fan_out_keeps_every_senders_order(&relay, 2);
+    drop(relay);
+
+    let Some(cmd) = charged_memlock(DEFAULT_MEMLOCK, &["--shards", "128"]) else {
+        return;
+    };
+    let relay = Relay::spawn_within(cmd, MANY_SHARDS_START);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.pid())).expect("the relay's status");
+    let charged = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 14) == 0);
+    assert!(charged, "the relay kept CAP_IPC_LOCK: {status}");
+    // 48 KiB a shard: 128-entry rings.
+    relay
+        .log
+        .wait_for("io_uring rings of 128 entries: 48 KiB of locked memory per shard, 6144 KiB for 128 shards");
+    // glommio's DMA arena is unregistered at once: nothing stays pinned.
+    assert!(status.contains("VmPin:\t       0 kB"), "{status}");
+    // No warning; one would say a shard had to take smaller rings than planned.
+    assert_eq!(relay.log.count("WARNING"), 0, "{}", relay.log.text());
+    fan_out_keeps_every_senders_order(&relay, 2);
+}
+
+/// How long a start of many shards may take: seconds for 128 executors on 2 busy CPUs in a
+/// debug build.
+const MANY_SHARDS_START: Duration = Duration::from_secs(60);
+
+/// The relay with `args` under a locked-memory limit of `bytes`, charged as the kernel
+/// charges a user without CAP_IPC_LOCK; `None` (after saying why) where this process may
+/// not raise its hard limit to `bytes`.
+fn charged_memlock(bytes: libc::rlim_t, args: &[&str]) -> Option<Command> {
+    let mut cmd = Relay::command(UNLIMITED, args);
+    cmd.env("CORECAST_TEST_STARTUP_TIMEOUT_MS", "60000");
+    charge_memlock(cmd, bytes)
+}
+
+/// `cmd` run under a locked-memory limit of `bytes` without CAP_IPC_LOCK (see
+/// [`charged_memlock`]).
+fn charge_memlock(mut cmd: Command, bytes: libc::rlim_t) -> Option<Command> {
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut hard) } == 0;
+    if read && hard.rlim_max != libc::RLIM_INFINITY && hard.rlim_max < bytes {
+        eprintln!(
+            "skipping: the locked-memory hard limit is {} bytes, below the {bytes} this test sets",
+            hard.rlim_max
+        );
+        return None;
+    }
+    // SAFETY: only async-signal-safe calls (prctl, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Root keeps CAP_IPC_LOCK, for which the kernel charges no locked memory at all:
+            // dropping it from the bounding set leaves the exec'd relay without it, as a
+            // service user is. Without root (no CAP_SETPCAP) there is nothing to drop.
+            libc::prctl(libc::PR_CAPBSET_DROP, 14 /* CAP_IPC_LOCK */, 0, 0, 0);
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Some(cmd)
 }
 
 /// 4 senders burst 300 lines each to 12 clients (the senders receive each other's lines

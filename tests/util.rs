@@ -184,8 +184,14 @@ impl Relay {
     }
 
     pub fn spawn(cmd: Command) -> Relay {
+        Relay::spawn_within(cmd, PATIENCE)
+    }
+
+    /// [`Relay::spawn`] for a start that may take longer than [`PATIENCE`] (hundreds of
+    /// shards on a busy machine): waits up to `bound` for it to listen.
+    pub fn spawn_within(cmd: Command, bound: Duration) -> Relay {
         let (child, log) = spawn_logged(cmd);
-        let line = log.wait_for("listening on ");
+        let line = log.wait_for_within("listening on ", bound);
         let addr = line
             .split("listening on ")
             .nth(1)

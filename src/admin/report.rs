@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use crate::backpressure::Rule;
 use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot};
 use crate::shared::Shared;
+use crate::supervisor::ThreadWatch;
 
 /// A running shard whose heartbeat (every `executor::HEARTBEAT_INTERVAL`) is older than this
 /// is reported unhealthy: its thread has not run a timer task for that long.
@@ -139,7 +140,28 @@ pub fn stats_json(shared: &Shared) -> Value {
         "total": snapshot_json(&total),
         "shards": shards,
         "cluster": shared.cluster.as_ref().map(|c| c.to_json()),
+        "threads": threads_json(shared),
     })
+}
+
+/// The supervised threads that are not shards, by name (see `supervisor`).
+fn threads(shared: &Shared) -> Vec<(&'static str, &ThreadWatch)> {
+    let mut threads = vec![("admin", &shared.admin_thread)];
+    if let Some(cluster) = &shared.cluster {
+        threads.push(("cluster", &cluster.uplink_thread));
+    }
+    threads
+}
+
+/// `/stats`' `threads`: each supervised thread's restarts and whether it runs.
+fn threads_json(shared: &Shared) -> Value {
+    let threads = threads(shared).into_iter().map(|(name, watch)| {
+        (
+            name.to_string(),
+            json!({"restarts": watch.restarts(), "up": !watch.is_down()}),
+        )
+    });
+    Value::Object(threads.collect())
 }
 
 /// Reads every shard's counters at scrape time for the `prometheus-client` encoder.
@@ -320,6 +342,26 @@ impl Collector for ShardCollector {
         for id in 0..snaps.len() {
             let up = u64::from(ShardHealth::of(shared, id).is_healthy());
             ConstGauge::new(up).encode(family.encode_family(&[("shard", id)])?)?;
+        }
+        let threads = threads(shared);
+        let mut family = encoder.encode_descriptor(
+            "thread_restarts",
+            "Times a supervised thread (admin, cluster) died of a panic and was restarted.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, watch) in &threads {
+            ConstCounter::new(watch.restarts()).encode(family.encode_family(&[("thread", *name)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "thread_up",
+            "1 while a supervised thread (admin, cluster) runs, 0 from its death to its restart.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, watch) in &threads {
+            let up = u64::from(!watch.is_down());
+            ConstGauge::new(up).encode(family.encode_family(&[("thread", *name)])?)?;
         }
         let family = encoder.encode_descriptor(
             "quarantine_entries",

@@ -34,6 +34,7 @@ pub use report::ClusterCollector;
 
 use crate::batch::Batch;
 use crate::mesh::{self, MeshEnds};
+use crate::supervisor::ThreadWatch;
 
 /// The `origin` of every run in a batch received from another node: no local client has
 /// it (client ids are `shard << 48 | n` with far fewer than 65535 shards, and 0 marks
@@ -51,6 +52,8 @@ pub struct Cluster {
     /// checks.
     pub node_id: u64,
     pub stats: ClusterStats,
+    /// The uplink thread's restarts and whether it is down (see `supervisor`).
+    pub uplink_thread: ThreadWatch,
     epoch: Instant,
 }
 
@@ -85,6 +88,9 @@ pub struct ClusterStats {
     /// Envelopes discarded because the uplink was disconnected when a shard handed them over
     /// (local clients got them; other nodes did not).
     pub dropped_disconnected: AtomicU64,
+    /// Envelopes the shards handed over while the uplink thread was down after a panic
+    /// (local clients got them; other nodes did not), and those it had packed when it died.
+    pub dropped_uplink_down: AtomicU64,
     /// Envelopes that alone exceed the server's `max_payload`: never published.
     pub dropped_oversize: AtomicU64,
     /// True while NATS takes nothing though the connection is up (a hung server), and the
@@ -116,6 +122,7 @@ impl Cluster {
             config,
             node_id: random_node_id(),
             stats: ClusterStats::default(),
+            uplink_thread: ThreadWatch::default(),
             epoch: Instant::now(),
         }
     }

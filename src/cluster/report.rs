@@ -21,7 +21,7 @@ fn get(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-const SERIES: [Series; 24] = [
+const SERIES: [Series; 25] = [
     (
         "connected",
         "1 while the node's NATS connection is up, else 0.",
@@ -84,6 +84,12 @@ const SERIES: [Series; 24] = [
         "Envelopes not published because the NATS connection was down (local clients got them).",
         MetricType::Counter,
         |s| get(&s.dropped_disconnected),
+    ),
+    (
+        "dropped_uplink_down",
+        "Envelopes not published because the uplink thread was down after a panic (local clients got them).",
+        MetricType::Counter,
+        |s| get(&s.dropped_uplink_down),
     ),
     (
         "dropped_oversize",
@@ -194,7 +200,13 @@ impl Cluster {
     /// this does not make the node unhealthy: the status stays 200 and the line says so.
     pub fn health_line(&self) -> String {
         let mut line = String::new();
-        if self.is_connected() && self.stats.stalled.load(Ordering::Relaxed) {
+        if self.uplink_thread.is_down() {
+            let _ = writeln!(
+                line,
+                "cluster: down (the uplink thread died: {}; restarting it); relaying locally only",
+                self.uplink_thread.cause()
+            );
+        } else if self.is_connected() && self.stats.stalled.load(Ordering::Relaxed) {
             let _ = writeln!(
                 line,
                 "cluster: connected, but NATS takes nothing; relaying locally only"

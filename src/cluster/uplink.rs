@@ -5,8 +5,10 @@
 //! the watchdog checks that the server answers and replaces a client that is stuck. Their
 //! state (rings, sequence numbers) outlives any one async-nats client. The uplink ends
 //! when every shard's flush task has closed its ring (the drain at shutdown), and dropping
-//! it closes the rings to the shards, whose receiver tasks then end.
+//! it closes the rings to the shards, whose receiver tasks then end. A panic does not end
+//! it: the thread is supervised ([`spawn`]) and keeps the rings across the restart.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,22 +83,60 @@ pub fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis((attempts.saturating_sub(1) as u64 * 10).min(250))
 }
 
+/// Starts the uplink thread. It is supervised (`supervisor`): a panic is logged, counted
+/// in `cluster.uplink_thread` and shown on `/healthz`, and the uplink runs again after a
+/// backoff on a new runtime. The rings and sequence numbers belong to the thread, not to a
+/// run, so they outlive a panic: the shards never see their uplink's rings close, and
+/// what they hand it while it is down is drained and counted as `dropped_uplink_down`.
 pub fn spawn(
     cluster: Arc<Cluster>,
     from_shards: Vec<Receiver<Arc<Batch>>>,
     to_shards: Vec<Sender<Arc<Batch>>>,
 ) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
+    // The first runtime is made here, so that a failure is start-up's error.
+    let mut first = Some(runtime()?);
     std::thread::Builder::new()
         .name("corecast-cluster".into())
-        .spawn(move || runtime.block_on(run(cluster, from_shards, to_shards)))?;
+        .spawn(move || {
+            let publisher = RefCell::new(PublishState::new(from_shards));
+            let mut incoming = ReceiveState {
+                seqs: SeqTracker::default(),
+                warned_invalid: false,
+                to_shards,
+            };
+            let wait = |delay: Duration| {
+                cluster.stats.connected.store(false, Ordering::Relaxed);
+                let mut publisher = publisher.borrow_mut();
+                // What the dead run had packed but not published never reached NATS.
+                let lost = publisher.packer.discard();
+                cluster.stats.dropped_uplink_down.fetch_add(lost, Ordering::Relaxed);
+                match runtime() {
+                    Ok(rt) => rt.block_on(discard_for(&cluster, &mut publisher.rings, delay)),
+                    Err(_) => std::thread::sleep(delay),
+                }
+            };
+            crate::supervisor::supervise("cluster uplink", &cluster.uplink_thread, wait, || {
+                let rt = match first.take() {
+                    Some(rt) => rt,
+                    // A failure here is one more death, retried after the next backoff.
+                    None => runtime().unwrap_or_else(|e| panic!("cannot restart the uplink's runtime: {e}")),
+                };
+                let mut publisher = publisher.borrow_mut();
+                rt.block_on(run(&cluster, &mut publisher, &mut incoming));
+            });
+        })?;
     Ok(())
 }
 
-async fn run(cluster: Arc<Cluster>, from_shards: Vec<Receiver<Arc<Batch>>>, to_shards: Vec<Sender<Arc<Batch>>>) {
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+}
+
+/// Runs the uplink until every shard has closed its ring (the drain at shutdown).
+async fn run(cluster: &Arc<Cluster>, publisher: &mut PublishState, incoming: &mut ReceiveState) {
     let urls = cluster.config.nats.join(", ");
     tracing::info!(
         "cluster: node {:016x} joining subject {:?} over NATS ({urls})",
@@ -107,40 +147,30 @@ async fn run(cluster: Arc<Cluster>, from_shards: Vec<Receiver<Arc<Batch>>>, to_s
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cluster: bad NATS URL in {urls}: {e}; relaying locally only");
-            return discard_forever(&cluster, from_shards).await;
+            return discard_forever(cluster, &mut publisher.rings).await;
         }
     };
     let mut order = cluster.config.nats.clone();
     let subject = Subject::from(cluster.config.subject.as_str());
-    let mut publisher = PublishState::new(from_shards);
-    let mut incoming = ReceiveState {
-        seqs: SeqTracker::default(),
-        warned_invalid: false,
-        to_shards,
-    };
     // Each client gets a generation; events of a client that was replaced are ignored.
     let generation = Arc::new(AtomicU64::new(0));
     let mut connects_at_last_log = u64::MAX;
     loop {
         let this = generation.fetch_add(1, Ordering::Relaxed) + 1;
         let closed = Arc::new(AtomicBool::new(false));
-        let client = match options(&cluster, &generation, this, &closed, servers.len())
+        let client = match options(cluster, &generation, this, &closed, servers.len())
             .connect(servers.clone())
             .await
         {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!("cluster: cannot start the NATS client: {e}; relaying locally only");
-                return discard_forever(
-                    &cluster,
-                    std::mem::take(&mut publisher.rings).into_iter().flatten().collect(),
-                )
-                .await;
+                return discard_forever(cluster, &mut publisher.rings).await;
             }
         };
         let receive = async {
             match client.subscribe(subject.clone()).await {
-                Ok(subscriber) => receive_loop(&cluster, subscriber, &mut incoming).await,
+                Ok(subscriber) => receive_loop(cluster, subscriber, incoming).await,
                 Err(e) => tracing::error!(
                     "cluster: cannot subscribe to {:?}: {e}; receiving nothing",
                     cluster.config.subject
@@ -150,11 +180,11 @@ async fn run(cluster: Arc<Cluster>, from_shards: Vec<Receiver<Arc<Batch>>>, to_s
             std::future::pending::<bool>().await
         };
         let publish = async {
-            publish_loop(&cluster, &client, &subject, &mut publisher).await;
+            publish_loop(cluster, &client, &subject, publisher).await;
             true
         };
         let watch = async {
-            watchdog(&cluster, &client, &closed).await;
+            watchdog(cluster, &client, &closed).await;
             false
         };
         let finished = futures_lite::future::or(publish, futures_lite::future::or(watch, receive)).await;
@@ -367,6 +397,7 @@ async fn publish_loop(cluster: &Cluster, client: &Client, subject: &Subject, st:
     // A new client has not announced its limit yet.
     *was_connected = false;
     loop {
+        crate::supervisor::test_panic_hook("cluster");
         let first = NextBatch {
             rings: &mut rings[..],
             start: *start,
@@ -556,19 +587,27 @@ async fn publish(client: &Client, subject: &Subject, payload: Bytes, bound: Dura
 
 /// Discards what the shards hand over when there is no client at all (a URL the NATS client
 /// refused), counting it, until the shards close their rings.
-async fn discard_forever(cluster: &Cluster, from_shards: Vec<Receiver<Arc<Batch>>>) {
-    let mut rings: Vec<Option<Receiver<Arc<Batch>>>> = from_shards.into_iter().map(Some).collect();
-    while let Some(b) = (NextBatch {
-        rings: &mut rings,
-        start: 0,
-    })
-    .await
-    {
+async fn discard_forever(cluster: &Cluster, rings: &mut [Option<Receiver<Arc<Batch>>>]) {
+    while let Some(b) = (NextBatch { rings, start: 0 }).await {
         cluster
             .stats
             .dropped_disconnected
             .fetch_add(envelopes(&b), Ordering::Relaxed);
     }
+}
+
+/// Discards what the shards hand over for `delay`, while the uplink is down between a
+/// panic and its restart, counting it: the shards never wait for a dead uplink.
+async fn discard_for(cluster: &Cluster, rings: &mut [Option<Receiver<Arc<Batch>>>], delay: Duration) {
+    let drain = async {
+        while let Some(b) = (NextBatch { rings, start: 0 }).await {
+            cluster
+                .stats
+                .dropped_uplink_down
+                .fetch_add(envelopes(&b), Ordering::Relaxed);
+        }
+    };
+    let _ = tokio::time::timeout(delay, drain).await;
 }
 
 /// Most envelope bytes one batch to the shards gathers from messages already received.

@@ -177,6 +177,16 @@ impl Packer {
         self.body_len()
     }
 
+    /// Throws away the message being filled and every complete one; returns the envelopes
+    /// they held (for a publisher that died before publishing them).
+    pub fn discard(&mut self) -> u64 {
+        let lost = self.count as u64 + self.ready.iter().map(|(_, n)| *n as u64).sum::<u64>();
+        self.count = 0;
+        self.msg.clear();
+        self.ready.clear();
+        lost
+    }
+
     /// Seals the current message and hands over every complete one, in order.
     pub fn take(&mut self) -> Vec<(Vec<u8>, u32)> {
         self.seal();

@@ -18,6 +18,7 @@ use futures_lite::future::or;
 use super::Fanout;
 use crate::batch::Batch;
 use crate::mesh::{self, Receiver, Sender};
+use crate::metrics::DropReason;
 use crate::pacing::NextRun;
 
 /// Batches in flight per ordered pair of shards. A full ring means the peer shard is
@@ -39,11 +40,13 @@ pub fn build_mesh(shards: usize) -> Vec<MeshEnds> {
 #[derive(Default)]
 pub struct Peers {
     senders: Vec<Sender<Arc<Batch>>>,
+    /// Whether a gone peer was logged (once per shard).
+    warned: bool,
 }
 
 impl Peers {
     pub fn new(senders: Vec<Sender<Arc<Batch>>>) -> Self {
-        Peers { senders }
+        Peers { senders, warned: false }
     }
 
     /// Adds one more peer.
@@ -52,11 +55,23 @@ impl Peers {
     }
 
     /// Hands `batch` to every peer in turn, waiting while a peer's ring is full (readers
-    /// on this shard pause meanwhile). A send error means that peer is gone, which only
-    /// happens as the process stops.
-    async fn send(&mut self, batch: &Arc<Batch>) {
-        for peer in &mut self.senders {
-            let _ = peer.send(batch.clone()).await;
+    /// on this shard pause meanwhile). A send error means that peer's end is gone: at
+    /// shutdown, or a thread that died beyond the supervisor's reach (the uplink keeps its
+    /// rings across restarts). Its envelopes are counted as `peer_gone`, never lost
+    /// silently, and the first such loss outside shutdown is logged.
+    async fn send(&mut self, batch: &Arc<Batch>, fanout: &Fanout) {
+        for (i, peer) in self.senders.iter_mut().enumerate() {
+            if peer.send(batch.clone()).await.is_err() {
+                let envelopes = batch.runs.iter().map(|r| r.count as u64).sum();
+                fanout.stats.on_drop(DropReason::PeerGone, envelopes);
+                if !self.warned && !fanout.is_shutting_down() {
+                    self.warned = true;
+                    tracing::error!(
+                        "shard {}: peer {i} of the mesh is gone; what it should get is dropped (counted as peer_gone)",
+                        fanout.shard_id
+                    );
+                }
+            }
         }
     }
 }
@@ -99,7 +114,7 @@ pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
         while let Some(batch) = fanout.take_outgoing() {
             let batch = Arc::new(batch);
             fanout.deliver(batch.clone());
-            peers.send(&batch).await;
+            peers.send(&batch, &fanout).await;
         }
         fanout.write_due(last_tick.unwrap_or(tick.saturating_sub(1)));
         last_tick = Some(tick);
