@@ -282,9 +282,9 @@ impl Client {
     }
 
     /// Applies `policy` to this client's standing, as its shard measured it.
-    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, now: Instant) -> Verdict {
+    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, crowd_behind: bool, now: Instant) -> Verdict {
         let mut lag = self.lag.get();
-        let verdict = policy.observe(&mut lag, depth, bytes, now);
+        let verdict = policy.observe(&mut lag, depth, bytes, crowd_behind, now);
         self.lag.set(lag);
         verdict
     }

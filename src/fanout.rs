@@ -155,10 +155,12 @@ impl Fanout {
         let mut now = None;
         for client in self.clients.borrow().values() {
             // Closing clients take no more, except for shutdown, which flushes them within
-            // the usual per-connection byte bound.
+            // the usual per-connection byte bound; what a shutdown flush has no room for is
+            // counted as the shutdown close counts the rest (`recipient_gone`): no
+            // slow-consumer close happened.
             let refuse = client.refusing_envelopes().or_else(|| {
                 (client.is_closing() && client.queued_bytes() > self.shared.policy.max_pending_bytes)
-                    .then_some(CloseReason::SlowConsumer)
+                    .then_some(CloseReason::Shutdown)
             });
             if let Some(reason) = refuse {
                 let lost: u32 = batch

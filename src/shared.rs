@@ -73,6 +73,9 @@ pub struct Shared {
     /// Each shard's queued memory (its [`Ledger`](crate::batch::Ledger)), written only by
     /// that shard, summed by every reader against `max_total_pending_bytes`.
     pending_bytes: Box<[Arc<AtomicU64>]>,
+    /// Each shard's count of stalled recipients, written only by that shard, read by the
+    /// backpressure policy (is the crowd behind, or one laggard?).
+    stalled: Box<[AtomicUsize]>,
     /// Open connections in the process, against `max_connections`.
     pub connections: ConnectionSlots,
     pub shutdown: ShutdownSignal,
@@ -98,6 +101,7 @@ impl Shared {
             ),
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             pending_bytes: (0..config.shards).map(|_| Arc::default()).collect(),
+            stalled: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             connections: ConnectionSlots::new(config.max_connections),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
@@ -134,6 +138,21 @@ impl Shared {
         if let Some(s) = self.stage.get(id) {
             s.store(stage as u8, Ordering::Relaxed);
         }
+    }
+
+    /// Publishes how many of shard `id`'s recipients are stalled (only that shard calls this).
+    pub fn publish_stalled(&self, id: usize, n: usize) {
+        if let Some(s) = self.stalled.get(id) {
+            s.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// True while at least half of the process's clients are stalled: the relay as a whole
+    /// is behind its readers, not one laggard (see `backpressure`).
+    pub fn crowd_behind(&self) -> bool {
+        let stalled: usize = self.stalled.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        let open: u64 = self.stats.iter().map(|s| s.open.get()).sum();
+        stalled > 0 && 2 * stalled as u64 >= open
     }
 
     /// Shard `id`'s entry in the table of queued memory, for its [`Ledger`](crate::batch::Ledger).
