@@ -351,3 +351,31 @@ fn test_triggers(line: &str) {
         std::thread::sleep(Duration::from_millis(*ms));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::machine::Machine;
+
+    /// A client closing for shutdown takes envelopes up to `max_pending_bytes`; what comes
+    /// after is dropped as `recipient_gone`, since no slow-consumer close happened.
+    #[test]
+    fn a_shutdown_flush_over_the_byte_bound_drops_as_recipient_gone_not_slow_consumer() {
+        let config = Config {
+            max_pending_bytes: 4096,
+            ..Config::defaults_for(&Machine::detect())
+        };
+        let shared = Arc::new(Shared::new(config));
+        let stats = shared.stats[0].clone();
+        let fanout = Rc::new(Fanout::new(0, shared, stats.clone(), Drain::new()));
+        let member = fanout.join("127.0.0.1:7".parse().unwrap(), -1);
+        member.client().request_close(CloseReason::Shutdown);
+        let line = "z".repeat(5000);
+        fanout.deliver(Arc::new(Batch::of(&[(99, line.as_str())], "127.0.0.1:8")));
+        assert!(member.client().queued_bytes() > 4096, "the first batch is taken for the flush");
+        fanout.deliver(Arc::new(Batch::of(&[(99, "a"), (99, "b")], "127.0.0.1:8")));
+        assert_eq!(stats.dropped(DropReason::RecipientGone), 2);
+        assert_eq!(stats.dropped(DropReason::SlowConsumer), 0);
+    }
+}
