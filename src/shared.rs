@@ -67,6 +67,9 @@ pub struct Shared {
     pub policy: Policy,
     /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
     pub quarantine: Quarantine,
+    /// A connection whose socket took more bytes than this has read, and its slow-consumer
+    /// close is no strike (see [`crate::quarantine::unread_bytes_bound`]).
+    pub unread_bytes_bound: u64,
     /// Each shard's backpressure [`Stage`] (the largest among its stalled recipients),
     /// written only by that shard, read by every sender's reader after it relayed lines.
     stage: Box<[AtomicU8]>,
@@ -97,8 +100,10 @@ impl Shared {
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
                 config.quarantine_strikes,
+                Duration::from_millis(config.write_deadline_ms),
                 config.quarantine_max_entries,
             ),
+            unread_bytes_bound: crate::quarantine::unread_bytes_bound(),
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             pending_bytes: (0..config.shards).map(|_| Arc::default()).collect(),
             stalled: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),

@@ -129,16 +129,27 @@ impl Stalls {
         }
         self.stats.on_slow_consumer(rule);
         let why = format!("{queued}, {}", self.rule_text(rule));
-        let strike = self.shared.quarantine.strike(client.addr, Instant::now());
+        // A client that has read (its socket took more than a non-reader's could) is an
+        // agent busy elsewhere, not an abuser: no strike (docs/protocol.md#quarantine).
+        let read = client.accepted_bytes();
+        let strike = if read > self.shared.unread_bytes_bound {
+            Strike::Served { read }
+        } else {
+            self.shared.quarantine.strike(client.addr, Instant::now())
+        };
         let action = match strike {
             Strike::Counted { count, limit } => format!("closing it (strike {count} of {limit})"),
+            Strike::SameEpisode { count, limit } => {
+                format!("closing it (same episode as strike {count} of {limit}, no new strike)")
+            }
+            Strike::Served { read } => format!("closing it (no strike: it has read {read} bytes)"),
             Strike::Quarantined { limit, cooldown } => format!(
                 "closing it (strike {limit} of {limit}) and quarantining it for {} s",
                 cooldown.as_secs()
             ),
             Strike::Off => "closing it".to_string(),
         };
-        if strike != Strike::Off {
+        if matches!(strike, Strike::Counted { .. } | Strike::Quarantined { .. }) {
             self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
         }
         tracing::warn!("slow consumer {}: {why}; {action}", client.addr);
