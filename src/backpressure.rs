@@ -307,7 +307,10 @@ mod tests {
         let mut lag = stalled(t0);
         assert_eq!(p.observe(&mut lag, 99, 0, false, t0).stage, Stage::None);
         assert_eq!(p.observe(&mut lag, 100, 0, false, t0).stage, Stage::Throttle);
-        assert_eq!(p.observe(&mut lag, 300, 0, false, t0 + ms(10)).stage, Stage::FlowControl);
+        assert_eq!(
+            p.observe(&mut lag, 300, 0, false, t0 + ms(10)).stage,
+            Stage::FlowControl
+        );
         assert_eq!(p.observe(&mut lag, 299, 0, false, t0 + ms(20)).stage, Stage::Throttle);
     }
 
@@ -349,7 +352,10 @@ mod tests {
         let t0 = Instant::now();
         let mut lag = stalled(t0);
         assert_eq!(p.observe(&mut lag, 5, 100, false, t0 + ms(9_999)).close, None);
-        assert_eq!(p.observe(&mut lag, 5, 100, false, t0 + ms(10_000)).close, Some(Rule::Deadline));
+        assert_eq!(
+            p.observe(&mut lag, 5, 100, false, t0 + ms(10_000)).close,
+            Some(Rule::Deadline)
+        );
     }
 
     #[test]
@@ -363,7 +369,10 @@ mod tests {
         assert_eq!(p.observe(&mut lag, 5, 100, false, t1).close, None);
         lag.on_progress(t1 + ms(9_000));
         assert_eq!(p.observe(&mut lag, 5, 100, false, t1 + ms(18_000)).close, None);
-        assert_eq!(p.observe(&mut lag, 5, 100, false, t1 + ms(19_000)).close, Some(Rule::Deadline));
+        assert_eq!(
+            p.observe(&mut lag, 5, 100, false, t1 + ms(19_000)).close,
+            Some(Rule::Deadline)
+        );
     }
 
     #[test]
@@ -396,7 +405,10 @@ mod tests {
         lag.on_progress(t0 + ms(21_000));
         assert_eq!(p.observe(&mut lag, 600, 0, false, t0 + ms(21_000)).close, None);
         lag.on_progress(t0 + ms(22_000));
-        assert_eq!(p.observe(&mut lag, 600, 0, false, t0 + ms(22_000)).close, Some(Rule::Messages));
+        assert_eq!(
+            p.observe(&mut lag, 600, 0, false, t0 + ms(22_000)).close,
+            Some(Rule::Messages)
+        );
     }
 
     #[test]
@@ -408,10 +420,14 @@ mod tests {
         lag.on_progress(t0 + ms(30_000));
         assert_eq!(p.observe(&mut lag, 100_000, 1000, false, t0 + ms(30_000)).close, None);
         assert_eq!(
-            p.observe(&mut lag, 5, p.max_pending_bytes + 1, false, t0 + ms(30_000)).close,
+            p.observe(&mut lag, 5, p.max_pending_bytes + 1, false, t0 + ms(30_000))
+                .close,
             Some(Rule::Bytes)
         );
-        assert_eq!(p.observe(&mut lag, 5, 10, false, t0 + ms(40_000)).close, Some(Rule::Deadline));
+        assert_eq!(
+            p.observe(&mut lag, 5, 10, false, t0 + ms(40_000)).close,
+            Some(Rule::Deadline)
+        );
     }
 
     #[test]
@@ -445,7 +461,10 @@ mod tests {
         let mut off = p;
         off.thresholds.enable_flow_control = false;
         off.thresholds.enable_throttle = false;
-        assert_eq!(off.observe(&mut Lag::new(t0), 10, 2 * quarter, false, t0).stage, Stage::None);
+        assert_eq!(
+            off.observe(&mut Lag::new(t0), 10, 2 * quarter, false, t0).stage,
+            Stage::None
+        );
     }
 
     #[test]

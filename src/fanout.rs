@@ -373,7 +373,10 @@ mod tests {
         member.client().request_close(CloseReason::Shutdown);
         let line = "z".repeat(5000);
         fanout.deliver(Arc::new(Batch::of(&[(99, line.as_str())], "127.0.0.1:8")));
-        assert!(member.client().queued_bytes() > 4096, "the first batch is taken for the flush");
+        assert!(
+            member.client().queued_bytes() > 4096,
+            "the first batch is taken for the flush"
+        );
         fanout.deliver(Arc::new(Batch::of(&[(99, "a"), (99, "b")], "127.0.0.1:8")));
         assert_eq!(stats.dropped(DropReason::RecipientGone), 2);
         assert_eq!(stats.dropped(DropReason::SlowConsumer), 0);

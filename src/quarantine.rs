@@ -318,7 +318,12 @@ impl Quarantine {
 /// read. Read once at start; 16 MiB if the kernel's figures cannot be read.
 pub fn unread_bytes_bound() -> u64 {
     fn field(path: &str, i: usize) -> Option<u64> {
-        std::fs::read_to_string(path).ok()?.split_whitespace().nth(i)?.parse().ok()
+        std::fs::read_to_string(path)
+            .ok()?
+            .split_whitespace()
+            .nth(i)?
+            .parse()
+            .ok()
     }
     let send = field("/proc/sys/net/ipv4/tcp_wmem", 2);
     let initial = field("/proc/sys/net/ipv4/tcp_rmem", 1);
@@ -394,7 +399,13 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     fn strikes(limit: u32, max_entries: usize) -> Quarantine {
-        Quarantine::new(QuarantineBy::Ip, Duration::from_secs(300), limit, Duration::ZERO, max_entries)
+        Quarantine::new(
+            QuarantineBy::Ip,
+            Duration::from_secs(300),
+            limit,
+            Duration::ZERO,
+            max_entries,
+        )
     }
 
     #[test]
@@ -521,7 +532,13 @@ mod tests {
 
     #[test]
     fn closes_within_an_episode_of_the_last_counted_strike_are_one_strike() {
-        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(300), 3, Duration::from_secs(10), 100);
+        let q = Quarantine::new(
+            QuarantineBy::Ip,
+            Duration::from_secs(300),
+            3,
+            Duration::from_secs(10),
+            100,
+        );
         let t0 = Instant::now();
         // Three agents of one host closed within seconds of each other: one strike.
         assert_eq!(q.strike(addr("10.0.0.1:1"), t0), Strike::Counted { count: 1, limit: 3 });

@@ -76,6 +76,9 @@ pub struct Shared {
     /// Each shard's queued memory (its [`Ledger`](crate::batch::Ledger)), written only by
     /// that shard, summed by every reader against `max_total_pending_bytes`.
     pending_bytes: Box<[Arc<AtomicU64>]>,
+    /// Each shard's memory held by partial lines, written only by that shard, summed by
+    /// every reader against `max_total_partial_bytes`.
+    partial_bytes: Box<[AtomicU64]>,
     /// Each shard's count of stalled recipients, written only by that shard, read by the
     /// backpressure policy (is the crowd behind, or one laggard?).
     stalled: Box<[AtomicUsize]>,
@@ -107,6 +110,7 @@ impl Shared {
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             pending_bytes: (0..config.shards).map(|_| Arc::default()).collect(),
             stalled: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
+            partial_bytes: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
             connections: ConnectionSlots::new(config.max_connections),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
@@ -143,6 +147,19 @@ impl Shared {
         if let Some(s) = self.stage.get(id) {
             s.store(stage as u8, Ordering::Relaxed);
         }
+    }
+
+    /// Publishes the memory shard `id`'s partial lines hold (only that shard calls this).
+    pub fn publish_partial_bytes(&self, id: usize, bytes: u64) {
+        if let Some(b) = self.partial_bytes.get(id) {
+            b.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// True while partial lines, process-wide, hold `max_total_partial_bytes` or more.
+    pub fn over_partial_bound(&self) -> bool {
+        let held: u64 = self.partial_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        held >= self.config.max_total_partial_bytes as u64
     }
 
     /// Publishes how many of shard `id`'s recipients are stalled (only that shard calls this).

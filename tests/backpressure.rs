@@ -427,7 +427,11 @@ fn megabyte_lines_pause_the_sender_instead_of_closing_readers_that_keep_reading(
     // Receive buffers of 256 KiB, so that the backlog is the relay's, not the kernel's
     // (loopback buffers can grow to tens of megabytes and hide it).
     let readers: Vec<TcpStream> = (0..READERS)
-        .map(|_| relay.connect_from("127.0.0.1:0".parse().unwrap(), Some(256 << 10)).stream)
+        .map(|_| {
+            relay
+                .connect_from("127.0.0.1:0".parse().unwrap(), Some(256 << 10))
+                .stream
+        })
         .collect();
     let mut sender = relay.connect();
     let lines = large_lines(LINES, 1_000_000);
@@ -440,7 +444,12 @@ fn megabyte_lines_pause_the_sender_instead_of_closing_readers_that_keep_reading(
     sender.send(burst.as_bytes());
     for (i, h) in handles.into_iter().enumerate() {
         let (got, complete) = h.join().unwrap();
-        assert!(complete, "reader {i} got {got} of {} bytes\n{}", want.len(), relay.log.text());
+        assert!(
+            complete,
+            "reader {i} got {got} of {} bytes\n{}",
+            want.len(),
+            relay.log.text()
+        );
     }
     assert_eq!(relay.log.count("slow consumer"), 0, "{}", relay.log.text());
     relay.signal(libc::SIGTERM);

@@ -571,3 +571,62 @@ fn max_pending_bytes_closes_a_stuck_recipient_even_with_disconnect_disabled() {
     assert!(relay.final_counter("dropped.slow_consumer") > 0);
     assert_eq!(relay.final_counter("closed.slow_consumer"), 1);
 }
+
+/// The relay's resident memory in KiB, from /proc.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Forty connections each start a line of a megabyte and never finish it: with
+/// `max_total_partial_bytes` at 1 MiB the relay holds about that much for them, not 40 MiB;
+/// short lines from others are still relayed; the holders, no longer read, go idle and are
+/// closed by the idle timeout, and then a long line gets through whole.
+#[test]
+fn partial_lines_are_held_within_max_total_partial_bytes() {
+    const HOLDERS: usize = 40;
+    let relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":2,
+            "timeout_check_interval_secs":1,"max_total_partial_bytes":1048576}}"#,
+        &["--shards", "2"],
+    );
+    let mut reader = relay.connect();
+    let mut talker = relay.connect();
+    let before = rss_kib(relay.pid());
+    let holders: Vec<_> = (0..HOLDERS)
+        .map(|_| {
+            let mut c = relay.connect();
+            std::thread::spawn(move || {
+                // Blocks once the relay stops reading it; ends when the relay closes it.
+                let _ = c.stream.write_all(&vec![b'p'; 1 << 20]);
+                c
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let during = rss_kib(relay.pid());
+    eprintln!("relay RSS {before} KiB before, {during} KiB with {HOLDERS} partial lines of 1 MiB started");
+    assert!(
+        during < before + 16 * 1024,
+        "{HOLDERS} partial lines grew the relay from {before} to {during} KiB"
+    );
+    // Short lines still get through.
+    talker.send(b"short lines still relay\n");
+    assert_eq!(reader.line_str(), talker.envelope("short lines still relay"));
+    // The holders are closed as idle (the reader keeps itself alive with the talker's lines
+    // only; it sends nothing, so it goes too, and a new one takes its place).
+    for h in holders {
+        let mut c = h.join().unwrap();
+        assert!(c.read_to_eof().ends_with(protocol::NOTICE_IDLE.as_bytes()));
+    }
+    let mut reader = relay.connect();
+    let mut long = relay.connect();
+    let line = "q".repeat(600_000);
+    long.send(format!("{line}\n").as_bytes());
+    assert_eq!(reader.line_str(), long.envelope(&line));
+}
