@@ -26,7 +26,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, MeshEnds, Peers, MESH_CAPACITY};
+pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, InFlight, MeshEnds, Peers, MESH_CAPACITY};
 pub use outgoing::MAX_OUTGOING_BYTES;
 
 use crate::batch::{Batch, Ledger, LocalBatch};
@@ -41,6 +41,9 @@ use outgoing::Outgoing;
 use reads::Reads;
 use stalls::Stalls;
 
+/// How often readers paused because a peer has not taken this shard's batches look again.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(1);
+
 /// One shard's fan-out state.
 pub struct Fanout {
     shard_id: usize,
@@ -54,6 +57,8 @@ pub struct Fanout {
     ledger: Rc<Ledger>,
     /// Envelopes accepted on this shard and not yet flushed.
     outgoing: Outgoing,
+    /// Bytes of flushed batches the peers have not taken yet (set by the flush task).
+    in_flight: RefCell<Rc<InFlight>>,
     /// Wakes the flush task when `outgoing` becomes non-empty, when a client becomes due,
     /// and at shutdown.
     flush_wanted: Notify,
@@ -79,6 +84,7 @@ impl Fanout {
             rate_limit_notice: Ledger::detached().pin(Arc::new(Batch::notice(protocol::NOTICE_RATE_LIMITED))),
             ledger,
             outgoing: Outgoing::default(),
+            in_flight: RefCell::default(),
             flush_wanted: Notify::default(),
             schedule: Schedule::new(window, Instant::now()),
             reads: Reads::new(shard_id),
@@ -139,8 +145,18 @@ impl Fanout {
 
     /// Waits while the outgoing batch is over [`MAX_OUTGOING_BYTES`]: the flush task is
     /// behind (a peer ring is full), and readers pause until it catches up.
+    /// Also waits while a peer has not yet taken more than that of this shard's batches
+    /// (see [`InFlight`]), looking again every millisecond.
     pub async fn wait_for_outgoing_room(&self) {
         self.outgoing.wait_for_room().await;
+        while !self.is_shutting_down() && self.in_flight.borrow().is_over(MAX_OUTGOING_BYTES as u64) {
+            glommio::timer::sleep(IN_FLIGHT_POLL).await;
+        }
+    }
+
+    /// Watches the flush task's rings to its peers for [`Fanout::wait_for_outgoing_room`].
+    fn watch_in_flight(&self, in_flight: Rc<InFlight>) {
+        *self.in_flight.borrow_mut() = in_flight;
     }
 
     /// Takes the batch built so far, if any, and releases paused readers.

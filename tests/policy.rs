@@ -630,3 +630,26 @@ fn partial_lines_are_held_within_max_total_partial_bytes() {
     long.send(format!("{line}\n").as_bytes());
     assert_eq!(reader.line_str(), long.envelope(&line));
 }
+
+/// Connections held unread because partial lines are over their bound do not hold up the
+/// shutdown: each gets N3 and the relay exits 0.
+#[test]
+fn connections_waiting_for_partial_line_room_drain_at_shutdown() {
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"client_timeout_secs":null,"max_total_partial_bytes":65536}}"#,
+        &["--shards", "1"],
+    );
+    let holders: Vec<Client> = (0..4)
+        .map(|_| {
+            let mut c = relay.connect();
+            c.send(&vec![b'h'; 40_000]);
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    relay.signal(libc::SIGTERM);
+    for mut c in holders {
+        assert_eq!(c.read_to_eof(), protocol::NOTICE_SHUTDOWN.as_bytes());
+    }
+    assert_eq!(relay.wait_exit(), Some(0));
+}

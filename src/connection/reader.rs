@@ -99,6 +99,10 @@ pub async fn read_half(
         if shard.shared.over_partial_bound() {
             if framer.partial_len() >= SMALL_PARTIAL_BYTES {
                 shard.partial.wait_for_room(shard).await;
+                if shard.is_shutting_down() {
+                    // The drain reads nothing more (and the wait no longer waits).
+                    return CloseReason::Shutdown;
+                }
                 continue;
             }
             limit = SMALL_PARTIAL_BYTES - framer.partial_len();
