@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
@@ -95,29 +96,40 @@ pub async fn read_half(
     loop {
         fanout.wait_for_outgoing_room().await;
         wait_for_pending_room(shard).await;
-        let mut limit = READ_SCRATCH_BYTES;
-        if shard.shared.over_partial_bound() {
-            if framer.partial_len() >= SMALL_PARTIAL_BYTES {
-                shard.partial.wait_for_room(shard).await;
-                if shard.is_shutting_down() {
-                    // The drain reads nothing more (and the wait no longer waits).
-                    return CloseReason::Shutdown;
-                }
-                continue;
+        let partial = framer.partial_len();
+        if read_limit(shard, partial).is_none() {
+            shard.partial.wait_for_room(shard).await;
+            if shard.is_shutting_down() {
+                // The drain reads nothing more (and the wait no longer waits).
+                return CloseReason::Shutdown;
             }
-            limit = SMALL_PARTIAL_BYTES - framer.partial_len();
+            continue;
         }
         // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
         // consumed below before the next `.await`, so no other reader can overwrite them.
         let read = match std::mem::replace(&mut next, NextRead::Readiness) {
             NextRead::Readiness => {
-                poll_fn(|cx| {
+                // The limit is taken when the socket is ready, not before the wait: thousands
+                // of readers waiting at once would otherwise each read a full buffer.
+                let read = poll_fn(|cx| {
+                    let Some(limit) = read_limit(shard, partial) else {
+                        return Poll::Ready(None);
+                    };
                     let mut scratch = scratch.0.borrow_mut();
-                    Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch[..limit])
+                    Pin::new(&mut *stream.borrow_mut())
+                        .poll_read(cx, &mut scratch[..limit])
+                        .map(Some)
                 })
-                .await
+                .await;
+                match read {
+                    Some(read) => read,
+                    None => continue,
+                }
             }
             how => {
+                let Some(limit) = read_limit(shard, partial) else {
+                    continue;
+                };
                 // A statement of its own: the borrows must end before any `.await` below.
                 let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut()[..limit]);
                 match read {
@@ -197,6 +209,18 @@ pub async fn read_half(
             client.reader_woken().await;
             next = NextRead::Woken;
         }
+    }
+}
+
+/// How many bytes a reader holding `partial` bytes of a line may read now, or `None` while
+/// it must wait for room under `max_total_partial_bytes` (docs/protocol.md#memory-bounds).
+fn read_limit(shard: &Shard, partial: usize) -> Option<usize> {
+    if !shard.shared.over_partial_bound() {
+        Some(READ_SCRATCH_BYTES)
+    } else if partial < SMALL_PARTIAL_BYTES {
+        Some(SMALL_PARTIAL_BYTES - partial)
+    } else {
+        None
     }
 }
 
