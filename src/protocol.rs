@@ -297,7 +297,7 @@ mod tests {
         }
         assert_eq!(lines(&mut f, b"\n").0.len(), 1);
         let mut small = Framer::new(1 << 20);
-        lines(&mut small, b"abc");
+        assert_eq!(lines(&mut small, b"abc").1, Ok(()));
         assert!(small.held() <= 4, "{}", small.held());
     }
 
