@@ -157,7 +157,13 @@ fn quarantine_lookup(c: &mut Criterion) {
     // Filled on first use, so that filtering these benches out skips the fill.
     let table = OnceCell::new();
     let fill = || {
-        let table = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(300), 1, ENTRIES as usize);
+        let table = Quarantine::new(
+            QuarantineBy::Ip,
+            Duration::from_secs(300),
+            1,
+            Duration::ZERO,
+            ENTRIES as usize,
+        );
         for i in 0..ENTRIES {
             table.insert(peer(10, i, 40_000), t0);
         }

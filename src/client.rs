@@ -73,6 +73,9 @@ pub struct Client {
     stalled: Cell<bool>,
     /// Where it stands with the backpressure policy while stalled; its shard observes it.
     lag: Cell<Lag>,
+    /// Bytes its socket has taken over the connection's life: proof that it reads once
+    /// past what the kernel can hold for a peer that does not (quarantine strikes).
+    accepted: Cell<u64>,
     /// When the last inbound bytes arrived (idle timeout).
     last_inbound: Cell<Instant>,
     /// Wakes the writer half, which drains the outbox while the socket is stalled.
@@ -101,6 +104,7 @@ impl Client {
             outbox: RefCell::default(),
             stalled: Cell::new(false),
             lag: Cell::new(Lag::new(Instant::now())),
+            accepted: Cell::new(0),
             last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -196,6 +200,7 @@ impl Client {
             }
             let mut left = sent as usize;
             stats.on_write(left);
+            self.accepted.set(self.accepted.get() + left as u64);
             while let Some(len) = outbox.front_len() {
                 if len > left {
                     break;
@@ -244,6 +249,7 @@ impl Client {
     /// Records `n` bytes of the job in progress written at `now`.
     pub fn on_written(&self, n: usize, stats: &ShardStats, now: Instant) -> Written {
         stats.on_write(n);
+        self.accepted.set(self.accepted.get() + n as u64);
         if self.stalled.get() {
             self.update_lag(|lag| lag.on_progress(now));
         }
@@ -282,9 +288,9 @@ impl Client {
     }
 
     /// Applies `policy` to this client's standing, as its shard measured it.
-    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, now: Instant) -> Verdict {
+    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, crowd_behind: bool, now: Instant) -> Verdict {
         let mut lag = self.lag.get();
-        let verdict = policy.observe(&mut lag, depth, bytes, now);
+        let verdict = policy.observe(&mut lag, depth, bytes, crowd_behind, now);
         self.lag.set(lag);
         verdict
     }
@@ -302,6 +308,11 @@ impl Client {
         } else {
             0
         }
+    }
+
+    /// Bytes the socket has taken since the connection opened.
+    pub fn accepted_bytes(&self) -> u64 {
+        self.accepted.get()
     }
 
     /// `b`: bytes queued and not yet accepted by the socket.

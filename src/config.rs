@@ -228,6 +228,11 @@ pub struct Config {
     /// reading until it drops below. Counted as held: a batch queued for many recipients
     /// counts once, plus a small fixed cost per outbox entry. Default 1 GiB.
     pub max_total_pending_bytes: usize,
+    /// Memory held by partial lines (bytes of lines still arriving) in the whole process;
+    /// past it, a connection holding more than 4 KiB of a partial line is not read until
+    /// the total drops below, and the others read at most up to 4 KiB of a partial line.
+    /// Counted as allocated. Default 256 MiB.
+    pub max_total_partial_bytes: usize,
     /// A recipient with data queued that accepts no byte for this long is closed
     /// (`slow_consumer`); also how long one may stay over `disconnect_threshold`, and the
     /// window of the pause allowance (`flow_control_delay_ms`). Default 10000 ms.
@@ -293,6 +298,7 @@ impl Config {
             max_line_bytes: 1 << 20,
             max_pending_bytes: 64 << 20,
             max_total_pending_bytes: 1 << 30,
+            max_total_partial_bytes: 256 << 20,
             write_deadline_ms: 10_000,
             max_connections: default_max_connections(machine.nofile_hard_limit),
             quarantine_by: QuarantineBy::Ip,
@@ -463,6 +469,10 @@ impl Config {
             &mut self.max_total_pending_bytes,
             s.int("max_total_pending_bytes", 4096, 1 << 48)?,
         );
+        set_usize(
+            &mut self.max_total_partial_bytes,
+            s.int("max_total_partial_bytes", 65536, 1 << 48)?,
+        );
         set(&mut self.write_deadline_ms, s.int("write_deadline_ms", 1, 3_600_000)?);
         set_usize(&mut self.max_connections, s.int("max_connections", 1, 10_000_000)?);
         if let Some(by) = s.string("quarantine_by")? {
@@ -560,6 +570,7 @@ impl Config {
                 "max_line_bytes": self.max_line_bytes,
                 "max_pending_bytes": self.max_pending_bytes,
                 "max_total_pending_bytes": self.max_total_pending_bytes,
+                "max_total_partial_bytes": self.max_total_partial_bytes,
                 "write_deadline_ms": self.write_deadline_ms,
                 "max_connections": self.max_connections,
                 "quarantine_by": match self.quarantine_by { QuarantineBy::Ip => "ip", QuarantineBy::Addr => "addr" },

@@ -7,10 +7,12 @@
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::fanout::Fanout;
 use crate::metrics::ShardStats;
+use crate::notify::NotifyAll;
 use crate::shared::Shared;
 use crate::shutdown::Drain;
 
@@ -27,6 +29,8 @@ pub struct Shard {
     pub drain: Rc<Drain>,
     /// N6 refusals in progress.
     pub refusals: RefusalSlots,
+    /// The memory this shard's partial lines hold, against `max_total_partial_bytes`.
+    pub partial: PartialLines,
 }
 
 impl Shard {
@@ -40,6 +44,7 @@ impl Shard {
             stats,
             shared,
             refusals: RefusalSlots::default(),
+            partial: PartialLines::default(),
         }
     }
 
@@ -49,6 +54,66 @@ impl Shard {
 
     pub fn is_shutting_down(&self) -> bool {
         self.drain.is_started()
+    }
+}
+
+/// How often a shard looks whether partial lines dropped under `max_total_partial_bytes`
+/// while readers wait for it (one timer per shard, not one per waiting connection).
+const PARTIAL_ROOM_POLL: Duration = Duration::from_millis(50);
+
+/// The memory held by this shard's partial lines (docs/protocol.md#memory-bounds): each
+/// reader reports its framer's allocation as it changes, the total is published in
+/// [`Shared`] for the process-wide bound, and readers that must wait for room park here.
+#[derive(Default)]
+pub struct PartialLines {
+    held: Cell<u64>,
+    /// Releases the readers waiting for room; one of them polls the bound meanwhile.
+    room: NotifyAll,
+    polling: Cell<bool>,
+}
+
+impl PartialLines {
+    /// One reader's partial line went from holding `before` bytes to `after`.
+    pub fn adjust(&self, shard: &Shard, before: usize, after: usize) {
+        if before == after {
+            return;
+        }
+        let held = (self.held.get() + after as u64).saturating_sub(before as u64);
+        self.held.set(held);
+        shard.shared.publish_partial_bytes(shard.id, held);
+        if after < before && self.room.has_waiters() && !shard.shared.over_partial_bound() {
+            self.room.notify_all();
+        }
+    }
+
+    /// Waits until partial lines hold less than `max_total_partial_bytes` process-wide, or
+    /// the shard drains. One waiter per shard polls every [`PARTIAL_ROOM_POLL`] (memory
+    /// freed on other shards), the others park until it or a local release wakes them.
+    pub async fn wait_for_room(&self, shard: &Shard) {
+        let waiting = || shard.shared.over_partial_bound() && !shard.is_shutting_down();
+        while waiting() {
+            if self.polling.replace(true) {
+                self.room.wait().await;
+                continue;
+            }
+            // This reader polls until there is room; dropping the poller (room, or its
+            // connection ended) wakes the others once, and one takes over if needed.
+            let _poller = Poller(self);
+            while waiting() {
+                glommio::timer::sleep(PARTIAL_ROOM_POLL).await;
+            }
+        }
+    }
+}
+
+/// The reader polling for partial-line room; when it stops (room, or its connection
+/// ended), the others wake and one of them takes over if there is still none.
+struct Poller<'a>(&'a PartialLines);
+
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        self.0.polling.set(false);
+        self.0.room.notify_all();
     }
 }
 

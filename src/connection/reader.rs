@@ -6,10 +6,11 @@
 //! turn at a read round, or a wake-up from the ready set. It keeps only an unfinished line
 //! (in its framer), so an idle connection holds no buffer.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
@@ -31,6 +32,10 @@ const EMPTY_TURNS: u32 = 2;
 const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// One read's worth of input.
 const READ_SCRATCH_BYTES: usize = 64 << 10;
+/// While partial lines are over `max_total_partial_bytes`, a connection may still hold this
+/// much of a partial line (it reads at most up to it); one holding more is not read until
+/// there is room again (docs/protocol.md#memory-bounds).
+const SMALL_PARTIAL_BYTES: usize = 4 << 10;
 
 /// The buffer every reader on a shard reads into (the accept loop makes one and hands it
 /// to each connection). A reader borrows it only inside one poll or `recv` and consumes
@@ -82,22 +87,51 @@ pub async fn read_half(
         .rate_limit_msgs_per_minute
         .map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
     let (mut next, mut empty_turns) = (NextRead::Readiness, 0);
+    // What the framer holds, as counted in the shard's partial lines; given back when this
+    // future ends, however it ends.
+    let held = HeldPartial {
+        shard,
+        bytes: Cell::new(0),
+    };
     loop {
         fanout.wait_for_outgoing_room().await;
         wait_for_pending_room(shard).await;
+        let partial = framer.partial_len();
+        if read_limit(shard, partial).is_none() {
+            shard.partial.wait_for_room(shard).await;
+            if shard.is_shutting_down() {
+                // The drain reads nothing more (and the wait no longer waits).
+                return CloseReason::Shutdown;
+            }
+            continue;
+        }
         // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
         // consumed below before the next `.await`, so no other reader can overwrite them.
         let read = match std::mem::replace(&mut next, NextRead::Readiness) {
             NextRead::Readiness => {
-                poll_fn(|cx| {
+                // The limit is taken when the socket is ready, not before the wait: thousands
+                // of readers waiting at once would otherwise each read a full buffer.
+                let read = poll_fn(|cx| {
+                    let Some(limit) = read_limit(shard, partial) else {
+                        return Poll::Ready(None);
+                    };
                     let mut scratch = scratch.0.borrow_mut();
-                    Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
+                    Pin::new(&mut *stream.borrow_mut())
+                        .poll_read(cx, &mut scratch[..limit])
+                        .map(Some)
                 })
-                .await
+                .await;
+                match read {
+                    Some(read) => read,
+                    None => continue,
+                }
             }
             how => {
+                let Some(limit) = read_limit(shard, partial) else {
+                    continue;
+                };
                 // A statement of its own: the borrows must end before any `.await` below.
-                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut());
+                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut()[..limit]);
                 match read {
                     Some(read) => {
                         shard.stats.on_read_at_run();
@@ -140,6 +174,7 @@ pub async fn read_half(
             let scratch = scratch.0.borrow();
             framer.feed(&scratch[..n], &mut on_line)
         };
+        held.set(framer.held());
         if notify {
             fanout.send_rate_limit_notice(client);
         }
@@ -174,6 +209,36 @@ pub async fn read_half(
             client.reader_woken().await;
             next = NextRead::Woken;
         }
+    }
+}
+
+/// How many bytes a reader holding `partial` bytes of a line may read now, or `None` while
+/// it must wait for room under `max_total_partial_bytes` (docs/protocol.md#memory-bounds).
+fn read_limit(shard: &Shard, partial: usize) -> Option<usize> {
+    if !shard.shared.over_partial_bound() {
+        Some(READ_SCRATCH_BYTES)
+    } else if partial < SMALL_PARTIAL_BYTES {
+        Some(SMALL_PARTIAL_BYTES - partial)
+    } else {
+        None
+    }
+}
+
+/// A reader's partial line as counted in its shard's [`PartialLines`](crate::shard::PartialLines).
+struct HeldPartial<'a> {
+    shard: &'a Shard,
+    bytes: Cell<usize>,
+}
+
+impl HeldPartial<'_> {
+    fn set(&self, bytes: usize) {
+        self.shard.partial.adjust(self.shard, self.bytes.replace(bytes), bytes);
+    }
+}
+
+impl Drop for HeldPartial<'_> {
+    fn drop(&mut self) {
+        self.set(0);
     }
 }
 
