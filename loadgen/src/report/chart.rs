@@ -176,10 +176,11 @@ impl Chart {
         let root = SVGBackend::with_string(out, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(&self.title, ("sans-serif", 18))
+            .caption(&self.title, ("sans-serif", 20))
             .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(72)
+            .margin_right(36)
+            .x_label_area_size(48)
+            .y_label_area_size(80)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| err(&e))?;
         let (xa, ya) = (self.x_axis, self.y_axis);
@@ -194,6 +195,8 @@ impl Chart {
             .x_label_formatter(&x_fmt)
             .y_label_formatter(&y_fmt)
             .light_line_style(WHITE.mix(0.0))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 16))
             .draw()
             .map_err(|e| err(&e))?;
         for (i, (s, points)) in self.series.iter().zip(series).enumerate() {
@@ -216,6 +219,7 @@ impl Chart {
             .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.4))
+            .label_font(("sans-serif", 15))
             .draw()
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;

@@ -80,7 +80,7 @@ pub fn run_charts(r: &RunResult) -> Vec<Chart> {
     };
     charts.push(Chart {
         id: "rate".into(),
-        title: "Delivered rate per second".into(),
+        title: "Delivered rate per second (lines of the measured window)".into(),
         x_label: SECONDS.into(),
         y_label: "deliveries per second (msgs/s)".into(),
         x_axis: Axis::Linear,
