@@ -360,7 +360,7 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
         ("T3x100-p99", "p99 latency (ms)"),
     ];
     if nats {
-        views.push(("T3x100-ratios", "ratio corecast ÷ peer (1 = equal)"));
+        views.push(("T3x100-ratios", "ratio corecast ÷ peer (log scale, 1 = equal)"));
     }
     assert_eq!(figures.len(), views.len());
     for (figure, (id, y_label)) in figures.iter().zip(&views) {

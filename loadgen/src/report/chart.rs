@@ -46,6 +46,10 @@ pub struct Chart {
 
 const WIDTH: u32 = 760;
 const HEIGHT: u32 = 380;
+/// The plotting area's height (the image less caption, margins and x labels) and a legend
+/// row's, in pixels: how much headroom the legend needs.
+const PLOT_HEIGHT_PX: f64 = 280.0;
+const LEGEND_ROW_PX: f64 = 20.0;
 /// Series colours, in order (colour-blind safe: Okabe and Ito's palette).
 const COLORS: [RGBColor; 7] = [
     RGBColor(0, 114, 178),
@@ -172,6 +176,9 @@ impl Chart {
         let (y0, y1) = bounds(|p| p.1).unwrap_or((0.0, 1.0));
         let (x0, x1) = self.x_axis.range(x0, x1);
         let (y0, y1) = self.y_axis.range(y0, y1);
+        // Room above the data for the legend (upper left), so that it hides no point.
+        let legend = (LEGEND_ROW_PX * self.series.len() as f64 + 16.0) / PLOT_HEIGHT_PX;
+        let y1 = y0 + (y1 - y0) / (1.0 - legend.min(0.6));
         let err = |e: &dyn std::fmt::Display| e.to_string();
         let root = SVGBackend::with_string(out, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;

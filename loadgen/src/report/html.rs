@@ -192,7 +192,7 @@ pub fn compare_charts<'r>(runs: &'r [CompareRun<'r>], workloads: &'r [String], s
         }
         let mut ratios = Vec::new();
         for peer in peers {
-            let metrics: [(&str, fn(&RunResult) -> Option<f64>); 2] = [
+            let metrics: [(&str, Metric); 2] = [
                 ("CPU per delivery", |r| r.server_cpu_ns_per_delivery),
                 ("p99", |r| Some(r.latency_us.p99 as f64)),
             ];
@@ -214,15 +214,19 @@ pub fn compare_charts<'r>(runs: &'r [CompareRun<'r>], workloads: &'r [String], s
             id: format!("{id}-ratios"),
             title: format!("{w}: {base} ÷ each peer, per round (below 1: {base} lower)"),
             x_label: "round".into(),
-            y_label: format!("ratio {base} ÷ peer (1 = equal)"),
+            y_label: format!("ratio {base} ÷ peer (log scale, 1 = equal)"),
             x_axis: Axis::Rounds,
-            y_axis: Axis::Linear,
+            // Log: p99 ratios span decades where CPU ratios stay near 1.
+            y_axis: Axis::Log,
             style: Style::Points,
             series: ratios,
         });
     }
     charts
 }
+
+/// One number of a run, when it has it.
+type Metric = fn(&RunResult) -> Option<f64>;
 
 /// The runs of workload `w` on `server`.
 fn of<'r>(runs: &'r [CompareRun<'r>], w: &'r str, server: &'r str) -> impl Iterator<Item = &'r CompareRun<'r>> + 'r {

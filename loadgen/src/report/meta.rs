@@ -89,7 +89,9 @@ impl ServerInfo {
         ServerInfo {
             name: name.to_string(),
             program: Some(program.display().to_string()),
-            commit: version.as_deref().and_then(commit_in),
+            // Only corecast's own version line is read for a commit: Redis's carries a
+            // build id and a zero sha that are not one.
+            commit: version.as_deref().filter(|_| name == "corecast").and_then(commit_in),
             version,
             settings,
         }
@@ -158,8 +160,8 @@ fn version_line(program: &Path) -> Option<String> {
         .find(|l| !l.is_empty())
 }
 
-/// A word of 7 to 40 hex digits (with at least one digit and one letter or seven digits),
-/// as `corecast 0.1.0 (abc1234)` would carry.
+/// A word of 7 to 40 hex digits with at least one digit, as `corecast 0.1.0 (abc1234)`
+/// would carry.
 fn commit_in(version: &str) -> Option<String> {
     version
         .split(|c: char| !c.is_ascii_alphanumeric())
