@@ -354,7 +354,7 @@ fn meta_table(m: &Meta) -> String {
     row("kernel", m.kernel.as_deref().unwrap_or(none));
     row("CPU model", m.cpu_model.as_deref().unwrap_or(none));
     row("CPUs", &m.cpus.to_string());
-    row("command line", &m.command_line.join(" "));
+    row("command line", &shell_words(&m.command_line));
     for server in &m.servers {
         let name = &server.name;
         row(&format!("{name} version"), server.version.as_deref().unwrap_or(none));
@@ -362,10 +362,28 @@ fn meta_table(m: &Meta) -> String {
             row(&format!("{name} commit"), c);
         }
         row(&format!("{name} program"), server.program.as_deref().unwrap_or(none));
-        row(&format!("{name} settings"), &server.settings.join(" "));
+        row(&format!("{name} settings"), &shell_words(&server.settings));
     }
     s.push_str("</table>\n");
     s
+}
+
+/// Arguments as a shell would need them: one that is empty or holds anything but letters,
+/// digits and `-_./:=,<>@+%` goes in single quotes (`--save ''`, `'pubsub 0 0 0'`).
+fn shell_words(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,<>@+%".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A markdown table (`| a | b |` rows, the second the alignment row) as an HTML table.
@@ -384,4 +402,18 @@ fn markdown_table(md: &str) -> String {
     }
     s.push_str("</table>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_read_as_a_shell_command_line() {
+        let args = ["--save", "", "--client-output-buffer-limit", "pubsub 0 0 0", "it's"].map(String::from);
+        assert_eq!(
+            shell_words(&args),
+            "--save '' --client-output-buffer-limit 'pubsub 0 0 0' 'it'\\''s'"
+        );
+    }
 }
