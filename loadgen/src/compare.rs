@@ -257,6 +257,14 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     }
     let scratch = std::env::temp_dir().join(format!("corecast-compare-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+    // Before the runs: the date is the start, and the source commit is read before any
+    // output file is written.
+    let meta = Meta::collect(
+        servers
+            .iter()
+            .map(|s| ServerInfo::of_program(s.name, &s.program, s.settings(&scratch)))
+            .collect(),
+    );
 
     let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
     let mut table = String::from(
@@ -350,12 +358,6 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     }
     println!("{table}");
     println!("(medians of {} rounds; `b0`: each line written with its own write; receivers closed: those the server closed or warned; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds);
-    let meta = Meta::collect(
-        servers
-            .iter()
-            .map(|s| ServerInfo::of_program(s.name, &s.program, s.settings(&scratch)))
-            .collect(),
-    );
     if let Some(path) = &args.json {
         let runs: Vec<_> = all
             .iter()

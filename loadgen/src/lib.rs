@@ -215,13 +215,16 @@ where
 
 fn run_once(args: &RunArgs) -> Result<(), String> {
     report::check_percentiles(&args.output.percentiles)?;
-    let mut result = runner::run(args)?;
-    result.meta = Some(report::meta::Meta::collect(
+    // Before the run: the date is its start, and the source commit is read before any
+    // output file is written (which would make a tracked one look changed).
+    let meta = report::meta::Meta::collect(
         args.server_pid
             .map(|pid| report::meta::ServerInfo::of_pid(pid, args.protocol))
             .into_iter()
             .collect(),
-    ));
+    );
+    let mut result = runner::run(args)?;
+    result.meta = Some(meta);
     print!("{}", result.human());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;

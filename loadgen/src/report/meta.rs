@@ -29,7 +29,7 @@ pub struct Meta {
     pub cpu_model: Option<String>,
     /// Logical CPUs of the machine.
     pub cpus: usize,
-    /// When the result was made, RFC 3339 UTC.
+    /// When the run or comparison started, RFC 3339 UTC.
     pub date: String,
     /// The generator's command line, program first.
     pub command_line: Vec<String>,
