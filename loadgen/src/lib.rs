@@ -7,7 +7,9 @@
 //!
 //! `corecast-loadgen [run] --target HOST:PORT ...` runs one workload and prints a summary
 //! (and JSON with `--json`); `corecast-loadgen compare ...` starts the servers pinned to
-//! one CPU and runs the standard workloads against each in alternating rounds.
+//! one CPU and runs the standard workloads against each in alternating rounds. Both write,
+//! on request, a self-contained HTML report with charts, `.hgrm` distributions, CSV and
+//! SVG charts (`report/`), and record the versions, machine and settings they ran with.
 
 mod accounting;
 mod compare;
