@@ -21,7 +21,6 @@ pub mod stalls;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +28,7 @@ use std::time::{Duration, Instant};
 pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, MeshEnds, Peers, MESH_CAPACITY};
 pub use outgoing::MAX_OUTGOING_BYTES;
 
+use crate::socket::Socket;
 use crate::batch::{Batch, Ledger, LocalBatch};
 use crate::client::{Client, WriteOutcome, Written};
 use crate::metrics::{CloseReason, DropReason, ShardStats};
@@ -86,11 +86,11 @@ impl Fanout {
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.
-    pub fn join(self: &Rc<Self>, addr: SocketAddr, fd: RawFd) -> Membership {
+    pub fn join(self: &Rc<Self>, addr: SocketAddr, socket: std::rc::Weak<Socket>) -> Membership {
         let n = self.next_client.get();
         self.next_client.set(n + 1);
         let id = ((self.shard_id as u64) << 48) | n;
-        let client = Rc::new(Client::new(id, addr, fd, self.schedule.join()));
+        let client = Rc::new(Client::new(id, addr, socket, self.schedule.join()));
         self.clients.borrow_mut().insert(id, client.clone());
         self.stats.on_open();
         Membership {

@@ -17,6 +17,7 @@ mod proto;
 mod reader;
 mod report;
 mod runner;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -152,6 +153,8 @@ pub struct RunArgs {
     /// When it stops, after the start of the measured window (the end of the warm-up).
     #[arg(long, default_value_t = 0, requires = "pause_readers")]
     pub pause_at_ms: u64,
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
 }
 
 /// Parses `args` (the program name first) as the command line and runs it, as the binary

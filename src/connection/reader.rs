@@ -7,14 +7,10 @@
 //! (in its framer), so an idle connection holds no buffer.
 
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
-use futures_lite::AsyncRead;
-use glommio::net::TcpStream;
 
 use crate::backpressure::Stage;
 use crate::client::Client;
@@ -23,6 +19,7 @@ use crate::limiter::{Decision, TokenBucket};
 use crate::metrics::{CloseReason, DropReason};
 use crate::protocol::{FrameError, Framer};
 use crate::shard::Shard;
+use crate::socket::Socket;
 
 /// Read turns in a row that may find nothing before a reader waits for readiness again: a
 /// sender that writes in bursts a little further apart than read rounds stays on turns.
@@ -31,6 +28,7 @@ const EMPTY_TURNS: u32 = 2;
 const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// One read's worth of input.
 const READ_SCRATCH_BYTES: usize = 64 << 10;
+const _: () = assert!(READ_SCRATCH_BYTES >= crate::socket::MIN_READ_BUF);
 
 /// The buffer every reader on a shard reads into (the accept loop makes one and hands it
 /// to each connection). A reader borrows it only inside one poll or `recv` and consumes
@@ -72,7 +70,7 @@ pub async fn read_half(
     shard: &Shard,
     scratch: &ReadScratch,
     client: &Rc<Client>,
-    stream: &RefCell<TcpStream>,
+    socket: &Socket,
 ) -> CloseReason {
     let config = shard.config();
     let fanout = &shard.fanout;
@@ -91,13 +89,13 @@ pub async fn read_half(
             NextRead::Readiness => {
                 poll_fn(|cx| {
                     let mut scratch = scratch.0.borrow_mut();
-                    Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
+                    socket.poll_read(cx, &mut scratch)
                 })
                 .await
             }
             how => {
                 // A statement of its own: the borrows must end before any `.await` below.
-                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut());
+                let read = socket.try_read(&mut scratch.0.borrow_mut());
                 match read {
                     Some(read) => {
                         shard.stats.on_read_at_run();
@@ -173,33 +171,6 @@ pub async fn read_half(
             // What the flush task reported before this read is stale now.
             client.reader_woken().await;
             next = NextRead::Woken;
-        }
-    }
-}
-
-/// One non-blocking `recv` into `buf`; `None` when the socket has nothing to read.
-fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
-    loop {
-        // SAFETY: `fd` is the connection's open socket and `buf` is writable for its length.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                fd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        };
-        if n >= 0 {
-            return Some(Ok(n as usize));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return None,
-            _ => return Some(Err(e)),
         }
     }
 }
