@@ -72,9 +72,15 @@ impl Drop for Pki {
 /// Starts the relay with `hyper` as its `hyper_parameters` (no rate limit unless given),
 /// one shard; returns it with its TLS address.
 fn start_relay(hyper: &str) -> (Relay, SocketAddr) {
+    start_relay_with(hyper, &[])
+}
+
+fn start_relay_with(hyper: &str, args: &[&str]) -> (Relay, SocketAddr) {
+    let mut all = vec!["--shards", "1"];
+    all.extend_from_slice(args);
     let relay = Relay::with_config(
         &format!(r#"{{"hyper_parameters":{{"rate_limit_msgs_per_minute":null,{hyper}}}}}"#),
-        &["--shards", "1"],
+        &all,
     );
     let line = relay.log.wait_for("listening for TLS on ");
     let addr = line
@@ -395,7 +401,10 @@ fn sigterm_flushes_a_lagging_tls_client_then_sends_the_notice_over_tls() {
 #[test]
 fn handshakes_are_bounded_per_shard_and_in_time() {
     let pki = Pki::new();
-    let (relay, tls_addr) = start_relay(&pki.section(r#","max_handshakes":2,"handshake_timeout_ms":600000"#));
+    let (relay, tls_addr) = start_relay_with(
+        &pki.section(r#","max_handshakes":2,"handshake_timeout_ms":600000"#),
+        &["--log-level", "debug"],
+    );
     // Two connections that never start their handshake take both slots.
     let silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(tls_addr).unwrap()).collect();
     let refused = PyClient::connect(tls_addr, &pki, PyOptions::default());
