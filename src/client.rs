@@ -215,11 +215,7 @@ impl Client {
 
     /// Polls one write of the job in progress to `stream`; `Ready(None)` when there is no
     /// job. The outbox is borrowed only inside this call.
-    pub fn poll_write_in_flight(
-        &self,
-        cx: &mut Context<'_>,
-        socket: &Socket,
-    ) -> Poll<Option<std::io::Result<usize>>> {
+    pub fn poll_write_in_flight(&self, cx: &mut Context<'_>, socket: &Socket) -> Poll<Option<std::io::Result<usize>>> {
         let outbox = self.outbox.borrow();
         let Some(f) = outbox.in_flight() else {
             return Poll::Ready(None);

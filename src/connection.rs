@@ -149,8 +149,23 @@ async fn handshake(
         return None;
     };
     let timeout = Duration::from_millis(shard.config().tls.as_ref().map_or(0, |t| t.handshake_timeout_ms));
+    // In the shard's handshake queue, so that relaying keeps most of the CPU meanwhile.
+    let handshake = Socket::tls_handshake(stream, config);
+    let handshake = match shard.handshake_queue {
+        Some(queue) => glommio::spawn_local_into(handshake, queue),
+        None => Ok(glommio::spawn_local(handshake)),
+    };
+    let handshake = match handshake {
+        Ok(task) => task,
+        Err(e) => {
+            shard.stats.on_close(CloseReason::TlsHandshakeFailed, false);
+            tracing::warn!("cannot start the TLS handshake with {addr}: {e}");
+            return None;
+        }
+    };
+    // Dropping the task (timeout, shutdown) cancels the handshake and closes its stream.
     let outcome = or(
-        async { Some(Socket::tls_handshake(stream, config).await) },
+        async { Some(handshake.await) },
         or(
             async {
                 glommio::timer::sleep(timeout).await;

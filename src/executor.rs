@@ -94,10 +94,7 @@ pub fn spawn_all(
             None => Placement::Unbound,
         };
         let shared = shared.clone();
-        let tls = tls_fds
-            .get_mut(id)
-            .and_then(Option::take)
-            .zip(tls_server.clone());
+        let tls = tls_fds.get_mut(id).and_then(Option::take).zip(tls_server.clone());
         let guard = StopGuard {
             id,
             events: events.clone(),
@@ -198,7 +195,12 @@ async fn shard_main(
     // SAFETY: the fd is a listening TCP socket we own; from here glommio owns it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
     // SAFETY: as above, the TLS listener's socket.
-    let tls = tls.map(|(fd, server)| (unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }, server));
+    let tls = tls.map(|(fd, server)| {
+        (
+            unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) },
+            server,
+        )
+    });
     shard.stats.on_heartbeat(shared.clock_ms());
     shard.stats.set_state(ShardState::Running);
     shared.set_startup_step(id, StartupStep::Started);

@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, MeshEnds, Peers, MESH_CAPACITY};
 pub use outgoing::MAX_OUTGOING_BYTES;
 
-use crate::socket::Socket;
 use crate::batch::{Batch, Ledger, LocalBatch};
 use crate::client::{Client, WriteOutcome, Written};
 use crate::metrics::{CloseReason, DropReason, ShardStats};
@@ -37,6 +36,7 @@ use crate::pacing::{NextRun, Schedule, Scheduled};
 use crate::protocol;
 use crate::shared::Shared;
 use crate::shutdown::Drain;
+use crate::socket::Socket;
 use outgoing::Outgoing;
 use reads::Reads;
 use stalls::Stalls;

@@ -23,7 +23,9 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// shard has a refusal slot; everyone else gets a connection task, which holds its
 /// connection slot and a pass of the shard's drain until it ends.
 ///
-/// On the TLS listener (`tls` set) the connection task starts with the handshake.
+/// On the TLS listener (`tls` set) the connection task starts with the handshake, and a
+/// client over `max_connections` is closed without N6: a notice in clear is not TLS, and
+/// a handshake to send it would be work for a server that is already full.
 fn admit(
     shard: &Rc<Shard>,
     scratch: &Rc<ReadScratch>,
@@ -40,7 +42,7 @@ fn admit(
     let Some(slot) = shard.shared.connections.try_take() else {
         shard.stats.on_drop(DropReason::ServerFull, 1);
         tracing::debug!("refused {addr}: server full");
-        match shard.refusals.try_take() {
+        match shard.refusals.try_take().filter(|_| tls.is_none()) {
             Some(refusal) => {
                 glommio::spawn_local(connection::refuse_full(shard.clone(), stream, refusal)).detach();
             }

@@ -16,6 +16,9 @@ use crate::shutdown::Drain;
 
 /// N6 refusals a shard sends at once; past this a refused connection is just closed.
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
+/// The handshake queue's shares; glommio's default queue, where everything else runs,
+/// has 1000.
+const HANDSHAKE_SHARES: usize = 100;
 
 /// The per-shard context.
 pub struct Shard {
@@ -30,6 +33,10 @@ pub struct Shard {
     /// TLS handshakes in progress, at most `tls.max_handshakes` (a connection past it is
     /// closed at once, `tls_busy`).
     pub handshakes: Slots,
+    /// The task queue handshakes run in (with TLS configured): a tenth of the default
+    /// queue's shares, so that while relaying keeps the shard busy a handshake flood gets
+    /// about a tenth of its CPU; an idle shard gives handshakes all of it.
+    pub handshake_queue: Option<glommio::TaskQueueHandle>,
 }
 
 impl Shard {
@@ -42,6 +49,13 @@ impl Shard {
             drain,
             stats,
             handshakes: Slots::new(shared.config.tls.as_ref().map_or(0, |t| t.max_handshakes)),
+            handshake_queue: shared.config.tls.as_ref().map(|_| {
+                glommio::executor().create_task_queue(
+                    glommio::Shares::Static(HANDSHAKE_SHARES),
+                    glommio::Latency::NotImportant,
+                    "tls-handshakes",
+                )
+            }),
             shared,
             refusals: Slots::new(MAX_REFUSALS_IN_PROGRESS),
         }

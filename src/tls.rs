@@ -102,9 +102,13 @@ pub fn parse(value: &Value, path: &str, warnings: &mut Vec<String>) -> Result<Op
     };
     let key = |name: &str| format!("{path}.{name}");
     let listen = match map.get("listen") {
-        Some(Value::String(text)) => text
-            .parse()
-            .map_err(|_| invalid(&key("listen"), "an ip:port address", Value::String(text.clone()).to_string()))?,
+        Some(Value::String(text)) => text.parse().map_err(|_| {
+            invalid(
+                &key("listen"),
+                "an ip:port address",
+                Value::String(text.clone()).to_string(),
+            )
+        })?,
         other => {
             return Err(invalid(
                 &key("listen"),
@@ -177,12 +181,20 @@ pub fn server_config(config: &TlsConfig, path: &str) -> Result<Arc<ServerConfig>
     let private_key = {
         let name = key("key_file");
         let bytes = read(&config.key_file, &name)?;
-        let der = PrivateKeyDer::from_pem_slice(&bytes)
-            .map_err(|e| invalid(&name, "a PEM private key", format!("{} ({e})", config.key_file.display())))?;
-        provider
-            .key_provider
-            .load_private_key(der.clone_key())
-            .map_err(|e| invalid(&name, "a usable private key", format!("{} ({e})", config.key_file.display())))?;
+        let der = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+            invalid(
+                &name,
+                "a PEM private key",
+                format!("{} ({e})", config.key_file.display()),
+            )
+        })?;
+        provider.key_provider.load_private_key(der.clone_key()).map_err(|e| {
+            invalid(
+                &name,
+                "a usable private key",
+                format!("{} ({e})", config.key_file.display()),
+            )
+        })?;
         der
     };
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -230,7 +242,11 @@ fn read_certs(file: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, In
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(key, "PEM certificates", format!("{} ({e})", file.display())))?;
     if certs.is_empty() {
-        return Err(invalid(key, "PEM certificates", format!("{} (none in it)", file.display())));
+        return Err(invalid(
+            key,
+            "PEM certificates",
+            format!("{} (none in it)", file.display()),
+        ));
     }
     Ok(certs)
 }

@@ -324,5 +324,8 @@ fn fan_out_over_tls_is_complete_with_the_generators_tls() {
     assert!(r["expected"].as_u64().unwrap() > 0, "{r:#}");
     assert_eq!(r["lost"], 0, "{r:#}");
     assert_eq!(r["delivered"], r["expected"], "{r:#}");
-    assert_eq!(relay.log.count("(shard 0, tls)") + relay.log.count("(shard 1, tls)"), 10);
+    assert_eq!(
+        relay.log.count("(shard 0, tls)") + relay.log.count("(shard 1, tls)"),
+        10
+    );
 }

@@ -28,7 +28,9 @@ impl Pki {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "corecast test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "corecast test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let leaf = |name: &str, purpose: ExtendedKeyUsagePurpose| {
             let key = KeyPair::generate().unwrap();
@@ -153,7 +155,14 @@ impl PyClient {
             .cert
             .map_or(("-".to_string(), "-".to_string()), |(c, k)| (pki.path(c), pki.path(k)));
         let mut child = Command::new("python3")
-            .args(["-c", PY_CLIENT, &addr.port().to_string(), &pki.path("ca.pem"), &cert, &key])
+            .args([
+                "-c",
+                PY_CLIENT,
+                &addr.port().to_string(),
+                &pki.path("ca.pem"),
+                &cert,
+                &key,
+            ])
             .arg(options.rcvbuf.to_string())
             .arg(if options.tls12 { "1.2" } else { "any" })
             .stdin(Stdio::piped())
@@ -226,7 +235,9 @@ impl Drop for PyClient {
 /// Connects a TLS client and waits until the relay has registered it.
 fn tls_client(relay: &Relay, addr: SocketAddr, pki: &Pki, options: PyOptions) -> PyClient {
     let client = PyClient::connect(addr, pki, options);
-    relay.log.wait_for(&format!("client connected: {}", client.local_addr()));
+    relay
+        .log
+        .wait_for(&format!("client connected: {}", client.local_addr()));
     client
 }
 
@@ -339,7 +350,10 @@ fn check_refuses_bad_tls_files_with_78_naming_the_key() {
             pki.section(&format!(r#","client_ca_file":"{}""#, pki.path("missing.pem"))),
             "hyper_parameters.tls.client_ca_file",
         ),
-        (pki.section(r#","max_handshakes":0"#), "hyper_parameters.tls.max_handshakes"),
+        (
+            pki.section(r#","max_handshakes":0"#),
+            "hyper_parameters.tls.max_handshakes",
+        ),
     ];
     for (section, key) in cases {
         let path = crate::util::temp_config(&format!(r#"{{"hyper_parameters":{{{section}}}}}"#));
@@ -431,4 +445,54 @@ fn handshakes_are_bounded_per_shard_and_in_time() {
     let mut rest = Vec::new();
     let read = std::io::Read::read_to_end(&mut stalled, &mut rest);
     assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
+}
+
+#[test]
+fn a_tls_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let pki = Pki::new();
+    let (relay, tls_addr) = start_relay(&format!(
+        r#""write_deadline_ms":500,"quarantine_cooldown_secs":0,{}"#,
+        pki.section("")
+    ));
+    let stuck = tls_client(
+        &relay,
+        tls_addr,
+        &pki,
+        PyOptions {
+            rcvbuf: 4096,
+            ..Default::default()
+        },
+    );
+    let mut watcher = relay.connect();
+    let mut sender = relay.connect();
+    // Steady traffic, more than the kernel's buffers hold, until the relay closes it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer = sender.stream.try_clone().unwrap();
+    let sending = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let chunk: String = (0..100).map(|i| format!("{}{i}\n", "s".repeat(190))).collect();
+            while !stop.load(Ordering::Relaxed) {
+                if writer.write_all(chunk.as_bytes()).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let draining = std::thread::spawn(move || while watcher.try_line().is_some() {});
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (slow_consumer)", stuck.local_addr()));
+    stop.store(true, Ordering::Relaxed);
+    sending.join().unwrap();
+    // Relaying goes on: a line sent now arrives (after what the sender had sent before).
+    let mut late = relay.connect();
+    sender.send(b"after\n");
+    let after = sender.envelope("after");
+    while late.line_str() != after {}
+    sender.shutdown();
+    drop(draining);
 }

@@ -53,7 +53,9 @@ impl Connector {
         let config = match (&args.tls_ca, args.tls_insecure) {
             (Some(file), _) => {
                 let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_file_iter(file).map_err(|e| format!("--tls-ca {}: {e}", file.display()))? {
+                for cert in
+                    CertificateDer::pem_file_iter(file).map_err(|e| format!("--tls-ca {}: {e}", file.display()))?
+                {
                     let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", file.display()))?;
                     roots
                         .add(cert)

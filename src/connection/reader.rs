@@ -66,12 +66,7 @@ enum NextRead {
 /// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
 ///   first run that finds its socket readable (see `Reads::read_at_runs`); when the shard
 ///   stops running often, it goes back to readiness.
-pub async fn read_half(
-    shard: &Shard,
-    scratch: &ReadScratch,
-    client: &Rc<Client>,
-    socket: &Socket,
-) -> CloseReason {
+pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>, socket: &Socket) -> CloseReason {
     let config = shard.config();
     let fanout = &shard.fanout;
     let reads = fanout.reads();

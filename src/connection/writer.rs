@@ -36,11 +36,7 @@ pub async fn flush_outbox(shard: &Shard, client: &Rc<Client>, socket: &Socket) -
 
 /// Finishes the client's write in progress, if any, telling the shard's stall tracking
 /// when the socket refuses data and when the client has caught up.
-pub async fn write_in_flight(
-    shard: &Shard,
-    client: &Rc<Client>,
-    socket: &Socket,
-) -> Result<(), CloseReason> {
+pub async fn write_in_flight(shard: &Shard, client: &Rc<Client>, socket: &Socket) -> Result<(), CloseReason> {
     let fanout = &shard.fanout;
     loop {
         let written = poll_fn(|cx| {

@@ -81,7 +81,9 @@ impl Reads {
         if set.contains(client.id) {
             return true;
         }
-        self.runs_soon.get() && !client.is_closing() && client.socket().is_some_and(|socket| set.insert(client.id, &socket))
+        self.runs_soon.get()
+            && !client.is_closing()
+            && client.socket().is_some_and(|socket| set.insert(client.id, &socket))
     }
 
     /// Takes a reader out of the ready set (it is closing, or it keeps sending and reads

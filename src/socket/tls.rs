@@ -102,10 +102,20 @@ impl TlsSession {
 
     /// True if decrypted input waits to be read, or the end of the stream does.
     pub fn has_plaintext(&mut self) -> bool {
-        self.peer_closed || self.conn.process_new_packets().is_ok_and(|s| s.plaintext_bytes_to_read() > 0)
+        self.peer_closed
+            || self
+                .conn
+                .process_new_packets()
+                .is_ok_and(|s| s.plaintext_bytes_to_read() > 0)
     }
 
-    pub fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream, fd: RawFd, out: &mut [u8]) -> Poll<io::Result<usize>> {
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut TcpStream,
+        fd: RawFd,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         if let Some(read) = self.buffered(out) {
             return Poll::Ready(read);
         }
