@@ -206,12 +206,12 @@ fn fanout_enqueue(c: &mut Criterion) {
     let batch: LocalBatch = Ledger::detached().pin(Arc::new(builder.take()));
     let recipients = |n: u64| -> Vec<Client> {
         (0..n)
-            // No socket (fd -1): enqueueing never writes.
+            // No socket: enqueueing never writes.
             .map(|i| {
                 Client::new(
                     FIRST_RECIPIENT + i,
                     peer(127, i as u32 + 1, 50_000),
-                    -1,
+                    std::rc::Weak::new(),
                     Entry::new(i % 8),
                 )
             })

@@ -255,6 +255,9 @@ pub struct Config {
     /// `hyper_parameters.cluster`: the NATS cluster this node joins (see `cluster`); `None`
     /// (the default) is a single node, with no uplink thread and no cost.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// `hyper_parameters.tls`: a second listener whose clients speak TLS, in the same
+    /// broadcast domain (see `tls`); `None` (the default) listens for plain TCP only.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
@@ -307,6 +310,7 @@ impl Config {
             flush_window_us: 1500,
             admin_addr: None,
             cluster: None,
+            tls: None,
         }
     }
 }
@@ -503,6 +507,9 @@ impl Config {
         if let Some(v) = s.get("cluster") {
             self.cluster = crate::cluster::config::parse(v, &s.path("cluster"), warnings).map_err(cluster_error)?;
         }
+        if let Some(v) = s.get("tls") {
+            self.tls = crate::tls::parse(v, &s.path("tls"), warnings).map_err(tls_error)?;
+        }
         s.finish(warnings);
         Ok(())
     }
@@ -579,12 +586,21 @@ impl Config {
                 "flush_window_us": self.flush_window_us,
                 "admin_addr": self.admin_addr.map(|a| a.to_string()),
                 "cluster": self.cluster.as_ref().map(|c| c.to_json()),
+                "tls": self.tls.as_ref().map(|t| t.to_json()),
             }
         })
     }
 }
 
 fn cluster_error(e: crate::cluster::config::InvalidValue) -> ConfigError {
+    ConfigError::Invalid {
+        key: e.key,
+        expected: e.expected,
+        found: e.found,
+    }
+}
+
+fn tls_error(e: crate::tls::InvalidValue) -> ConfigError {
     ConfigError::Invalid {
         key: e.key,
         expected: e.expected,

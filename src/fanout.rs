@@ -21,7 +21,6 @@ pub mod stalls;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use crate::pacing::{NextRun, Schedule, Scheduled};
 use crate::protocol;
 use crate::shared::Shared;
 use crate::shutdown::Drain;
+use crate::socket::Socket;
 use outgoing::Outgoing;
 use reads::Reads;
 use stalls::Stalls;
@@ -92,11 +92,11 @@ impl Fanout {
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.
-    pub fn join(self: &Rc<Self>, addr: SocketAddr, fd: RawFd) -> Membership {
+    pub fn join(self: &Rc<Self>, addr: SocketAddr, socket: std::rc::Weak<Socket>) -> Membership {
         let n = self.next_client.get();
         self.next_client.set(n + 1);
         let id = ((self.shard_id as u64) << 48) | n;
-        let client = Rc::new(Client::new(id, addr, fd, self.schedule.join()));
+        let client = Rc::new(Client::new(id, addr, socket, self.schedule.join()));
         self.clients.borrow_mut().insert(id, client.clone());
         self.stats.on_open();
         Membership {
@@ -385,7 +385,7 @@ mod tests {
         let shared = Arc::new(Shared::new(config));
         let stats = shared.stats[0].clone();
         let fanout = Rc::new(Fanout::new(0, shared, stats.clone(), Drain::new()));
-        let member = fanout.join("127.0.0.1:7".parse().unwrap(), -1);
+        let member = fanout.join("127.0.0.1:7".parse().unwrap(), std::rc::Weak::new());
         member.client().request_close(CloseReason::Shutdown);
         let line = "z".repeat(5000);
         fanout.deliver(Arc::new(Batch::of(&[(99, line.as_str())], "127.0.0.1:8")));

@@ -38,13 +38,15 @@
 //!
 //! Policies and facilities (pure, or one system facility each):
 //! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
+//! - [`socket`]: the one owner of a client's stream and descriptor, plain TCP or TLS
+//!   (rustls): every read, write, farewell and epoll registration goes through it.
 //! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
 //!   in) and the per-shard counters with the close-reason and drop-reason enums.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
 //!   its defaults come from a [`machine::Machine`], and `cluster::config` parses its
-//!   cluster section.
+//!   cluster section, [`tls`] its TLS section and the rustls configuration.
 //!
 //! What the configuration and the fan-out stand on:
 //! - [`cluster`]: optional: several nodes as one broadcast domain over NATS. The uplink,
@@ -99,8 +101,10 @@ pub mod sd_notify;
 pub mod shard;
 pub mod shared;
 pub mod shutdown;
+pub mod socket;
 pub mod startup;
 pub mod supervisor;
+pub mod tls;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -203,6 +207,17 @@ pub fn preflight(config: &Config) -> Result<SocketAddr, Error> {
             _ => {}
         }
     }
+    if let Some(tls) = &config.tls {
+        let tls_error = |e: std::io::Error| startup::listen_error(tls.listen, e);
+        let taken = overlaps(tls.listen, addr) || config.admin_addr.is_some_and(|a| overlaps(tls.listen, a));
+        if taken {
+            return Err(tls_error(std::io::Error::from_raw_os_error(libc::EADDRINUSE)).into());
+        }
+        match startup::probe_bind(tls.listen) {
+            Err(e) if !in_use(&e) => return Err(tls_error(e).into()),
+            _ => {}
+        }
+    }
     Ok(addr)
 }
 
@@ -226,6 +241,20 @@ pub fn run(mut config: Config) -> Result<(), Error> {
     #[cfg(debug_assertions)]
     test_listen_delay();
     let (bound, listeners) = startup::bind_listeners(addr, config.shards)?;
+    // The TLS listener, one socket per shard as for plain TCP, and its rustls configuration
+    // (built again from the files `Config::load` checked).
+    let mut _tls_port_guard = None;
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => {
+            _tls_port_guard = Some(startup::PortGuard::acquire(tls.listen)?);
+            startup::check_port_free(tls.listen)?;
+            let server = tls::server_config(tls, "hyper_parameters.tls")
+                .map_err(|e| Error::Shard(format!("cannot set up TLS: {e}")))?;
+            let (bound, fds) = startup::bind_listeners(tls.listen, config.shards)?;
+            Some((bound, executor::TlsListeners { fds, server }))
+        }
+    };
     // Bound now so that a bad admin address stops start-up before any shard runs.
     let admin = match config.admin_addr {
         Some(addr) => Some(admin::bind(addr).map_err(|e| Error::Admin {
@@ -250,8 +279,15 @@ pub fn run(mut config: Config) -> Result<(), Error> {
             ""
         }
     );
-    let handles = executor::spawn_all(shared.clone(), listeners, events_tx, rings.ring_depth)
-        .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
+    let tls_bound = tls.as_ref().map(|(bound, _)| *bound);
+    let handles = executor::spawn_all(
+        shared.clone(),
+        listeners,
+        tls.map(|(_, l)| l),
+        events_tx,
+        rings.ring_depth,
+    )
+    .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     // Start-up: every shard reports `Started` by the deadline, or the one that did not is
     // named with its step. A signal meanwhile drains whatever has started, and exits 0 as
@@ -291,6 +327,10 @@ pub fn run(mut config: Config) -> Result<(), Error> {
         }
     }
     tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
+    if let Some(at) = tls_bound {
+        // After the line above, which the harness and scripts look for first.
+        tracing::info!("listening for TLS on {at}");
+    }
     if let Some(listener) = admin {
         let at = listener.local_addr().map_err(|e| Error::Admin {
             addr: shared.config.admin_addr.unwrap_or(bound),

@@ -464,3 +464,66 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn fan_out_over_tls_is_complete_with_the_generators_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let _serial = one_at_a_time();
+    // A throwaway CA and a server certificate for `localhost`, made here.
+    let dir = std::env::temp_dir().join(format!("corecast-loadgen-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    let relay = start_relay(&format!(
+        r#"{{"hyper_parameters":{{"rate_limit_msgs_per_minute":null,
+            "tls":{{"listen":"127.0.0.1:0","cert_file":"{}","key_file":"{}"}}}}}}"#,
+        path("cert.pem"),
+        path("key.pem")
+    ));
+    let line = relay.log.wait_for("listening for TLS on ");
+    let target = line.split("listening for TLS on ").nth(1).unwrap().trim().to_string();
+    let json = dir.join("result.json");
+    let ca_file = path("ca.pem");
+    let argv = [
+        "corecast-loadgen",
+        "--target",
+        &target,
+        "--no-progress",
+        "--tls",
+        "--tls-ca",
+        &ca_file,
+        "--json",
+        json.to_str().unwrap(),
+        "--clients",
+        "10",
+        "--publishers",
+        "3",
+        "--rate",
+        "200",
+        "--duration",
+        "2",
+        "--warmup",
+        "1",
+    ];
+    assert_eq!(corecast_loadgen::main_with(argv), ExitCode::SUCCESS);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(r["expected"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["delivered"], r["expected"], "{r:#}");
+    assert_eq!(
+        relay.log.count("(shard 0, tls)") + relay.log.count("(shard 1, tls)"),
+        10
+    );
+}

@@ -292,6 +292,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     cpus: Some(args.loadgen_cpus.clone()),
                     server_pid: Some(running.child.id()),
                     json: None,
+                    tls: Default::default(),
                     no_progress: true,
                     scenario: Scenario::Fanout,
                     slow: None,

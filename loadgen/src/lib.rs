@@ -19,6 +19,7 @@ mod proto;
 mod reader;
 mod report;
 mod runner;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -154,6 +155,8 @@ pub struct RunArgs {
     /// When it stops, after the start of the measured window (the end of the warm-up).
     #[arg(long, default_value_t = 0, requires = "pause_readers")]
     pub pause_at_ms: u64,
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }

@@ -68,10 +68,12 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     let pace = (args.connect_rate > 0.0 && args.scenario != Scenario::Churn)
         .then(|| Duration::from_secs_f64(1.0 / args.connect_rate));
     let summoner = args.protocol == Protocol::Summoner;
+    let tls = crate::tls::Connector::from_args(&args.tls)?;
+    let tls = tls.as_ref();
     for client in 0..args.clients {
         // A publisher's separate connection goes to its client's target too.
         let target = targets[engine::target_of(client, targets.len())];
-        let stream = connect(target, source(&sources, client))?;
+        let stream = connect(target, source(&sources, client), tls)?;
         let separate = args.protocol.separate_publisher();
         shares[client % args.threads].push(Conn {
             client,
@@ -82,7 +84,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
             hello: args.protocol.subscribe(),
         });
         if client < publishers && separate {
-            let stream = connect(target, source(&sources, client))?;
+            let stream = connect(target, source(&sources, client), tls)?;
             shares[client % args.threads].push(Conn {
                 client,
                 stream,
@@ -341,10 +343,13 @@ fn connect_std(target: SocketAddr, from: Option<IpAddr>) -> std::io::Result<std:
     Ok(socket.into())
 }
 
-fn connect(target: SocketAddr, from: Option<IpAddr>) -> Result<mio::net::TcpStream, String> {
+fn connect(
+    target: SocketAddr,
+    from: Option<IpAddr>,
+    tls: Option<&crate::tls::Connector>,
+) -> Result<crate::tls::Stream, String> {
     let stream = connect_std(target, from).map_err(|e| format!("cannot connect to {target}: {e}"))?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    Ok(mio::net::TcpStream::from_std(stream))
+    crate::tls::Stream::new(stream, tls).map_err(|e| format!("cannot set up the connection to {target}: {e}"))
 }
 
 /// `127.0.0.2-127.0.0.9`, `10.0.0.1,10.0.0.2` or a single address.

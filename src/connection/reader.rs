@@ -7,15 +7,11 @@
 //! (in its framer), so an idle connection holds no buffer.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
-use futures_lite::AsyncRead;
-use glommio::net::TcpStream;
 
 use crate::backpressure::Stage;
 use crate::client::Client;
@@ -24,6 +20,7 @@ use crate::limiter::{Decision, TokenBucket};
 use crate::metrics::{CloseReason, DropReason};
 use crate::protocol::{FrameError, Framer};
 use crate::shard::Shard;
+use crate::socket::Socket;
 
 /// Read turns in a row that may find nothing before a reader waits for readiness again: a
 /// sender that writes in bursts a little further apart than read rounds stays on turns.
@@ -36,6 +33,7 @@ const READ_SCRATCH_BYTES: usize = 64 << 10;
 /// much of a partial line (it reads at most up to it); one holding more is not read until
 /// there is room again (docs/protocol.md#memory-bounds).
 const SMALL_PARTIAL_BYTES: usize = 4 << 10;
+const _: () = assert!(READ_SCRATCH_BYTES >= crate::socket::MIN_READ_BUF);
 
 /// The buffer every reader on a shard reads into (the accept loop makes one and hands it
 /// to each connection). A reader borrows it only inside one poll or `recv` and consumes
@@ -73,12 +71,7 @@ enum NextRead {
 /// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
 ///   first run that finds its socket readable (see `Reads::read_at_runs`); when the shard
 ///   stops running often, it goes back to readiness.
-pub async fn read_half(
-    shard: &Shard,
-    scratch: &ReadScratch,
-    client: &Rc<Client>,
-    stream: &RefCell<TcpStream>,
-) -> CloseReason {
+pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>, socket: &Socket) -> CloseReason {
     let config = shard.config();
     let fanout = &shard.fanout;
     let reads = fanout.reads();
@@ -116,9 +109,8 @@ pub async fn read_half(
                         return Poll::Ready(None);
                     };
                     let mut scratch = scratch.0.borrow_mut();
-                    Pin::new(&mut *stream.borrow_mut())
-                        .poll_read(cx, &mut scratch[..limit])
-                        .map(Some)
+                    let limit = socket.read_len(limit);
+                    socket.poll_read(cx, &mut scratch[..limit]).map(Some)
                 })
                 .await;
                 match read {
@@ -131,7 +123,7 @@ pub async fn read_half(
                     continue;
                 };
                 // A statement of its own: the borrows must end before any `.await` below.
-                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut()[..limit]);
+                let read = socket.try_read(&mut scratch.0.borrow_mut()[..socket.read_len(limit)]);
                 match read {
                     Some(read) => {
                         shard.stats.on_read_at_run();
@@ -239,33 +231,6 @@ impl HeldPartial<'_> {
 impl Drop for HeldPartial<'_> {
     fn drop(&mut self) {
         self.set(0);
-    }
-}
-
-/// One non-blocking `recv` into `buf`; `None` when the socket has nothing to read.
-fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
-    loop {
-        // SAFETY: `fd` is the connection's open socket and `buf` is writable for its length.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                fd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        };
-        if n >= 0 {
-            return Some(Ok(n as usize));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return None,
-            _ => return Some(Err(e)),
-        }
     }
 }
 

@@ -54,7 +54,11 @@ impl Peers {
         for s in &senders {
             in_flight.add_ring(s.depth());
         }
-        Peers { senders, warned: false, in_flight }
+        Peers {
+            senders,
+            warned: false,
+            in_flight,
+        }
     }
 
     /// Adds one more peer.

@@ -213,7 +213,12 @@ mod tests {
 
     /// A stalled client with `n` envelopes of `len` bytes queued.
     fn stalled_client(id: u64, n: usize, len: usize) -> Rc<Client> {
-        let client = Rc::new(Client::new(id, "127.0.0.1:5".parse().unwrap(), -1, Entry::new(0)));
+        let client = Rc::new(Client::new(
+            id,
+            "127.0.0.1:5".parse().unwrap(),
+            std::rc::Weak::new(),
+            Entry::new(0),
+        ));
         let line = "x".repeat(len);
         let batch = Batch::of(&vec![(1, line.as_str()); n], "127.0.0.1:6");
         client.enqueue(&Ledger::detached().pin(Arc::new(batch)));

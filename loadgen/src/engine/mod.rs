@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::accounting::{GapTracker, SeqTracker};
@@ -145,7 +144,7 @@ impl Control {
 /// One connection as handed to a worker.
 pub struct Conn {
     pub client: usize,
-    pub stream: TcpStream,
+    pub stream: crate::tls::Stream,
     /// This connection receives (all but Redis publisher connections).
     pub receives: bool,
     /// This connection publishes as this publisher id.
