@@ -157,7 +157,13 @@ fn quarantine_lookup(c: &mut Criterion) {
     // Filled on first use, so that filtering these benches out skips the fill.
     let table = OnceCell::new();
     let fill = || {
-        let table = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(300), 1, ENTRIES as usize);
+        let table = Quarantine::new(
+            QuarantineBy::Ip,
+            Duration::from_secs(300),
+            1,
+            Duration::ZERO,
+            ENTRIES as usize,
+        );
         for i in 0..ENTRIES {
             table.insert(peer(10, i, 40_000), t0);
         }
@@ -200,12 +206,12 @@ fn fanout_enqueue(c: &mut Criterion) {
     let batch: LocalBatch = Ledger::detached().pin(Arc::new(builder.take()));
     let recipients = |n: u64| -> Vec<Client> {
         (0..n)
-            // No socket (fd -1): enqueueing never writes.
+            // No socket: enqueueing never writes.
             .map(|i| {
                 Client::new(
                     FIRST_RECIPIENT + i,
                     peer(127, i as u32 + 1, 50_000),
-                    -1,
+                    std::rc::Weak::new(),
                     Entry::new(i % 8),
                 )
             })

@@ -14,6 +14,14 @@
 //!   threshold they stop reading until it drops below. A recipient may hold the senders
 //!   back for at most `flow_control_delay` in any `write_deadline` window (its
 //!   *allowance*): a fresh stall gets a brief pause, a stuck recipient cannot hold the room.
+//! - *Bytes pause too.* A stalled recipient with a quarter of `max_pending_bytes` queued
+//!   throttles the senders and one with half stops them, from the first moment (bytes are
+//!   memory), so that large lines pause the senders long before the bytes rule could close
+//!   anyone. Such a byte pause is charged to the recipient's allowance only while it is
+//!   not reading (no progress for [`READING_WITHIN`]) or while it lags alone (fewer than
+//!   half the process's clients are stalled): when most recipients are behind, the relay
+//!   simply goes at their pace, as TCP would; a lone laggard gets only its allowance, then
+//!   its backlog grows to the bytes rule.
 //! - *Closes need time.* Deadline: data queued and no byte accepted for `write_deadline`.
 //!   Messages: `d` at or over the disconnect threshold for a whole `write_deadline` without
 //!   once dropping below it (it reads, but stays slower than the traffic). Bytes: `b` over
@@ -28,6 +36,11 @@ use crate::config::{BackpressureConfig, Config};
 /// up: 300 envelopes are a millisecond at 270,000 a second); one that stopped, or a
 /// blocking call in an agent, stays stalled far longer.
 pub const BEHIND_AFTER: Duration = Duration::from_millis(100);
+
+/// A stalled recipient whose socket accepted bytes this recently is still reading, for the
+/// charging of byte pauses: readers that take large chunks at intervals (a 256 KiB read
+/// every 130 ms is 2 MB/s) count, one that stopped stops counting after this.
+pub const READING_WITHIN: Duration = Duration::from_secs(1);
 
 /// The thresholds and delays, copied out of the config.
 #[derive(Debug, Clone, Copy)]
@@ -108,8 +121,9 @@ pub struct Lag {
     /// The current allowance window and the pause time charged in it.
     window_start: Instant,
     charged: Duration,
-    /// The last observation and the stage it reported (charged until the next one).
-    last: Option<(Instant, Stage)>,
+    /// The last observation, the stage it reported and whether that stage is charged to
+    /// the allowance (until the next observation).
+    last: Option<(Instant, Stage, bool)>,
 }
 
 impl Lag {
@@ -149,12 +163,12 @@ impl Lag {
 
     /// The stage this recipient reported last (`None` once it caught up).
     pub fn stage(&self) -> Stage {
-        self.last.map_or(Stage::None, |(_, s)| s)
+        self.last.map_or(Stage::None, |(_, s, _)| s)
     }
 
     fn charge(&mut self, now: Instant) {
-        if let Some((at, stage)) = self.last {
-            if stage != Stage::None {
+        if let Some((at, stage, charged)) = self.last {
+            if stage != Stage::None && charged {
                 self.charged += now.saturating_duration_since(at);
             }
         }
@@ -173,8 +187,22 @@ impl Policy {
         }
     }
 
-    /// Observes a stalled recipient with `d` envelopes and `b` bytes queued.
-    pub fn observe(&self, lag: &mut Lag, d: u64, b: usize, now: Instant) -> Verdict {
+    /// The stage a stalled recipient's `b` alone calls for: throttle from a quarter of
+    /// `max_pending_bytes`, flow control from half of it.
+    pub fn byte_stage(&self, b: usize) -> Stage {
+        let t = &self.thresholds;
+        if t.enable_flow_control && b >= self.max_pending_bytes / 2 {
+            Stage::FlowControl
+        } else if t.enable_throttle && b >= self.max_pending_bytes / 4 {
+            Stage::Throttle
+        } else {
+            Stage::None
+        }
+    }
+
+    /// Observes a stalled recipient with `d` envelopes and `b` bytes queued; `crowd_behind`
+    /// says whether at least half the process's clients are stalled now.
+    pub fn observe(&self, lag: &mut Lag, d: u64, b: usize, crowd_behind: bool, now: Instant) -> Verdict {
         let t = &self.thresholds;
         lag.charge(now);
         if now.saturating_duration_since(lag.window_start) >= self.write_deadline {
@@ -201,7 +229,8 @@ impl Policy {
         let fresh = lag
             .stalled_since
             .is_none_or(|s| now.saturating_duration_since(s) < BEHIND_AFTER);
-        let stage = if close.is_some() || fresh || lag.charged >= self.flow_control_delay {
+        let exhausted = lag.charged >= self.flow_control_delay;
+        let by_depth = if close.is_some() || fresh || exhausted {
             Stage::None
         } else if t.enable_flow_control && d >= t.flow_control_threshold {
             Stage::FlowControl
@@ -210,7 +239,20 @@ impl Policy {
         } else {
             Stage::None
         };
-        lag.last = Some((now, stage));
+        // A byte pause is free while the recipient reads and most recipients are behind
+        // with it: the relay then goes at their pace. Otherwise it spends the allowance.
+        let reading = lag
+            .progress_at
+            .is_some_and(|p| now.saturating_duration_since(p) < READING_WITHIN);
+        let free = reading && crowd_behind;
+        let by_bytes = if close.is_some() || (exhausted && !free) {
+            Stage::None
+        } else {
+            self.byte_stage(b)
+        };
+        let stage = by_depth.max(by_bytes);
+        let charged = stage != Stage::None && (by_depth == stage || !free);
+        lag.last = Some((now, stage, charged));
         Verdict { stage, close }
     }
 
@@ -247,15 +289,15 @@ mod tests {
         let t0 = Instant::now();
         let mut lag = Lag::new(t0);
         lag.on_stall(t0);
-        assert_eq!(p.observe(&mut lag, 1000, 0, t0 + ms(99)).stage, Stage::None);
+        assert_eq!(p.observe(&mut lag, 1000, 0, false, t0 + ms(99)).stage, Stage::None);
         assert_eq!(
-            p.observe(&mut lag, 1000, 0, t0 + BEHIND_AFTER).stage,
+            p.observe(&mut lag, 1000, 0, false, t0 + BEHIND_AFTER).stage,
             Stage::FlowControl
         );
         // Caught up and stalled again: the moment starts over.
         lag.on_caught_up(t0 + ms(200));
         lag.on_stall(t0 + ms(300));
-        assert_eq!(p.observe(&mut lag, 1000, 0, t0 + ms(350)).stage, Stage::None);
+        assert_eq!(p.observe(&mut lag, 1000, 0, false, t0 + ms(350)).stage, Stage::None);
     }
 
     #[test]
@@ -263,10 +305,13 @@ mod tests {
         let p = policy();
         let t0 = Instant::now();
         let mut lag = stalled(t0);
-        assert_eq!(p.observe(&mut lag, 99, 0, t0).stage, Stage::None);
-        assert_eq!(p.observe(&mut lag, 100, 0, t0).stage, Stage::Throttle);
-        assert_eq!(p.observe(&mut lag, 300, 0, t0 + ms(10)).stage, Stage::FlowControl);
-        assert_eq!(p.observe(&mut lag, 299, 0, t0 + ms(20)).stage, Stage::Throttle);
+        assert_eq!(p.observe(&mut lag, 99, 0, false, t0).stage, Stage::None);
+        assert_eq!(p.observe(&mut lag, 100, 0, false, t0).stage, Stage::Throttle);
+        assert_eq!(
+            p.observe(&mut lag, 300, 0, false, t0 + ms(10)).stage,
+            Stage::FlowControl
+        );
+        assert_eq!(p.observe(&mut lag, 299, 0, false, t0 + ms(20)).stage, Stage::Throttle);
     }
 
     #[test]
@@ -274,9 +319,9 @@ mod tests {
         let mut p = policy();
         let t0 = Instant::now();
         p.thresholds.enable_flow_control = false;
-        assert_eq!(p.observe(&mut stalled(t0), 400, 0, t0).stage, Stage::Throttle);
+        assert_eq!(p.observe(&mut stalled(t0), 400, 0, false, t0).stage, Stage::Throttle);
         p.thresholds.enable_throttle = false;
-        assert_eq!(p.observe(&mut stalled(t0), 400, 0, t0).stage, Stage::None);
+        assert_eq!(p.observe(&mut stalled(t0), 400, 0, false, t0).stage, Stage::None);
     }
 
     #[test]
@@ -286,7 +331,7 @@ mod tests {
         let mut lag = stalled(t0);
         let mut t = t0;
         // Behind at the flow-control stage, observed every 50 ms: 1 s of pauses, no more.
-        while p.observe(&mut lag, 1000, 0, t).stage == Stage::FlowControl {
+        while p.observe(&mut lag, 1000, 0, false, t).stage == Stage::FlowControl {
             t += ms(50);
             lag.on_progress(t);
         }
@@ -294,11 +339,11 @@ mod tests {
         // Catching up and falling behind again in the same window gives nothing new...
         lag.on_caught_up(t);
         lag.on_stall(t + ms(100));
-        assert_eq!(p.observe(&mut lag, 1000, 0, t + ms(300)).stage, Stage::None);
+        assert_eq!(p.observe(&mut lag, 1000, 0, false, t + ms(300)).stage, Stage::None);
         // ...until the next window.
         let next = t0 + p.write_deadline;
         lag.on_progress(next);
-        assert_eq!(p.observe(&mut lag, 1000, 0, next).stage, Stage::FlowControl);
+        assert_eq!(p.observe(&mut lag, 1000, 0, false, next).stage, Stage::FlowControl);
     }
 
     #[test]
@@ -306,8 +351,11 @@ mod tests {
         let p = policy();
         let t0 = Instant::now();
         let mut lag = stalled(t0);
-        assert_eq!(p.observe(&mut lag, 5, 100, t0 + ms(9_999)).close, None);
-        assert_eq!(p.observe(&mut lag, 5, 100, t0 + ms(10_000)).close, Some(Rule::Deadline));
+        assert_eq!(p.observe(&mut lag, 5, 100, false, t0 + ms(9_999)).close, None);
+        assert_eq!(
+            p.observe(&mut lag, 5, 100, false, t0 + ms(10_000)).close,
+            Some(Rule::Deadline)
+        );
     }
 
     #[test]
@@ -318,10 +366,13 @@ mod tests {
         // Idle for a minute, then a burst the socket refuses at once.
         let t1 = t0 + ms(60_000);
         lag.on_stall(t1);
-        assert_eq!(p.observe(&mut lag, 5, 100, t1).close, None);
+        assert_eq!(p.observe(&mut lag, 5, 100, false, t1).close, None);
         lag.on_progress(t1 + ms(9_000));
-        assert_eq!(p.observe(&mut lag, 5, 100, t1 + ms(18_000)).close, None);
-        assert_eq!(p.observe(&mut lag, 5, 100, t1 + ms(19_000)).close, Some(Rule::Deadline));
+        assert_eq!(p.observe(&mut lag, 5, 100, false, t1 + ms(18_000)).close, None);
+        assert_eq!(
+            p.observe(&mut lag, 5, 100, false, t1 + ms(19_000)).close,
+            Some(Rule::Deadline)
+        );
     }
 
     #[test]
@@ -331,11 +382,11 @@ mod tests {
         let mut lag = stalled(t0);
         let mut t = t0;
         // It keeps reading (progress), but d never drops under 500.
-        let mut verdict = p.observe(&mut lag, 600, 0, t);
+        let mut verdict = p.observe(&mut lag, 600, 0, false, t);
         while verdict.close.is_none() {
             t += ms(100);
             lag.on_progress(t);
-            verdict = p.observe(&mut lag, 600, 0, t);
+            verdict = p.observe(&mut lag, 600, 0, false, t);
         }
         assert_eq!(verdict.close, Some(Rule::Messages));
         assert_eq!(t - t0, p.write_deadline);
@@ -346,15 +397,18 @@ mod tests {
         let p = policy();
         let t0 = Instant::now();
         let mut lag = stalled(t0);
-        p.observe(&mut lag, 600, 0, t0);
+        p.observe(&mut lag, 600, 0, false, t0);
         lag.on_progress(t0 + ms(6_000));
-        p.observe(&mut lag, 400, 0, t0 + ms(6_000));
+        p.observe(&mut lag, 400, 0, false, t0 + ms(6_000));
         lag.on_progress(t0 + ms(12_000));
-        assert_eq!(p.observe(&mut lag, 600, 0, t0 + ms(12_000)).close, None);
+        assert_eq!(p.observe(&mut lag, 600, 0, false, t0 + ms(12_000)).close, None);
         lag.on_progress(t0 + ms(21_000));
-        assert_eq!(p.observe(&mut lag, 600, 0, t0 + ms(21_000)).close, None);
+        assert_eq!(p.observe(&mut lag, 600, 0, false, t0 + ms(21_000)).close, None);
         lag.on_progress(t0 + ms(22_000));
-        assert_eq!(p.observe(&mut lag, 600, 0, t0 + ms(22_000)).close, Some(Rule::Messages));
+        assert_eq!(
+            p.observe(&mut lag, 600, 0, false, t0 + ms(22_000)).close,
+            Some(Rule::Messages)
+        );
     }
 
     #[test]
@@ -364,19 +418,23 @@ mod tests {
         let t0 = Instant::now();
         let mut lag = stalled(t0);
         lag.on_progress(t0 + ms(30_000));
-        assert_eq!(p.observe(&mut lag, 100_000, 1000, t0 + ms(30_000)).close, None);
+        assert_eq!(p.observe(&mut lag, 100_000, 1000, false, t0 + ms(30_000)).close, None);
         assert_eq!(
-            p.observe(&mut lag, 5, p.max_pending_bytes + 1, t0 + ms(30_000)).close,
+            p.observe(&mut lag, 5, p.max_pending_bytes + 1, false, t0 + ms(30_000))
+                .close,
             Some(Rule::Bytes)
         );
-        assert_eq!(p.observe(&mut lag, 5, 10, t0 + ms(40_000)).close, Some(Rule::Deadline));
+        assert_eq!(
+            p.observe(&mut lag, 5, 10, false, t0 + ms(40_000)).close,
+            Some(Rule::Deadline)
+        );
     }
 
     #[test]
     fn a_recipient_being_closed_pauses_nobody() {
         let p = policy();
         let t0 = Instant::now();
-        let v = p.observe(&mut stalled(t0), 1000, p.max_pending_bytes + 1, t0);
+        let v = p.observe(&mut stalled(t0), 1000, p.max_pending_bytes + 1, false, t0);
         assert_eq!(
             v,
             Verdict {
@@ -384,6 +442,60 @@ mod tests {
                 close: Some(Rule::Bytes)
             }
         );
+    }
+
+    #[test]
+    fn a_byte_backlog_pauses_at_once_whatever_the_envelope_count() {
+        let p = policy();
+        let t0 = Instant::now();
+        let mut lag = Lag::new(t0);
+        lag.on_stall(t0);
+        // Ten envelopes of a megabyte and more: no moment of grace, bytes are memory.
+        let quarter = p.max_pending_bytes / 4;
+        assert_eq!(p.observe(&mut lag, 10, quarter - 1, false, t0).stage, Stage::None);
+        assert_eq!(p.observe(&mut lag, 10, quarter, false, t0).stage, Stage::Throttle);
+        assert_eq!(
+            p.observe(&mut lag, 10, 2 * quarter, false, t0 + ms(1)).stage,
+            Stage::FlowControl
+        );
+        let mut off = p;
+        off.thresholds.enable_flow_control = false;
+        off.thresholds.enable_throttle = false;
+        assert_eq!(
+            off.observe(&mut Lag::new(t0), 10, 2 * quarter, false, t0).stage,
+            Stage::None
+        );
+    }
+
+    #[test]
+    fn a_byte_pause_is_free_while_the_recipient_reads_with_the_crowd_behind() {
+        let p = policy();
+        let half = p.max_pending_bytes / 2;
+        let t0 = Instant::now();
+        // Reading (progress every 50 ms) while most clients are stalled: paused for as
+        // long as it takes, nothing charged.
+        let mut lag = stalled(t0);
+        let mut t = t0;
+        while t - t0 < ms(5_000) {
+            assert_eq!(p.observe(&mut lag, 30, half, true, t).stage, Stage::FlowControl);
+            t += ms(50);
+            lag.on_progress(t);
+        }
+        // Alone behind, the same reader spends its allowance and then pauses nobody...
+        let mut alone = stalled(t0);
+        let mut t = t0;
+        while p.observe(&mut alone, 30, half, false, t).stage == Stage::FlowControl {
+            t += ms(50);
+            alone.on_progress(t);
+        }
+        assert_eq!(t - t0, p.flow_control_delay);
+        // ...and so does one that stopped reading, even in a crowd.
+        let mut stopped = stalled(t0);
+        let mut t = t0;
+        while p.observe(&mut stopped, 30, half, true, t).stage == Stage::FlowControl {
+            t += ms(50);
+        }
+        assert!(t - t0 <= p.flow_control_delay + READING_WITHIN, "{:?}", t - t0);
     }
 
     #[test]

@@ -11,19 +11,16 @@ mod outbox;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
-use std::pin::Pin;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
-
-use futures_lite::AsyncWrite;
-use glommio::net::TcpStream;
 
 use crate::backpressure::{Lag, Policy, Verdict};
 use crate::batch::LocalBatch;
 use crate::metrics::{CloseReason, ShardStats};
 use crate::notify::Notify;
 use crate::pacing::{Entry, Scheduled};
+use crate::socket::Socket;
 use outbox::{InFlight, Outbox, Segment, WriteJob, MAX_WRITE_BYTES};
 
 pub use outbox::SEGMENT_COST;
@@ -62,9 +59,9 @@ pub struct Client {
     pub addr: SocketAddr,
     /// `addr` as the envelope's `remote_addr` shows it.
     pub remote_addr: Box<str>,
-    /// The socket, for direct writes from the shard's flush task. Valid while the client
-    /// is not closing: the connection task marks it closing before it closes the socket.
-    fd: RawFd,
+    /// The socket, for direct writes from the shard's flush task. The connection task owns
+    /// it: once that has closed it, nothing here can reach it (or a reused descriptor).
+    socket: Weak<Socket>,
     /// Its place in the shard's write schedule (owned by `pacing::Schedule`).
     entry: Entry,
     outbox: RefCell<Outbox>,
@@ -73,6 +70,9 @@ pub struct Client {
     stalled: Cell<bool>,
     /// Where it stands with the backpressure policy while stalled; its shard observes it.
     lag: Cell<Lag>,
+    /// Bytes its socket has taken over the connection's life: proof that it reads once
+    /// past what the kernel can hold for a peer that does not (quarantine strikes).
+    accepted: Cell<u64>,
     /// When the last inbound bytes arrived (idle timeout).
     last_inbound: Cell<Instant>,
     /// Wakes the writer half, which drains the outbox while the socket is stalled.
@@ -91,16 +91,17 @@ impl Scheduled for Client {
 }
 
 impl Client {
-    pub fn new(id: u64, addr: SocketAddr, fd: RawFd, entry: Entry) -> Self {
+    pub fn new(id: u64, addr: SocketAddr, socket: Weak<Socket>, entry: Entry) -> Self {
         Client {
             id,
             addr,
             remote_addr: addr.to_string().into_boxed_str(),
-            fd,
+            socket,
             entry,
             outbox: RefCell::default(),
             stalled: Cell::new(false),
             lag: Cell::new(Lag::new(Instant::now())),
+            accepted: Cell::new(0),
             last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -151,9 +152,9 @@ impl Client {
         self.reader_wake.wait().await;
     }
 
-    /// The socket, while the client is not closing (see `fd`).
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd
+    /// The socket, while its connection task has it open.
+    pub fn socket(&self) -> Option<Rc<Socket>> {
+        self.socket.upgrade()
     }
 
     /// Writes what is queued with as few `sendmsg` calls as the socket allows, without
@@ -161,6 +162,9 @@ impl Client {
     /// Only for a client that is not closing and whose writer is not busy.
     pub fn write_now(&self, stats: &ShardStats) -> WriteOutcome {
         debug_assert!(!self.is_closing() && !self.writer_busy());
+        let Some(socket) = self.socket.upgrade() else {
+            return WriteOutcome::Failed;
+        };
         let mut outbox = self.outbox.borrow_mut();
         while !outbox.is_empty() {
             let mut iov = [libc::iovec {
@@ -180,22 +184,15 @@ impl Client {
                 parts += 1;
                 total += bytes.len();
             }
-            // SAFETY: an all-zero msghdr is valid; it points at `iov`, which outlives the call.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iov.as_mut_ptr();
-            msg.msg_iovlen = parts as _;
-            // SAFETY: `fd` is this client's open socket (it is not closing), and every iovec
-            // points into a segment the outbox keeps alive during the call.
-            let sent = unsafe { sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            if sent < 0 {
-                match std::io::Error::last_os_error().kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => break,
-                    _ => return WriteOutcome::Failed,
-                }
-            }
-            let mut left = sent as usize;
+            // Every iovec points into a segment the outbox keeps alive during the call.
+            let sent = match socket.try_write_gathered(&iov[..parts]) {
+                Ok(sent) => sent,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return WriteOutcome::Failed,
+            };
+            let mut left = sent;
             stats.on_write(left);
+            self.accepted.set(self.accepted.get() + left as u64);
             while let Some(len) = outbox.front_len() {
                 if len > left {
                     break;
@@ -208,7 +205,7 @@ impl Client {
                 let partial = outbox.pop().expect("a partly written segment is queued");
                 outbox.set_in_flight(InFlight::new(WriteJob::Single(partial), left));
             }
-            if (sent as usize) < total {
+            if sent < total {
                 break;
             }
         }
@@ -223,16 +220,12 @@ impl Client {
 
     /// Polls one write of the job in progress to `stream`; `Ready(None)` when there is no
     /// job. The outbox is borrowed only inside this call.
-    pub fn poll_write_in_flight(
-        &self,
-        cx: &mut Context<'_>,
-        stream: &RefCell<TcpStream>,
-    ) -> Poll<Option<std::io::Result<usize>>> {
+    pub fn poll_write_in_flight(&self, cx: &mut Context<'_>, socket: &Socket) -> Poll<Option<std::io::Result<usize>>> {
         let outbox = self.outbox.borrow();
         let Some(f) = outbox.in_flight() else {
             return Poll::Ready(None);
         };
-        Pin::new(&mut *stream.borrow_mut()).poll_write(cx, f.rest()).map(Some)
+        socket.poll_write(cx, f.rest()).map(Some)
     }
 
     /// Marks the socket as refusing data; true if it was not already (the shard's stall
@@ -244,6 +237,7 @@ impl Client {
     /// Records `n` bytes of the job in progress written at `now`.
     pub fn on_written(&self, n: usize, stats: &ShardStats, now: Instant) -> Written {
         stats.on_write(n);
+        self.accepted.set(self.accepted.get() + n as u64);
         if self.stalled.get() {
             self.update_lag(|lag| lag.on_progress(now));
         }
@@ -282,9 +276,9 @@ impl Client {
     }
 
     /// Applies `policy` to this client's standing, as its shard measured it.
-    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, now: Instant) -> Verdict {
+    pub fn observe_lag(&self, policy: &Policy, depth: u64, bytes: usize, crowd_behind: bool, now: Instant) -> Verdict {
         let mut lag = self.lag.get();
-        let verdict = policy.observe(&mut lag, depth, bytes, now);
+        let verdict = policy.observe(&mut lag, depth, bytes, crowd_behind, now);
         self.lag.set(lag);
         verdict
     }
@@ -302,6 +296,11 @@ impl Client {
         } else {
             0
         }
+    }
+
+    /// Bytes the socket has taken since the connection opened.
+    pub fn accepted_bytes(&self) -> u64 {
+        self.accepted.get()
     }
 
     /// `b`: bytes queued and not yet accepted by the socket.
@@ -360,16 +359,6 @@ impl Client {
     }
 }
 
-/// `sendmsg(2)` through `syscall(2)`, as is the reader's `recv`: glibc's own wrappers are
-/// thread-cancellation points and bracket every call with cancellation bookkeeping that a
-/// shard thread, never cancelled, does not need (about 1 % of the relay's CPU at `T100x30`).
-///
-/// # Safety
-/// As for `sendmsg(2)`: `fd` is open and `msg` points at valid iovecs.
-unsafe fn sendmsg(fd: RawFd, msg: &libc::msghdr, flags: libc::c_int) -> isize {
-    libc::syscall(libc::SYS_sendmsg, fd, msg as *const libc::msghdr, flags) as isize
-}
-
 #[cfg(test)]
 mod tests {
     use std::rc::Rc;
@@ -382,7 +371,7 @@ mod tests {
     }
 
     fn client(id: u64) -> Client {
-        Client::new(id, "127.0.0.1:2".parse().unwrap(), -1, Entry::new(0))
+        Client::new(id, "127.0.0.1:2".parse().unwrap(), Weak::new(), Entry::new(0))
     }
 
     #[test]

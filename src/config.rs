@@ -230,6 +230,10 @@ pub struct Config {
     pub max_line_bytes: usize,
     pub max_pending_bytes: usize,
     pub max_total_pending_bytes: usize,
+    /// Memory held by partial lines (bytes of lines still arriving) in the whole process;
+    /// past it, a connection holding more than 4 KiB of a partial line is not read until
+    /// the total drops below, and the others read at most up to 4 KiB of a partial line.
+    pub max_total_partial_bytes: usize,
     pub write_deadline_ms: u64,
     pub max_connections: usize,
     pub quarantine_by: QuarantineBy,
@@ -240,6 +244,9 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     /// `None` (the default) is a single node, with no uplink thread and no cost.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// `hyper_parameters.tls`: a second listener whose clients speak TLS, in the same
+    /// broadcast domain (see `tls`); `None` (the default) listens for plain TCP only.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
@@ -360,6 +367,34 @@ impl Config {
             kept.push("hyper_parameters.cluster");
         }
         config.cluster = self.cluster.clone();
+        // The TLS listener and its files need a restart; its handshake timeout applies live.
+        let timeout = config.tls.as_ref().map(|t| t.handshake_timeout_ms);
+        if config.tls.as_ref().map(|t| {
+            (
+                &t.listen,
+                &t.cert_file,
+                &t.key_file,
+                &t.client_ca_file,
+                t.max_handshakes,
+            )
+        }) != previous.tls.as_ref().map(|t| {
+            (
+                &t.listen,
+                &t.cert_file,
+                &t.key_file,
+                &t.client_ca_file,
+                t.max_handshakes,
+            )
+        }) {
+            kept.push("hyper_parameters.tls");
+        }
+        config.tls = self.tls.clone();
+        if let (Some(tls), Some(timeout)) = (config.tls.as_mut(), timeout) {
+            if tls.handshake_timeout_ms != timeout {
+                tls.handshake_timeout_ms = timeout;
+                applied.push("hyper_parameters.tls.handshake_timeout_ms");
+            }
+        }
         Reloaded { config, applied, kept }
     }
 }

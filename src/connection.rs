@@ -3,42 +3,40 @@
 //! the close path: final flush at shutdown, closing notice, lingering close, counters, log
 //! line. [`refuse_full`] turns away a client over `max_connections`.
 //!
-//! Both halves run in one task, sharing the stream through a `RefCell` that is borrowed
-//! only inside a single `poll_*` call, never across an `.await`. The client's state (its
+//! A connection from the TLS listener first completes its handshake ([`handshake`]),
+//! bounded in time and in number per shard; after that nothing here differs from plain
+//! TCP. The task owns the connection's [`Socket`] (`socket.rs`), through which both halves
+//! and the farewell read and write; it is closed when the task ends. The client's state (its
 //! outbox, its close request) is a [`Client`](crate::client::Client) that the shard's
 //! fan-out shares. A panic anywhere in the connection closes this connection only.
 
 mod reader;
 mod writer;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_lite::future::{or, poll_fn};
-use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
+use futures_lite::future::or;
+use futures_lite::FutureExt;
 use glommio::net::TcpStream;
 use tracing::info;
 
 use crate::fanout::undelivered_reason;
 use crate::metrics::CloseReason;
 use crate::protocol;
-use crate::shard::{RefusalSlot, Shard};
+use crate::shard::{Shard, Slot};
 use crate::shared::ConnectionSlot;
 use crate::shutdown::ConnectionPass;
+use crate::socket::Socket;
 use reader::read_half;
 pub use reader::ReadScratch;
 use writer::{flush_outbox, write_half, write_in_flight};
 
-/// Bound on sending a closing notice and draining unread input before the final close.
+/// Bound on finishing a half-written envelope before a closing notice.
 const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
-/// Unread input discarded after a notice, so that closing does not turn into a reset
-/// that destroys the notice in flight.
-const LINGER_READ_BYTES: usize = 256 << 10;
 
 /// What an admitted connection holds until its task ends: its place among
 /// `max_connections`, and the pass its shard's drain waits for.
@@ -55,19 +53,33 @@ pub async fn serve(
     stream: TcpStream,
     addr: SocketAddr,
     admission: Admission,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    let membership = shard.fanout.join(addr, stream.as_raw_fd());
+    let socket = match tls {
+        None => Socket::plain(stream),
+        Some(config) => match handshake(&shard, stream, addr, config).await {
+            Some(socket) => socket,
+            None => return,
+        },
+    };
+    // The connection's one owner of its socket: dropped (closed) when this task ends, by
+    // which time the client, which holds it weakly, can no longer reach it.
+    let socket = Rc::new(socket);
+    let membership = shard.fanout.join(addr, Rc::downgrade(&socket));
     let client = membership.client().clone();
-    info!("client connected: {addr} (shard {})", shard.id);
+    info!(
+        "client connected: {addr} (shard {}{})",
+        shard.id,
+        if socket.is_tls() { ", tls" } else { "" }
+    );
     if shard.is_shutting_down() {
         client.request_close(CloseReason::Shutdown);
     }
-    let stream = RefCell::new(stream);
     let halves = or(
         client.close_requested(),
         or(
-            read_half(&shard, &scratch, &client, &stream),
-            write_half(&shard, &client, &stream),
+            read_half(&shard, &scratch, &client, &socket),
+            write_half(&shard, &client, &socket),
         ),
     );
     let mut reason = match AssertUnwindSafe(halves).catch_unwind().await {
@@ -87,7 +99,7 @@ pub async fn serve(
     if reason == CloseReason::Shutdown {
         // Everything already relayed reaches this client before N3.
         shard.drain.deliveries_finished().await;
-        if let Err(e) = flush_outbox(&shard, &client, &stream).await {
+        if let Err(e) = flush_outbox(&shard, &client, &socket).await {
             reason = e;
         }
     }
@@ -96,7 +108,7 @@ pub async fn serve(
         // A notice must start on a line of its own: finish a half-written envelope first,
         // or send no notice at all.
         let finished = or(
-            async { write_in_flight(&shard, &client, &stream).await.is_ok() },
+            async { write_in_flight(&shard, &client, &socket).await.is_ok() },
             async {
                 glommio::timer::sleep(FAREWELL_TIMEOUT).await;
                 false
@@ -112,18 +124,81 @@ pub async fn serve(
         shard.stats.on_drop(undelivered_reason(reason), lost);
     }
     drop(membership);
-    farewell(&stream, closing_notice).await;
-    drop(stream);
+    if let Some(text) = closing_notice {
+        socket.farewell(&text).await;
+    }
+    drop(socket);
     shard.stats.on_close(reason, true);
     drop(admission);
     info!("client disconnected: {addr} ({reason})");
 }
 
+/// The TLS handshake of a connection on the TLS listener, within one of the shard's
+/// handshake slots and `tls.handshake_timeout_ms`; `None` (counted and logged) when it
+/// failed, timed out, found every slot taken, or the relay began to shut down meanwhile.
+async fn handshake(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<Socket> {
+    let Some(_slot) = shard.handshakes.try_take() else {
+        // A flood of handshakes costs the relay CPU; past the bound it costs an accept.
+        shard.stats.on_close(CloseReason::TlsBusy, false);
+        tracing::debug!("refused {addr}: too many TLS handshakes in progress");
+        return None;
+    };
+    let timeout = Duration::from_millis(shard.config().tls.as_ref().map_or(0, |t| t.handshake_timeout_ms));
+    // In the shard's handshake queue, so that relaying keeps most of the CPU meanwhile.
+    let handshake = Socket::tls_handshake(stream, config);
+    let handshake = match shard.handshake_queue {
+        Some(queue) => glommio::spawn_local_into(handshake, queue),
+        None => Ok(glommio::spawn_local(handshake)),
+    };
+    let handshake = match handshake {
+        Ok(task) => task,
+        Err(e) => {
+            shard.stats.on_close(CloseReason::TlsHandshakeFailed, false);
+            tracing::warn!("cannot start the TLS handshake with {addr}: {e}");
+            return None;
+        }
+    };
+    // Dropping the task (timeout, shutdown) cancels the handshake and closes its stream.
+    let outcome = or(
+        async { Some(handshake.await) },
+        or(
+            async {
+                glommio::timer::sleep(timeout).await;
+                None
+            },
+            async {
+                shard.shared.shutdown.wait().await;
+                None
+            },
+        ),
+    )
+    .await;
+    match outcome {
+        Some(Ok(socket)) => Some(socket),
+        Some(Err(e)) => {
+            shard.stats.on_close(CloseReason::TlsHandshakeFailed, false);
+            tracing::info!("TLS handshake with {addr} failed: {e}");
+            None
+        }
+        None => {
+            shard.stats.on_close(CloseReason::TlsHandshakeFailed, false);
+            tracing::info!("TLS handshake with {addr} did not finish in time");
+            None
+        }
+    }
+}
+
 /// Turns away a connection over `max_connections` with N6
 /// (docs/protocol.md#admission-and-accept-errors); `slot` is given back when this returns.
-pub async fn refuse_full(shard: Rc<Shard>, stream: TcpStream, slot: RefusalSlot) {
-    let stream = RefCell::new(stream);
-    farewell(&stream, notice(CloseReason::ServerFull, 0)).await;
+pub async fn refuse_full(shard: Rc<Shard>, stream: TcpStream, slot: Slot) {
+    if let Some(text) = notice(CloseReason::ServerFull, 0) {
+        Socket::plain(stream).farewell(&text).await;
+    }
     shard.stats.on_close(CloseReason::ServerFull, false);
     drop(slot);
 }
@@ -138,33 +213,4 @@ fn notice(reason: CloseReason, max_line_bytes: usize) -> Option<String> {
         CloseReason::ServerFull => protocol::NOTICE_SERVER_FULL.to_string(),
         _ => return None,
     })
-}
-
-/// Sends the closing notice, then half-closes and discards unread input for a moment so
-/// that the kernel sends FIN rather than a reset that would destroy the notice in flight.
-async fn farewell(stream: &RefCell<TcpStream>, notice: Option<String>) {
-    let Some(text) = notice else {
-        return;
-    };
-    let linger = async {
-        let mut done = 0;
-        while done < text.len() {
-            match poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &text.as_bytes()[done..])).await {
-                Ok(n) if n > 0 => done += n,
-                _ => return,
-            }
-        }
-        // SAFETY: the fd is open for as long as `stream` lives; shutdown(2) does not block.
-        unsafe { libc::shutdown(stream.borrow().as_raw_fd(), libc::SHUT_WR) };
-        // On the heap: a buffer here would sit in every connection task's state.
-        let mut sink = vec![0u8; 4096];
-        let mut drained = 0;
-        while drained < LINGER_READ_BYTES {
-            match poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut sink)).await {
-                Ok(n) if n > 0 => drained += n,
-                _ => return,
-            }
-        }
-    };
-    or(linger, glommio::timer::sleep(FAREWELL_TIMEOUT)).await;
 }

@@ -72,9 +72,14 @@ const KICK_SIGNAL: libc::c_int = libc::SIGURG;
 pub fn spawn_all(
     shared: Arc<Shared>,
     listeners: Vec<OwnedFd>,
+    tls: Option<TlsListeners>,
     events: Sender<ShardEvent>,
     ring_depth: usize,
 ) -> std::io::Result<Vec<ShardThread>> {
+    let (mut tls_fds, tls_server) = match tls {
+        Some(TlsListeners { fds, server }) => (fds.into_iter().map(Some).collect(), Some(server)),
+        None => (Vec::new(), None),
+    };
     install_kick_handler()?;
     let cpus = usable_cpus();
     let mut mesh = fanout::build_mesh(listeners.len());
@@ -89,6 +94,7 @@ pub fn spawn_all(
             None => Placement::Unbound,
         };
         let shared = shared.clone();
+        let tls = tls_fds.get_mut(id).and_then(Option::take).zip(tls_server.clone());
         let guard = StopGuard {
             id,
             events: events.clone(),
@@ -101,7 +107,7 @@ pub fn spawn_all(
             .spawn(move || {
                 let executor = make_executor(id, placement, ring_depth)?;
                 shared.set_startup_step(id, StartupStep::FirstRun);
-                executor.run(shard_main(id, shared, listener, ends, guard));
+                executor.run(shard_main(id, shared, listener, tls, ends, guard));
                 Ok(())
             })?;
         handles.push(handle);
@@ -227,7 +233,20 @@ fn install_kick_handler() -> std::io::Result<()> {
     Ok(())
 }
 
-async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: MeshEnds, guard: StopGuard) {
+/// The TLS listener's sockets, one per shard, and the configuration its handshakes use.
+pub struct TlsListeners {
+    pub fds: Vec<OwnedFd>,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+async fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: OwnedFd,
+    tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
+    ends: MeshEnds,
+    guard: StopGuard,
+) {
     // Nothing below waits for another shard: the mesh ends work as they are, so a shard's
     // start-up depends only on its own thread getting CPU time.
     shared.set_startup_step(id, StartupStep::SettingUp);
@@ -250,14 +269,27 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: OwnedFd, ends: Mes
     glommio::spawn_local(heartbeat_loop(shard.clone())).detach();
     // SAFETY: the fd is a listening TCP socket we own; from here glommio owns it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    // SAFETY: as above, the TLS listener's socket.
+    let tls = tls.map(|(fd, server)| {
+        (
+            unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) },
+            server,
+        )
+    });
     shard.stats.on_heartbeat(shared.clock_ms());
     shard.stats.set_state(ShardState::Running);
     shared.set_startup_step(id, StartupStep::Started);
     let _ = guard.events.try_send(ShardEvent::Started(id));
 
     // Dropping the accept loop drops (closes) the listener.
+    let tls_accept = async {
+        match tls {
+            Some((listener, server)) => crate::listener::accept_loop(shard.clone(), listener, Some(server)).await,
+            None => std::future::pending().await,
+        }
+    };
     or(
-        crate::listener::accept_loop(shard.clone(), listener),
+        or(crate::listener::accept_loop(shard.clone(), listener, None), tls_accept),
         shared.shutdown.wait(),
     )
     .await;

@@ -21,12 +21,11 @@ pub mod stalls;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, MeshEnds, Peers, MESH_CAPACITY};
+pub use flush::{build_mesh, flush_loop, receive_loop, spawn_receiver, InFlight, MeshEnds, Peers, MESH_CAPACITY};
 pub use outgoing::MAX_OUTGOING_BYTES;
 
 use crate::batch::{Batch, Ledger, LocalBatch};
@@ -37,9 +36,13 @@ use crate::pacing::{NextRun, Schedule, Scheduled};
 use crate::protocol;
 use crate::shared::{LocalTunables, Shared, Tunables};
 use crate::shutdown::Drain;
+use crate::socket::Socket;
 use outgoing::Outgoing;
 use reads::Reads;
 use stalls::Stalls;
+
+/// How often readers paused because a peer has not taken this shard's batches look again.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(1);
 
 /// One shard's fan-out state.
 pub struct Fanout {
@@ -54,6 +57,8 @@ pub struct Fanout {
     ledger: Rc<Ledger>,
     /// Envelopes accepted on this shard and not yet flushed.
     outgoing: Outgoing,
+    /// Bytes of flushed batches the peers have not taken yet (set by the flush task).
+    in_flight: RefCell<Rc<InFlight>>,
     /// Wakes the flush task when `outgoing` becomes non-empty, when a client becomes due,
     /// and at shutdown.
     flush_wanted: Notify,
@@ -84,6 +89,7 @@ impl Fanout {
             rate_limit_notice: Ledger::detached().pin(Arc::new(Batch::notice(protocol::NOTICE_RATE_LIMITED))),
             ledger,
             outgoing: Outgoing::default(),
+            in_flight: RefCell::default(),
             flush_wanted: Notify::default(),
             schedule: Schedule::new(window, Instant::now()),
             reads: Reads::new(shard_id),
@@ -107,11 +113,11 @@ impl Fanout {
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.
-    pub fn join(self: &Rc<Self>, addr: SocketAddr, fd: RawFd) -> Membership {
+    pub fn join(self: &Rc<Self>, addr: SocketAddr, socket: std::rc::Weak<Socket>) -> Membership {
         let n = self.next_client.get();
         self.next_client.set(n + 1);
         let id = ((self.shard_id as u64) << 48) | n;
-        let client = Rc::new(Client::new(id, addr, fd, self.schedule.join()));
+        let client = Rc::new(Client::new(id, addr, socket, self.schedule.join()));
         self.clients.borrow_mut().insert(id, client.clone());
         self.stats.on_open();
         Membership {
@@ -160,8 +166,18 @@ impl Fanout {
 
     /// Waits while the outgoing batch is over [`MAX_OUTGOING_BYTES`]: the flush task is
     /// behind (a peer ring is full), and readers pause until it catches up.
+    /// Also waits while a peer has not yet taken more than that of this shard's batches
+    /// (see [`InFlight`]), looking again every millisecond.
     pub async fn wait_for_outgoing_room(&self) {
         self.outgoing.wait_for_room().await;
+        while !self.is_shutting_down() && self.in_flight.borrow().is_over(MAX_OUTGOING_BYTES as u64) {
+            glommio::timer::sleep(IN_FLIGHT_POLL).await;
+        }
+    }
+
+    /// Watches the flush task's rings to its peers for [`Fanout::wait_for_outgoing_room`].
+    fn watch_in_flight(&self, in_flight: Rc<InFlight>) {
+        *self.in_flight.borrow_mut() = in_flight;
     }
 
     /// Takes the batch built so far, if any, and releases paused readers.
@@ -176,10 +192,12 @@ impl Fanout {
         let mut now = None;
         for client in self.clients.borrow().values() {
             // Closing clients take no more, except for shutdown, which flushes them within
-            // the usual per-connection byte bound.
+            // the usual per-connection byte bound; what a shutdown flush has no room for is
+            // counted as the shutdown close counts the rest (`recipient_gone`): no
+            // slow-consumer close happened.
             let refuse = client.refusing_envelopes().or_else(|| {
                 (client.is_closing() && client.queued_bytes() > self.tunables.get().policy.max_pending_bytes)
-                    .then_some(CloseReason::SlowConsumer)
+                    .then_some(CloseReason::Shutdown)
             });
             if let Some(reason) = refuse {
                 let lost: u32 = batch
@@ -368,5 +386,36 @@ fn test_triggers(line: &str) {
     });
     if let Some((_, ms)) = stall.as_ref().filter(|(l, _)| l == line) {
         std::thread::sleep(Duration::from_millis(*ms));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::machine::Machine;
+
+    /// A client closing for shutdown takes envelopes up to `max_pending_bytes`; what comes
+    /// after is dropped as `recipient_gone`, since no slow-consumer close happened.
+    #[test]
+    fn a_shutdown_flush_over_the_byte_bound_drops_as_recipient_gone_not_slow_consumer() {
+        let config = Config {
+            max_pending_bytes: 4096,
+            ..Config::defaults_for(&Machine::detect())
+        };
+        let shared = Arc::new(Shared::new(config));
+        let stats = shared.stats[0].clone();
+        let fanout = Rc::new(Fanout::new(0, shared, stats.clone(), Drain::new()));
+        let member = fanout.join("127.0.0.1:7".parse().unwrap(), std::rc::Weak::new());
+        member.client().request_close(CloseReason::Shutdown);
+        let line = "z".repeat(5000);
+        fanout.deliver(Arc::new(Batch::of(&[(99, line.as_str())], "127.0.0.1:8")));
+        assert!(
+            member.client().queued_bytes() > 4096,
+            "the first batch is taken for the flush"
+        );
+        fanout.deliver(Arc::new(Batch::of(&[(99, "a"), (99, "b")], "127.0.0.1:8")));
+        assert_eq!(stats.dropped(DropReason::RecipientGone), 2);
+        assert_eq!(stats.dropped(DropReason::SlowConsumer), 0);
     }
 }

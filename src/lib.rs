@@ -38,6 +38,8 @@
 //!
 //! Policies and facilities (pure, or one system facility each):
 //! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
+//! - [`socket`]: the one owner of a client's stream and descriptor, plain TCP or TLS
+//!   (rustls): every read, write, farewell and epoll registration goes through it.
 //! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
 //!   in) and the per-shard counters with the close-reason and drop-reason enums.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
@@ -45,7 +47,8 @@
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`],
 //!   every key declared once in the table of `config/keys.rs` (parsing, errors, defaults,
 //!   `check`'s JSON, what a reload applies, the docs table); its defaults come from a
-//!   [`machine::Machine`].
+//!   [`machine::Machine`]; [`tls`] checks the TLS section's files and builds the rustls
+//!   configuration.
 //!
 //! What the configuration and the fan-out stand on:
 //! - [`cluster`]: optional: several nodes as one broadcast domain over NATS. The uplink,
@@ -105,8 +108,10 @@ pub mod sd_notify;
 pub mod shard;
 pub mod shared;
 pub mod shutdown;
+pub mod socket;
 pub mod startup;
 pub mod supervisor;
+pub mod tls;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -210,6 +215,17 @@ pub fn preflight(config: &Config) -> Result<SocketAddr, Error> {
             _ => {}
         }
     }
+    if let Some(tls) = &config.tls {
+        let tls_error = |e: std::io::Error| startup::listen_error(tls.listen, e);
+        let taken = overlaps(tls.listen, addr) || config.admin_addr.is_some_and(|a| overlaps(tls.listen, a));
+        if taken {
+            return Err(tls_error(std::io::Error::from_raw_os_error(libc::EADDRINUSE)).into());
+        }
+        match startup::probe_bind(tls.listen) {
+            Err(e) if !in_use(&e) => return Err(tls_error(e).into()),
+            _ => {}
+        }
+    }
     Ok(addr)
 }
 
@@ -249,6 +265,20 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
     #[cfg(debug_assertions)]
     test_listen_delay();
     let (bound, listeners) = startup::bind_listeners(addr, config.shards)?;
+    // The TLS listener, one socket per shard as for plain TCP, and its rustls configuration
+    // (built again from the files `Config::load` checked).
+    let mut _tls_port_guard = None;
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => {
+            _tls_port_guard = Some(startup::PortGuard::acquire(tls.listen)?);
+            startup::check_port_free(tls.listen)?;
+            let server = tls::server_config(tls, "hyper_parameters.tls")
+                .map_err(|e| Error::Shard(format!("cannot set up TLS: {e}")))?;
+            let (bound, fds) = startup::bind_listeners(tls.listen, config.shards)?;
+            Some((bound, executor::TlsListeners { fds, server }))
+        }
+    };
     // Bound now so that a bad admin address stops start-up before any shard runs.
     let admin = match config.admin_addr {
         Some(addr) => Some(admin::bind(addr).map_err(|e| Error::Admin {
@@ -272,8 +302,15 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
             ""
         }
     );
-    let handles = executor::spawn_all(shared.clone(), listeners, events_tx, rings.ring_depth)
-        .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
+    let tls_bound = tls.as_ref().map(|(bound, _)| *bound);
+    let handles = executor::spawn_all(
+        shared.clone(),
+        listeners,
+        tls.map(|(_, l)| l),
+        events_tx,
+        rings.ring_depth,
+    )
+    .map_err(|e| Error::Shard(format!("cannot start shards: {e}")))?;
 
     // Start-up: every shard reports `Started` by the deadline, or the one that did not is
     // named with its step. A signal meanwhile drains whatever has started, and exits 0 as
@@ -317,6 +354,10 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
         }
     }
     tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
+    if let Some(at) = tls_bound {
+        // After the line above, which the harness and scripts look for first.
+        tracing::info!("listening for TLS on {at}");
+    }
     if let Some(listener) = admin {
         let at = listener.local_addr().map_err(|e| Error::Admin {
             addr: shared.config.admin_addr.unwrap_or(bound),

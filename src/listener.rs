@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
@@ -21,7 +22,17 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// is closed at once with no bytes; over `max_connections` the client gets N6 while the
 /// shard has a refusal slot; everyone else gets a connection task, which holds its
 /// connection slot and a pass of the shard's drain until it ends.
-fn admit(shard: &Rc<Shard>, scratch: &Rc<ReadScratch>, stream: glommio::net::TcpStream, addr: SocketAddr) {
+///
+/// On the TLS listener (`tls` set) the connection task starts with the handshake, and a
+/// client over `max_connections` is closed without N6: a notice in clear is not TLS, and
+/// a handshake to send it would be work for a server that is already full.
+fn admit(
+    shard: &Rc<Shard>,
+    scratch: &Rc<ReadScratch>,
+    stream: glommio::net::TcpStream,
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) {
     if shard.shared.quarantine.contains(addr, Instant::now()) {
         shard.stats.on_drop(DropReason::Quarantined, 1);
         shard.stats.on_close(CloseReason::Quarantined, false);
@@ -31,7 +42,7 @@ fn admit(shard: &Rc<Shard>, scratch: &Rc<ReadScratch>, stream: glommio::net::Tcp
     let Some(slot) = shard.shared.connections.try_take() else {
         shard.stats.on_drop(DropReason::ServerFull, 1);
         tracing::debug!("refused {addr}: server full");
-        match shard.refusals.try_take() {
+        match shard.refusals.try_take().filter(|_| tls.is_none()) {
             Some(refusal) => {
                 glommio::spawn_local(connection::refuse_full(shard.clone(), stream, refusal)).detach();
             }
@@ -50,12 +61,14 @@ fn admit(shard: &Rc<Shard>, scratch: &Rc<ReadScratch>, stream: glommio::net::Tcp
         stream,
         addr,
         admission,
+        tls.cloned(),
     ))
     .detach();
 }
 
-/// Accepts until the shard stops it; every client gets its own task.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+/// Accepts until the shard stops it; every client gets its own task. `tls`: this is the
+/// TLS listener, and its clients handshake with this configuration.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
     let first_backoff = Duration::from_millis(shard.config().accept_error_backoff_ms);
     let mut backoff = first_backoff;
     let mut errors_since_log = 0u64;
@@ -77,7 +90,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     );
                     continue;
                 };
-                admit(&shard, &scratch, stream, addr);
+                admit(&shard, &scratch, stream, addr, tls.as_ref());
             }
             Err(e) => {
                 errors_since_log += 1;

@@ -55,6 +55,17 @@ pub struct Sender<T> {
     ring: Arc<Ring<T>>,
 }
 
+/// How many items a ring holds now (see [`Sender::depth`]).
+pub struct Depth<T> {
+    ring: Arc<Ring<T>>,
+}
+
+impl<T> Depth<T> {
+    pub fn get(&self) -> usize {
+        self.ring.queue.len()
+    }
+}
+
 /// The receiving end of a [`channel`].
 pub struct Receiver<T> {
     ring: Arc<Ring<T>>,
@@ -114,6 +125,15 @@ impl<T> Sender<T> {
         SendFuture {
             sender: self,
             item: Some(item),
+        }
+    }
+
+    /// A handle that reads how many items the ring holds, for the producer's side only
+    /// (one atomic load of each end; exact for this producer, stale by the consumer's
+    /// takes in progress).
+    pub fn depth(&self) -> Depth<T> {
+        Depth {
+            ring: self.ring.clone(),
         }
     }
 

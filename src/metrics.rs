@@ -42,10 +42,16 @@ pub enum CloseReason {
     /// Reset by the peer after the kernel completed it and before the relay could read its
     /// peer address: accepted, never admitted, no bytes either way.
     ResetBeforeServed,
+    /// On the TLS listener: the handshake failed (bad or missing client certificate,
+    /// protocol error, peer gone) or did not finish within `tls.handshake_timeout_ms`.
+    TlsHandshakeFailed,
+    /// On the TLS listener: `tls.max_handshakes` were in progress on the shard; closed at
+    /// once with no bytes.
+    TlsBusy,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::PeerClosed,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -58,6 +64,8 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::InternalError,
         CloseReason::ResetBeforeServed,
+        CloseReason::TlsHandshakeFailed,
+        CloseReason::TlsBusy,
     ];
 
     /// The label used in logs and metrics.
@@ -75,6 +83,8 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::InternalError => "internal_error",
             CloseReason::ResetBeforeServed => "reset_before_served",
+            CloseReason::TlsHandshakeFailed => "tls_handshake_failed",
+            CloseReason::TlsBusy => "tls_busy",
         }
     }
 }

@@ -67,6 +67,11 @@ impl Framer {
         self.partial.len()
     }
 
+    /// Bytes allocated for the unfinished line (its capacity), what it pins in memory.
+    pub fn held(&self) -> usize {
+        self.partial.capacity()
+    }
+
     /// Feeds `input` and calls `on_line` with every complete line, in order. Lines before a
     /// bad one are handed out before the error is returned; after an error the framer
     /// must not be fed again.
@@ -87,8 +92,22 @@ impl Framer {
         }
         if !input.is_empty() {
             // One byte of slack: a trailing `\r` at the limit may still be stripped.
-            if self.partial.len() + input.len() > self.max_line_bytes + 1 {
+            let needed = self.partial.len() + input.len();
+            if needed > self.max_line_bytes + 1 {
                 return Err(FrameError::LineTooLong);
+            }
+            if needed > self.partial.capacity() {
+                // Grown in steps of at most 64 KiB, not doubled: what a partial line holds
+                // (`held`) counts against the process-wide bound, and doubling could hold
+                // twice the line.
+                let step = 64 << 10;
+                let target = if needed < step {
+                    needed.next_power_of_two()
+                } else {
+                    needed.next_multiple_of(step)
+                };
+                let target = target.min(self.max_line_bytes + 1).max(needed);
+                self.partial.reserve_exact(target - self.partial.len());
             }
             self.partial.extend_from_slice(input);
         } else if self.partial.capacity() > 0 && self.partial.is_empty() {
@@ -267,6 +286,19 @@ mod tests {
         let (got, r) = lines(&mut f, b"a\r\nx\ry\r\r\n\n");
         assert_eq!(r, Ok(()));
         assert_eq!(got, vec!["a", "x\ry\r", ""]);
+    }
+
+    #[test]
+    fn a_long_partial_line_holds_about_its_length_not_twice_it() {
+        let mut f = Framer::new(1 << 20);
+        for _ in 0..10 {
+            assert_eq!(lines(&mut f, &[b'x'; 100_000]).1, Ok(()));
+            assert!(f.held() >= f.partial_len() && f.held() < f.partial_len() + (64 << 10));
+        }
+        assert_eq!(lines(&mut f, b"\n").0.len(), 1);
+        let mut small = Framer::new(1 << 20);
+        assert_eq!(lines(&mut small, b"abc").1, Ok(()));
+        assert!(small.held() <= 4, "{}", small.held());
     }
 
     #[test]

@@ -4,7 +4,14 @@
 //! A consumer closed as `slow_consumer` is a strike against its key (the peer IP, or its
 //! ip:port); `strikes` strikes within [`STRIKE_WINDOW`] quarantine the key for the
 //! cooldown, so one close never locks out a host's other agents nor the same agent's
-//! reconnect.
+//! reconnect. Quarantine is for abuse, not for a host of agents that block on long calls
+//! (docs/protocol.md#quarantine), so two closes are no strike at all:
+//! - *one episode is one offence*: closes of a key within `episode` (the write deadline)
+//!   of its last counted strike are part of that strike (agents of one host blocking at
+//!   once, or one burst that several of them could not take);
+//! - *a client that has read is no abuser*: its caller passes no strike for a connection
+//!   whose socket took more bytes than the kernel can hold for a peer that reads nothing
+//!   ([`unread_bytes_bound`]); only connections that never proved they read can strike.
 //!
 //! Reads happen on every accept and must not take a lock: readers load an immutable
 //! snapshot of the quarantined keys through `ArcSwap` (one atomic load). Writes are rare (a
@@ -136,11 +143,17 @@ impl Strikes {
 pub enum Strike {
     /// Counted: the key has `count` strikes in the window, fewer than `limit`.
     Counted { count: u32, limit: u32 },
+    /// A strike of this key was counted less than an episode ago: this close is part of
+    /// it and adds nothing (`count` strikes stand).
+    SameEpisode { count: u32, limit: u32 },
     /// The key reached `limit` strikes and is quarantined for `cooldown`; its strikes are
     /// cleared, so after the cooldown it starts again from none.
     Quarantined { limit: u32, cooldown: Duration },
     /// Quarantine is off (`quarantine_cooldown_secs` 0): nothing was recorded.
     Off,
+    /// Not submitted: the connection had read `read` bytes, more than a peer that reads
+    /// nothing could take (decided by the caller, recorded nowhere).
+    Served { read: u64 },
 }
 
 /// The shared table.
@@ -151,6 +164,9 @@ pub struct Quarantine {
     /// Strikes within [`STRIKE_WINDOW`] that quarantine a key; 1 quarantines at once. A
     /// reload may change it.
     strikes_to_quarantine: AtomicU32,
+    /// Closes of a key within this time after its last counted strike add nothing
+    /// (`write_deadline_ms`, in milliseconds; a reload may change it).
+    episode_ms: AtomicU64,
     max_entries: usize,
     snapshot: ArcSwap<Table>,
     /// Serialises writers (and holds the strikes, which only writers use); readers never
@@ -159,22 +175,25 @@ pub struct Quarantine {
 }
 
 impl Quarantine {
-    pub fn new(by: QuarantineBy, cooldown: Duration, strikes: u32, max_entries: usize) -> Self {
+    pub fn new(by: QuarantineBy, cooldown: Duration, strikes: u32, episode: Duration, max_entries: usize) -> Self {
         Quarantine {
             by,
             cooldown_ms: AtomicU64::new(cooldown.as_millis() as u64),
             strikes_to_quarantine: AtomicU32::new(strikes.max(1)),
+            episode_ms: AtomicU64::new(episode.as_millis() as u64),
             max_entries: max_entries.max(1),
             snapshot: ArcSwap::from_pointee(Table::default()),
             write: Mutex::new(Strikes::default()),
         }
     }
 
-    /// Sets the cooldown and the strikes that quarantine (a reload): entries already in the
-    /// table keep their end time; strikes already counted count against the new limit.
-    pub fn set_rules(&self, cooldown: Duration, strikes: u32) {
+    /// Sets the cooldown, the strikes that quarantine and the episode (a reload): entries
+    /// already in the table keep their end time; strikes already counted count against
+    /// the new limit.
+    pub fn set_rules(&self, cooldown: Duration, strikes: u32, episode: Duration) {
         self.cooldown_ms.store(cooldown.as_millis() as u64, Ordering::Relaxed);
         self.strikes_to_quarantine.store(strikes.max(1), Ordering::Relaxed);
+        self.episode_ms.store(episode.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn cooldown(&self) -> Duration {
@@ -209,7 +228,17 @@ impl Quarantine {
         let key = self.key(addr);
         let limit = self.strikes_to_quarantine.load(Ordering::Relaxed);
         let mut strikes = self.lock();
-        let count = strikes.expire_key(key, now) as u64 + 1;
+        let held = strikes.expire_key(key, now);
+        let last = strikes.by_key.get(&key).and_then(|l| l.back()).map(|&(_, at)| at);
+        if last.is_some_and(|at| {
+            now.saturating_duration_since(at) < Duration::from_millis(self.episode_ms.load(Ordering::Relaxed))
+        }) {
+            return Strike::SameEpisode {
+                count: held as u32,
+                limit,
+            };
+        }
+        let count = held as u64 + 1;
         if count >= u64::from(limit) {
             strikes.clear_key(key);
             strikes.compact_if_stale();
@@ -299,6 +328,29 @@ impl Quarantine {
     }
 }
 
+/// Bytes a peer that reads nothing can still take from the relay: the relay's socket send
+/// buffer at its largest (`tcp_wmem` max) plus the peer's receive buffer, which grows past
+/// its initial size (`tcp_rmem` default) only when the peer reads, or is set by the peer to
+/// at most twice `net.core.rmem_max`. A connection whose socket took more than this has
+/// read. Read once at start; 16 MiB if the kernel's figures cannot be read.
+pub fn unread_bytes_bound() -> u64 {
+    fn field(path: &str, i: usize) -> Option<u64> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .split_whitespace()
+            .nth(i)?
+            .parse()
+            .ok()
+    }
+    let send = field("/proc/sys/net/ipv4/tcp_wmem", 2);
+    let initial = field("/proc/sys/net/ipv4/tcp_rmem", 1);
+    let set = field("/proc/sys/net/core/rmem_max", 0).map(|m| 2 * m);
+    match (send, initial, set) {
+        (Some(s), Some(i), Some(m)) => s + i.max(m),
+        _ => 16 << 20,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +361,7 @@ mod tests {
 
     #[test]
     fn by_ip_matches_every_port_of_the_host() {
-        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(10), 1, 100);
+        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(10), 1, Duration::ZERO, 100);
         let t0 = Instant::now();
         q.insert(addr("127.0.0.2:4000"), t0);
         assert!(q.contains(addr("127.0.0.2:5000"), t0));
@@ -318,7 +370,7 @@ mod tests {
 
     #[test]
     fn by_addr_matches_only_the_same_port() {
-        let q = Quarantine::new(QuarantineBy::Addr, Duration::from_secs(10), 1, 100);
+        let q = Quarantine::new(QuarantineBy::Addr, Duration::from_secs(10), 1, Duration::ZERO, 100);
         let t0 = Instant::now();
         q.insert(addr("[::1]:4000"), t0);
         assert!(q.contains(addr("[::1]:4000"), t0));
@@ -327,7 +379,7 @@ mod tests {
 
     #[test]
     fn entries_stop_matching_at_expiry_and_are_purged() {
-        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(10), 1, 100);
+        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(10), 1, Duration::ZERO, 100);
         let t0 = Instant::now();
         q.insert(addr("10.0.0.1:1"), t0);
         q.insert(addr("10.0.0.2:1"), t0 + Duration::from_secs(5));
@@ -339,7 +391,7 @@ mod tests {
 
     #[test]
     fn a_full_table_evicts_the_oldest_entry() {
-        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(100), 1, 3);
+        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(100), 1, Duration::ZERO, 3);
         let t0 = Instant::now();
         for i in 1..=4u8 {
             q.insert(SocketAddr::from(([10, 0, 0, i], 1)), t0 + Duration::from_secs(i as u64));
@@ -351,7 +403,7 @@ mod tests {
 
     #[test]
     fn re_entering_a_key_refreshes_it_without_losing_others() {
-        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(10), 1, 2);
+        let q = Quarantine::new(QuarantineBy::Ip, Duration::from_secs(10), 1, Duration::ZERO, 2);
         let t0 = Instant::now();
         q.insert(addr("10.0.0.1:1"), t0);
         q.insert(addr("10.0.0.2:1"), t0 + Duration::from_secs(1));
@@ -364,7 +416,13 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     fn strikes(limit: u32, max_entries: usize) -> Quarantine {
-        Quarantine::new(QuarantineBy::Ip, Duration::from_secs(300), limit, max_entries)
+        Quarantine::new(
+            QuarantineBy::Ip,
+            Duration::from_secs(300),
+            limit,
+            Duration::ZERO,
+            max_entries,
+        )
     }
 
     #[test]
@@ -373,7 +431,7 @@ mod tests {
         let (t0, peer, other) = (Instant::now(), addr("10.0.0.1:1"), addr("10.0.0.2:1"));
         q.insert(other, t0);
         assert_eq!(q.strike(peer, t0), Strike::Counted { count: 1, limit: 3 });
-        q.set_rules(Duration::from_secs(5), 2);
+        q.set_rules(Duration::from_secs(5), 2, Duration::ZERO);
         assert_eq!(
             q.strike(peer, t0 + MIN),
             Strike::Quarantined {
@@ -383,7 +441,7 @@ mod tests {
         );
         assert!(!q.contains(peer, t0 + MIN + Duration::from_secs(5)), "the new cooldown");
         assert!(q.contains(other, t0 + MIN), "an entry keeps its end time");
-        q.set_rules(Duration::ZERO, 2);
+        q.set_rules(Duration::ZERO, 2, Duration::ZERO);
         assert_eq!(q.strike(peer, t0 + 2 * MIN), Strike::Off);
     }
 
@@ -443,7 +501,7 @@ mod tests {
             by_ip.strike(addr("10.0.0.1:2"), t0),
             Strike::Quarantined { .. }
         ));
-        let by_addr = Quarantine::new(QuarantineBy::Addr, Duration::from_secs(300), 2, 100);
+        let by_addr = Quarantine::new(QuarantineBy::Addr, Duration::from_secs(300), 2, Duration::ZERO, 100);
         by_addr.strike(addr("10.0.0.1:1"), t0);
         assert_eq!(
             by_addr.strike(addr("10.0.0.1:2"), t0),
@@ -510,8 +568,38 @@ mod tests {
     }
 
     #[test]
+    fn closes_within_an_episode_of_the_last_counted_strike_are_one_strike() {
+        let q = Quarantine::new(
+            QuarantineBy::Ip,
+            Duration::from_secs(300),
+            3,
+            Duration::from_secs(10),
+            100,
+        );
+        let t0 = Instant::now();
+        // Three agents of one host closed within seconds of each other: one strike.
+        assert_eq!(q.strike(addr("10.0.0.1:1"), t0), Strike::Counted { count: 1, limit: 3 });
+        for (i, port) in [2u16, 3].iter().enumerate() {
+            let at = t0 + Duration::from_secs(3 + i as u64);
+            assert_eq!(
+                q.strike(SocketAddr::from(([10, 0, 0, 1], *port)), at),
+                Strike::SameEpisode { count: 1, limit: 3 }
+            );
+            assert!(!q.contains(addr("10.0.0.1:9"), at));
+        }
+        // The episode is counted from its first close and does not stretch: a client that
+        // keeps coming back to stall strikes once per episode and is refused at the third.
+        let mut t = t0;
+        for _ in 0..2 {
+            t += Duration::from_secs(10);
+            q.strike(addr("10.0.0.1:4"), t);
+        }
+        assert!(q.contains(addr("10.0.0.1:9"), t));
+    }
+
+    #[test]
     fn zero_cooldown_quarantines_nothing() {
-        let q = Quarantine::new(QuarantineBy::Ip, Duration::ZERO, 1, 2);
+        let q = Quarantine::new(QuarantineBy::Ip, Duration::ZERO, 1, Duration::ZERO, 2);
         q.insert(addr("10.0.0.1:1"), Instant::now());
         assert!(q.is_empty());
         assert_eq!(q.strike(addr("10.0.0.1:1"), Instant::now()), Strike::Off);

@@ -2,11 +2,18 @@
 //! runs instead of through a readiness wake-up each (see `connection/reader.rs` and
 //! `fanout/reads.rs`). It is a level-triggered epoll set that is only ever polled with
 //! a zero timeout, never slept on: the shard's thread sleeps in glommio's ring.
+//!
+//! A member is a [`Socket`] held weakly: once its connection task has closed it, the
+//! kernel has dropped it from the set, and leaving touches no descriptor (the number may
+//! already belong to another socket).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::{Rc, Weak};
+
+use crate::socket::Socket;
 
 /// Most readable members one poll reports; the rest (level-triggered, so still readable)
 /// come at the next poll.
@@ -15,7 +22,7 @@ const MAX_EVENTS: usize = 256;
 pub struct ReadySet {
     epoll: OwnedFd,
     /// Members: client id → its socket.
-    members: RefCell<HashMap<u64, RawFd>>,
+    members: RefCell<HashMap<u64, Weak<Socket>>>,
 }
 
 impl ReadySet {
@@ -40,33 +47,42 @@ impl ReadySet {
         self.members.borrow().is_empty()
     }
 
-    /// Adds client `id`'s socket `fd`; false if the kernel refuses (out of memory or over
-    /// `max_user_watches`), and the reader then keeps using readiness.
-    pub fn insert(&self, id: u64, fd: RawFd) -> bool {
+    /// Adds client `id`'s socket; false if the kernel refuses (out of memory or over
+    /// `max_user_watches`) or the socket holds decrypted input that no readiness would
+    /// announce, and the reader then keeps using readiness.
+    pub fn insert(&self, id: u64, socket: &Rc<Socket>) -> bool {
+        if socket.has_buffered_input() {
+            return false;
+        }
+        let added = self.add(id, socket.as_raw_fd());
+        if added {
+            self.members.borrow_mut().insert(id, Rc::downgrade(socket));
+        }
+        added
+    }
+
+    fn add(&self, id: u64, fd: RawFd) -> bool {
         let mut event = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: id,
         };
         // SAFETY: both descriptors are open; the kernel copies `event`.
-        let added = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) } == 0;
-        if added {
-            self.members.borrow_mut().insert(id, fd);
-        }
-        added
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) == 0 }
     }
 
-    /// Removes client `id`, if it is a member. Its socket must still be open.
+    /// Removes client `id`, if it is a member.
     pub fn remove(&self, id: u64) {
-        if let Some(fd) = self.members.borrow_mut().remove(&id) {
-            self.delete(fd);
+        let member = self.members.borrow_mut().remove(&id);
+        if let Some(socket) = member {
+            self.delete(&socket);
         }
     }
 
     /// Empties the set, calling `f` with each member's id.
     pub fn drain(&self, mut f: impl FnMut(u64)) {
         let members = std::mem::take(&mut *self.members.borrow_mut());
-        for (id, fd) in members {
-            self.delete(fd);
+        for (id, socket) in members {
+            self.delete(&socket);
             f(id);
         }
     }
@@ -85,10 +101,21 @@ impl ReadySet {
         }
     }
 
-    fn delete(&self, fd: RawFd) {
-        // SAFETY: `fd` is a member's socket, still open (members leave before they close).
-        // A failure means it is not in the set any more, which is what we want.
-        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    fn delete(&self, socket: &Weak<Socket>) {
+        // A closed socket has left the set with its descriptor.
+        let Some(socket) = socket.upgrade() else {
+            return;
+        };
+        // SAFETY: the descriptor is open while `socket` lives. A failure means it is not in
+        // the set any more, which is what we want.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                socket.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
     }
 }
 
@@ -96,12 +123,13 @@ impl ReadySet {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
 
-    fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    /// A connected pair: a std client and the relay's side as a plain [`Socket`].
+    async fn pair(listener: &glommio::net::TcpListener) -> (TcpStream, Rc<Socket>) {
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (client, server)
+        let server = listener.accept().await.unwrap();
+        (client, Rc::new(Socket::plain(server)))
     }
 
     fn ready(set: &ReadySet) -> Vec<u64> {
@@ -111,41 +139,50 @@ mod tests {
         ids
     }
 
+    fn wait_until(set: &ReadySet, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ready(set).len() < n && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn reports_exactly_the_readable_members_until_they_leave() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let (mut a_client, a_server) = pair(&listener);
-        let (b_client, b_server) = pair(&listener);
-        let (_c_client, c_server) = pair(&listener);
-        let set = ReadySet::new().unwrap();
-        assert!(set.is_empty() && ready(&set).is_empty());
-        assert!(set.insert(1, a_server.as_raw_fd()));
-        assert!(set.insert(2, b_server.as_raw_fd()));
-        assert!(set.contains(1) && !set.contains(3));
-        assert!(ready(&set).is_empty(), "nothing sent yet");
-        a_client.write_all(b"line\n").unwrap();
-        // A readable socket that is not a member is not reported.
-        assert!(set.insert(3, c_server.as_raw_fd()));
-        set.remove(3);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while ready(&set).is_empty() && std::time::Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(ready(&set), vec![1]);
-        // Level-triggered: still reported while unread. End of stream is readable too.
-        assert_eq!(ready(&set), vec![1]);
-        b_client.shutdown(std::net::Shutdown::Write).unwrap();
-        while ready(&set).len() < 2 && std::time::Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(ready(&set), vec![1, 2]);
-        set.remove(1);
-        assert_eq!(ready(&set), vec![2]);
-        let mut drained = Vec::new();
-        set.drain(|id| drained.push(id));
-        assert_eq!(drained, vec![2]);
-        assert!(set.is_empty() && ready(&set).is_empty());
-        // A closed descriptor cannot be added.
-        assert!(!set.insert(9, -1));
+        glommio::LocalExecutor::default().run(async {
+            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut a_client, a_server) = pair(&listener).await;
+            let (b_client, b_server) = pair(&listener).await;
+            let (_c_client, c_server) = pair(&listener).await;
+            let set = ReadySet::new().unwrap();
+            assert!(set.is_empty() && ready(&set).is_empty());
+            assert!(set.insert(1, &a_server));
+            assert!(set.insert(2, &b_server));
+            assert!(set.contains(1) && !set.contains(3));
+            assert!(ready(&set).is_empty(), "nothing sent yet");
+            a_client.write_all(b"line\n").unwrap();
+            // A readable socket that is not a member is not reported.
+            assert!(set.insert(3, &c_server));
+            set.remove(3);
+            wait_until(&set, 1);
+            assert_eq!(ready(&set), vec![1]);
+            // Level-triggered: still reported while unread. End of stream is readable too.
+            assert_eq!(ready(&set), vec![1]);
+            b_client.shutdown(std::net::Shutdown::Write).unwrap();
+            wait_until(&set, 2);
+            assert_eq!(ready(&set), vec![1, 2]);
+            set.remove(1);
+            assert_eq!(ready(&set), vec![2]);
+            let mut drained = Vec::new();
+            set.drain(|id| drained.push(id));
+            assert_eq!(drained, vec![2]);
+            assert!(set.is_empty() && ready(&set).is_empty());
+            // A closed socket leaves the set with its descriptor; leaving later touches
+            // nothing.
+            assert!(set.insert(4, &b_server));
+            drop(b_server);
+            assert!(ready(&set).is_empty());
+            set.remove(4);
+            assert!(set.is_empty());
+        });
     }
 }

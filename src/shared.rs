@@ -86,12 +86,21 @@ pub struct Shared {
     pub reloads: ReloadCounts,
     /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
     pub quarantine: Quarantine,
+    /// A connection whose socket took more bytes than this has read, and its slow-consumer
+    /// close is no strike (see [`crate::quarantine::unread_bytes_bound`]).
+    pub unread_bytes_bound: u64,
     /// Each shard's backpressure [`Stage`] (the largest among its stalled recipients),
     /// written only by that shard, read by every sender's reader after it relayed lines.
     stage: Box<[AtomicU8]>,
     /// Each shard's queued memory (its [`Ledger`](crate::batch::Ledger)), written only by
     /// that shard, summed by every reader against `max_total_pending_bytes`.
     pending_bytes: Box<[Arc<AtomicU64>]>,
+    /// Each shard's memory held by partial lines, written only by that shard, summed by
+    /// every reader against `max_total_partial_bytes`.
+    partial_bytes: Box<[AtomicU64]>,
+    /// Each shard's count of stalled recipients, written only by that shard, read by the
+    /// backpressure policy (is the crowd behind, or one laggard?).
+    stalled: Box<[AtomicUsize]>,
     /// Open connections in the process, against `max_connections`.
     pub connections: ConnectionSlots,
     pub shutdown: ShutdownSignal,
@@ -117,10 +126,14 @@ impl Shared {
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
                 config.quarantine_strikes,
+                Duration::from_millis(config.write_deadline_ms),
                 config.quarantine_max_entries,
             ),
+            unread_bytes_bound: crate::quarantine::unread_bytes_bound(),
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             pending_bytes: (0..config.shards).map(|_| Arc::default()).collect(),
+            stalled: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
+            partial_bytes: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
             connections: ConnectionSlots::new(config.max_connections),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
@@ -144,6 +157,7 @@ impl Shared {
         self.quarantine.set_rules(
             Duration::from_secs(config.quarantine_cooldown_secs),
             config.quarantine_strikes,
+            Duration::from_millis(config.write_deadline_ms),
         );
         self.connections.set_max(config.max_connections);
         self.live.store(Arc::new(config));
@@ -177,6 +191,34 @@ impl Shared {
         if let Some(s) = self.stage.get(id) {
             s.store(stage as u8, Ordering::Relaxed);
         }
+    }
+
+    /// Publishes the memory shard `id`'s partial lines hold (only that shard calls this).
+    pub fn publish_partial_bytes(&self, id: usize, bytes: u64) {
+        if let Some(b) = self.partial_bytes.get(id) {
+            b.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// True while partial lines, process-wide, hold `max_total_partial_bytes` or more.
+    pub fn over_partial_bound(&self) -> bool {
+        let held: u64 = self.partial_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        held >= self.config.max_total_partial_bytes as u64
+    }
+
+    /// Publishes how many of shard `id`'s recipients are stalled (only that shard calls this).
+    pub fn publish_stalled(&self, id: usize, n: usize) {
+        if let Some(s) = self.stalled.get(id) {
+            s.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// True while at least half of the process's clients are stalled: the relay as a whole
+    /// is behind its readers, not one laggard (see `backpressure`).
+    pub fn crowd_behind(&self) -> bool {
+        let stalled: usize = self.stalled.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        let open: u64 = self.stats.iter().map(|s| s.open.get()).sum();
+        stalled > 0 && 2 * stalled as u64 >= open
     }
 
     /// Shard `id`'s entry in the table of queued memory, for its [`Ledger`](crate::batch::Ledger).

@@ -376,3 +376,129 @@ fn line_by_line_writers_that_read_with_a_plain_loop_are_never_closed() {
     }
     assert_eq!(relay.log.count("slow consumer"), 0);
 }
+
+/// Reads from `stream` until `want` has arrived or the relay closes it, comparing as it
+/// goes (large transfers are not kept); returns how many bytes matched and whether all did.
+fn spawn_checking_reader(stream: TcpStream, want: std::sync::Arc<Vec<u8>>, pace: Pace) -> JoinHandle<(usize, bool)> {
+    std::thread::spawn(move || {
+        let mut stream = stream;
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        let (mut got, start) = (0usize, Instant::now());
+        while got < want.len() {
+            let n = match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return (got, false),
+                Ok(n) => n,
+            };
+            if buf[..n] != want[got..got + n] {
+                return (got, false);
+            }
+            got += n;
+            if let Pace::Rate(per_s) = pace {
+                let due = start + Duration::from_secs_f64(got as f64 / per_s as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        (got, true)
+    })
+}
+
+/// `n` lines of `len` bytes, numbered.
+fn large_lines(n: usize, len: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{i:06}{}", "L".repeat(len - 6))).collect()
+}
+
+/// Lines of a megabyte, sent as fast as the sender can, pause the sender by their bytes
+/// before any reader's backlog reaches `max_pending_bytes`: six readers that keep reading
+/// (at 2 MB/s each, slower than the sender, as readers are when the relay is fast) all
+/// get 16 such lines byte for byte and in order, and nobody is closed or struck. (An
+/// 8 MiB bound stands in for the default 64 MiB so the test stays small; with pauses
+/// counting envelopes only, every one of these readers was closed by the bytes rule.)
+#[test]
+fn megabyte_lines_pause_the_sender_instead_of_closing_readers_that_keep_reading() {
+    const READERS: usize = 6;
+    const LINES: usize = 16;
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":null,"max_pending_bytes":4194304}}"#,
+        &["--shards", "2"],
+    );
+    // Receive buffers of 256 KiB, so that the backlog is the relay's, not the kernel's
+    // (loopback buffers can grow to tens of megabytes and hide it).
+    let readers: Vec<TcpStream> = (0..READERS)
+        .map(|_| {
+            relay
+                .connect_from("127.0.0.1:0".parse().unwrap(), Some(256 << 10))
+                .stream
+        })
+        .collect();
+    let mut sender = relay.connect();
+    let lines = large_lines(LINES, 1_000_000);
+    let want = std::sync::Arc::new(expected(&lines, sender.local_addr));
+    let handles: Vec<_> = readers
+        .into_iter()
+        .map(|s| spawn_checking_reader(s, want.clone(), Pace::Rate(2_000_000)))
+        .collect();
+    let burst: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    sender.send(burst.as_bytes());
+    for (i, h) in handles.into_iter().enumerate() {
+        let (got, complete) = h.join().unwrap();
+        assert!(
+            complete,
+            "reader {i} got {got} of {} bytes\n{}",
+            want.len(),
+            relay.log.text()
+        );
+    }
+    assert_eq!(relay.log.count("slow consumer"), 0, "{}", relay.log.text());
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("closed.slow_consumer"), 0);
+    assert_eq!(relay.final_counter("quarantine_strikes"), 0);
+    assert!(relay.final_counter("sender_pauses") > 0, "the bytes paused nobody");
+}
+
+/// Among readers that keep up, one that reads megabyte lines at 1 MB/s while more is
+/// offered is a lone laggard: it pauses the sender for its allowance only, then its
+/// backlog reaches `max_pending_bytes` and the bytes rule closes it; the others get
+/// everything.
+#[test]
+fn a_lone_reader_slower_than_megabyte_lines_is_closed_by_the_bytes_rule() {
+    const LINES: usize = 40;
+    let relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":null,"max_pending_bytes":8388608}}"#,
+        &["--shards", "1"],
+    );
+    let slow = relay.connect_from("127.0.0.7:0".parse().unwrap(), None);
+    let slow_addr = slow.local_addr;
+    let fast: Vec<TcpStream> = (0..4).map(|_| relay.connect().stream).collect();
+    let sender = relay.connect().nodelay();
+    let lines = large_lines(LINES, 1_000_000);
+    let want = std::sync::Arc::new(expected(&lines, sender.local_addr));
+    let slow_reader = spawn_checking_reader(slow.stream, want.clone(), Pace::Rate(1_000_000));
+    let handles: Vec<_> = fast
+        .into_iter()
+        .map(|s| spawn_checking_reader(s, want.clone(), Pace::Fast))
+        .collect();
+    // 4 MB/s offered: a line every 250 ms.
+    let sending = std::thread::spawn(move || {
+        let mut sender = sender;
+        let start = Instant::now();
+        for (i, l) in lines.iter().enumerate() {
+            if let Some(wait) = (start + Duration::from_millis(250 * i as u64)).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            sender.send(format!("{l}\n").as_bytes());
+        }
+    });
+    let line = relay.log.wait_for(&format!("slow consumer {slow_addr}:"));
+    assert!(line.contains("over max_pending_bytes (8388608)"), "{line}");
+    sending.join().unwrap();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (got, complete) = h.join().unwrap();
+        assert!(complete, "fast reader {i} got {got} of {} bytes", want.len());
+    }
+    let (_, complete) = slow_reader.join().unwrap();
+    assert!(!complete, "the slow reader was not closed");
+}

@@ -266,3 +266,264 @@ fn per_line_writers_at_t10x30000_close_nobody_twice_in_a_row() {
         assert_eq!(r["closed_no_reader"], true, "run {run}: {r:#}");
     }
 }
+
+/// `compare` with nats-server when it is installed (as in CI): the report has, per
+/// workload, the latency by percentile per server, CPU per delivery and p99 with a point
+/// per round and server, and (with a peer) the per-round ratios; the JSON carries the
+/// metadata with every setting applied to each server; the CSV and `.hgrm` files agree.
+#[test]
+fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_server() {
+    let _serial = one_at_a_time();
+    let nats = std::env::var_os("CORECAST_REQUIRE_NATS").is_some()
+        || std::process::Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    let servers: &[&str] = if nats {
+        &["corecast", "nats-server"]
+    } else {
+        &["corecast"]
+    };
+    let rounds = 2;
+    let dir = std::env::temp_dir().join(format!("corecast-compare-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let (json, report, prefix) = (path("c.json"), path("c.html"), path("c"));
+    let argv = [
+        "corecast-loadgen",
+        "compare",
+        "--corecast-bin",
+        env!("CARGO_BIN_EXE_corecast"),
+        "--workloads",
+        "T3x100",
+        "--rounds",
+        "2",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--peers",
+        if nats { "nats" } else { "" },
+        "--json",
+        &json,
+        "--report",
+        &report,
+        "--hgrm",
+        &prefix,
+        "--csv",
+        &prefix,
+    ];
+    assert_eq!(corecast_loadgen::main_with(argv), ExitCode::SUCCESS);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), rounds * servers.len());
+
+    // Metadata: each server's version and every setting applied to it.
+    let meta = &doc["meta"];
+    let named: Vec<&str> = meta["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(named, servers);
+    let corecast = &meta["servers"][0];
+    assert!(corecast["version"].as_str().unwrap().starts_with("corecast "), "{meta}");
+    let settings = corecast["settings"].to_string();
+    assert!(
+        settings.contains("--shards") && settings.contains("rate_limit_msgs_per_minute"),
+        "{settings}"
+    );
+    if nats {
+        assert!(
+            meta["servers"][1]["version"].as_str().unwrap().contains("nats-server"),
+            "{meta}"
+        );
+    }
+    for key in ["kernel", "cpu_model", "date", "loadgen_version"] {
+        assert!(meta[key].is_string(), "meta.{key}: {meta}");
+    }
+    assert_eq!(meta["command_line"][1], "compare");
+
+    // The report: one figure per view, each with a series per server (or per ratio).
+    let html = std::fs::read_to_string(&report).unwrap();
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let html = roxmltree::Document::parse_with_options(&html, options).expect("the report parses as XML");
+    let svg_ns = "http://www.w3.org/2000/svg";
+    let figures: Vec<_> = html.descendants().filter(|n| n.has_tag_name("figure")).collect();
+    let mut views = vec![
+        ("T3x100-latency-spectrum", "latency (ms, log scale)"),
+        ("T3x100-cpu-per-delivery", "server CPU per delivery (ns)"),
+        ("T3x100-p99", "p99 latency (ms)"),
+    ];
+    if nats {
+        views.push(("T3x100-ratios", "ratio corecast ÷ peer (log scale, 1 = equal)"));
+    }
+    assert_eq!(figures.len(), views.len());
+    for (figure, (id, y_label)) in figures.iter().zip(&views) {
+        assert_eq!(figure.attribute("id"), Some(*id));
+        let svg = figure.children().find(|n| n.has_tag_name((svg_ns, "svg"))).unwrap();
+        let texts: Vec<&str> = svg
+            .descendants()
+            .filter(|n| n.has_tag_name((svg_ns, "text")))
+            .map(|n| n.text().unwrap_or("").trim())
+            .collect();
+        assert!(texts.contains(y_label), "{id}: {texts:?}");
+        let x_label = if id.ends_with("spectrum") {
+            "percentile (log scale of 1/(1-p))"
+        } else {
+            "round"
+        };
+        assert!(texts.contains(&x_label), "{id}: {texts:?}");
+        // Lines (the spectrum) are 2 px polylines, points are circles: one mark per point
+        // or line plus one legend mark per series, one colour per series.
+        let (marks, colour): (Vec<_>, &str) = if id.ends_with("spectrum") {
+            let m = svg
+                .descendants()
+                .filter(|n| n.has_tag_name((svg_ns, "polyline")) && n.attribute("stroke-width") == Some("2"))
+                .collect();
+            (m, "stroke")
+        } else {
+            (
+                svg.descendants()
+                    .filter(|n| n.has_tag_name((svg_ns, "circle")))
+                    .collect(),
+                "fill",
+            )
+        };
+        let colours: std::collections::BTreeSet<&str> = marks.iter().filter_map(|n| n.attribute(colour)).collect();
+        let series = if id.ends_with("ratios") {
+            2 * (servers.len() - 1)
+        } else {
+            servers.len()
+        };
+        assert_eq!(colours.len(), series, "{id}");
+        // Points: one per round that has the value (CPU time is counted in clock ticks,
+        // so a light run can show none, and a ratio needs both values above zero).
+        let value = |server: &str, round: usize, key: &str| -> Option<f64> {
+            let run = runs.iter().find(|r| r["server"] == server && r["round"] == round)?;
+            match key {
+                "cpu" => run["result"]["server_cpu_ns_per_delivery"].as_f64(),
+                _ => run["result"]["latency_us"]["p99"].as_f64(),
+            }
+        };
+        let points: usize = if id.ends_with("spectrum") {
+            series
+        } else if id.ends_with("ratios") {
+            let positive = |s: &str, r: usize, k: &str| value(s, r, k).is_some_and(|v| v > 0.0);
+            (0..rounds)
+                .flat_map(|r| ["cpu", "p99"].map(move |k| (r, k)))
+                .filter(|&(r, k)| positive("corecast", r, k) && positive("nats-server", r, k))
+                .count()
+        } else {
+            let key = if id.ends_with("p99") { "p99" } else { "cpu" };
+            servers
+                .iter()
+                .flat_map(|s| (0..rounds).map(move |r| (*s, r)))
+                .filter(|&(s, r)| value(s, r, key).is_some())
+                .count()
+        };
+        assert_eq!(marks.len(), points + series, "{id}");
+        for s in servers.iter().filter(|_| !id.ends_with("ratios")) {
+            assert!(texts.contains(s), "{id}: legend without {s}");
+        }
+    }
+
+    // CSV: a row per run, labelled, agreeing with the JSON; .hgrm per server over its rounds.
+    let csv = std::fs::read_to_string(format!("{prefix}-summary.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), runs.len());
+    for (row, run) in rows.iter().zip(runs) {
+        assert_eq!(row[col("workload")], "T3x100");
+        assert_eq!(row[col("round")], (run["round"].as_u64().unwrap() + 1).to_string());
+        assert_eq!(row[col("server")], run["server"].as_str().unwrap());
+        assert_eq!(row[col("p99_us")], run["result"]["latency_us"]["p99"].to_string());
+        assert_eq!(row[col("delivered")], run["result"]["delivered"].to_string());
+    }
+    for s in servers {
+        let hgrm = std::fs::read_to_string(format!("{prefix}-T3x100-{s}.hgrm")).unwrap();
+        let total: u64 = hgrm
+            .lines()
+            .find_map(|l| {
+                l.split_once("Total count    =")
+                    .map(|(_, v)| v.trim_end_matches(']').trim().parse().unwrap())
+            })
+            .unwrap();
+        let in_window: f64 = runs
+            .iter()
+            .filter(|r| r["server"] == *s)
+            .map(|r| r["result"]["msgs_per_sec"].as_f64().unwrap() * r["result"]["duration_s"].as_f64().unwrap())
+            .sum();
+        assert_eq!(total, in_window.round() as u64, "{s}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fan_out_over_tls_is_complete_with_the_generators_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let _serial = one_at_a_time();
+    // A throwaway CA and a server certificate for `localhost`, made here.
+    let dir = std::env::temp_dir().join(format!("corecast-loadgen-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    let relay = start_relay(&format!(
+        r#"{{"hyper_parameters":{{"rate_limit_msgs_per_minute":null,
+            "tls":{{"listen":"127.0.0.1:0","cert_file":"{}","key_file":"{}"}}}}}}"#,
+        path("cert.pem"),
+        path("key.pem")
+    ));
+    let line = relay.log.wait_for("listening for TLS on ");
+    let target = line.split("listening for TLS on ").nth(1).unwrap().trim().to_string();
+    let json = dir.join("result.json");
+    let ca_file = path("ca.pem");
+    let argv = [
+        "corecast-loadgen",
+        "--target",
+        &target,
+        "--no-progress",
+        "--tls",
+        "--tls-ca",
+        &ca_file,
+        "--json",
+        json.to_str().unwrap(),
+        "--clients",
+        "10",
+        "--publishers",
+        "3",
+        "--rate",
+        "200",
+        "--duration",
+        "2",
+        "--warmup",
+        "1",
+    ];
+    assert_eq!(corecast_loadgen::main_with(argv), ExitCode::SUCCESS);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(r["expected"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["delivered"], r["expected"], "{r:#}");
+    assert_eq!(
+        relay.log.count("(shard 0, tls)") + relay.log.count("(shard 1, tls)"),
+        10
+    );
+}

@@ -1,7 +1,7 @@
 //! Limits (docs/protocol.md#inbound-framing), notices (#notices), the policies (#policies)
 //! and their counters (#observability), over real sockets.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
@@ -94,12 +94,16 @@ fn with_one_strike_a_slow_consumer_is_closed_and_quarantined_while_a_healthy_one
 fn with_the_default_three_strikes_a_slow_consumer_reconnects_and_receives_until_its_third_close() {
     let mut relay = Relay::with_config(
         r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60,"max_pending_bytes":65536,
+            "write_deadline_ms":300,
             "backpressure_policy":{"enable_disconnect":false,"enable_throttle":false,"enable_flow_control":false}}}"#,
         &["--shards", "2"],
     );
     let mut sender = relay.connect();
     let host = local("127.0.0.11:0");
     for strike in 1..=3 {
+        // Each time in an episode of its own (closes within the write deadline of a
+        // counted strike are part of it).
+        std::thread::sleep(Duration::from_millis(400));
         // Connected from the same host each time; reads nothing, so its outbox passes
         // max_pending_bytes and it is closed as a slow consumer.
         let stuck = relay.connect_from(host, Some(4096));
@@ -145,6 +149,91 @@ fn with_the_default_three_strikes_a_slow_consumer_reconnects_and_receives_until_
     assert_eq!(relay.final_counter("quarantines"), 1);
     assert_eq!(relay.final_counter("closed.slow_consumer"), 3);
     assert_eq!(relay.final_counter("closed.quarantined"), 1);
+}
+
+/// Three agents of one host that stop reading at once (a burst none of them takes) are
+/// closed, but that is one episode: one strike, not three; they reconnect and are served.
+#[test]
+fn agents_of_one_host_that_block_at_once_cost_one_strike_and_are_served_again() {
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":null,"write_deadline_ms":1000}}"#,
+        &["--shards", "2"],
+    );
+    let mut sender = relay.connect();
+    let host = local("127.0.0.21:0");
+    let agents: Vec<Client> = (0..3).map(|_| relay.connect_from(host, Some(4096))).collect();
+    sender.send(format!("{}\n", "b".repeat(500)).repeat(20_000).as_bytes());
+    for a in &agents {
+        relay
+            .log
+            .wait_for(&format!("client disconnected: {} (slow_consumer)", a.local_addr));
+    }
+    let text = relay.log.text();
+    assert_eq!(relay.log.count("closing it (strike 1 of 3)"), 1, "{text}");
+    assert_eq!(relay.log.count("no new strike"), 2, "{text}");
+    drop(agents);
+    // Back from the same host: served.
+    let mut back = relay.connect_from(host, None);
+    sender.send(b"welcome back\n");
+    while back.line_str() != sender.envelope("welcome back") {}
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("quarantine_strikes"), 1);
+    assert_eq!(relay.final_counter("quarantines"), 0);
+}
+
+/// Ten agents of one host, one after another, each read what the relay sends, then block
+/// (a long call) until the write deadline closes them: none of these closes is a strike,
+/// since each had read more than a peer that reads nothing can take, and the host is never
+/// refused. (A short write deadline keeps the test short; the rule is the same.)
+#[test]
+fn agents_that_read_and_then_block_are_closed_but_never_strike() {
+    const AGENTS: usize = 10;
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":null,"write_deadline_ms":500}}"#,
+        &["--shards", "1"],
+    );
+    let mut sender = relay.connect();
+    let line = format!("{}\n", "r".repeat(4000));
+    // More than the relay's send buffer and the agent's receive buffer together could take
+    // from an agent that never read.
+    let proof = corecast::quarantine::unread_bytes_bound() as usize + (1 << 20);
+    let host = local("127.0.0.31:0");
+    for i in 0..AGENTS {
+        let agent = relay.connect_from(host, Some(64 << 10));
+        let addr = agent.local_addr;
+        let mut stream = agent.stream;
+        let burst = line.repeat(proof / line.len() + 1);
+        let want = burst.len() / line.len() * sender.envelope(&line[..line.len() - 1]).len();
+        let writer = {
+            let mut s = sender.stream.try_clone().unwrap();
+            std::thread::spawn(move || s.write_all(burst.as_bytes()).unwrap())
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < want {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "agent {i} closed while reading");
+            got += n;
+        }
+        writer.join().unwrap();
+        // The long call: it reads nothing more while the room goes on.
+        sender.send(line.repeat((6 << 20) / line.len()).as_bytes());
+        let closed = relay.log.wait_for(&format!("slow consumer {addr}:"));
+        assert!(closed.contains("no strike: it has read"), "agent {i}: {closed}");
+        relay
+            .log
+            .wait_for(&format!("client disconnected: {addr} (slow_consumer)"));
+    }
+    // Never refused: the host is still served.
+    let mut last = relay.connect_from(host, None);
+    sender.send(b"still here\n");
+    while last.line_str() != sender.envelope("still here") {}
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("closed.slow_consumer"), AGENTS as u64);
+    assert_eq!(relay.final_counter("quarantine_strikes"), 0);
+    assert_eq!(relay.final_counter("quarantines"), 0);
 }
 
 /// Reads exactly `n` lines with large raw reads, then splits them.
@@ -481,4 +570,86 @@ fn max_pending_bytes_closes_a_stuck_recipient_even_with_disconnect_disabled() {
     // What it never got is counted, not silently lost.
     assert!(relay.final_counter("dropped.slow_consumer") > 0);
     assert_eq!(relay.final_counter("closed.slow_consumer"), 1);
+}
+
+/// The relay's resident memory in KiB, from /proc.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Forty connections each start a line of a megabyte and never finish it: with
+/// `max_total_partial_bytes` at 1 MiB the relay holds about that much for them, not 40 MiB;
+/// short lines from others are still relayed; the holders, no longer read, go idle and are
+/// closed by the idle timeout, and then a long line gets through whole.
+#[test]
+fn partial_lines_are_held_within_max_total_partial_bytes() {
+    const HOLDERS: usize = 40;
+    let relay = Relay::with_config(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"client_timeout_secs":2,
+            "timeout_check_interval_secs":1,"max_total_partial_bytes":1048576}}"#,
+        &["--shards", "2"],
+    );
+    let mut reader = relay.connect();
+    let mut talker = relay.connect();
+    let before = rss_kib(relay.pid());
+    let holders: Vec<_> = (0..HOLDERS)
+        .map(|_| {
+            let mut c = relay.connect();
+            std::thread::spawn(move || {
+                // Blocks once the relay stops reading it; ends when the relay closes it.
+                let _ = c.stream.write_all(&vec![b'p'; 1 << 20]);
+                c
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let during = rss_kib(relay.pid());
+    eprintln!("relay RSS {before} KiB before, {during} KiB with {HOLDERS} partial lines of 1 MiB started");
+    assert!(
+        during < before + 16 * 1024,
+        "{HOLDERS} partial lines grew the relay from {before} to {during} KiB"
+    );
+    // Short lines still get through.
+    talker.send(b"short lines still relay\n");
+    assert_eq!(reader.line_str(), talker.envelope("short lines still relay"));
+    // The holders are closed as idle (the reader keeps itself alive with the talker's lines
+    // only; it sends nothing, so it goes too, and a new one takes its place).
+    for h in holders {
+        let mut c = h.join().unwrap();
+        assert!(c.read_to_eof().ends_with(protocol::NOTICE_IDLE.as_bytes()));
+    }
+    let mut reader = relay.connect();
+    let mut long = relay.connect();
+    let line = "q".repeat(600_000);
+    long.send(format!("{line}\n").as_bytes());
+    assert_eq!(reader.line_str(), long.envelope(&line));
+}
+
+/// Connections held unread because partial lines are over their bound do not hold up the
+/// shutdown: each gets N3 and the relay exits 0.
+#[test]
+fn connections_waiting_for_partial_line_room_drain_at_shutdown() {
+    let mut relay = Relay::with_config(
+        r#"{"hyper_parameters":{"client_timeout_secs":null,"max_total_partial_bytes":65536}}"#,
+        &["--shards", "1"],
+    );
+    let holders: Vec<Client> = (0..4)
+        .map(|_| {
+            let mut c = relay.connect();
+            c.send(&vec![b'h'; 40_000]);
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    relay.signal(libc::SIGTERM);
+    for mut c in holders {
+        assert_eq!(c.read_to_eof(), protocol::NOTICE_SHUTDOWN.as_bytes());
+    }
+    assert_eq!(relay.wait_exit(), Some(0));
 }

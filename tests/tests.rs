@@ -25,6 +25,9 @@ mod reload;
 mod shards;
 /// Start-up checks: port in use, port guard, locked memory, io_uring.
 mod startup;
+/// TLS on the second listener: Python `ssl` clients beside plain ones, mTLS, bad files,
+/// shutdown notice over TLS, handshake bounds.
+mod tls;
 /// The harness: starts the relay binary, clients, logs, waits, HTTP to the admin endpoint.
 mod util;
 /// The wire protocol: framing and the byte-exact envelope.

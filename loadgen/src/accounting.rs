@@ -30,6 +30,11 @@ pub struct SeqTracker {
 }
 
 impl SeqTracker {
+    /// One past the highest number seen (0 before the first).
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
     pub fn on_arrival(&mut self, seq: u64) -> Arrival {
         let arrival = if seq == self.next {
             self.next += 1;

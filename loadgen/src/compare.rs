@@ -15,9 +15,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::proto::Protocol;
+use crate::report::html::CompareRun;
+use crate::report::meta::{Meta, ServerInfo};
 use crate::report::RunResult;
+use crate::report::{csv, hgrm, html, write_charts, write_file};
 use crate::runner::{parse_cpus, pin_current_thread};
-use crate::{RunArgs, Scenario};
+use crate::{OutputArgs, RunArgs, Scenario};
 
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
@@ -61,6 +64,8 @@ pub struct CompareArgs {
     /// Write every run's result and the medians as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// A server under test.
@@ -72,35 +77,25 @@ struct Server {
 }
 
 impl Server {
-    fn command(&self, port: u16, scratch: &std::path::Path) -> Command {
+    /// The server's command line; `port` is a number, or a placeholder for the record.
+    fn command(&self, port: &str, scratch: &std::path::Path) -> Command {
         let mut cmd = Command::new(&self.program);
         match self.protocol {
             Protocol::Summoner => {
                 let config = scratch.join("corecast-bench.json");
-                let _ = std::fs::write(
-                    &config,
-                    r#"{"logger":{"log_level":"WARNING"},"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#,
-                );
-                cmd.args([
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--shards",
-                    "1",
-                    "--config",
-                ])
-                .arg(config);
+                let _ = std::fs::write(&config, CORECAST_CONFIG);
+                cmd.args(["--host", "127.0.0.1", "--port", port, "--shards", "1", "--config"])
+                    .arg(config);
             }
             Protocol::Nats => {
-                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+                cmd.args(["-a", "127.0.0.1", "-p", port]);
             }
             Protocol::Redis => {
                 cmd.args([
                     "--bind",
                     "127.0.0.1",
                     "--port",
-                    &port.to_string(),
+                    port,
                     "--save",
                     "",
                     "--appendonly",
@@ -111,7 +106,22 @@ impl Server {
         }
         cmd
     }
+
+    /// Every setting the comparison applies to this server: its arguments (the port is
+    /// chosen per run) and, for corecast, the config file's contents.
+    fn settings(&self, scratch: &std::path::Path) -> Vec<String> {
+        let cmd = self.command("<port>", scratch);
+        let mut settings: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        if self.protocol == Protocol::Summoner {
+            settings.push(format!("(config file: {CORECAST_CONFIG})"));
+        }
+        settings
+    }
 }
+
+/// corecast's config in a comparison: quiet logs, no rate limit (the peers have none).
+const CORECAST_CONFIG: &str =
+    r#"{"logger":{"log_level":"WARNING"},"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#;
 
 /// A started server, stopped by PID when dropped.
 struct Running {
@@ -140,7 +150,7 @@ fn start(server: &Server, cpu: usize, scratch: &std::path::Path) -> Result<Runni
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("cannot find a free port: {e}"))?
         .port();
-    let mut cmd = server.command(port, scratch);
+    let mut cmd = server.command(&port.to_string(), scratch);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: only sched_setaffinity (async-signal-safe) between fork and exec.
     unsafe {
@@ -224,7 +234,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         protocol: Protocol::Summoner,
         program: corecast,
     }];
-    for peer in &args.peers {
+    crate::report::check_percentiles(&args.output.percentiles)?;
+    for peer in args.peers.iter().filter(|p| !p.is_empty()) {
         let (name, protocol, program) = match peer.as_str() {
             "nats" => ("nats-server", Protocol::Nats, "nats-server"),
             "redis" => ("redis-server", Protocol::Redis, "redis-server"),
@@ -246,6 +257,14 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     }
     let scratch = std::env::temp_dir().join(format!("corecast-compare-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+    // Before the runs: the date is the start, and the source commit is read before any
+    // output file is written.
+    let meta = Meta::collect(
+        servers
+            .iter()
+            .map(|s| ServerInfo::of_program(s.name, &s.program, s.settings(&scratch)))
+            .collect(),
+    );
 
     let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
     let mut table = String::from(
@@ -273,6 +292,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     cpus: Some(args.loadgen_cpus.clone()),
                     server_pid: Some(running.child.id()),
                     json: None,
+                    tls: Default::default(),
                     no_progress: true,
                     scenario: Scenario::Fanout,
                     slow: None,
@@ -282,6 +302,10 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     pause_readers: None,
                     pause_ms: None,
                     pause_at_ms: 0,
+                    output: OutputArgs {
+                        percentiles: args.output.percentiles.clone(),
+                        ..OutputArgs::default()
+                    },
                 };
                 let result = crate::runner::run(&run_args)?;
                 eprintln!(
@@ -340,7 +364,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             .iter()
             .map(|(w, round, name, r)| serde_json::json!({"workload": w, "round": round, "server": name, "result": r}))
             .collect();
-        let doc = serde_json::json!({ "runs": runs, "table_markdown": table });
+        let doc = serde_json::json!({ "meta": meta, "runs": runs, "table_markdown": table });
         std::fs::write(
             path,
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n",
@@ -348,6 +372,65 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    let names: Vec<&str> = servers.iter().map(|s| s.name).collect();
+    write_outputs(&args.output, &meta, &all, &args.workloads, &names, &table)
+}
+
+/// What `--report`, `--hgrm`, `--csv` and `--charts` ask for, for a whole comparison.
+fn write_outputs(
+    out: &OutputArgs,
+    meta: &Meta,
+    all: &[(String, usize, &'static str, RunResult)],
+    workloads: &[String],
+    servers: &[&str],
+    table: &str,
+) -> Result<(), String> {
+    let runs: Vec<CompareRun> = all
+        .iter()
+        .map(|(w, round, server, result)| CompareRun {
+            workload: w,
+            round: *round,
+            server,
+            result,
+        })
+        .collect();
+    if let Some(prefix) = &out.hgrm {
+        for w in workloads {
+            for s in servers {
+                let mut merged = crate::engine::histogram();
+                for r in runs.iter().filter(|r| r.workload == w && r.server == *s) {
+                    let _ = merged.add(csv::overall(r.result));
+                }
+                write_file(&hgrm::path(prefix, &[w, s]), &hgrm::distribution(&merged))?;
+            }
+        }
+    }
+    if let Some(prefix) = &out.csv {
+        let labels: Vec<[String; 3]> = runs
+            .iter()
+            .map(|r| [r.workload.to_string(), (r.round + 1).to_string(), r.server.to_string()])
+            .collect();
+        let rows: Vec<csv::Row> = runs
+            .iter()
+            .zip(&labels)
+            .map(|(r, l)| csv::Row {
+                labels: l,
+                result: r.result,
+            })
+            .collect();
+        let names = ["workload", "round", "server"];
+        write_file(
+            &csv::path(prefix, "summary"),
+            &csv::summary(&names, &rows, &out.percentiles),
+        )?;
+        write_file(&csv::path(prefix, "timeline"), &csv::timeline(&names, &rows))?;
+    }
+    if let Some(path) = &out.report {
+        write_file(path, &html::compare_report(meta, &runs, workloads, servers, table))?;
+    }
+    if let Some(dir) = &out.charts {
+        write_charts(dir, &html::compare_charts(&runs, workloads, servers))?;
+    }
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 //!
 //! `corecast-loadgen [run] --target HOST:PORT ...` runs one workload and prints a summary
 //! (and JSON with `--json`); `corecast-loadgen compare ...` starts the servers pinned to
-//! one CPU and runs the standard workloads against each in alternating rounds.
+//! one CPU and runs the standard workloads against each in alternating rounds. Both write,
+//! on request, a self-contained HTML report with charts, `.hgrm` distributions, CSV and
+//! SVG charts (`report/`), and record the versions, machine and settings they ran with.
 
 mod accounting;
 mod compare;
@@ -17,6 +19,7 @@ mod proto;
 mod reader;
 mod report;
 mod runner;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -152,6 +155,33 @@ pub struct RunArgs {
     /// When it stops, after the start of the measured window (the end of the warm-up).
     #[arg(long, default_value_t = 0, requires = "pause_readers")]
     pub pause_at_ms: u64,
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// What a run or a comparison writes besides the summary and `--json`: the HTML report,
+/// `.hgrm` distributions, CSV, and which latency percentiles they all report.
+#[derive(Debug, Clone, Default, Args)]
+pub struct OutputArgs {
+    /// Write a self-contained HTML report (charts inline as SVG, no external assets).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<std::path::PathBuf>,
+    /// Write HdrHistogram percentile distributions (values in ms): PREFIX-<class>.hgrm for a
+    /// run, PREFIX-<workload>-<server>.hgrm (all rounds) for `compare`.
+    #[arg(long, value_name = "PREFIX")]
+    pub hgrm: Option<std::path::PathBuf>,
+    /// Write PREFIX-summary.csv (one row per run) and PREFIX-timeline.csv (one row per
+    /// second of each run).
+    #[arg(long, value_name = "PREFIX")]
+    pub csv: Option<std::path::PathBuf>,
+    /// Write every chart of the report as DIR/<chart>.svg as well.
+    #[arg(long, value_name = "DIR")]
+    pub charts: Option<std::path::PathBuf>,
+    /// Latency percentiles reported in the summary, the JSON (`percentiles_us`) and the CSV.
+    #[arg(long, value_delimiter = ',', default_value = "50,90,99,99.9,99.99")]
+    pub percentiles: Vec<f64>,
 }
 
 /// Parses `args` (the program name first) as the command line and runs it, as the binary
@@ -161,6 +191,8 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    report::meta::set_command_line(args.iter().map(|a| a.to_string_lossy().into_owned()).collect());
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -187,11 +219,21 @@ where
 }
 
 fn run_once(args: &RunArgs) -> Result<(), String> {
-    let result = runner::run(args)?;
+    report::check_percentiles(&args.output.percentiles)?;
+    // Before the run: the date is its start, and the source commit is read before any
+    // output file is written (which would make a tracked one look changed).
+    let meta = report::meta::Meta::collect(
+        args.server_pid
+            .map(|pid| report::meta::ServerInfo::of_pid(pid, args.protocol))
+            .into_iter()
+            .collect(),
+    );
+    let mut result = runner::run(args)?;
+    result.meta = Some(meta);
     print!("{}", result.human());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    Ok(())
+    report::write_run_outputs(&result, &args.output)
 }

@@ -6,7 +6,7 @@
 use crate::accounting::SeqTracker;
 use crate::engine::{Plan, ReceiverReport, Report};
 use crate::reader::{ReaderClass, ReaderMix};
-use crate::report::{ClassResult, CrossNode, Latency, RunResult, Tick};
+use crate::report::{percentiles_of, ClassHistogram, ClassResult, CrossNode, Latency, RunResult, Tick};
 use crate::{RunArgs, Scenario};
 
 /// Share of the generator's CPUs above which it warns that it measured itself.
@@ -69,6 +69,14 @@ pub fn merge(
     for c in &classes {
         totals.add(&c.totals);
     }
+    let histograms: Vec<ClassHistogram> = classes
+        .iter()
+        .filter(|c| c.receivers > 0 && c.class != ReaderClass::Stuck)
+        .map(|c| ClassHistogram {
+            class: c.class,
+            histogram: c.latency.clone(),
+        })
+        .collect();
     let classes: Vec<ClassResult> = classes
         .into_iter()
         .filter_map(|c| c.finish(args.duration, &plan.mix))
@@ -101,6 +109,7 @@ pub fn merge(
         msgs_per_sec: in_window as f64 / args.duration,
         mb_per_sec: in_window as f64 * plan.size as f64 / args.duration / 1e6,
         latency_us: Latency::of(&latency),
+        percentiles_us: percentiles_of(&latency, &args.output.percentiles),
         cross_node: (plan.targets > 1).then(|| CrossNode {
             delivered_in_window: cross.len(),
             share: if in_window > 0 {
@@ -117,6 +126,7 @@ pub fn merge(
                 t: t as u64,
                 delivered: *n,
                 p99_us: if h.is_empty() { 0 } else { h.value_at_quantile(0.99) },
+                server_cpu_ms: None,
             })
             .collect(),
         loadgen_cpu_s,
@@ -141,6 +151,8 @@ pub fn merge(
         side_connections: side.0,
         side_notices: side.1,
         errors,
+        meta: None,
+        histograms,
     }
 }
 

@@ -1,5 +1,14 @@
 //! The result of one run: the JSON object `--json` writes and the human summary, overall
-//! and per receiver class (healthy, rate-limited, pausing, stuck).
+//! and per receiver class (healthy, rate-limited, pausing, stuck). The submodules turn
+//! results into the other outputs: `.hgrm` distributions, CSV, the HTML report with its
+//! charts, the run's metadata, and the live progress line.
+
+pub mod chart;
+pub mod csv;
+pub mod hgrm;
+pub mod html;
+pub mod live;
+pub mod meta;
 
 use std::fmt::Write;
 
@@ -74,8 +83,55 @@ pub struct ClassResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct Tick {
     pub t: u64,
+    /// Deliveries received in this second of lines scheduled in the measured window.
     pub delivered: u64,
     pub p99_us: u64,
+    /// The server's CPU time in this second, in ms (`--server-pid`; seconds of the drain
+    /// are not sampled).
+    pub server_cpu_ms: Option<f64>,
+}
+
+/// One reported latency percentile (`--percentiles`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentile {
+    /// In percent: 99.9 is the 99.9th percentile.
+    pub percentile: f64,
+    pub us: u64,
+}
+
+/// `percentiles` (in percent) of `h`, zero when it is empty.
+pub fn percentiles_of(h: &hdrhistogram::Histogram<u64>, percentiles: &[f64]) -> Vec<Percentile> {
+    percentiles
+        .iter()
+        .map(|&percentile| Percentile {
+            percentile,
+            us: if h.is_empty() {
+                0
+            } else {
+                h.value_at_percentile(percentile)
+            },
+        })
+        .collect()
+}
+
+/// `--percentiles` must be in (0, 100].
+pub fn check_percentiles(percentiles: &[f64]) -> Result<(), String> {
+    match percentiles.iter().find(|p| !(**p > 0.0 && **p <= 100.0)) {
+        Some(p) => Err(format!("--percentiles: {p} is not in (0, 100]")),
+        None => Ok(()),
+    }
+}
+
+/// `99.9` → `p99.9`, `50` → `p50`: the name of a percentile in CSV headers and summaries.
+pub fn percentile_name(p: f64) -> String {
+    format!("p{p}")
+}
+
+/// A latency histogram of one receiver class, kept for the `.hgrm` files and the report.
+#[derive(Debug, Clone)]
+pub struct ClassHistogram {
+    pub class: ReaderClass,
+    pub histogram: hdrhistogram::Histogram<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +171,8 @@ pub struct RunResult {
     pub mb_per_sec: f64,
     /// Scheduled send time to receipt, for lines scheduled in the measured window.
     pub latency_us: Latency,
+    /// The same at the `--percentiles` asked for.
+    pub percentiles_us: Vec<Percentile>,
     /// With several targets (a cluster): the deliveries that crossed nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cross_node: Option<CrossNode>,
@@ -145,6 +203,12 @@ pub struct RunResult {
     pub side_connections: u64,
     pub side_notices: u64,
     pub errors: Vec<String>,
+    /// Versions, machine, date and command line (`run`; `compare` records it once at the top).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<meta::Meta>,
+    /// Latency histograms of the classes that read, for `.hgrm` files and the report.
+    #[serde(skip)]
+    pub histograms: Vec<ClassHistogram>,
 }
 
 impl RunResult {
@@ -173,12 +237,11 @@ impl RunResult {
             self.duplicated,
             self.reordered
         );
-        let l = &self.latency_us;
-        let _ = writeln!(
-            s,
-            "  latency µs   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-            l.p50, l.p90, l.p99, l.p999, l.max
-        );
+        let _ = write!(s, "  latency µs  ");
+        for p in &self.percentiles_us {
+            let _ = write!(s, " {} {} ", percentile_name(p.percentile), p.us);
+        }
+        let _ = writeln!(s, " max {}", self.latency_us.max);
         if let Some(c) = &self.cross_node {
             let _ = writeln!(s, "  {}", c.human());
         }
@@ -287,15 +350,42 @@ impl CrossNode {
     }
 }
 
-/// A progress bar over the run's seconds, only on a TTY and without `--no-progress`.
-pub fn progress_bar(disabled: bool, seconds: f64) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if disabled || !std::io::stderr().is_terminal() {
-        return None;
+/// Writes what `--report`, `--hgrm` and `--csv` ask for, for one run.
+pub fn write_run_outputs(result: &RunResult, out: &crate::OutputArgs) -> Result<(), String> {
+    if let Some(prefix) = &out.hgrm {
+        for h in &result.histograms {
+            write_file(
+                &hgrm::path(prefix, &[h.class.name()]),
+                &hgrm::distribution(&h.histogram),
+            )?;
+        }
     }
-    let bar = indicatif::ProgressBar::new((seconds * 1000.0) as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}") {
-        bar.set_style(style);
+    if let Some(prefix) = &out.csv {
+        let rows = [csv::Row { labels: &[], result }];
+        write_file(
+            &csv::path(prefix, "summary"),
+            &csv::summary(&[], &rows, &out.percentiles),
+        )?;
+        write_file(&csv::path(prefix, "timeline"), &csv::timeline(&[], &rows))?;
     }
-    Some(bar)
+    if let Some(path) = &out.report {
+        write_file(path, &html::run_report(result))?;
+    }
+    if let Some(dir) = &out.charts {
+        write_charts(dir, &html::run_charts(result))?;
+    }
+    Ok(())
+}
+
+/// Each chart as `dir/<id>.svg`.
+pub fn write_charts(dir: &std::path::Path, charts: &[chart::Chart]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    for c in charts {
+        write_file(&dir.join(format!("{}.svg", c.id)), &c.svg())?;
+    }
+    Ok(())
+}
+
+pub fn write_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

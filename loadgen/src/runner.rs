@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{self, Conn, Control, Plan, Report, PHASE_RUN, PHASE_STOP};
 use crate::proto::{Protocol, HEADER_LEN};
 use crate::reader::{ReaderClass, ReaderMix};
+use crate::report::live::LiveMonitor;
 use crate::report::RunResult;
 use crate::{RunArgs, Scenario};
 
@@ -57,6 +58,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         mix,
         epoch: Instant::now(),
         targets: targets.len(),
+        live: crate::report::live::wanted(args.no_progress),
     });
     let control = Arc::new(Control::new(publishers));
     let rss_before = args.server_pid.and_then(server_rss_kib);
@@ -66,10 +68,12 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     let pace = (args.connect_rate > 0.0 && args.scenario != Scenario::Churn)
         .then(|| Duration::from_secs_f64(1.0 / args.connect_rate));
     let summoner = args.protocol == Protocol::Summoner;
+    let tls = crate::tls::Connector::from_args(&args.tls)?;
+    let tls = tls.as_ref();
     for client in 0..args.clients {
         // A publisher's separate connection goes to its client's target too.
         let target = targets[engine::target_of(client, targets.len())];
-        let stream = connect(target, source(&sources, client))?;
+        let stream = connect(target, source(&sources, client), tls)?;
         let separate = args.protocol.separate_publisher();
         shares[client % args.threads].push(Conn {
             client,
@@ -80,7 +84,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
             hello: args.protocol.subscribe(),
         });
         if client < publishers && separate {
-            let stream = connect(target, source(&sources, client))?;
+            let stream = connect(target, source(&sources, client), tls)?;
             shares[client % args.threads].push(Conn {
                 client,
                 stream,
@@ -146,7 +150,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
     control.send_end_ns.store(send_end, Ordering::Release);
     control.phase.store(PHASE_RUN, Ordering::Release);
 
-    let progress = crate::report::progress_bar(args.no_progress, args.warmup + args.duration);
+    let mut monitor = LiveMonitor::new(plan.live, args.warmup + args.duration, args.server_pid, start);
     let mut side = SideTraffic::new(args, target, &sources);
     let mut window_start: Option<(Duration, Option<u64>)> = None;
     let window_end = loop {
@@ -157,16 +161,11 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         if now >= send_end {
             break (own_cpu(), args.server_pid.and_then(server_cpu_ticks));
         }
-        if let Some(bar) = &progress {
-            bar.set_position(now.saturating_sub(start) / 1_000_000);
-            bar.set_message(format!("{} delivered", control.delivered.load(Ordering::Relaxed)));
-        }
+        monitor.step(now, &control);
         side.step(now, &plan, &mut errors);
         std::thread::sleep(Duration::from_millis(10).min(Duration::from_nanos(send_end - now)));
     };
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
-    }
+    let server_cpu_per_s = monitor.finish();
 
     // Drain: wait for what is still in flight, then stop the workers.
     let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain);
@@ -189,7 +188,7 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / clock_ticks_per_sec()),
         _ => None,
     };
-    Ok(crate::merge::merge(
+    let mut result = crate::merge::merge(
         args,
         &plan,
         start,
@@ -200,7 +199,11 @@ pub fn run(args: &RunArgs) -> Result<RunResult, String> {
         (rss_before, rss_after),
         side.counts(),
         errors,
-    ))
+    );
+    for tick in &mut result.timeline {
+        tick.server_cpu_ms = server_cpu_per_s.get(tick.t as usize).copied().flatten();
+    }
+    Ok(result)
 }
 
 /// Which receivers read how, from the flags; errors name the flag and the limit.
@@ -340,10 +343,13 @@ fn connect_std(target: SocketAddr, from: Option<IpAddr>) -> std::io::Result<std:
     Ok(socket.into())
 }
 
-fn connect(target: SocketAddr, from: Option<IpAddr>) -> Result<mio::net::TcpStream, String> {
+fn connect(
+    target: SocketAddr,
+    from: Option<IpAddr>,
+    tls: Option<&crate::tls::Connector>,
+) -> Result<crate::tls::Stream, String> {
     let stream = connect_std(target, from).map_err(|e| format!("cannot connect to {target}: {e}"))?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    Ok(mio::net::TcpStream::from_std(stream))
+    crate::tls::Stream::new(stream, tls).map_err(|e| format!("cannot set up the connection to {target}: {e}"))
 }
 
 /// `127.0.0.2-127.0.0.9`, `10.0.0.1,10.0.0.2` or a single address.

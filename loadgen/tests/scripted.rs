@@ -2,6 +2,9 @@
 //! see or do: how a publisher's lines arrive (one write per line with `--burst-us 0`, in
 //! bursts otherwise), and how the generator reports the server closing its receivers
 //! (a notice and a close, a reset, a FIN behind data a stuck receiver never read).
+//! `report/` checks the outputs of a run: the HTML report, `.hgrm`, CSV and metadata.
+
+mod report;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -14,12 +14,14 @@
 //! its field in [`Config`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde_json::{json, Map, Value};
 
 use super::{int_value, invalid, Config, ConfigError, LogLevel, QuarantineBy};
 use crate::cluster::config::{is_valid_subject, is_valid_url, ClusterConfig, DEFAULT_SUBJECT, MAX_URLS};
 use crate::machine::Machine;
+use crate::tls::TlsConfig;
 
 /// Whether a SIGHUP reload applies a changed key to the running relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +182,27 @@ fn is_any(_: &str) -> bool {
     true
 }
 
+fn is_socket_addr(s: &str) -> bool {
+    s.parse::<SocketAddr>().is_ok()
+}
+
+fn is_non_empty(s: &str) -> bool {
+    !s.is_empty()
+}
+
+const LISTEN: Kind = Kind::Text {
+    expected: "an ip:port address",
+    is_valid: is_socket_addr,
+};
+const FILE: Kind = Kind::Text {
+    expected: "a file path",
+    is_valid: is_non_empty,
+};
+const FILE_OR_NULL: Kind = Kind::Text {
+    expected: "a file path or null",
+    is_valid: is_non_empty,
+};
+
 fn is_strftime(fmt: &str) -> bool {
     use chrono::format::{Item, StrftimeItems};
     !StrftimeItems::new(fmt).any(|item| matches!(item, Item::Error))
@@ -325,6 +348,29 @@ pub static SECTIONS: &[Section] = &[
         optional: None,
     },
     Section {
+        path: "hyper_parameters.tls",
+        expected: "null or an object with \"listen\", \"cert_file\" and \"key_file\"",
+        optional: Some(Optional {
+            reload: Reload::Restart,
+            doc: "a second listener whose clients speak [TLS](#tls), in the same room; `null` listens for plain TCP only (corecast)",
+            required: &["listen", "cert_file", "key_file"],
+            enable: |c| {
+                let off = c.tls.is_none();
+                c.tls.get_or_insert_with(|| TlsConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    cert_file: PathBuf::new(),
+                    key_file: PathBuf::new(),
+                    client_ca_file: None,
+                    handshake_timeout_ms: 0,
+                    max_handshakes: 0,
+                });
+                off
+            },
+            disable: |c| c.tls = None,
+            is_on: |c| c.tls.is_some(),
+        }),
+    },
+    Section {
         path: "hyper_parameters.cluster",
         expected: "null or an object with \"nats\" and \"subject\"",
         optional: Some(Optional {
@@ -411,6 +457,15 @@ impl Field for SocketAddr {
         v.as_str()
             .and_then(|s| s.parse().ok())
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+impl Field for PathBuf {
+    fn to_json(&self) -> Value {
+        json!(self.display().to_string())
+    }
+    fn from_json(v: &Value) -> Self {
+        PathBuf::from(v.as_str().unwrap_or_default())
     }
 }
 
@@ -570,11 +625,14 @@ pub static KEYS: &[Key] = &[
         "a recipient with data queued that accepts no bytes for this long is closed; also the duration of the messages rule (corecast)",
         |c| c.write_deadline_ms),
     key!("hyper_parameters.max_pending_bytes", Kind::Int { min: 4096, max: 1 << 40 }, Refused, "bytes", Live, 64u64 << 20,
-        "bytes queued for one recipient before it is closed, whatever the flags (corecast)",
+        "bytes queued for one recipient before it is closed, whatever the flags; a quarter of it throttles the senders, half of it stops them (corecast)",
         |c| c.max_pending_bytes),
     key!("hyper_parameters.max_total_pending_bytes", Kind::Int { min: 4096, max: 1 << 48 }, Refused, "bytes", Live, 1u64 << 30,
         "memory held by queued envelopes in the process (each batch once) before every shard stops reading (corecast)",
         |c| c.max_total_pending_bytes),
+    key!("hyper_parameters.max_total_partial_bytes", Kind::Int { min: 65536, max: 1 << 48 }, Refused, "bytes", Restart, 256u64 << 20,
+        "memory held by partial lines (lines still arriving) in the process; past it, connections holding more than 4 KiB of one are not read until it drops below (see [Memory bounds](#memory-bounds)) (corecast)",
+        |c| c.max_total_partial_bytes),
     key!("hyper_parameters.max_line_bytes", Kind::Int { min: 1, max: 64 << 20 }, Refused, "bytes", Restart, 1u64 << 20,
         "longest line content (corecast)",
         |c| c.max_line_bytes),
@@ -589,7 +647,7 @@ pub static KEYS: &[Key] = &[
         "[quarantine](#quarantine) key; `\"addr\"` is the reference's ip:port (corecast)",
         |c| c.quarantine_by),
     key!("hyper_parameters.quarantine_strikes", Kind::Int { min: 1, max: U32 }, Refused, "closes", Live, 3,
-        "slow-consumer closes within 10 minutes that quarantine a key; `1` quarantines on the first (corecast)",
+        "strikes within 10 minutes that quarantine a key; `1` quarantines on the first; a close of a client that has read, or within `write_deadline_ms` of the key's last strike, is no strike (see [Quarantine](#quarantine)) (corecast)",
         |c| c.quarantine_strikes),
     key!("hyper_parameters.quarantine_cooldown_secs", Kind::Int { min: 0, max: U32 }, Refused, "seconds", Live, 300,
         "how long a quarantined key is refused; `0` quarantines nothing",
@@ -609,6 +667,30 @@ pub static KEYS: &[Key] = &[
     key!("hyper_parameters.admin_addr", Kind::Addr, Disables, "", Restart, Value::Null,
         "where the [admin endpoint](#observability) listens; `null` serves none; port 0 picks one and logs it; flag `--admin` (corecast)",
         |c| c.admin_addr),
+    key!("hyper_parameters.tls.listen", LISTEN, Refused, "", Restart, Value::Null,
+        "where TLS clients connect; not the plain or admin address; port 0 picks one and logs it (`listening for TLS on ...`)",
+        get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.listen)),
+        set: |c, v| if let Some(t) = &mut c.tls { t.listen = Field::from_json(v) }),
+    key!("hyper_parameters.tls.cert_file", FILE, Refused, "", Restart, Value::Null,
+        "PEM certificate chain, the server's certificate first",
+        get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.cert_file)),
+        set: |c, v| if let Some(t) = &mut c.tls { t.cert_file = Field::from_json(v) }),
+    key!("hyper_parameters.tls.key_file", FILE, Refused, "", Restart, Value::Null,
+        "PEM private key (PKCS#8, PKCS#1 or SEC1) of the first certificate",
+        get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.key_file)),
+        set: |c, v| if let Some(t) = &mut c.tls { t.key_file = Field::from_json(v) }),
+    key!("hyper_parameters.tls.client_ca_file", FILE_OR_NULL, Disables, "", Restart, Value::Null,
+        "PEM CA certificates; when set, every client must present a certificate signed by one of them (mTLS)",
+        get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.client_ca_file)),
+        set: |c, v| if let Some(t) = &mut c.tls { t.client_ca_file = Field::from_json(v) }),
+    key!("hyper_parameters.tls.handshake_timeout_ms", Kind::Int { min: 100, max: 600_000 }, KeepsDefault, "milliseconds", Live, 10_000,
+        "a handshake not finished this long after accept is closed (`tls_handshake_failed`)",
+        get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.handshake_timeout_ms)),
+        set: |c, v| if let Some(t) = &mut c.tls { t.handshake_timeout_ms = Field::from_json(v) }),
+    key!("hyper_parameters.tls.max_handshakes", Kind::Int { min: 1, max: 100_000 }, KeepsDefault, "handshakes", Restart, 64,
+        "handshakes in progress per shard; a connection past it is closed at once with no bytes (`tls_busy`)",
+        get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.max_handshakes)),
+        set: |c, v| if let Some(t) = &mut c.tls { t.max_handshakes = Field::from_json(v) }),
     Key {
         default_doc: "—",
         ..key!("hyper_parameters.cluster.nats", Kind::NatsUrls, Refused, "", Restart, Value::Null,
@@ -708,12 +790,31 @@ pub fn apply_defaults(config: &mut Config, machine: &Machine) {
     }
 }
 
+/// A rule across keys: the config it leaves is refused with the error it returns.
+type Check = fn(&Config) -> Result<(), ConfigError>;
+
+/// Rules across keys, checked once the whole file is read.
+static CHECKS: &[Check] = &[tls_files_load];
+
+/// The TLS files load and match (so `check` and `serve` refuse them with exit 78, naming
+/// the key).
+fn tls_files_load(c: &Config) -> Result<(), ConfigError> {
+    let Some(tls) = &c.tls else { return Ok(()) };
+    crate::tls::server_config(tls, "hyper_parameters.tls").map_err(|e| ConfigError::Invalid {
+        key: e.key,
+        expected: e.expected,
+        found: e.found,
+    })?;
+    Ok(())
+}
+
 /// Applies a parsed file over `config`; unknown keys are pushed onto `warnings`.
 pub fn apply(config: &mut Config, root: &Value, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
     let map = root
         .as_object()
         .ok_or_else(|| invalid("(top level)", "an object", root))?;
-    walk(config, map, map, "", warnings)
+    walk(config, map, map, "", warnings)?;
+    CHECKS.iter().try_for_each(|check| check(config))
 }
 
 fn walk(

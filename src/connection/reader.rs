@@ -6,15 +6,12 @@
 //! turn at a read round, or a wake-up from the ready set. It keeps only an unfinished line
 //! (in its framer), so an idle connection holds no buffer.
 
-use std::cell::RefCell;
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
-use futures_lite::AsyncRead;
-use glommio::net::TcpStream;
 
 use crate::backpressure::Stage;
 use crate::client::Client;
@@ -23,6 +20,7 @@ use crate::limiter::{Decision, TokenBucket};
 use crate::metrics::{CloseReason, DropReason};
 use crate::protocol::{FrameError, Framer};
 use crate::shard::Shard;
+use crate::socket::Socket;
 
 /// Read turns in a row that may find nothing before a reader waits for readiness again: a
 /// sender that writes in bursts a little further apart than read rounds stays on turns.
@@ -31,6 +29,11 @@ const EMPTY_TURNS: u32 = 2;
 const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// One read's worth of input.
 const READ_SCRATCH_BYTES: usize = 64 << 10;
+/// While partial lines are over `max_total_partial_bytes`, a connection may still hold this
+/// much of a partial line (it reads at most up to it); one holding more is not read until
+/// there is room again (docs/protocol.md#memory-bounds).
+const SMALL_PARTIAL_BYTES: usize = 4 << 10;
+const _: () = assert!(READ_SCRATCH_BYTES >= crate::socket::MIN_READ_BUF);
 
 /// The buffer every reader on a shard reads into (the accept loop makes one and hands it
 /// to each connection). A reader borrows it only inside one poll or `recv` and consumes
@@ -68,12 +71,7 @@ enum NextRead {
 /// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
 ///   first run that finds its socket readable (see `Reads::read_at_runs`); when the shard
 ///   stops running often, it goes back to readiness.
-pub async fn read_half(
-    shard: &Shard,
-    scratch: &ReadScratch,
-    client: &Rc<Client>,
-    stream: &RefCell<TcpStream>,
-) -> CloseReason {
+pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>, socket: &Socket) -> CloseReason {
     let config = shard.config();
     let fanout = &shard.fanout;
     let reads = fanout.reads();
@@ -83,22 +81,50 @@ pub async fn read_half(
     let mut rate = fanout.tunables().rate_limit_msgs_per_minute;
     let mut limiter = rate.map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
     let (mut next, mut empty_turns) = (NextRead::Readiness, 0);
+    // What the framer holds, as counted in the shard's partial lines; given back when this
+    // future ends, however it ends.
+    let held = HeldPartial {
+        shard,
+        bytes: Cell::new(0),
+    };
     loop {
         fanout.wait_for_outgoing_room().await;
         wait_for_pending_room(shard).await;
+        let partial = framer.partial_len();
+        if read_limit(shard, partial).is_none() {
+            shard.partial.wait_for_room(shard).await;
+            if shard.is_shutting_down() {
+                // The drain reads nothing more (and the wait no longer waits).
+                return CloseReason::Shutdown;
+            }
+            continue;
+        }
         // The scratch buffer is borrowed only inside this poll (or recv); its bytes are
         // consumed below before the next `.await`, so no other reader can overwrite them.
         let read = match std::mem::replace(&mut next, NextRead::Readiness) {
             NextRead::Readiness => {
-                poll_fn(|cx| {
+                // The limit is taken when the socket is ready, not before the wait: thousands
+                // of readers waiting at once would otherwise each read a full buffer.
+                let read = poll_fn(|cx| {
+                    let Some(limit) = read_limit(shard, partial) else {
+                        return Poll::Ready(None);
+                    };
                     let mut scratch = scratch.0.borrow_mut();
-                    Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)
+                    let limit = socket.read_len(limit);
+                    socket.poll_read(cx, &mut scratch[..limit]).map(Some)
                 })
-                .await
+                .await;
+                match read {
+                    Some(read) => read,
+                    None => continue,
+                }
             }
             how => {
+                let Some(limit) = read_limit(shard, partial) else {
+                    continue;
+                };
                 // A statement of its own: the borrows must end before any `.await` below.
-                let read = recv_now(stream.borrow().as_raw_fd(), &mut scratch.0.borrow_mut());
+                let read = socket.try_read(&mut scratch.0.borrow_mut()[..socket.read_len(limit)]);
                 match read {
                     Some(read) => {
                         shard.stats.on_read_at_run();
@@ -149,6 +175,7 @@ pub async fn read_half(
             let scratch = scratch.0.borrow();
             framer.feed(&scratch[..n], &mut on_line)
         };
+        held.set(framer.held());
         if notify {
             fanout.send_rate_limit_notice(client);
         }
@@ -186,30 +213,33 @@ pub async fn read_half(
     }
 }
 
-/// One non-blocking `recv` into `buf`; `None` when the socket has nothing to read.
-fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
-    loop {
-        // SAFETY: `fd` is the connection's open socket and `buf` is writable for its length.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                fd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        };
-        if n >= 0 {
-            return Some(Ok(n as usize));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return None,
-            _ => return Some(Err(e)),
-        }
+/// How many bytes a reader holding `partial` bytes of a line may read now, or `None` while
+/// it must wait for room under `max_total_partial_bytes` (docs/protocol.md#memory-bounds).
+fn read_limit(shard: &Shard, partial: usize) -> Option<usize> {
+    if !shard.shared.over_partial_bound() {
+        Some(READ_SCRATCH_BYTES)
+    } else if partial < SMALL_PARTIAL_BYTES {
+        Some(SMALL_PARTIAL_BYTES - partial)
+    } else {
+        None
+    }
+}
+
+/// A reader's partial line as counted in its shard's [`PartialLines`](crate::shard::PartialLines).
+struct HeldPartial<'a> {
+    shard: &'a Shard,
+    bytes: Cell<usize>,
+}
+
+impl HeldPartial<'_> {
+    fn set(&self, bytes: usize) {
+        self.shard.partial.adjust(self.shard, self.bytes.replace(bytes), bytes);
+    }
+}
+
+impl Drop for HeldPartial<'_> {
+    fn drop(&mut self) {
+        self.set(0);
     }
 }
 

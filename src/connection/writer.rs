@@ -3,32 +3,31 @@
 //! The close path also uses it to flush a client at shutdown and to finish a half-written
 //! envelope before a notice.
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
 
 use futures_lite::future::poll_fn;
-use glommio::net::TcpStream;
 
 use crate::client::Client;
 use crate::metrics::CloseReason;
 use crate::shard::Shard;
+use crate::socket::Socket;
 
 /// Waits for the client's writer to be woken, then writes everything queued; until a
 /// write fails.
-pub async fn write_half(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStream>) -> CloseReason {
+pub async fn write_half(shard: &Shard, client: &Rc<Client>, socket: &Socket) -> CloseReason {
     loop {
         client.writer_woken().await;
-        if let Err(reason) = flush_outbox(shard, client, stream).await {
+        if let Err(reason) = flush_outbox(shard, client, socket).await {
             return reason;
         }
     }
 }
 
 /// Writes everything queued: one write per queued stretch, or several gathered into one.
-pub async fn flush_outbox(shard: &Shard, client: &Rc<Client>, stream: &RefCell<TcpStream>) -> Result<(), CloseReason> {
+pub async fn flush_outbox(shard: &Shard, client: &Rc<Client>, socket: &Socket) -> Result<(), CloseReason> {
     loop {
-        write_in_flight(shard, client, stream).await?;
+        write_in_flight(shard, client, socket).await?;
         if !client.start_next_job() {
             return Ok(());
         }
@@ -37,15 +36,11 @@ pub async fn flush_outbox(shard: &Shard, client: &Rc<Client>, stream: &RefCell<T
 
 /// Finishes the client's write in progress, if any, telling the shard's stall tracking
 /// when the socket refuses data and when the client has caught up.
-pub async fn write_in_flight(
-    shard: &Shard,
-    client: &Rc<Client>,
-    stream: &RefCell<TcpStream>,
-) -> Result<(), CloseReason> {
+pub async fn write_in_flight(shard: &Shard, client: &Rc<Client>, socket: &Socket) -> Result<(), CloseReason> {
     let fanout = &shard.fanout;
     loop {
         let written = poll_fn(|cx| {
-            let poll = client.poll_write_in_flight(cx, stream);
+            let poll = client.poll_write_in_flight(cx, socket);
             if poll.is_pending() {
                 fanout.on_refused(client);
             }

@@ -9,6 +9,8 @@
 //! its ends: there is no connect step). The flush task holds [`Peers`]; anything that
 //! delivers batches like a peer shard runs [`receive_loop`] (see [`spawn_receiver`]).
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +19,7 @@ use futures_lite::future::or;
 
 use super::Fanout;
 use crate::batch::Batch;
-use crate::mesh::{self, Receiver, Sender};
+use crate::mesh::{self, Depth, Receiver, Sender};
 use crate::metrics::DropReason;
 use crate::pacing::NextRun;
 
@@ -42,15 +44,26 @@ pub struct Peers {
     senders: Vec<Sender<Arc<Batch>>>,
     /// Whether a gone peer was logged (once per shard).
     warned: bool,
+    /// What the rings to them hold, in bytes, for the readers' pause (see [`InFlight`]).
+    in_flight: Rc<InFlight>,
 }
 
 impl Peers {
     pub fn new(senders: Vec<Sender<Arc<Batch>>>) -> Self {
-        Peers { senders, warned: false }
+        let in_flight = Rc::new(InFlight::default());
+        for s in &senders {
+            in_flight.add_ring(s.depth());
+        }
+        Peers {
+            senders,
+            warned: false,
+            in_flight,
+        }
     }
 
     /// Adds one more peer.
     pub fn push(&mut self, sender: Sender<Arc<Batch>>) {
+        self.in_flight.add_ring(sender.depth());
         self.senders.push(sender);
     }
 
@@ -61,7 +74,9 @@ impl Peers {
     /// silently, and the first such loss outside shutdown is logged.
     async fn send(&mut self, batch: &Arc<Batch>, fanout: &Fanout) {
         for (i, peer) in self.senders.iter_mut().enumerate() {
-            if peer.send(batch.clone()).await.is_err() {
+            if peer.send(batch.clone()).await.is_ok() {
+                self.in_flight.on_pushed(i, batch.data.len() as u64);
+            } else {
                 let envelopes = batch.runs.iter().map(|r| r.count as u64).sum();
                 fanout.stats.on_drop(DropReason::PeerGone, envelopes);
                 if !self.warned && !fanout.is_shutting_down() {
@@ -76,6 +91,66 @@ impl Peers {
     }
 }
 
+/// The bytes of the batches this shard pushed that its peers have not taken yet, ring by
+/// ring. A peer delivers a batch to its recipients (and their `b`, which the pauses
+/// watch) only when it takes it, so until then those bytes are outside every backlog:
+/// this shard's readers pause while any ring holds more than
+/// [`MAX_OUTGOING_BYTES`](super::MAX_OUTGOING_BYTES), so that a sender cannot run ahead of
+/// a busy peer by a ring of megabyte lines. Only the producer's shard touches it; the
+/// ring's depth tells which of the recent pushes are still in it (FIFO).
+#[derive(Default)]
+pub struct InFlight {
+    rings: RefCell<Vec<RingBytes>>,
+    /// Sum of every ring's `pushed`: an upper bound, so that the rings are only looked at
+    /// when it is past the limit.
+    upper: Cell<u64>,
+}
+
+struct RingBytes {
+    depth: Depth<Arc<Batch>>,
+    /// Sizes of the latest pushes, oldest first; those past the ring's depth were taken.
+    pushed: VecDeque<u64>,
+    bytes: u64,
+}
+
+impl InFlight {
+    fn add_ring(&self, depth: Depth<Arc<Batch>>) {
+        self.rings.borrow_mut().push(RingBytes {
+            depth,
+            pushed: VecDeque::new(),
+            bytes: 0,
+        });
+    }
+
+    fn on_pushed(&self, ring: usize, bytes: u64) {
+        if let Some(r) = self.rings.borrow_mut().get_mut(ring) {
+            r.pushed.push_back(bytes);
+            r.bytes += bytes;
+            self.upper.set(self.upper.get() + bytes);
+        }
+    }
+
+    /// True while some ring holds more than `limit` bytes.
+    pub fn is_over(&self, limit: u64) -> bool {
+        if self.upper.get() <= limit {
+            return false;
+        }
+        let mut rings = self.rings.borrow_mut();
+        let mut total = 0;
+        let mut over = false;
+        for r in rings.iter_mut() {
+            let depth = r.depth.get();
+            while r.pushed.len() > depth {
+                r.bytes -= r.pushed.pop_front().unwrap_or(0);
+            }
+            total += r.bytes;
+            over |= r.bytes > limit;
+        }
+        self.upper.set(total);
+        over
+    }
+}
+
 /// The shard's flush task. At most once per tick, and only at ticks with something to do
 /// (see `pacing`), it lets waiting readers read (at read rounds, and those in the ready
 /// set whose socket is readable), turns the lines accepted since the last run into one
@@ -83,6 +158,7 @@ impl Peers {
 /// to the recipients that are due. At shutdown it sends what is left and returns, which
 /// drops (closes) its senders: peer receivers then drain their ring and end.
 pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
+    fanout.watch_in_flight(peers.in_flight.clone());
     let mut last_tick: Option<u64> = None;
     loop {
         // Everything a notification announces (lines, due or waiting clients, readers, the
@@ -139,4 +215,26 @@ pub async fn receive_loop(fanout: Rc<Fanout>, mut receiver: Receiver<Arc<Batch>>
 pub fn spawn_receiver(fanout: &Rc<Fanout>, receiver: Receiver<Arc<Batch>>) {
     fanout.drain().add_receiver();
     glommio::spawn_local(receive_loop(fanout.clone(), receiver)).detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_counts_only_the_batches_still_in_the_ring() {
+        let (tx, rx) = mesh::channel::<Arc<Batch>>(8);
+        let in_flight = InFlight::default();
+        in_flight.add_ring(tx.depth());
+        for len in [3_000_000u64, 2_000_000] {
+            tx.try_send(Arc::new(Batch::default())).unwrap();
+            in_flight.on_pushed(0, len);
+        }
+        assert!(in_flight.is_over(4 << 20), "5 MB in the ring");
+        rx.try_recv().unwrap();
+        assert!(!in_flight.is_over(4 << 20), "the peer took the first 3 MB");
+        assert!(in_flight.is_over(1 << 20), "2 MB still in the ring");
+        rx.try_recv().unwrap();
+        assert!(!in_flight.is_over(0));
+    }
 }

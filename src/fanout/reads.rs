@@ -81,7 +81,9 @@ impl Reads {
         if set.contains(client.id) {
             return true;
         }
-        self.runs_soon.get() && !client.is_closing() && set.insert(client.id, client.raw_fd())
+        self.runs_soon.get()
+            && !client.is_closing()
+            && client.socket().is_some_and(|socket| set.insert(client.id, &socket))
     }
 
     /// Takes a reader out of the ready set (it is closing, or it keeps sending and reads
@@ -125,40 +127,48 @@ impl Reads {
 mod tests {
     use std::future::Future;
     use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
+    use std::rc::Rc;
 
     use super::*;
     use crate::pacing::Entry;
+    use crate::socket::Socket;
 
     const TICK: Duration = Duration::from_micros(100);
 
     #[test]
     fn a_reader_joins_the_ready_set_only_while_runs_are_near_and_is_woken_when_readable() {
-        let reads = Reads::new(0);
-        let (ours, mut peer) = UnixStream::pair().unwrap();
-        let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), ours.as_raw_fd(), Entry::new(0));
-        let far = Instant::now() + TICK * (READY_SET_TICKS + 50);
-        reads.set_next_run(NextRun::At(far), Some(TICK), |_| {});
-        assert!(!reads.read_at_runs(&client), "the next run is far: readiness");
-        reads.set_next_run(NextRun::At(Instant::now()), Some(TICK), |_| {});
-        assert!(reads.read_at_runs(&client));
-        let mut woken = Vec::new();
-        assert!(!reads.wake_ready(|id| {
-            woken.push(id);
-            true
-        }));
-        peer.write_all(b"x\n").unwrap();
-        assert!(reads.wake_ready(|id| {
-            woken.push(id);
-            true
-        }));
-        assert_eq!(woken, [3]);
-        // The flush task goes idle: the reader is sent back to readiness.
-        let mut sent_back = Vec::new();
-        reads.set_next_run(NextRun::Idle, Some(TICK), |id| sent_back.push(id));
-        assert_eq!(sent_back, [3]);
-        assert!(!reads.wake_ready(|_| true), "the set is empty");
+        glommio::LocalExecutor::default().run(async {
+            let reads = Reads::new(0);
+            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let ours = Rc::new(Socket::plain(listener.accept().await.unwrap()));
+            let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), Rc::downgrade(&ours), Entry::new(0));
+            let far = Instant::now() + TICK * (READY_SET_TICKS + 50);
+            reads.set_next_run(NextRun::At(far), Some(TICK), |_| {});
+            assert!(!reads.read_at_runs(&client), "the next run is far: readiness");
+            reads.set_next_run(NextRun::At(Instant::now()), Some(TICK), |_| {});
+            assert!(reads.read_at_runs(&client));
+            let mut woken = Vec::new();
+            assert!(!reads.wake_ready(|id| {
+                woken.push(id);
+                true
+            }));
+            peer.write_all(b"x\n").unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !reads.wake_ready(|id| {
+                woken.push(id);
+                true
+            }) {
+                assert!(Instant::now() < deadline, "the line never made the socket readable");
+                std::thread::yield_now();
+            }
+            assert_eq!(woken, [3]);
+            // The flush task goes idle: the reader is sent back to readiness.
+            let mut sent_back = Vec::new();
+            reads.set_next_run(NextRun::Idle, Some(TICK), |id| sent_back.push(id));
+            assert_eq!(sent_back, [3]);
+            assert!(!reads.wake_ready(|_| true), "the set is empty");
+        });
     }
 
     #[test]

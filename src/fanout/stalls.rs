@@ -34,6 +34,9 @@ pub struct Stalls {
     stalled: RefCell<HashMap<u64, Rc<Client>>>,
     /// This shard's stage, as last published in [`Shared`].
     stage: Cell<Stage>,
+    /// Whether most of the process's clients were stalled at the last review (refreshed at
+    /// each stall and review, not per delivery).
+    crowd_behind: Cell<bool>,
     /// Wakes the sweep when the first recipient stalls.
     wake: Notify,
 }
@@ -47,6 +50,7 @@ impl Stalls {
             tunables,
             stalled: RefCell::default(),
             stage: Cell::new(Stage::None),
+            crowd_behind: Cell::new(false),
             wake: Notify::default(),
         }
     }
@@ -58,6 +62,7 @@ impl Stalls {
         client.lag_on_stall(now);
         if self.stalled.borrow_mut().insert(client.id, client.clone()).is_none() {
             self.wake.notify();
+            self.publish_stalled();
         }
         self.check_and_raise(client, now);
     }
@@ -67,6 +72,7 @@ impl Stalls {
         let now = Instant::now();
         client.lag_on_caught_up(now);
         if self.stalled.borrow_mut().remove(&client.id).is_some() {
+            self.publish_stalled();
             self.review(now);
         }
     }
@@ -74,6 +80,7 @@ impl Stalls {
     /// A recipient has gone: it no longer counts.
     pub fn forget(&self, client: &Client) {
         if self.stalled.borrow_mut().remove(&client.id).is_some() {
+            self.publish_stalled();
             self.review(Instant::now());
         }
     }
@@ -96,7 +103,7 @@ impl Stalls {
         let depth = client.stalled_depth();
         let bytes = client.queued_bytes();
         self.stats.on_stalled_depth(depth);
-        let verdict = client.observe_lag(&self.tunables.get().policy, depth, bytes, now);
+        let verdict = client.observe_lag(&self.tunables.get().policy, depth, bytes, self.crowd_behind.get(), now);
         if let Some(rule) = verdict.close {
             self.close_slow_consumer(client, rule, &format!("{depth} messages / {bytes} bytes queued"));
         }
@@ -126,16 +133,27 @@ impl Stalls {
         }
         self.stats.on_slow_consumer(rule);
         let why = format!("{queued}, {}", self.rule_text(rule));
-        let strike = self.shared.quarantine.strike(client.addr, Instant::now());
+        // A client that has read (its socket took more than a non-reader's could) is an
+        // agent busy elsewhere, not an abuser: no strike (docs/protocol.md#quarantine).
+        let read = client.accepted_bytes();
+        let strike = if read > self.shared.unread_bytes_bound {
+            Strike::Served { read }
+        } else {
+            self.shared.quarantine.strike(client.addr, Instant::now())
+        };
         let action = match strike {
             Strike::Counted { count, limit } => format!("closing it (strike {count} of {limit})"),
+            Strike::SameEpisode { count, limit } => {
+                format!("closing it (same episode as strike {count} of {limit}, no new strike)")
+            }
+            Strike::Served { read } => format!("closing it (no strike: it has read {read} bytes)"),
             Strike::Quarantined { limit, cooldown } => format!(
                 "closing it (strike {limit} of {limit}) and quarantining it for {} s",
                 cooldown.as_secs()
             ),
             Strike::Off => "closing it".to_string(),
         };
-        if strike != Strike::Off {
+        if matches!(strike, Strike::Counted { .. } | Strike::Quarantined { .. }) {
             self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
         }
         tracing::warn!("slow consumer {}: {why}; {action}", client.addr);
@@ -145,12 +163,18 @@ impl Stalls {
     /// Re-examines every stalled client: applies the time-based rules, and publishes this
     /// shard's stage afresh (a stage falls only here).
     fn review(&self, now: Instant) {
+        self.crowd_behind.set(self.shared.crowd_behind());
         let clients: Vec<Rc<Client>> = self.stalled.borrow().values().cloned().collect();
         let mut stage = Stage::None;
         for client in &clients {
             stage = stage.max(self.check(client, now));
         }
         self.publish(stage);
+    }
+
+    fn publish_stalled(&self) {
+        self.shared.publish_stalled(self.shard_id, self.stalled.borrow().len());
+        self.crowd_behind.set(self.shared.crowd_behind());
     }
 
     fn publish(&self, stage: Stage) {
@@ -197,7 +221,12 @@ mod tests {
 
     /// A stalled client with `n` envelopes of `len` bytes queued.
     fn stalled_client(id: u64, n: usize, len: usize) -> Rc<Client> {
-        let client = Rc::new(Client::new(id, "127.0.0.1:5".parse().unwrap(), -1, Entry::new(0)));
+        let client = Rc::new(Client::new(
+            id,
+            "127.0.0.1:5".parse().unwrap(),
+            std::rc::Weak::new(),
+            Entry::new(0),
+        ));
         let line = "x".repeat(len);
         let batch = Batch::of(&vec![(1, line.as_str()); n], "127.0.0.1:6");
         client.enqueue(&Ledger::detached().pin(Arc::new(batch)));

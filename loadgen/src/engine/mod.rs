@@ -14,12 +14,11 @@ mod timer;
 
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::accounting::{GapTracker, SeqTracker};
@@ -59,6 +58,9 @@ pub struct Plan {
     pub epoch: Instant,
     /// Targets the clients are spread over (nodes of a cluster); see [`target_of`].
     pub targets: usize,
+    /// Someone watches the live progress line: workers also record every delivery's
+    /// latency into [`Control::recent`] (a second record per delivery, so only then).
+    pub live: bool,
 }
 
 /// The target client `client` connects to, of `targets`: round-robin, so every node of a
@@ -98,8 +100,20 @@ pub struct Control {
     pub delivered: AtomicU64,
     /// Lines sent so far, per publisher.
     pub sent: Box<[AtomicU64]>,
+    /// Sequence numbers skipped so far (lines behind a later one that have not arrived):
+    /// lost unless they still come. Workers add what each decoded buffer opened and
+    /// subtract what it filled; the live line shows it.
+    pub missing: AtomicI64,
+    /// Deliveries that filled a gap, so far (the live line's reorders).
+    pub reordered: AtomicU64,
+    /// With [`Plan::live`]: latency of recent deliveries (all phases), merged in by the
+    /// workers every [`LIVE_FLUSH_NS`] and taken by the main thread once a second.
+    pub recent: Mutex<Histogram<u64>>,
     pub errors: Mutex<Vec<String>>,
 }
+
+/// With [`Plan::live`], how often a worker merges its recent latencies into [`Control::recent`].
+const LIVE_FLUSH_NS: u64 = 100_000_000;
 
 impl Control {
     pub fn new(publishers: usize) -> Self {
@@ -112,6 +126,9 @@ impl Control {
             closed_in_sync: AtomicUsize::new(0),
             delivered: AtomicU64::new(0),
             sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
+            missing: AtomicI64::new(0),
+            reordered: AtomicU64::new(0),
+            recent: Mutex::new(histogram()),
             errors: Mutex::new(Vec::new()),
         }
     }
@@ -127,7 +144,7 @@ impl Control {
 /// One connection as handed to a worker.
 pub struct Conn {
     pub client: usize,
-    pub stream: TcpStream,
+    pub stream: crate::tls::Stream,
     /// This connection receives (all but Redis publisher connections).
     pub receives: bool,
     /// This connection publishes as this publisher id.
@@ -271,9 +288,11 @@ pub struct Report {
     /// With `--burst-us 0`: lines that could not go out alone because their socket still
     /// held refused bytes; they went out with them.
     pub queued_lines: u64,
+    /// With [`Plan::live`]: latencies since the last merge into [`Control::recent`].
+    pub recent: Histogram<u64>,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("static histogram bounds are valid")
 }
 
@@ -364,6 +383,7 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
     let mut payload = Vec::with_capacity(plan.size + 64);
     let mut delivered_reported = 0u64;
     let mut delivered = 0u64;
+    let mut live_flushed = 0u64;
     // When the timer fires next, ns since the epoch (0: not armed).
     let mut armed = 0u64;
 
@@ -490,6 +510,12 @@ pub fn run_worker(plan: Arc<Plan>, control: Arc<Control>, conns: Vec<Conn>) -> R
                 .fetch_add(delivered - delivered_reported, Ordering::Relaxed);
             delivered_reported = delivered;
         }
+        if plan.live && !report.recent.is_empty() && now.saturating_sub(live_flushed) > LIVE_FLUSH_NS {
+            live_flushed = now;
+            let mut recent = control.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = recent.add(&report.recent);
+            report.recent.reset();
+        }
     }
     drain_stuck(&mut live, &mut poll, &mut chunk, &plan, &control, &mut report);
     let (window_start, window_end) = (
@@ -525,6 +551,7 @@ fn empty_report() -> Report {
         closed_by_server: 0,
         publisher_writes: 0,
         queued_lines: 0,
+        recent: histogram(),
     }
 }
 

@@ -122,6 +122,7 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
     let trackers = &mut l.trackers;
     let in_window = &mut l.in_window;
     let notices = &mut Vec::new();
+    let (mut opened, mut filled) = (0u64, 0u64);
     let decoded = plan.protocol.decode(buf, |event| match event {
         Event::Message(p) if p.starts_with(SYNC_PREFIX) => subscribed = true,
         Event::Message(p) => {
@@ -133,10 +134,18 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
             let Some(tracker) = trackers.get_mut(h.publisher as usize) else {
                 return;
             };
-            if tracker.on_arrival(h.seq) == Arrival::Duplicate {
-                return;
+            let next = tracker.next();
+            match tracker.on_arrival(h.seq) {
+                Arrival::Duplicate => return,
+                Arrival::AfterGap => opened += h.seq - next,
+                Arrival::Reordered => filled += 1,
+                Arrival::InOrder => {}
             }
             *delivered += 1;
+            if plan.live {
+                let us = (now.saturating_sub(h.sched_ns) / 1000).clamp(1, HIST_MAX_US);
+                let _ = report.recent.record(us);
+            }
             if h.sched_ns >= warmup_end && h.sched_ns < send_end {
                 report.delivered_in_window += 1;
                 *in_window += 1;
@@ -164,6 +173,12 @@ fn decode(l: &mut Live, buf: &[u8], plan: &Plan, control: &Control, report: &mut
     });
     for text in notices.iter() {
         l.on_notice(text);
+    }
+    if opened > 0 || filled > 0 {
+        control
+            .missing
+            .fetch_add(opened as i64 - filled as i64, Ordering::Relaxed);
+        control.reordered.fetch_add(filled, Ordering::Relaxed);
     }
     if *delivered > before {
         l.gaps.on_delivery(now, warmup_end, send_end);
