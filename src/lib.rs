@@ -292,6 +292,9 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
     let shards = config.shards;
     let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
     let shared = Arc::new(Shared::new(config));
+    if let Some((_, listeners)) = &tls {
+        shared.tls_server.store(Some(listeners.server.clone()));
+    }
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
     let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
@@ -403,7 +406,23 @@ impl Reloader {
             tracing::warn!("SIGHUP: {w}");
         }
         let outcome = shared.live().reloaded(new.clone(), &self.loaded);
+        // The certificate files are read again (rotation); if they no longer load, the
+        // whole reload is refused like an invalid file.
+        let tls_server = match &outcome.config.tls {
+            None => None,
+            Some(tls) => match tls::server_config(tls, "hyper_parameters.tls") {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
+                    return;
+                }
+            },
+        };
         self.loaded = new;
+        if tls_server.is_some() {
+            shared.tls_server.store(tls_server);
+        }
         for key in &outcome.kept {
             tracing::warn!("SIGHUP: {key} changed but needs a restart; the running value is kept");
         }

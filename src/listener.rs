@@ -90,7 +90,11 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Ar
                     );
                     continue;
                 };
-                admit(&shard, &scratch, stream, addr, tls.as_ref());
+                // The newest TLS configuration (a reload may have read new certificates).
+                let server = tls
+                    .as_ref()
+                    .map(|first| shard.shared.tls_server.load_full().unwrap_or_else(|| first.clone()));
+                admit(&shard, &scratch, stream, addr, server.as_ref());
             }
             Err(e) => {
                 errors_since_log += 1;

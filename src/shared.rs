@@ -112,6 +112,10 @@ pub struct Shared {
     startup_steps: Box<[AtomicU8]>,
     /// The cluster uplink's identity and counters, when `hyper_parameters.cluster` is set.
     pub cluster: Option<Arc<Cluster>>,
+    /// The TLS listener's rustls configuration, set by `run` and replaced by a reload
+    /// (which reads the certificate files again); each TLS accept loads it, so new
+    /// handshakes use the newest and established sessions keep theirs.
+    pub tls_server: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// The admin endpoint's thread: its restarts and whether it is down (see `supervisor`).
     pub admin_thread: ThreadWatch,
 }
@@ -122,6 +126,7 @@ impl Shared {
             live: ArcSwap::from_pointee(config.clone()),
             generation: AtomicU64::new(0),
             reloads: ReloadCounts::default(),
+            tls_server: arc_swap::ArcSwapOption::empty(),
             quarantine: Quarantine::new(
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
