@@ -18,6 +18,7 @@ const LAYERS: &[&str] = &[
     "ready_set",
     "limiter",
     "quarantine",
+    "host_limit",
     "metrics",
     "backpressure",
     "log",
@@ -27,6 +28,8 @@ const LAYERS: &[&str] = &[
     "batch",
     "mesh",
     "protocol",
+    "proxy_protocol",
+    "netlist",
     "machine",
 ];
 

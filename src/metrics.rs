@@ -42,10 +42,26 @@ pub enum CloseReason {
     /// Reset by the peer after the kernel completed it and before the relay could read its
     /// peer address: accepted, never admitted, no bytes either way.
     ResetBeforeServed,
+    /// The client's address is on the `deny` list or off the `allow` list; no bytes.
+    Denied,
+    /// `max_connections_per_ip` were open from the client's address (N7).
+    HostFull,
+    /// PROXY protocol on, and the connection came from outside `proxy_trusted`; no bytes.
+    ProxyUntrusted,
+    /// The PROXY header broke the specification; no bytes.
+    ProxyMalformed,
+    /// The PROXY header was longer than the protocol or the relay allows; no bytes.
+    ProxyOversize,
+    /// The connection ended before its PROXY header was complete.
+    ProxyTruncated,
+    /// The PROXY header was not complete within `proxy_header_timeout_ms`; no bytes.
+    ProxyTimeout,
+    /// A PROXY header with no client address (LOCAL, a health check): closed with no bytes.
+    ProxyLocal,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 20] = [
         CloseReason::PeerClosed,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -58,6 +74,14 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::InternalError,
         CloseReason::ResetBeforeServed,
+        CloseReason::Denied,
+        CloseReason::HostFull,
+        CloseReason::ProxyUntrusted,
+        CloseReason::ProxyMalformed,
+        CloseReason::ProxyOversize,
+        CloseReason::ProxyTruncated,
+        CloseReason::ProxyTimeout,
+        CloseReason::ProxyLocal,
     ];
 
     /// The label used in logs and metrics.
@@ -75,6 +99,14 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::InternalError => "internal_error",
             CloseReason::ResetBeforeServed => "reset_before_served",
+            CloseReason::Denied => "denied",
+            CloseReason::HostFull => "host_full",
+            CloseReason::ProxyUntrusted => "proxy_untrusted",
+            CloseReason::ProxyMalformed => "proxy_malformed",
+            CloseReason::ProxyOversize => "proxy_oversize",
+            CloseReason::ProxyTruncated => "proxy_truncated",
+            CloseReason::ProxyTimeout => "proxy_timeout",
+            CloseReason::ProxyLocal => "proxy_local",
         }
     }
 }

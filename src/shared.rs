@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::backpressure::{Policy, Stage};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::host_limit::HostSlots;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
@@ -75,6 +76,8 @@ pub struct Shared {
     pending_bytes: Box<[Arc<AtomicU64>]>,
     /// Open connections in the process, against `max_connections`.
     pub connections: ConnectionSlots,
+    /// Open connections per client IP, against `max_connections_per_ip` (`None` when unset).
+    pub hosts: Option<HostSlots>,
     pub shutdown: ShutdownSignal,
     /// Each shard's counters: written only by that shard, read by the admin thread.
     pub stats: Box<[Arc<ShardStats>]>,
@@ -99,6 +102,7 @@ impl Shared {
             stage: (0..config.shards).map(|_| AtomicU8::new(0)).collect(),
             pending_bytes: (0..config.shards).map(|_| Arc::default()).collect(),
             connections: ConnectionSlots::new(config.max_connections),
+            hosts: config.max_connections_per_ip.map(HostSlots::new),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
