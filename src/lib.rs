@@ -17,8 +17,9 @@
 //!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
 //!
 //! One shard, from an accepted socket to the writes it causes:
-//! - [`listener`]: the accept loop and admission (quarantine, connection slots and refusal
-//!   slots, both RAII guards).
+//! - [`listener`]: the accept loop and admission (allow/deny lists, quarantine, connection
+//!   slots, per-host slots and refusal slots, all RAII guards); with the PROXY protocol on,
+//!   `listener/proxy_header.rs` reads each connection's header first.
 //! - [`connection`]: one client's task: `connection/reader.rs` (framing, rate limit, sender
 //!   pauses), `connection/writer.rs` (drains a stalled outbox), the close path and notices.
 //! - [`shard`]: the per-shard context those tasks share: its fan-out, its drain, its
@@ -39,7 +40,8 @@
 //! Policies and facilities (pure, or one system facility each):
 //! - [`ready_set`]: the epoll set a busy shard reads occasional senders from at its runs.
 //! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
-//!   in) and the per-shard counters with the close-reason and drop-reason enums.
+//!   in) and the per-shard counters with the close-reason and drop-reason enums;
+//!   [`host_limit`]: the process-wide count of connections per client IP.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
@@ -54,6 +56,8 @@
 //!   memory.
 //! - [`mesh`]: the bounded lock-free SPSC channel between shards and the full mesh of them.
 //! - [`protocol`]: line framing and envelope encoding (no I/O).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header decoder (no I/O); [`netlist`]:
+//!   sets of CIDR networks for `allow`, `deny` and `proxy_trusted`.
 //! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
 //!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
 //!   [`executor`] read them too.

@@ -450,3 +450,50 @@ fn through_a_real_haproxy_with_send_proxy_and_send_proxy_v2_envelopes_carry_the_
     assert_eq!(a.line_str(), b.envelope("via send-proxy-v2"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_refuses_a_bad_network_or_an_empty_trust_list_with_exit_78_naming_the_key() {
+    for (json, message) in [
+        (
+            r#"{"hyper_parameters":{"allow":["10.0.0.0/8","10.0.0.300/32"]}}"#,
+            r#"hyper_parameters.allow[1]: expected a network in CIDR notation (a.b.c.d/n or x:y::z/n), found "10.0.0.300/32" is not an IPv4 or IPv6 address"#,
+        ),
+        (
+            r#"{"hyper_parameters":{"deny":["2001:db8::/129"]}}"#,
+            "hyper_parameters.deny[0]: expected a network in CIDR notation",
+        ),
+        (
+            r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["10.1.0.0/8"]}}"#,
+            r#"hyper_parameters.proxy_trusted[0]: expected a network in CIDR notation (a.b.c.d/n or x:y::z/n), found "10.1.0.0/8" has host bits set (the network is 10.0.0.0/8)"#,
+        ),
+        (
+            r#"{"hyper_parameters":{"proxy_protocol":true}}"#,
+            "hyper_parameters.proxy_trusted: expected at least one network when proxy_protocol is true",
+        ),
+    ] {
+        let path = crate::util::temp_config(json);
+        let out = crate::util::corecast()
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{json}: {stderr}");
+        assert!(stderr.contains(message), "{json}: {stderr}");
+    }
+    let path = crate::util::temp_config(
+        r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["10.0.0.0/8"],"deny":["::1"],"max_connections_per_ip":8}}"#,
+    );
+    let out = crate::util::corecast()
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let effective: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hyper = &effective["hyper_parameters"];
+    assert_eq!(hyper["proxy_trusted"], serde_json::json!(["10.0.0.0/8"]));
+    assert_eq!(hyper["deny"], serde_json::json!(["::1/128"]));
+    assert_eq!(
+        (&hyper["allow"], &hyper["max_connections_per_ip"]),
+        (&serde_json::Value::Null, &serde_json::json!(8))
+    );
+}
