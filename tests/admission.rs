@@ -126,15 +126,19 @@ fn past_max_connections_per_ip_a_host_gets_the_notice_and_other_hosts_are_served
     let mut other = relay.connect_from(addr("127.0.0.6:0"), None);
     other.send(b"another host\n");
     assert_eq!(b.line_str(), other.envelope("another host"));
-    // A place frees up when one of the host's connections closes.
+    // A place frees up when one of the host's connections closes (it has unread lines, so
+    // it may end as a reset rather than an EOF).
     let gone = a.local_addr;
     drop(a);
-    relay
-        .log
-        .wait_for(&format!("client disconnected: {gone} (peer_closed)"));
+    relay.log.wait_for(&format!("client disconnected: {gone} ("));
     let mut again = relay.connect_from(host, None);
     b.send(b"welcome back\n");
-    assert_eq!(again.line_str(), b.envelope("welcome back"));
+    // A line read on another shard just before it connected may still reach it first.
+    let mut line = again.line_str();
+    if line == other.envelope("another host") {
+        line = again.line_str();
+    }
+    assert_eq!(line, b.envelope("welcome back"));
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait_exit(), Some(0));
     assert_eq!(relay.final_counter("closed.host_full"), 1);
@@ -190,6 +194,10 @@ fn proxy_headers_v1_and_v2_give_envelopes_and_rules_the_clients_address() {
 
 #[test]
 fn proxy_headers_over_ipv6_name_ipv6_and_ipv4_clients() {
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipping: this machine has no IPv6 loopback");
+        return;
+    }
     let relay = Relay::with_config(
         r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["::1/128"]}}"#,
         &["--host", "::1"],
