@@ -323,7 +323,7 @@ fn spoofed_local_broken_truncated_oversize_and_trickling_headers_are_closed_unre
 
 #[test]
 fn behind_one_proxy_three_slow_agents_quarantine_only_their_own_addresses() {
-    let relay = Relay::with_config(
+    let mut relay = Relay::with_config(
         r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["127.0.0.0/8"],
             "rate_limit_msgs_per_minute":null,"quarantine_cooldown_secs":60,"quarantine_strikes":1,
             "max_pending_bytes":65536,
@@ -372,6 +372,10 @@ fn behind_one_proxy_three_slow_agents_quarantine_only_their_own_addresses() {
         assert_eq!(line, burst_line);
     }
     drop(slow);
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+    assert_eq!(relay.final_counter("quarantines"), 3);
+    assert_eq!(relay.final_counter("closed.quarantined"), 3);
 }
 
 /// Where `haproxy` is, or `None` (after saying why) if the test should skip.
