@@ -416,7 +416,7 @@ fn through_a_real_haproxy_with_send_proxy_and_send_proxy_v2_envelopes_carry_the_
     };
     let relay = Relay::with_config(
         r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["127.0.0.1"]}}"#,
-        &["--shards", "2"],
+        &["--shards", "2", "--admin", "127.0.0.1:0"],
     );
     let (v1_port, v2_port) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("corecast-haproxy-{}", std::process::id()));
@@ -429,7 +429,7 @@ fn through_a_real_haproxy_with_send_proxy_and_send_proxy_v2_envelopes_carry_the_
             "global\n    maxconn 100\n\
              defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
              listen via_v1\n    bind 127.0.0.1:{v1_port}\n    server relay {relay_addr} send-proxy\n\
-             listen via_v2\n    bind 127.0.0.1:{v2_port}\n    server relay {relay_addr} send-proxy-v2\n"
+             listen via_v2\n    bind 127.0.0.1:{v2_port}\n    server relay {relay_addr} send-proxy-v2 check inter 100\n"
         ),
     )
     .unwrap();
@@ -460,6 +460,14 @@ fn through_a_real_haproxy_with_send_proxy_and_send_proxy_v2_envelopes_carry_the_
     assert_eq!(b.line_str(), a.envelope("via send-proxy"));
     b.send(b"via send-proxy-v2\n");
     assert_eq!(a.line_str(), b.envelope("via send-proxy-v2"));
+    // HAProxy's health checks on the v2 server open with a LOCAL header: accepted, closed
+    // with no bytes, never a client of the broadcast.
+    let (admin, local) = (relay.admin_addr(), |stats: &serde_json::Value| {
+        stats["total"]["closed"]["proxy_local"].as_u64()
+    });
+    wait_until("a LOCAL health check", Duration::from_millis(50), || {
+        local(&get_json(admin, "/stats")) >= Some(1)
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }
 
