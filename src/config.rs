@@ -23,6 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use crate::machine::Machine;
+use crate::netlist::{Cidr, NetList};
 
 /// The command line (docs/protocol.md#command-line).
 #[derive(Debug, Parser)]
@@ -258,6 +259,26 @@ pub struct Config {
     /// `hyper_parameters.tls`: a second listener whose clients speak TLS, in the same
     /// broadcast domain (see `tls`); `None` (the default) listens for plain TCP only.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Every connection to the data listener starts with a PROXY protocol header (v1 or
+    /// v2) naming the client, whose address then stands for the connection everywhere
+    /// (docs/protocol.md#proxy-protocol). Default false.
+    pub proxy_protocol: bool,
+    /// Sources allowed to send a PROXY header; with `proxy_protocol` on, a connection from
+    /// anywhere else is closed with no bytes. Must not be empty when `proxy_protocol` is on.
+    /// Default empty.
+    pub proxy_trusted: NetList,
+    /// Time from accept to the end of the PROXY header; past it the connection is closed
+    /// with no bytes. Default 3000 ms.
+    pub proxy_header_timeout_ms: u64,
+    /// When set, only clients in these networks are admitted (docs/protocol.md#admission-by-network);
+    /// `None` (the default) admits every client not denied.
+    pub allow: Option<NetList>,
+    /// Clients in these networks are closed at accept with no bytes, even when allowed.
+    /// Default empty.
+    pub deny: NetList,
+    /// Open connections per client IP before new ones from it get N7; `None` (the
+    /// default) sets no cap below `max_connections`.
+    pub max_connections_per_ip: Option<u32>,
 }
 
 /// File descriptors kept back from `max_connections` for listeners, rings and logs.
@@ -311,6 +332,12 @@ impl Config {
             admin_addr: None,
             cluster: None,
             tls: None,
+            proxy_protocol: false,
+            proxy_trusted: NetList::default(),
+            proxy_header_timeout_ms: 3000,
+            allow: None,
+            deny: NetList::default(),
+            max_connections_per_ip: None,
         }
     }
 }
@@ -510,7 +537,42 @@ impl Config {
         if let Some(v) = s.get("tls") {
             self.tls = crate::tls::parse(v, &s.path("tls"), warnings).map_err(tls_error)?;
         }
+        self.apply_admission(&mut s)?;
         s.finish(warnings);
+        Ok(())
+    }
+
+    /// The PROXY protocol and admission-by-network keys of `hyper_parameters`.
+    fn apply_admission(&mut self, s: &mut Section) -> Result<(), ConfigError> {
+        set(&mut self.proxy_protocol, s.bool("proxy_protocol")?);
+        if let Some(list) = s.nullable("proxy_trusted", cidr_list)? {
+            self.proxy_trusted = list.unwrap_or_default();
+        }
+        set(
+            &mut self.proxy_header_timeout_ms,
+            s.int("proxy_header_timeout_ms", 1, 60_000)?,
+        );
+        if let Some(list) = s.nullable("allow", cidr_list)? {
+            if list.as_ref().is_some_and(NetList::is_empty) {
+                // An empty allow list would admit nobody: far more likely a mistake.
+                return Err(invalid(&s.path("allow"), CIDR_LIST_NONEMPTY, &json!([])));
+            }
+            self.allow = list;
+        }
+        if let Some(list) = s.nullable("deny", cidr_list)? {
+            self.deny = list.unwrap_or_default();
+        }
+        if let Some(cap) = s.nullable("max_connections_per_ip", |v, p| int_value(v, p, 1, 10_000_000))? {
+            self.max_connections_per_ip = cap.map(|n| n as u32);
+        }
+        if self.proxy_protocol && self.proxy_trusted.is_empty() {
+            // Fail closed and loud: with nobody trusted every connection would be refused.
+            return Err(invalid(
+                &s.path("proxy_trusted"),
+                "at least one network when proxy_protocol is true",
+                &json!([]),
+            ));
+        }
         Ok(())
     }
 
@@ -587,6 +649,12 @@ impl Config {
                 "admin_addr": self.admin_addr.map(|a| a.to_string()),
                 "cluster": self.cluster.as_ref().map(|c| c.to_json()),
                 "tls": self.tls.as_ref().map(|t| t.to_json()),
+                "proxy_protocol": self.proxy_protocol,
+                "proxy_trusted": self.proxy_trusted.to_strings(),
+                "proxy_header_timeout_ms": self.proxy_header_timeout_ms,
+                "allow": self.allow.as_ref().map(NetList::to_strings),
+                "deny": self.deny.to_strings(),
+                "max_connections_per_ip": self.max_connections_per_ip,
             }
         })
     }
@@ -688,6 +756,26 @@ fn string_list(v: &Value, path: &str, expected: &str) -> Result<Vec<String>, Con
         .map(|items| items.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
     let items = items.flatten().ok_or_else(|| invalid(path, expected, v))?;
     Ok(items.into_iter().map(str::to_owned).collect())
+}
+
+const CIDR_LIST: &str = "an array of networks such as \"10.0.0.0/8\" or \"2001:db8::/32\", or null";
+const CIDR_LIST_NONEMPTY: &str = "a non-empty array of networks such as \"10.0.0.0/8\", or null to admit every address";
+
+/// An array of IPv4/IPv6 networks in CIDR notation; an error names the entry's index.
+fn cidr_list(v: &Value, path: &str) -> Result<NetList, ConfigError> {
+    let items = string_list(v, path, CIDR_LIST)?;
+    let cidrs = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            item.trim().parse::<Cidr>().map_err(|reason| ConfigError::Invalid {
+                key: format!("{path}[{i}]"),
+                expected: "a network in CIDR notation (a.b.c.d/n or x:y::z/n)".into(),
+                found: reason,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NetList::from_cidrs(cidrs))
 }
 
 fn int_value(v: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
@@ -1107,6 +1195,52 @@ mod tests {
         );
         assert!(load(r#"{"hyper_parameters":{"quarantine_strikes":2.5}}"#).is_err());
         assert!(load(r#"{"hyper_parameters":{"quarantine_strikes":-1}}"#).is_err());
+    }
+
+    #[test]
+    fn admission_keys_load_round_trip_and_name_a_bad_network() {
+        let d = defaults();
+        assert!(!d.proxy_protocol && d.allow.is_none() && d.deny.is_empty());
+        assert_eq!((d.proxy_header_timeout_ms, d.max_connections_per_ip), (3000, None));
+        let (c, w) = load(
+            r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["10.0.0.0/8","::1"],
+                "allow":["192.0.2.0/24","2001:db8::/32"],"deny":["192.0.2.9"],"max_connections_per_ip":4,
+                "proxy_header_timeout_ms":500}}"#,
+        )
+        .unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert!(c.proxy_protocol && c.proxy_trusted.contains("::1".parse().unwrap()));
+        assert!(c.allow.as_ref().unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert!(c.deny.contains("192.0.2.9".parse().unwrap()));
+        assert_eq!((c.max_connections_per_ip, c.proxy_header_timeout_ms), (Some(4), 500));
+        let (again, _) = load(&c.to_json().to_string()).unwrap();
+        assert_eq!(again, c);
+        let e = load(r#"{"hyper_parameters":{"deny":["10.0.0.0/8","10.0.0.1/8"]}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.deny[1]: expected a network in CIDR notation (a.b.c.d/n or x:y::z/n), \
+             found \"10.0.0.1/8\" has host bits set (the network is 10.0.0.0/8)"
+        );
+        let e = load(r#"{"hyper_parameters":{"allow":"10.0.0.0/8"}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.allow: expected an array of networks"),
+            "{e}"
+        );
+        let e = load(r#"{"hyper_parameters":{"allow":[]}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.allow: expected a non-empty array"),
+            "{e}"
+        );
+        let e = load(r#"{"hyper_parameters":{"proxy_protocol":true}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.proxy_trusted: expected at least one network"),
+            "{e}"
+        );
+        assert!(load(r#"{"hyper_parameters":{"max_connections_per_ip":0}}"#).is_err());
+        assert!(load(r#"{"hyper_parameters":{"proxy_header_timeout_ms":0}}"#).is_err());
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
 //!
 //! One shard, from an accepted socket to the writes it causes:
-//! - [`listener`]: the accept loop and admission (quarantine, connection slots and refusal
-//!   slots, both RAII guards).
+//! - [`listener`]: the accept loop and admission (allow/deny lists, quarantine, connection
+//!   slots, per-host slots and refusal slots, all RAII guards); with the PROXY protocol on,
+//!   `listener/proxy_header.rs` reads each connection's header first.
 //! - [`connection`]: one client's task: `connection/reader.rs` (framing, rate limit, sender
 //!   pauses), `connection/writer.rs` (drains a stalled outbox), the close path and notices.
 //! - [`shard`]: the per-shard context those tasks share: its fan-out, its drain, its
@@ -41,7 +42,8 @@
 //! - [`socket`]: the one owner of a client's stream and descriptor, plain TCP or TLS
 //!   (rustls): every read, write, farewell and epoll registration goes through it.
 //! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
-//!   in) and the per-shard counters with the close-reason and drop-reason enums.
+//!   in) and the per-shard counters with the close-reason and drop-reason enums;
+//!   [`host_limit`]: the process-wide count of connections per client IP.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
@@ -58,6 +60,8 @@
 //! - [`protocol`]: line framing and envelope encoding (no I/O).
 //! - [`supervisor`]: restarts the admin and uplink threads after a panic, with backoff,
 //!   and counts it.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header decoder (no I/O); [`netlist`]:
+//!   sets of CIDR networks for `allow`, `deny` and `proxy_trusted`.
 //! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
 //!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
 //!   [`executor`] read them too.
@@ -86,15 +90,18 @@ pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod fanout;
+pub mod host_limit;
 pub mod limiter;
 pub mod listener;
 pub mod log;
 pub mod machine;
 pub mod mesh;
 pub mod metrics;
+pub mod netlist;
 pub mod notify;
 pub mod pacing;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod quarantine;
 pub mod ready_set;
 pub mod sd_notify;

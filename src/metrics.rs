@@ -48,10 +48,26 @@ pub enum CloseReason {
     /// On the TLS listener: `tls.max_handshakes` were in progress on the shard; closed at
     /// once with no bytes.
     TlsBusy,
+    /// The client's address is on the `deny` list or off the `allow` list; no bytes.
+    Denied,
+    /// `max_connections_per_ip` were open from the client's address (N7).
+    HostFull,
+    /// PROXY protocol on, and the connection came from outside `proxy_trusted`; no bytes.
+    ProxyUntrusted,
+    /// The PROXY header broke the specification; no bytes.
+    ProxyMalformed,
+    /// The PROXY header was longer than the protocol or the relay allows; no bytes.
+    ProxyOversize,
+    /// The connection ended before its PROXY header was complete.
+    ProxyTruncated,
+    /// The PROXY header was not complete within `proxy_header_timeout_ms`; no bytes.
+    ProxyTimeout,
+    /// A PROXY header with no client address (LOCAL, a health check): closed with no bytes.
+    ProxyLocal,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::PeerClosed,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -66,6 +82,14 @@ impl CloseReason {
         CloseReason::ResetBeforeServed,
         CloseReason::TlsHandshakeFailed,
         CloseReason::TlsBusy,
+        CloseReason::Denied,
+        CloseReason::HostFull,
+        CloseReason::ProxyUntrusted,
+        CloseReason::ProxyMalformed,
+        CloseReason::ProxyOversize,
+        CloseReason::ProxyTruncated,
+        CloseReason::ProxyTimeout,
+        CloseReason::ProxyLocal,
     ];
 
     /// The label used in logs and metrics.
@@ -85,6 +109,14 @@ impl CloseReason {
             CloseReason::ResetBeforeServed => "reset_before_served",
             CloseReason::TlsHandshakeFailed => "tls_handshake_failed",
             CloseReason::TlsBusy => "tls_busy",
+            CloseReason::Denied => "denied",
+            CloseReason::HostFull => "host_full",
+            CloseReason::ProxyUntrusted => "proxy_untrusted",
+            CloseReason::ProxyMalformed => "proxy_malformed",
+            CloseReason::ProxyOversize => "proxy_oversize",
+            CloseReason::ProxyTruncated => "proxy_truncated",
+            CloseReason::ProxyTimeout => "proxy_timeout",
+            CloseReason::ProxyLocal => "proxy_local",
         }
     }
 }

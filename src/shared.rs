@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::backpressure::{Policy, Stage};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::host_limit::HostSlots;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
@@ -85,6 +86,8 @@ pub struct Shared {
     stalled: Box<[AtomicUsize]>,
     /// Open connections in the process, against `max_connections`.
     pub connections: ConnectionSlots,
+    /// Open connections per client IP, against `max_connections_per_ip` (`None` when unset).
+    pub hosts: Option<HostSlots>,
     pub shutdown: ShutdownSignal,
     /// Each shard's counters: written only by that shard, read by the admin thread.
     pub stats: Box<[Arc<ShardStats>]>,
@@ -115,6 +118,7 @@ impl Shared {
             stalled: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             partial_bytes: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
             connections: ConnectionSlots::new(config.max_connections),
+            hosts: config.max_connections_per_ip.map(HostSlots::new),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),

@@ -5,6 +5,8 @@
 
 /// The admin endpoint: `/metrics`, `/healthz`, `/stats`, bad requests and its bounds.
 mod admin;
+/// Admission by network and the PROXY protocol: allow/deny, per-host cap, HAProxy in front.
+mod admission;
 /// Slow consumers with realistic blocking readers: who gets everything, who is closed.
 mod backpressure;
 /// Several nodes over a NATS cluster: cross-node delivery, NATS and node failures.
