@@ -2,14 +2,16 @@
 # Builds every release artefact from one compile of the `dist` profile (stripped release):
 #
 #   corecast-VERSION.tar.gz                                   the sdist
-#   corecast-VERSION-py3-none-manylinux_2_17_x86_64...whl     the wheel, built FROM the sdist
+#   corecast-VERSION-py3-none-manylinux_2_28_x86_64...whl     the wheel, built FROM the sdist
 #   corecast_VERSION-1_amd64.deb                              cargo-deb, same binary
 #   corecast-VERSION-x86_64-linux.tar.gz (+ .sha256)          binary, configs, unit, docs
 #
 # into dist/out/ (or $OUT). The wheel is built from the sdist, so a green run also shows
-# that the sdist builds. The binary is linked by zig against glibc 2.17 (manylinux2014),
-# so the wheel, the .deb and the tarball run on RHEL 7+/Ubuntu 14.04+ alike; `auditwheel
-# show` checks the wheel's tag. With --aarch64 it also cross-builds the aarch64 wheel.
+# that the sdist builds. The binary is linked by zig against glibc 2.28 (manylinux_2_28),
+# so the wheel, the .deb and the tarball run on RHEL 8+, Debian 10+, Ubuntu 20.04+ alike;
+# `auditwheel show` checks the wheel's tag. Not glibc 2.17 (manylinux2014): glommio calls
+# copy_file_range, which glibc has since 2.27, and io_uring needs Linux 5.8, which no
+# distribution with an older glibc ships. With --aarch64 it also cross-builds for aarch64.
 #
 # Needs: Rust (>= 1.85), Python 3 with venv, a C compiler, git. maturin, ziglang and
 # auditwheel come from PyPI into target/dist-tools; cargo-deb from crates.io.
@@ -69,17 +71,17 @@ sdist=$out/corecast-$version.tar.gz
 [ -f "$sdist" ] || { echo "dist/build.sh: maturin made no $sdist" >&2; exit 1; }
 
 build_wheel() {  # target triple
-    step "wheel for $1 from the sdist (manylinux2014, zig)"
+    step "wheel for $1 from the sdist (manylinux_2_28, zig)"
     local wheels=$CARGO_TARGET_DIR/dist-wheels-$1
     rm -rf "$wheels"
-    MATURIN_PEP517_ARGS="--profile dist --zig --compatibility manylinux2014 --target $1" \
+    MATURIN_PEP517_ARGS="--profile dist --zig --compatibility manylinux_2_28 --target $1" \
         "$tools/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$wheels" "$sdist"
     local wheel
     wheel=$(ls "$wheels"/corecast-"$version"-*.whl)
-    echo "$wheel" | grep -q 'manylinux_2_17' || { echo "dist/build.sh: $wheel is not manylinux_2_17" >&2; exit 1; }
+    echo "$wheel" | grep -q 'manylinux_2_28' || { echo "dist/build.sh: $wheel is not manylinux_2_28" >&2; exit 1; }
     auditwheel show "$wheel" | tee "$wheels/auditwheel.txt" >&2
-    grep -q 'consistent with the following platform tag: "manylinux_2_17_' "$wheels/auditwheel.txt" || {
-        echo "dist/build.sh: auditwheel does not confirm manylinux_2_17 for $wheel" >&2
+    grep -q 'consistent with the following platform tag: "manylinux_2_28_' "$wheels/auditwheel.txt" || {
+        echo "dist/build.sh: auditwheel does not confirm manylinux_2_28 for $wheel" >&2
         exit 1
     }
     cp "$wheel" "$out/"
