@@ -80,7 +80,8 @@ build_wheel() {  # target triple
     wheel=$(ls "$wheels"/corecast-"$version"-*.whl)
     echo "$wheel" | grep -q 'manylinux_2_28' || { echo "dist/build.sh: $wheel is not manylinux_2_28" >&2; exit 1; }
     auditwheel show "$wheel" | tee "$wheels/auditwheel.txt" >&2
-    grep -q 'consistent with the following platform tag: "manylinux_2_28_' "$wheels/auditwheel.txt" || {
+    # auditwheel wraps its lines: join them before looking for the verdict.
+    tr '\n' ' ' <"$wheels/auditwheel.txt" | tr -s ' ' | grep -q 'consistent with the following platform tag: "manylinux_2_28_' || {
         echo "dist/build.sh: auditwheel does not confirm manylinux_2_28 for $wheel" >&2
         exit 1
     }

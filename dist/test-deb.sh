@@ -55,7 +55,8 @@ done
 
 # The installed binary serves as the package's user, with the installed config (on a free
 # port), and drains on SIGTERM with exit 0.
-runuser -u corecast -- /usr/bin/corecast --config "$config" --port 0 2>"$work/serve.log" &
+# setpriv execs corecast as that user (no process in between to take the signal).
+setpriv --reuid=corecast --regid=corecast --clear-groups -- /usr/bin/corecast --config "$config" --port 0 2>"$work/serve.log" &
 server=$!
 for _ in $(seq 100); do
     grep -q 'listening on ' "$work/serve.log" && break

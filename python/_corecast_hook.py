@@ -38,7 +38,7 @@ class _Unavailable:
     def start_tokio_server(self, name, payload):
         raise RuntimeError(
             "the config asks for corecast, but corecast cannot be loaded in this Python "
-            f"({sys.executable}): {self.reason}; reinstall it with `pip install corecast`"
+            f"({sys.executable}): {self.reason}; reinstall corecast in this Python"
         )
 
 
