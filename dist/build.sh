@@ -78,10 +78,12 @@ build_wheel() {  # target triple
         "$tools/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$wheels" "$sdist"
     local wheel
     wheel=$(ls "$wheels"/corecast-"$version"-*.whl)
-    echo "$wheel" | grep -q 'manylinux_2_28' || { echo "dist/build.sh: $wheel is not manylinux_2_28" >&2; exit 1; }
+    case $wheel in *manylinux_2_28*) ;; *) echo "dist/build.sh: $wheel is not manylinux_2_28" >&2; exit 1 ;; esac
     auditwheel show "$wheel" | tee "$wheels/auditwheel.txt" >&2
     # auditwheel wraps its lines: join them before looking for the verdict.
-    tr '\n' ' ' <"$wheels/auditwheel.txt" | tr -s ' ' | grep -q 'consistent with the following platform tag: "manylinux_2_28_' || {
+    local verdict
+    verdict=$(tr -s '\n ' '  ' <"$wheels/auditwheel.txt")
+    [[ $verdict == *'consistent with the following platform tag: "manylinux_2_28_'* ]] || {
         echo "dist/build.sh: auditwheel does not confirm manylinux_2_28 for $wheel" >&2
         exit 1
     }
