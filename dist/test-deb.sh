@@ -14,7 +14,8 @@ set -euo pipefail
 deb=${1:?usage: dist/test-deb.sh PACKAGE.deb}
 fail() { echo "test-deb: FAILED: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || fail "needs root (dpkg -i)"
-if dpkg-query -W -f='${Status}' corecast 2>/dev/null | grep -q 'installed'; then
+status=$(dpkg-query -W -f='${Status}' corecast 2>/dev/null || true)
+if [ "${status##* }" = installed ]; then  # "install ok installed", not "... not-installed"
     fail "a corecast package is already installed here; not touching it"
 fi
 version=$(dpkg-deb -f "$deb" Version)
@@ -48,7 +49,8 @@ for line in 'ExecStart=/usr/bin/corecast --config /etc/corecast/server_config.js
     grep -qx "$line" "$unit" || fail "$unit lacks '$line'"
 done
 ! grep -q '^DynamicUser' "$unit" || fail "$unit still has DynamicUser"
-dpkg-query -W -f='${Conffiles}\n' corecast | grep -q "^ $config " || fail "$config is not a conffile"
+conffiles=$(dpkg-query -W -f='${Conffiles}\n' corecast)
+[[ $conffiles == *" $config "* ]] || fail "$config is not a conffile"
 for doc in README.md LICENSE-MIT LICENSE-APACHE THIRD-PARTY-NOTICES.txt; do
     [ -s "/usr/share/doc/corecast/$doc" ] || fail "/usr/share/doc/corecast/$doc missing"
 done
@@ -74,7 +76,8 @@ server=
 sed -i 's/"port": 8888/"port": 8899/' "$config"
 dpkg -i "$deb"
 grep -q '"port": 8899' "$config" || fail "the reinstall replaced the edited $config"
-/usr/bin/corecast check --config "$config" | grep -q '"port": 8899' || fail "check does not see the edited port"
+/usr/bin/corecast check --config "$config" >"$work/edited.json" || fail "corecast check of the edited $config"
+grep -q '"port": 8899' "$work/edited.json" || fail "check does not see the edited port"
 dpkg -r corecast
 [ ! -e /usr/bin/corecast ] || fail "dpkg -r left /usr/bin/corecast"
 grep -q '"port": 8899' "$config" || fail "dpkg -r removed the edited conffile"
