@@ -41,6 +41,9 @@ ACCEPTED = {
     "MPL-2.0+",
     "CC0-1.0",
     "BSL-1.0",
+    "CDLA-Permissive-2.0",
+    "OpenSSL",
+    "MIT-0",
 }
 
 
