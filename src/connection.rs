@@ -58,7 +58,7 @@ pub async fn serve(
 ) {
     let membership = shard.fanout.join(addr, stream.as_raw_fd());
     let client = membership.client().clone();
-    info!("client connected: {addr} (shard {})", shard.id);
+    info!(peer = %addr, shard = shard.id, "client connected: {addr} (shard {})", shard.id);
     if shard.is_shutting_down() {
         client.request_close(CloseReason::Shutdown);
     }
@@ -78,7 +78,7 @@ pub async fn serve(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!("panic while handling {addr}: {what}; closing this connection only");
+            tracing::error!(peer = %addr, shard = shard.id, reason = %CloseReason::InternalError, "panic while handling {addr}: {what}; closing this connection only");
             CloseReason::InternalError
         }
     };
@@ -116,7 +116,7 @@ pub async fn serve(
     drop(stream);
     shard.stats.on_close(reason, true);
     drop(admission);
-    info!("client disconnected: {addr} ({reason})");
+    info!(peer = %addr, shard = shard.id, reason = %reason, "client disconnected: {addr} ({reason})");
 }
 
 /// Turns away a connection over `max_connections` with N6

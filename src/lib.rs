@@ -239,7 +239,10 @@ pub fn run(config: Config) -> Result<(), Error> {
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
     let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
-        "starting {shards} shards on {cpus} CPUs{}",
+        shards,
+        cpus,
+        "starting {}{}",
+        counted(shards, "shard", "shards") + " on " + &counted(cpus, "CPU", "CPUs"),
         if shards > cpus {
             " (several shards share a CPU)"
         } else {
@@ -286,7 +289,11 @@ pub fn run(config: Config) -> Result<(), Error> {
             }
         }
     }
-    tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
+    tracing::info!(
+        shards,
+        "listening on {bound} with {} (open-file limit {nofile})",
+        counted(shards, "shard", "shards")
+    );
     if let Some(listener) = admin {
         let at = listener.local_addr().map_err(|e| Error::Admin {
             addr: shared.config.admin_addr.unwrap_or(bound),
@@ -304,6 +311,11 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
     control_loop(&shared, &signals, &events, handles, None, purge_every)
+}
+
+/// `1 shard`, `2 shards`: log lines count in words.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// A drain in progress: when it must be over.

@@ -25,12 +25,12 @@ fn admit(shard: &Rc<Shard>, scratch: &Rc<ReadScratch>, stream: glommio::net::Tcp
     if shard.shared.quarantine.contains(addr, Instant::now()) {
         shard.stats.on_drop(DropReason::Quarantined, 1);
         shard.stats.on_close(CloseReason::Quarantined, false);
-        tracing::debug!("refused quarantined peer {addr}");
+        tracing::debug!(peer = %addr, shard = shard.id, reason = %CloseReason::Quarantined, "refused quarantined peer {addr}");
         return; // dropping the stream closes it
     }
     let Some(slot) = shard.shared.connections.try_take() else {
         shard.stats.on_drop(DropReason::ServerFull, 1);
-        tracing::debug!("refused {addr}: server full");
+        tracing::debug!(peer = %addr, shard = shard.id, reason = %CloseReason::ServerFull, "refused {addr}: server full");
         match shard.refusals.try_take() {
             Some(refusal) => {
                 glommio::spawn_local(connection::refuse_full(shard.clone(), stream, refusal)).detach();
@@ -83,6 +83,9 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 errors_since_log += 1;
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     tracing::warn!(
+                        shard = shard.id,
+                        count = errors_since_log,
+                        error = %e,
                         "accept failed on shard {} ({errors_since_log} times since last report): {e}; backing off {} ms",
                         shard.id,
                         backoff.as_millis()

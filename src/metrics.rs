@@ -437,7 +437,8 @@ impl StatsSnapshot {
         self.dropped[i]
     }
 
-    /// One line with every counter, `key=value` separated by spaces.
+    /// One line with `accepted` and every other counter that is not zero, `key=value`
+    /// separated by spaces (a shard that saw little says little).
     pub fn summary(&self) -> String {
         let mut parts: Vec<String> = self.scalars().iter().map(|(k, v)| format!("{k}={v}")).collect();
         parts.extend(
@@ -456,6 +457,7 @@ impl StatsSnapshot {
                 .iter()
                 .map(|r| format!("dropped.{}={}", r.as_str(), self.dropped(*r))),
         );
+        parts.retain(|p| p.starts_with("accepted=") || !p.ends_with("=0"));
         parts.join(" ")
     }
 }

@@ -202,8 +202,13 @@ impl Cluster {
         } else if self.is_connected() {
             let _ = writeln!(
                 line,
-                "cluster: connected ({} other nodes heard)",
-                get(&self.stats.nodes_heard)
+                "cluster: connected ({} other {} heard)",
+                get(&self.stats.nodes_heard),
+                if get(&self.stats.nodes_heard) == 1 {
+                    "node"
+                } else {
+                    "nodes"
+                }
             );
         } else {
             let since = get(&self.stats.disconnected_at_ms);
