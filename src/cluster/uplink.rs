@@ -611,6 +611,7 @@ async fn receive_loop(cluster: &Cluster, mut subscriber: async_nats::Subscriber,
                 end,
                 count,
             }],
+            first_read: None,
         });
         // In order to every shard; waits while a shard's ring is full (that shard is
         // behind), which leaves messages in NATS's per-client buffer meanwhile.
