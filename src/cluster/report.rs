@@ -139,7 +139,10 @@ impl std::fmt::Debug for ClusterCollector {
 }
 
 /// Envelopes not published, by reason: one metric, `cluster_dropped_envelopes{reason}`.
-const DROPPED: [(&str, fn(&ClusterStats) -> u64); 4] = [
+/// Reads one figure of the uplink's counters.
+type Read = fn(&ClusterStats) -> u64;
+
+const DROPPED: [(&str, Read); 4] = [
     // Not published because the NATS connection was down (local clients got them).
     ("disconnected", |s| get(&s.dropped_disconnected)),
     // Larger than the NATS server's max_payload, never published.
@@ -151,7 +154,7 @@ const DROPPED: [(&str, fn(&ClusterStats) -> u64); 4] = [
 ];
 
 /// Lag gauges, kept in microseconds, exported in seconds.
-const LAGS: [(&str, &str, fn(&ClusterStats) -> u64); 2] = [
+const LAGS: [(&str, &str, Read); 2] = [
     (
         "cluster_lag_seconds",
         "Publish-to-receive age of the last message from another node, in seconds (wall clocks).",
