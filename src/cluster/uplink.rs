@@ -415,7 +415,7 @@ async fn publish_loop(cluster: &Cluster, client: &Client, subject: &Subject, st:
             if !*warned_oversize {
                 *warned_oversize = true;
                 tracing::warn!(
-                    "cluster: {} envelope(s) larger than the NATS max_payload ({} bytes) were not sent to other nodes; raise max_payload in the NATS server config (counted in corecast_cluster_dropped_envelopes_total{reason=\"oversize\"})",
+                    "cluster: {} envelope(s) larger than the NATS max_payload ({} bytes) were not sent to other nodes; raise max_payload in the NATS server config (counted in corecast_cluster_dropped_envelopes_total{{reason=\"oversize\"}})",
                     packer.oversize,
                     *room + HEADER_LEN
                 );
