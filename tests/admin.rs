@@ -580,11 +580,15 @@ fn connections_lists_every_client_with_its_traffic_paged_and_sorted() {
     // Counters are updated just after the socket calls, so a scrape may see them trail
     // what the reader already has by a moment.
     let mut all = page("");
-    wait_until("the sender's bytes and the reader's lines to show", Duration::from_millis(20), || {
-        all = page("");
-        let list = all["connections"].as_array().unwrap().clone();
-        list.iter().any(|c| c["bytes_in"] == batch.len() as u64) && list.iter().any(|c| c["lines_out"] == 25)
-    });
+    wait_until(
+        "the sender's bytes and the reader's lines to show",
+        Duration::from_millis(20),
+        || {
+            all = page("");
+            let list = all["connections"].as_array().unwrap().clone();
+            list.iter().any(|c| c["bytes_in"] == batch.len() as u64) && list.iter().any(|c| c["lines_out"] == 25)
+        },
+    );
     assert_eq!((all["total"].as_u64(), all["offset"].as_u64()), (Some(2), Some(0)));
     assert_eq!(all["sort"], "queued_bytes");
     let by_addr = |addr: std::net::SocketAddr| {
@@ -599,7 +603,11 @@ fn connections_lists_every_client_with_its_traffic_paged_and_sorted() {
     let s = by_addr(sender.local_addr);
     let r = by_addr(reader.local_addr);
     assert_eq!((s["lines_in"].as_u64(), s["lines_out"].as_u64()), (Some(25), Some(0)));
-    assert_eq!((r["lines_in"].as_u64(), r["lines_out"].as_u64()), (Some(0), Some(25)), "{all}");
+    assert_eq!(
+        (r["lines_in"].as_u64(), r["lines_out"].as_u64()),
+        (Some(0), Some(25)),
+        "{all}"
+    );
     assert_eq!(r["bytes_out"], got);
     assert_eq!(
         (s["queued_bytes"].as_u64(), r["queued_bytes"].as_u64()),

@@ -385,6 +385,13 @@ impl Collector for ShardCollector {
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
         let family = encoder.encode_descriptor(
+            "pending_bytes_limit",
+            "max_total_pending_bytes: the process-wide bound on corecast_pending_bytes summed over shards, past which every shard stops reading.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(shared.config.max_total_pending_bytes as u64).encode(family)?;
+        let family = encoder.encode_descriptor(
             "quarantine_entries",
             "Entries in the quarantine table (shared by all shards).",
             None,
