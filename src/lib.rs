@@ -13,7 +13,7 @@
 //! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use), the
 //!   port guard held for the life of the process, and the listening sockets;
 //!   [`preflight`] is what `check` runs too.
-//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`, `/connections`), hyper on its
 //!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
 //!
 //! One shard, from an accepted socket to the writes it causes:
@@ -305,7 +305,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             reason: e.to_string(),
         })?;
         tracing::info!(
-            "admin listening on {at} (/metrics, /healthz, /stats; at most {} connections)",
+            "admin listening on {at} (/metrics, /healthz, /stats, /connections; at most {} connections)",
             limits.max_connections
         );
     }

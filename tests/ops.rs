@@ -197,6 +197,12 @@ fn sigusr1_reopens_the_log_file_after_logrotate_moved_it() {
     });
     std::fs::rename(&path, &moved).unwrap();
     let before = relay.connect();
+    // The file is written by a background thread: the line reaches the moved file (same
+    // inode) a moment after stderr.
+    let before_line = format!("client connected: {}", before.local_addr);
+    wait_until("the moved file to get the line", Duration::from_millis(20), || {
+        std::fs::read_to_string(&moved).is_ok_and(|t| t.contains(&before_line))
+    });
     relay.signal(libc::SIGUSR1);
     relay.log.wait_for("SIGUSR1 received; log file reopened");
     let after = relay.connect();
