@@ -309,7 +309,10 @@ pub fn run(config: Config) -> Result<(), Error> {
             limits.max_connections
         );
     }
-    systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
+    systemd_notify(&format!(
+        "READY=1\nSTATUS=listening on {bound} with {}",
+        counted(shards, "shard", "shards")
+    ));
     control_loop(&shared, &signals, &events, handles, None, purge_every)
 }
 
