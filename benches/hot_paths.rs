@@ -2,7 +2,8 @@
 //! building, the token bucket, the quarantine and allow/deny lookups on accept, fan-out into recipients'
 //! outboxes, one end-to-end fan-out through the real binary over loopback, and the
 //! kernel's own cost of one loopback send by size (the floor under every delivery), and
-//! the CPU a shard spends each time it sleeps until its next tick and wakes.
+//! the CPU a shard spends each time it sleeps until its next tick and wakes, and the
+//! per-batch cost of the relay-delay histogram (two clock reads and one observation).
 //! `cargo bench` runs them all; each reports throughput per byte or element.
 //!
 //! The pure benches drive time with a fake `Instant` stepped forward by hand. The
@@ -27,6 +28,7 @@ use corecast::batch::{BatchBuilder, Ledger, LocalBatch};
 use corecast::client::Client;
 use corecast::config::QuarantineBy;
 use corecast::limiter::{Decision, TokenBucket};
+use corecast::metrics::DelayHistogram;
 use corecast::netlist::NetList;
 use corecast::pacing::Entry;
 use corecast::protocol::{encode_envelope, Framer};
@@ -98,6 +100,22 @@ fn batch_building(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// What `corecast_relay_delay_seconds` costs per batch: the clock read when the batch's
+/// first line is pushed, the one at its first write, and the histogram observation.
+fn relay_delay(c: &mut Criterion) {
+    let histogram = DelayHistogram::default();
+    let mut group = c.benchmark_group("relay_delay");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("per_batch", |b| {
+        b.iter(|| {
+            let first_read = Instant::now();
+            histogram.observe(black_box(first_read).elapsed());
+        })
+    });
+    group.finish();
+    black_box(histogram.snapshot());
 }
 
 /// Checks per timed iteration of the token-bucket benches.
@@ -585,6 +603,7 @@ criterion_group!(
     envelope_encoding,
     line_framing,
     batch_building,
+    relay_delay,
     token_bucket,
     quarantine_lookup,
     netlist_lookup,

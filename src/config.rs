@@ -161,6 +161,12 @@ pub struct LogConfig {
     pub date_format: String,
     /// When set, relayed-message log lines keep only these payload keys.
     pub log_keys: Option<Vec<String>>,
+    /// Size in bytes at which the log file is rotated (Python's `RotatingFileHandler`
+    /// `maxBytes`); 0 never rotates. Default 1,000,000 (Summoner's).
+    pub max_file_size: u64,
+    /// Rotated files kept: `<name>.log.1` (newest) to `<name>.log.<backup_count>`; 0 never
+    /// rotates, as in Python. Default 3 (Summoner's).
+    pub backup_count: u32,
 }
 
 /// What a quarantine entry is keyed by (docs/protocol.md#quarantine).
@@ -298,8 +304,10 @@ impl Config {
                 file: false,
                 file_path: String::new(),
                 json: false,
-                date_format: "%Y-%m-%d %H:%M:%S.%3f".into(),
+                date_format: DEFAULT_DATE_FORMAT.into(),
                 log_keys: None,
+                max_file_size: 1_000_000,
+                backup_count: 3,
             },
             shards: machine.usable_cpus.max(1),
             client_timeout_secs: Some(300),
@@ -348,7 +356,9 @@ fn default_max_connections(hard: u64) -> usize {
 }
 
 /// Keys a Summoner `logger` section may carry that only the Python server uses.
-const PYTHON_ONLY_LOGGER_KEYS: &[&str] = &["console_log_format", "log_format", "max_file_size", "backup_count"];
+const PYTHON_ONLY_LOGGER_KEYS: &[&str] = &["console_log_format", "log_format"];
+/// RFC 3339 in local time with its offset, milliseconds: `2026-12-07T02:33:28.123+00:00`.
+pub const DEFAULT_DATE_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.3f%:z";
 /// Keys of the reference's channel design: accepted, no effect.
 const INERT_HYPER_KEYS: &[&str] = &[
     "connection_buffer_size",
@@ -421,6 +431,10 @@ impl Config {
             string_list(v, path, "an array of strings or null")
         })? {
             self.log.log_keys = keys;
+        }
+        set(&mut self.log.max_file_size, s.int("max_file_size", 0, u64::MAX)?);
+        if let Some(n) = s.int("backup_count", 0, 1000)? {
+            self.log.backup_count = n as u32;
         }
         s.finish(warnings);
         Ok(())
@@ -616,6 +630,8 @@ impl Config {
                 "enable_json_log": self.log.json,
                 "date_format": self.log.date_format,
                 "log_keys": self.log.log_keys,
+                "max_file_size": self.log.max_file_size,
+                "backup_count": self.log.backup_count,
             },
             "hyper_parameters": {
                 "client_timeout_secs": self.client_timeout_secs,
@@ -1072,11 +1088,23 @@ mod tests {
     #[test]
     fn python_only_and_inert_keys_are_accepted_silently() {
         let (_, w) = load(
-            r#"{"version":"rss_3","logger":{"console_log_format":"x","log_format":"y","max_file_size":1,"backup_count":3},
+            r#"{"version":"rss_3","logger":{"console_log_format":"x","log_format":"y"},
                "hyper_parameters":{"connection_buffer_size":256,"command_buffer_size":64,"control_channel_capacity":8,"queue_monitor_capacity":100}}"#,
         )
         .unwrap();
         assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn log_rotation_keys_default_to_summoners_and_are_range_checked() {
+        let (c, _) = load("{}").unwrap();
+        assert_eq!((c.log.max_file_size, c.log.backup_count), (1_000_000, 3));
+        let (c, _) = load(r#"{"logger":{"max_file_size":0,"backup_count":7}}"#).unwrap();
+        assert_eq!((c.log.max_file_size, c.log.backup_count), (0, 7));
+        assert_eq!(c.to_json()["logger"]["backup_count"], 7);
+        assert_eq!(c.to_json()["logger"]["max_file_size"], 0);
+        assert!(load(r#"{"logger":{"max_file_size":-1}}"#).is_err());
+        assert!(load(r#"{"logger":{"backup_count":1001}}"#).is_err());
     }
 
     #[test]

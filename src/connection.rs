@@ -71,6 +71,8 @@ pub async fn serve(
     let membership = shard.fanout.join(addr, Rc::downgrade(&socket));
     let client = membership.client().clone();
     info!(
+        peer = %addr,
+        shard = shard.id,
         "client connected: {addr} (shard {}{})",
         shard.id,
         if socket.is_tls() { ", tls" } else { "" }
@@ -93,7 +95,7 @@ pub async fn serve(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!("panic while handling {addr}: {what}; closing this connection only");
+            tracing::error!(peer = %addr, shard = shard.id, reason = %CloseReason::InternalError, "panic while handling {addr}: {what}; closing this connection only");
             CloseReason::InternalError
         }
     };
@@ -133,7 +135,7 @@ pub async fn serve(
     drop(socket);
     shard.stats.on_close(reason, true);
     drop(admission);
-    info!("client disconnected: {addr} ({reason})");
+    info!(peer = %addr, shard = shard.id, reason = %reason, "client disconnected: {addr} ({reason})");
 }
 
 /// The TLS handshake of a connection on the TLS listener, within one of the shard's

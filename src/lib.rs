@@ -13,7 +13,7 @@
 //! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use), the
 //!   port guard held for the life of the process, and the listening sockets;
 //!   [`preflight`] is what `check` runs too.
-//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`, `/connections`), hyper on its
 //!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
 //!
 //! One shard, from an accepted socket to the writes it causes:
@@ -279,7 +279,10 @@ pub fn run(mut config: Config) -> Result<(), Error> {
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
     let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
-        "starting {shards} shards on {cpus} CPUs{}",
+        shards,
+        cpus,
+        "starting {}{}",
+        counted(shards, "shard", "shards") + " on " + &counted(cpus, "CPU", "CPUs"),
         if shards > cpus {
             " (several shards share a CPU)"
         } else {
@@ -333,7 +336,11 @@ pub fn run(mut config: Config) -> Result<(), Error> {
             }
         }
     }
-    tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
+    tracing::info!(
+        shards,
+        "listening on {bound} with {} (open-file limit {nofile})",
+        counted(shards, "shard", "shards")
+    );
     if let Some(at) = tls_bound {
         // After the line above, which the harness and scripts look for first.
         tracing::info!("listening for TLS on {at}");
@@ -349,11 +356,14 @@ pub fn run(mut config: Config) -> Result<(), Error> {
             reason: e.to_string(),
         })?;
         tracing::info!(
-            "admin listening on {at} (/metrics, /healthz, /stats; at most {} connections)",
+            "admin listening on {at} (/metrics, /healthz, /stats, /connections; at most {} connections)",
             limits.max_connections
         );
     }
-    systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
+    systemd_notify(&format!(
+        "READY=1\nSTATUS=listening on {bound} with {}",
+        counted(shards, "shard", "shards")
+    ));
     control_loop(&shared, &signals, &events, handles, None, purge_every)
 }
 
@@ -403,6 +413,11 @@ fn fewer_shards_warning(config: &Config, plan: &machine::RingPlan) -> Option<Str
 pub fn check_rings(config: &Config) -> Option<String> {
     let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit_after_raise());
     fewer_shards_warning(config, &plan)
+}
+
+/// `1 shard`, `2 shards`: log lines count in words.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// A drain in progress: when it must be over.

@@ -188,6 +188,9 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Ar
                 errors_since_log += 1;
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     tracing::warn!(
+                        shard = shard.id,
+                        count = errors_since_log,
+                        error = %e,
                         "accept failed on shard {} ({errors_since_log} times since last report): {e}; backing off {} ms",
                         shard.id,
                         backoff.as_millis()

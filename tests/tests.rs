@@ -13,6 +13,8 @@ mod backpressure;
 mod cluster;
 /// Config files, flags, `corecast check`, config errors and the log format.
 mod config;
+/// The ops kit in deploy/: the dashboard's and alert rules' series exist in a real scrape.
+mod deploy;
 /// Fan-out: everyone else gets every line in per-sender order; the flush window and reads.
 mod fanout;
 /// Operations: file and JSON logs, `log_keys`, systemd readiness and the shipped unit.

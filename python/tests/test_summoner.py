@@ -34,11 +34,11 @@ LOGGER = {
     "enable_json_log": True,
     "date_format": "%H:%M:%S",
     "log_keys": ["from", "to"],
+    "max_file_size": 1000,
+    "backup_count": 2,
     # Python-only keys of the SDK's logger: accepted, no effect.
     "console_log_format": "%(message)s",
     "log_format": "%(message)s",
-    "max_file_size": 1000,
-    "backup_count": 2,
 }
 HYPER = {
     "client_timeout_secs": 120,
@@ -77,7 +77,7 @@ HYPER = {
     "queue_monitor_capacity": 50,
 }
 #: Keys corecast accepts without applying them, so `corecast check` does not show them.
-INERT_LOGGER = {"console_log_format", "log_format", "max_file_size", "backup_count"}
+INERT_LOGGER = {"console_log_format", "log_format"}
 INERT_HYPER = {"connection_buffer_size", "command_buffer_size", "control_channel_capacity", "queue_monitor_capacity"}
 
 
