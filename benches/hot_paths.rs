@@ -1,8 +1,9 @@
 //! Criterion benches of the relay's hot paths: envelope encoding, line framing, batch
-//! building, the token bucket, the quarantine lookup on accept, fan-out into recipients'
+//! building, the token bucket, the quarantine and allow/deny lookups on accept, fan-out into recipients'
 //! outboxes, one end-to-end fan-out through the real binary over loopback, and the
 //! kernel's own cost of one loopback send by size (the floor under every delivery), and
-//! the CPU a shard spends each time it sleeps until its next tick and wakes.
+//! the CPU a shard spends each time it sleeps until its next tick and wakes, and the
+//! per-batch cost of the relay-delay histogram (two clock reads and one observation).
 //! `cargo bench` runs them all; each reports throughput per byte or element.
 //!
 //! The pure benches drive time with a fake `Instant` stepped forward by hand. The
@@ -27,6 +28,8 @@ use corecast::batch::{BatchBuilder, Ledger, LocalBatch};
 use corecast::client::Client;
 use corecast::config::QuarantineBy;
 use corecast::limiter::{Decision, TokenBucket};
+use corecast::metrics::DelayHistogram;
+use corecast::netlist::NetList;
 use corecast::pacing::Entry;
 use corecast::protocol::{encode_envelope, Framer};
 use corecast::quarantine::Quarantine;
@@ -97,6 +100,22 @@ fn batch_building(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// What `corecast_relay_delay_seconds` costs per batch: the clock read when the batch's
+/// first line is pushed, the one at its first write, and the histogram observation.
+fn relay_delay(c: &mut Criterion) {
+    let histogram = DelayHistogram::default();
+    let mut group = c.benchmark_group("relay_delay");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("per_batch", |b| {
+        b.iter(|| {
+            let first_read = Instant::now();
+            histogram.observe(black_box(first_read).elapsed());
+        })
+    });
+    group.finish();
+    black_box(histogram.snapshot());
 }
 
 /// Checks per timed iteration of the token-bucket benches.
@@ -185,6 +204,36 @@ fn quarantine_lookup(c: &mut Criterion) {
                     .iter()
                     .filter(|&&addr| table.contains(black_box(addr), now))
                     .count() as u32;
+                assert_eq!(found, expected);
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The allow/deny lookup on accept: 10,000 scattered /24 networks (every other /24 of
+/// 10.0.0.0/8, so none merge), probed with addresses inside and between them.
+fn netlist_lookup(c: &mut Criterion) {
+    const ENTRIES: u32 = 10_000;
+    const PROBES: u32 = 1024;
+    let cidrs: Vec<String> = (0..ENTRIES)
+        .map(|i| {
+            let net = peer(10, i * 2 * 256, 0);
+            format!("{}/24", net.ip())
+        })
+        .collect();
+    let list = NetList::parse(cidrs.iter().map(String::as_str)).unwrap();
+    let step = ENTRIES / PROBES;
+    let hits: Vec<_> = (0..PROBES).map(|k| peer(10, k * step * 2 * 256 + 7, 0).ip()).collect();
+    let misses: Vec<_> = (0..PROBES)
+        .map(|k| peer(10, (k * step * 2 + 1) * 256 + 7, 0).ip())
+        .collect();
+    let mut group = c.benchmark_group("netlist_lookup");
+    group.throughput(Throughput::Elements(u64::from(PROBES)));
+    for (name, probes, expected) in [("hit", &hits, PROBES), ("miss", &misses, 0)] {
+        group.bench_function(format!("{name}_in_{ENTRIES}"), |b| {
+            b.iter(|| {
+                let found = probes.iter().filter(|&&ip| list.contains(black_box(ip))).count() as u32;
                 assert_eq!(found, expected);
             })
         });
@@ -554,8 +603,10 @@ criterion_group!(
     envelope_encoding,
     line_framing,
     batch_building,
+    relay_delay,
     token_bucket,
     quarantine_lookup,
+    netlist_lookup,
     fanout_enqueue,
     loopback_fanout,
     loopback_send,

@@ -3,7 +3,11 @@
 //! - `GET /metrics`: every per-shard counter in the Prometheus/OpenMetrics text format
 //!   (encoded by `prometheus-client`), names prefixed `corecast_`, a `shard` label;
 //! - `GET /healthz`: 200 when every shard is running and its heartbeat is fresh, else 503;
-//! - `GET /stats`: the same figures as JSON, per shard and in total.
+//! - `GET /stats`: the same figures as JSON, per shard and in total;
+//! - `GET /connections`: the open connections as JSON, paged and sorted (see
+//!   [`connections`]).
+//!
+//! `/metrics` also carries the standard `process_*` series ([`process`]).
 //!
 //! `HEAD` is served too; other methods get 405, other paths 404, and a request hyper cannot
 //! parse gets its automatic 400 (or 431 for an oversize head), each with an empty body.
@@ -37,6 +41,8 @@ use prometheus_client::registry::Registry;
 
 use crate::shared::Shared;
 
+pub mod connections;
+pub mod process;
 pub mod report;
 use report::{healthz, metrics_text, ShardCollector};
 pub use report::{stats_json, ShardHealth, HEARTBEAT_STALE};
@@ -101,10 +107,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// the endpoint restarts after a backoff on a new runtime, with the same listener (it
 /// stays open meanwhile, so requests wait in its backlog rather than being refused).
 pub fn spawn(listener: TcpListener, shared: Arc<Shared>, limits: Limits) -> io::Result<()> {
-    let mut registry = Registry::with_prefix("corecast");
-    registry.register_collector(Box::new(ShardCollector(shared.clone())));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(process::ProcessCollector));
+    let relay = registry.sub_registry_with_prefix("corecast");
+    relay.register_collector(Box::new(ShardCollector(shared.clone())));
     if let Some(cluster) = &shared.cluster {
-        registry.register_collector(Box::new(crate::cluster::ClusterCollector(cluster.clone())));
+        relay.register_collector(Box::new(crate::cluster::ClusterCollector(cluster.clone())));
     }
     listener.set_nonblocking(true)?;
     // The first runtime and listener are made here, so that a failure is start-up's error.
@@ -296,7 +304,8 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for AppService {
     type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
 
     fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
-        std::future::ready(Ok(route(request.method(), request.uri().path(), &self.0)))
+        let uri = request.uri();
+        std::future::ready(Ok(route(request.method(), uri.path(), uri.query(), &self.0)))
     }
 }
 
@@ -311,7 +320,7 @@ fn response(status: u16, content_type: &'static str, body: String) -> Response<F
 }
 
 /// Picks the response for a request; hyper leaves the body out for `HEAD`.
-fn route(method: &Method, path: &str, app: &App) -> Response<Full<Bytes>> {
+fn route(method: &Method, path: &str, query: Option<&str>, app: &App) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = response(405, TEXT, "only GET and HEAD are served\n".into());
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -328,7 +337,19 @@ fn route(method: &Method, path: &str, app: &App) -> Response<Full<Bytes>> {
             body.push('\n');
             response(200, "application/json", body)
         }
-        _ => response(404, TEXT, "not found; try /metrics, /healthz or /stats\n".into()),
+        "/connections" => match connections::Page::parse(query.unwrap_or("")) {
+            Ok(page) => {
+                let mut body = connections::connections_json(&app.shared, &page).to_string();
+                body.push('\n');
+                response(200, "application/json", body)
+            }
+            Err(e) => response(400, TEXT, format!("{e}\n")),
+        },
+        _ => response(
+            404,
+            TEXT,
+            "not found; try /metrics, /healthz, /stats or /connections\n".into(),
+        ),
     }
 }
 
@@ -363,12 +384,12 @@ mod tests {
             registry: Registry::default(),
             shared,
         };
-        let status = |m: Method, p: &str| route(&m, p, &app).status().as_u16();
+        let status = |m: Method, p: &str| route(&m, p, None, &app).status().as_u16();
         assert_eq!(status(Method::GET, "/stats"), 200);
         assert_eq!(status(Method::HEAD, "/metrics"), 200);
         assert_eq!(status(Method::GET, "/nope"), 404);
         assert_eq!(status(Method::GET, "/healthz/"), 404);
-        let post = route(&Method::POST, "/metrics", &app);
+        let post = route(&Method::POST, "/metrics", None, &app);
         assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(post.headers()[ALLOW], "GET, HEAD");
         // No shard has started: not healthy.

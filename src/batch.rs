@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::protocol::encode_envelope;
 
@@ -28,6 +29,9 @@ pub struct Run {
 pub struct Batch {
     pub data: Vec<u8>,
     pub runs: Vec<Run>,
+    /// When its first line was read, for the relay-delay histogram; `None` for notices,
+    /// copies and batches from other nodes.
+    pub first_read: Option<Instant>,
 }
 
 /// A batch as one shard's recipients share it: one atomic reference per shard, then
@@ -156,6 +160,9 @@ impl BatchBuilder {
     /// Appends one line's envelope, sent by connection `origin` from `remote_addr`.
     pub fn push(&mut self, origin: u64, line: &str, remote_addr: &str) {
         let b = &mut self.batch;
+        if b.runs.is_empty() {
+            b.first_read = Some(Instant::now());
+        }
         if b.data.capacity() == 0 {
             b.data.reserve(self.last_len.min(MAX_BATCH_RESERVE));
         }
@@ -198,6 +205,7 @@ impl Batch {
                 end,
                 count: 0,
             }],
+            first_read: None,
         }
     }
 
@@ -211,6 +219,7 @@ impl Batch {
                 end: data.len(),
                 count,
             }],
+            first_read: None,
         }
     }
 }
@@ -286,6 +295,7 @@ mod tests {
                 end: 11,
                 count: 0,
             }],
+            first_read: None,
         };
         assert_eq!(stretches(&notice, 5), vec![(0, 11, 0)]);
     }

@@ -12,12 +12,13 @@ mod outbox;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use crate::backpressure::{Lag, Policy, Verdict};
 use crate::batch::LocalBatch;
-use crate::metrics::{CloseReason, ShardStats};
+use crate::metrics::{CloseReason, ConnStats, ShardStats};
 use crate::notify::Notify;
 use crate::pacing::{Entry, Scheduled};
 use crate::socket::Socket;
@@ -82,6 +83,9 @@ pub struct Client {
     /// Set by a policy to end the connection; `close_wake` tells the connection task.
     close_request: Cell<Option<CloseReason>>,
     close_wake: Notify,
+    /// Its figures for `/connections`; its shard's `ShardStats::connections` holds the
+    /// other reference while it is open.
+    pub conn: Arc<ConnStats>,
 }
 
 impl Scheduled for Client {
@@ -107,6 +111,8 @@ impl Client {
             reader_wake: Notify::default(),
             close_request: Cell::new(None),
             close_wake: Notify::default(),
+            // The shard id is the top bits of `id`.
+            conn: Arc::new(ConnStats::new(addr, (id >> 48) as usize)),
         }
     }
 
@@ -124,6 +130,7 @@ impl Client {
             };
             outbox.push(segment);
         });
+        self.conn.queued_bytes.set(outbox.bytes() as u64);
     }
 
     /// True when the writer half owns the socket's output: a write is in progress or the
@@ -193,6 +200,7 @@ impl Client {
             let mut left = sent;
             stats.on_write(left);
             self.accepted.set(self.accepted.get() + left as u64);
+            self.conn.bytes_out.add(left as u64);
             while let Some(len) = outbox.front_len() {
                 if len > left {
                     break;
@@ -200,6 +208,7 @@ impl Client {
                 left -= len;
                 let done = outbox.pop().expect("front_len() was Some");
                 stats.on_delivered(done.count() as u64);
+                self.conn.envelopes_out.add(done.count() as u64);
             }
             if left > 0 {
                 let partial = outbox.pop().expect("a partly written segment is queued");
@@ -209,6 +218,7 @@ impl Client {
                 break;
             }
         }
+        self.conn.queued_bytes.set(outbox.bytes() as u64);
         if outbox.is_empty() && outbox.in_flight().is_none() {
             return WriteOutcome::Done;
         }
@@ -238,6 +248,7 @@ impl Client {
     pub fn on_written(&self, n: usize, stats: &ShardStats, now: Instant) -> Written {
         stats.on_write(n);
         self.accepted.set(self.accepted.get() + n as u64);
+        self.conn.bytes_out.add(n as u64);
         if self.stalled.get() {
             self.update_lag(|lag| lag.on_progress(now));
         }
@@ -245,11 +256,14 @@ impl Client {
         let f = outbox.in_flight_mut().expect("a write is in progress");
         f.advance(n);
         if !f.is_done() {
+            self.conn.queued_bytes.set(outbox.bytes() as u64);
             return Written::Partial;
         }
         let count = f.count();
         outbox.take_in_flight();
         stats.on_delivered(count);
+        self.conn.envelopes_out.add(count);
+        self.conn.queued_bytes.set(outbox.bytes() as u64);
         // Caught up only once the socket has taken everything queued, not one job of it.
         if outbox.is_empty() && self.stalled.replace(false) {
             Written::CaughtUp
@@ -273,6 +287,7 @@ impl Client {
 
     pub fn lag_on_caught_up(&self, now: Instant) {
         self.update_lag(|lag| lag.on_caught_up(now));
+        self.conn.set_stage(crate::backpressure::Stage::None);
     }
 
     /// Applies `policy` to this client's standing, as its shard measured it.
@@ -280,6 +295,7 @@ impl Client {
         let mut lag = self.lag.get();
         let verdict = policy.observe(&mut lag, depth, bytes, crowd_behind, now);
         self.lag.set(lag);
+        self.conn.set_stage(verdict.stage);
         verdict
     }
 
@@ -316,6 +332,7 @@ impl Client {
         let lost_in_flight = in_flight.as_ref().map_or(0, InFlight::unwritten_envelopes);
         if let Some(f) = &in_flight {
             stats.on_delivered(f.count() - lost_in_flight);
+            self.conn.envelopes_out.add(f.count() - lost_in_flight);
         }
         outbox.queued_msgs() + lost_in_flight
     }

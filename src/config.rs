@@ -21,6 +21,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use crate::machine::Machine;
+use crate::netlist::NetList;
 
 /// `--version`: the crate version and the commit it was built from (`build.rs`).
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CORECAST_COMMIT"), ")");
@@ -180,7 +181,16 @@ pub struct LogConfig {
     pub date_format: String,
     /// When set, relayed-message log lines keep only these payload keys.
     pub log_keys: Option<Vec<String>>,
+    /// Size in bytes at which the log file is rotated (Python's `RotatingFileHandler`
+    /// `maxBytes`); 0 never rotates.
+    pub max_file_size: u64,
+    /// Rotated files kept: `<name>.log.1` (newest) to `<name>.log.<backup_count>`; 0 never
+    /// rotates, as in Python.
+    pub backup_count: u32,
 }
+
+/// RFC 3339 in local time with its offset, milliseconds: `2026-12-07T02:33:28.123+00:00`.
+pub const DEFAULT_DATE_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.3f%:z";
 
 /// What a quarantine entry is keyed by (docs/protocol.md#quarantine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -244,6 +254,24 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     /// `None` (the default) is a single node, with no uplink thread and no cost.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Every connection to the data listener starts with a PROXY protocol header (v1 or
+    /// v2) naming the client, whose address then stands for the connection everywhere
+    /// (docs/protocol.md#proxy-protocol).
+    pub proxy_protocol: bool,
+    /// Sources allowed to send a PROXY header; with `proxy_protocol` on, a connection from
+    /// anywhere else is closed with no bytes. Must not be empty when `proxy_protocol` is on.
+    pub proxy_trusted: NetList,
+    /// Time from accept to the end of the PROXY header; past it the connection is closed
+    /// with no bytes.
+    pub proxy_header_timeout_ms: u64,
+    /// When set, only clients in these networks are admitted
+    /// (docs/protocol.md#admission-by-network); `None` admits every client not denied.
+    pub allow: Option<NetList>,
+    /// Clients in these networks are closed at accept with no bytes, even when allowed.
+    pub deny: NetList,
+    /// Open connections per client IP before new ones from it get N7; `None` sets no cap
+    /// below `max_connections`.
+    pub max_connections_per_ip: Option<u32>,
     /// `hyper_parameters.tls`: a second listener whose clients speak TLS, in the same
     /// broadcast domain (see `tls`); `None` (the default) listens for plain TCP only.
     pub tls: Option<crate::tls::TlsConfig>,
@@ -396,6 +424,14 @@ impl Config {
             }
         }
         Reloaded { config, applied, kept }
+    }
+}
+
+impl Config {
+    /// Whether the `allow` and `deny` lists admit a client at `ip`: at accept, and again
+    /// for every connected client when a reload changes them.
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        !self.deny.contains(ip) && self.allow.as_ref().is_none_or(|allow| allow.contains(ip))
     }
 }
 
@@ -722,6 +758,64 @@ mod tests {
         );
         assert!(load(r#"{"hyper_parameters":{"quarantine_strikes":2.5}}"#).is_err());
         assert!(load(r#"{"hyper_parameters":{"quarantine_strikes":-1}}"#).is_err());
+    }
+
+    #[test]
+    fn log_rotation_keys_default_to_summoners_and_are_range_checked() {
+        let (c, _) = load("{}").unwrap();
+        assert_eq!((c.log.max_file_size, c.log.backup_count), (1_000_000, 3));
+        let (c, _) = load(r#"{"logger":{"max_file_size":0,"backup_count":7}}"#).unwrap();
+        assert_eq!((c.log.max_file_size, c.log.backup_count), (0, 7));
+        assert_eq!(c.to_json()["logger"]["backup_count"], 7);
+        assert_eq!(c.to_json()["logger"]["max_file_size"], 0);
+        assert!(load(r#"{"logger":{"max_file_size":-1}}"#).is_err());
+        assert!(load(r#"{"logger":{"backup_count":1001}}"#).is_err());
+    }
+
+    #[test]
+    fn admission_keys_load_round_trip_and_name_a_bad_network() {
+        let d = defaults();
+        assert!(!d.proxy_protocol && d.allow.is_none() && d.deny.is_empty());
+        assert_eq!((d.proxy_header_timeout_ms, d.max_connections_per_ip), (3000, None));
+        let (c, w) = load(
+            r#"{"hyper_parameters":{"proxy_protocol":true,"proxy_trusted":["10.0.0.0/8","::1"],
+                "allow":["192.0.2.0/24","2001:db8::/32"],"deny":["192.0.2.9"],"max_connections_per_ip":4,
+                "proxy_header_timeout_ms":500}}"#,
+        )
+        .unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert!(c.proxy_protocol && c.proxy_trusted.contains("::1".parse().unwrap()));
+        assert!(c.allow.as_ref().unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert!(c.deny.contains("192.0.2.9".parse().unwrap()));
+        assert_eq!((c.max_connections_per_ip, c.proxy_header_timeout_ms), (Some(4), 500));
+        let (again, _) = load(&c.to_json().to_string()).unwrap();
+        assert_eq!(again, c);
+        let e = load(r#"{"hyper_parameters":{"deny":["10.0.0.0/8","10.0.0.1/8"]}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hyper_parameters.deny[1]: expected a network in CIDR notation (a.b.c.d/n or x:y::z/n), \
+             found \"10.0.0.1/8\" has host bits set (the network is 10.0.0.0/8)"
+        );
+        let e = load(r#"{"hyper_parameters":{"allow":"10.0.0.0/8"}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.allow: expected an array of networks"),
+            "{e}"
+        );
+        let e = load(r#"{"hyper_parameters":{"allow":[]}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.allow: expected a non-empty array"),
+            "{e}"
+        );
+        let e = load(r#"{"hyper_parameters":{"proxy_protocol":true}}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hyper_parameters.proxy_trusted: expected at least one network"),
+            "{e}"
+        );
+        assert!(load(r#"{"hyper_parameters":{"max_connections_per_ip":0}}"#).is_err());
+        assert!(load(r#"{"hyper_parameters":{"proxy_header_timeout_ms":0}}"#).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! One client connection's task: [`serve`] runs its reader half (`connection/reader.rs`)
 //! and writer half (`connection/writer.rs`) until one ends or a close is requested, then
 //! the close path: final flush at shutdown, closing notice, lingering close, counters, log
-//! line. [`refuse_full`] turns away a client over `max_connections`.
+//! line. [`refuse`] turns away a client over `max_connections` or `max_connections_per_ip`.
 //!
 //! A connection from the TLS listener first completes its handshake ([`handshake`]),
 //! bounded in time and in number per shard; after that nothing here differs from plain
@@ -25,6 +25,7 @@ use glommio::net::TcpStream;
 use tracing::info;
 
 use crate::fanout::undelivered_reason;
+use crate::host_limit::HostSlot;
 use crate::metrics::CloseReason;
 use crate::protocol;
 use crate::shard::{Shard, Slot};
@@ -39,9 +40,11 @@ use writer::{flush_outbox, write_half, write_in_flight};
 const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What an admitted connection holds until its task ends: its place among
-/// `max_connections`, and the pass its shard's drain waits for.
+/// `max_connections` and among its host's `max_connections_per_ip` (when set), and the
+/// pass its shard's drain waits for.
 pub struct Admission {
     pub slot: ConnectionSlot,
+    pub host: Option<HostSlot>,
     pub pass: ConnectionPass,
 }
 
@@ -68,6 +71,8 @@ pub async fn serve(
     let membership = shard.fanout.join(addr, Rc::downgrade(&socket));
     let client = membership.client().clone();
     info!(
+        peer = %addr,
+        shard = shard.id,
         "client connected: {addr} (shard {}{})",
         shard.id,
         if socket.is_tls() { ", tls" } else { "" }
@@ -90,7 +95,7 @@ pub async fn serve(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!("panic while handling {addr}: {what}; closing this connection only");
+            tracing::error!(peer = %addr, shard = shard.id, reason = %CloseReason::InternalError, "panic while handling {addr}: {what}; closing this connection only");
             CloseReason::InternalError
         }
     };
@@ -130,7 +135,7 @@ pub async fn serve(
     drop(socket);
     shard.stats.on_close(reason, true);
     drop(admission);
-    info!("client disconnected: {addr} ({reason})");
+    info!(peer = %addr, shard = shard.id, reason = %reason, "client disconnected: {addr} ({reason})");
 }
 
 /// The TLS handshake of a connection on the TLS listener, within one of the shard's
@@ -193,13 +198,14 @@ async fn handshake(
     }
 }
 
-/// Turns away a connection over `max_connections` with N6
-/// (docs/protocol.md#admission-and-accept-errors); `slot` is given back when this returns.
-pub async fn refuse_full(shard: Rc<Shard>, stream: TcpStream, slot: Slot) {
-    if let Some(text) = notice(CloseReason::ServerFull, 0) {
+/// Turns away a connection over `max_connections` with N6 or over
+/// `max_connections_per_ip` with N7 (docs/protocol.md#admission-and-accept-errors), as
+/// `reason` says; `slot` is given back when this returns.
+pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, reason: CloseReason, slot: Slot) {
+    if let Some(text) = notice(reason, 0) {
         Socket::plain(stream).farewell(&text).await;
     }
-    shard.stats.on_close(CloseReason::ServerFull, false);
+    shard.stats.on_close(reason, false);
     drop(slot);
 }
 
@@ -211,6 +217,7 @@ fn notice(reason: CloseReason, max_line_bytes: usize) -> Option<String> {
         CloseReason::IdleTimeout => protocol::NOTICE_IDLE.to_string(),
         CloseReason::Shutdown => protocol::NOTICE_SHUTDOWN.to_string(),
         CloseReason::ServerFull => protocol::NOTICE_SERVER_FULL.to_string(),
+        CloseReason::HostFull => protocol::NOTICE_HOST_FULL.to_string(),
         _ => return None,
     })
 }

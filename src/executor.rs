@@ -311,12 +311,24 @@ async fn shard_main(
     .await;
     if !complete {
         tracing::warn!(
+            shard = id,
+            count = fanout.open_clients(),
             "shard {id}: shutdown grace of {} ms ran out with {} connections open; closing them",
             grace.as_millis(),
             fanout.open_clients()
         );
     }
-    tracing::info!("shard {id} stopped: {}", shard.stats.summary());
+    let s = shard.stats.snapshot();
+    tracing::info!(
+        shard = id,
+        accepted = s.accepted,
+        lines_in = s.lines_in,
+        envelopes_out = s.envelopes_out,
+        bytes_in = s.bytes_in,
+        bytes_out = s.bytes_out,
+        "shard {id} stopped: {}",
+        s.summary()
+    );
     drop(guard);
 }
 
@@ -372,6 +384,8 @@ async fn summary_loop(shard: Rc<Shard>) {
             let now = counter.get();
             if now > *last {
                 tracing::warn!(
+                    shard = shard.id,
+                    count = now - *last,
                     "shard {}: {} {what} in the last {} s",
                     shard.id,
                     now - *last,

@@ -70,7 +70,15 @@ pub struct Fanout {
     /// The reloadable limits this shard obeys (shared with `stalls`); the heartbeat
     /// refreshes them after a SIGHUP reload.
     tunables: Rc<LocalTunables>,
+    /// When the first line was read of each batch queued here since the last socket
+    /// write of the flush task; the next write observes their relay delay. Bounded by
+    /// [`MAX_AWAITING_WRITE`] (past it the oldest are not measured).
+    awaiting_write: RefCell<Vec<Instant>>,
 }
+
+/// Batches whose delay waits for the next write, at most (a shard whose every recipient
+/// is stalled writes only from writer halves, which do not observe).
+const MAX_AWAITING_WRITE: usize = 256;
 
 impl Fanout {
     pub fn new(shard_id: usize, shared: Arc<Shared>, stats: Arc<ShardStats>, drain: Rc<Drain>) -> Self {
@@ -93,6 +101,7 @@ impl Fanout {
             flush_wanted: Notify::default(),
             schedule: Schedule::new(window, Instant::now()),
             reads: Reads::new(shard_id),
+            awaiting_write: RefCell::default(),
         }
     }
 
@@ -107,9 +116,22 @@ impl Fanout {
     }
 
     /// Copies the running config and its reloadable limits after a reload (the heartbeat
-    /// calls this); true when there was one.
+    /// calls this); true when there was one. When the reload changed the `allow` or `deny`
+    /// lists, closes the clients they no longer admit (`denied`); nobody else is touched.
     pub fn refresh_tunables(&self) -> bool {
-        self.tunables.refresh().is_some()
+        let Some(before) = self.tunables.refresh() else {
+            return false;
+        };
+        let now = self.tunables.config();
+        if before.allow != now.allow || before.deny != now.deny {
+            for client in self.clients.borrow().values() {
+                if !client.is_closing() && !now.admits(client.addr.ip()) {
+                    tracing::info!("closing {}: the reloaded allow/deny lists refuse it", client.addr);
+                    client.request_close(CloseReason::Denied);
+                }
+            }
+        }
+        true
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.
@@ -119,6 +141,7 @@ impl Fanout {
         let id = ((self.shard_id as u64) << 48) | n;
         let client = Rc::new(Client::new(id, addr, socket, self.schedule.join()));
         self.clients.borrow_mut().insert(id, client.clone());
+        self.stats.add_connection(id, client.conn.clone());
         self.stats.on_open();
         Membership {
             fanout: self.clone(),
@@ -128,6 +151,7 @@ impl Fanout {
 
     fn leave(&self, client: &Client) {
         self.clients.borrow_mut().remove(&client.id);
+        self.stats.remove_connection(client.id);
         self.reads.leave_ready_set(client);
         self.schedule.leave(client.entry());
         self.stalls.forget(client);
@@ -148,6 +172,7 @@ impl Fanout {
     /// Accepts one line from `client` for relaying to everyone else.
     pub fn relay(&self, client: &Client, line: &str) {
         self.stats.on_line();
+        client.conn.lines_in.add(1);
         if tracing::enabled!(target: crate::log::RELAY_TARGET, tracing::Level::DEBUG) {
             crate::log::relayed(&client.remote_addr, line, self.shared.config.log.log_keys.as_deref());
         }
@@ -188,8 +213,10 @@ impl Fanout {
     /// Queues `batch` for every client on this shard except each envelope's sender, and
     /// applies the slow-consumer policy to recipients that are stalled.
     pub fn deliver(&self, batch: Arc<Batch>) {
+        let first_read = batch.first_read;
         let batch = self.ledger.pin(batch);
         let mut now = None;
+        let mut queued = false;
         for client in self.clients.borrow().values() {
             // Closing clients take no more, except for shutdown, which flushes them within
             // the usual per-connection byte bound; what a shutdown flush has no room for is
@@ -210,11 +237,31 @@ impl Fanout {
                 continue;
             }
             client.enqueue(&batch);
+            queued = true;
             if client.is_stalled() {
                 self.stalls
                     .on_more_queued(client, *now.get_or_insert_with(Instant::now));
             }
             self.schedule(client);
+        }
+        if let (Some(t), true) = (first_read, queued) {
+            let mut awaiting = self.awaiting_write.borrow_mut();
+            if awaiting.len() < MAX_AWAITING_WRITE {
+                awaiting.push(t);
+            }
+        }
+    }
+
+    /// The flush task wrote to a socket: every batch queued since the last such write has
+    /// now reached its first one (docs/protocol.md#observability, `relay_delay`).
+    fn on_first_write(&self) {
+        let mut awaiting = self.awaiting_write.borrow_mut();
+        if awaiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for t in awaiting.drain(..) {
+            self.stats.relay_delay.observe(now.saturating_duration_since(t));
         }
     }
 
@@ -244,8 +291,11 @@ impl Fanout {
             }
             self.schedule.on_written(client.entry());
             match client.write_now(&self.stats) {
-                WriteOutcome::Done => {}
-                WriteOutcome::Stalled => self.stalls.on_stall(client),
+                WriteOutcome::Done => self.on_first_write(),
+                WriteOutcome::Stalled => {
+                    self.on_first_write();
+                    self.stalls.on_stall(client);
+                }
                 WriteOutcome::Failed => client.request_close(CloseReason::WriteError),
             }
         }

@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "quarantine",
     "metrics",
     "backpressure",
+    "host_limit",
     "log",
     "notify",
     "config",
@@ -29,6 +30,8 @@ const LAYERS: &[&str] = &[
     "batch",
     "mesh",
     "protocol",
+    "proxy_protocol",
+    "netlist",
     "machine",
     "supervisor",
 ];

@@ -13,12 +13,13 @@
 //! - [`startup`]: checks run before anything starts (io_uring, memlock, port in use), the
 //!   port guard held for the life of the process, and the listening sockets;
 //!   [`preflight`] is what `check` runs too.
-//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`), hyper on its
+//! - [`admin`]: the optional HTTP endpoint (`/metrics`, `/healthz`, `/stats`, `/connections`), hyper on its
 //!   own thread. [`sd_notify`]: systemd readiness (`READY=1`, `STOPPING=1`).
 //!
 //! One shard, from an accepted socket to the writes it causes:
-//! - [`listener`]: the accept loop and admission (quarantine, connection slots and refusal
-//!   slots, both RAII guards).
+//! - [`listener`]: the accept loop and admission (allow/deny lists, quarantine, connection
+//!   slots, per-host slots and refusal slots, all RAII guards); with the PROXY protocol on,
+//!   `listener/proxy_header.rs` reads each connection's header first.
 //! - [`connection`]: one client's task: `connection/reader.rs` (framing, rate limit, sender
 //!   pauses), `connection/writer.rs` (drains a stalled outbox), the close path and notices.
 //! - [`shard`]: the per-shard context those tasks share: its fan-out, its drain, its
@@ -41,7 +42,8 @@
 //! - [`socket`]: the one owner of a client's stream and descriptor, plain TCP or TLS
 //!   (rustls): every read, write, farewell and epoll registration goes through it.
 //! - [`limiter`], [`quarantine`], [`metrics`], [`backpressure`]: the policies (clock passed
-//!   in) and the per-shard counters with the close-reason and drop-reason enums.
+//!   in) and the per-shard counters with the close-reason and drop-reason enums;
+//!   [`host_limit`]: the process-wide count of connections per client IP.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
 //! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`],
@@ -60,6 +62,8 @@
 //! - [`protocol`]: line framing and envelope encoding (no I/O).
 //! - [`supervisor`]: restarts the admin and uplink threads after a panic, with backoff,
 //!   and counts it.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header decoder (no I/O); [`netlist`]:
+//!   sets of CIDR networks for `allow`, `deny` and `proxy_trusted`.
 //! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
 //!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
 //!   [`executor`] read them too.
@@ -93,15 +97,18 @@ pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod fanout;
+pub mod host_limit;
 pub mod limiter;
 pub mod listener;
 pub mod log;
 pub mod machine;
 pub mod mesh;
 pub mod metrics;
+pub mod netlist;
 pub mod notify;
 pub mod pacing;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod quarantine;
 pub mod ready_set;
 pub mod sd_notify;
@@ -298,7 +305,10 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
     let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
-        "starting {shards} shards on {cpus} CPUs{}",
+        shards,
+        cpus,
+        "starting {}{}",
+        counted(shards, "shard", "shards") + " on " + &counted(cpus, "CPU", "CPUs"),
         if shards > cpus {
             " (several shards share a CPU)"
         } else {
@@ -356,7 +366,11 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
             }
         }
     }
-    tracing::info!("listening on {bound} with {shards} shards (open-file limit {nofile})");
+    tracing::info!(
+        shards,
+        "listening on {bound} with {} (open-file limit {nofile})",
+        counted(shards, "shard", "shards")
+    );
     if let Some(at) = tls_bound {
         // After the line above, which the harness and scripts look for first.
         tracing::info!("listening for TLS on {at}");
@@ -372,11 +386,14 @@ pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Er
             reason: e.to_string(),
         })?;
         tracing::info!(
-            "admin listening on {at} (/metrics, /healthz, /stats; at most {} connections)",
+            "admin listening on {at} (/metrics, /healthz, /stats, /connections; at most {} connections)",
             limits.max_connections
         );
     }
-    systemd_notify(&format!("READY=1\nSTATUS=listening on {bound} with {shards} shards"));
+    systemd_notify(&format!(
+        "READY=1\nSTATUS=listening on {bound} with {}",
+        counted(shards, "shard", "shards")
+    ));
     control_loop(&shared, &signals, &events, handles, None, purge_every, reloader)
 }
 
@@ -393,11 +410,10 @@ impl Reloader {
     /// is invalid. Keys that need a restart keep their running values and are named in the
     /// log.
     fn reload(&mut self, shared: &Shared) {
-        use std::sync::atomic::Ordering;
         let (new, warnings) = match (self.source)() {
             Ok(loaded) => loaded,
             Err(e) => {
-                shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
+                metrics::CONFIG_RELOADS.on_reload(false);
                 tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
                 return;
             }
@@ -413,7 +429,7 @@ impl Reloader {
             Some(tls) => match tls::server_config(tls, "hyper_parameters.tls") {
                 Ok(server) => Some(server),
                 Err(e) => {
-                    shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
+                    metrics::CONFIG_RELOADS.on_reload(false);
                     tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
                     return;
                 }
@@ -428,6 +444,7 @@ impl Reloader {
         }
         log::set_level(outcome.config.log.level);
         shared.reload(outcome.config);
+        metrics::CONFIG_RELOADS.on_reload(true);
         if outcome.applied.is_empty() {
             tracing::info!("SIGHUP: config reloaded; no key that applies live changed");
         } else {
@@ -482,6 +499,11 @@ fn fewer_shards_warning(config: &Config, plan: &machine::RingPlan) -> Option<Str
 pub fn check_rings(config: &Config) -> Option<String> {
     let plan = machine::plan_rings(config.shards, machine::charged_memlock_limit_after_raise());
     fewer_shards_warning(config, &plan)
+}
+
+/// `1 shard`, `2 shards`: log lines count in words.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// A drain in progress: when it must be over.

@@ -1,21 +1,29 @@
-//! Logging (docs/protocol.md#configuration `logger.*`, #command-line): tracing events
-//! written in the Summoner form `<date> - <name> - <LEVEL> - <message>` with Python's level
-//! names (WARNING), or with `enable_json_log` as one JSON object per line (`timestamp`,
-//! `level`, `name`, `message`, then the event's structured fields), to stderr
-//! (`enable_console_log`) and/or appended to `<log_file_path>/<name>.log`
-//! (`enable_file_log`). glommio logs through the `log` crate; `tracing-log` forwards those
-//! records here too.
+//! Logging (docs/protocol.md#configuration `logger.*`, #logs): tracing events written in
+//! the Summoner form `<date> - <name> - <LEVEL> - <message>` with Python's level names
+//! (WARNING), or with `enable_json_log` as one JSON object per line (`timestamp` in RFC
+//! 3339 with its offset, `level`, `name`, `message`, then the event's structured fields:
+//! `peer`, `shard`, `reason`, `rule`, counts), to stderr (`enable_console_log`) and/or
+//! appended to `<log_file_path>/<name>.log` (`enable_file_log`), which [`rotate`] rotates
+//! by size (`max_file_size`, `backup_count`) and reopens on SIGUSR1.
+//!
+//! corecast's own events say everything in their message and carry the same data as
+//! fields, so a text line is the message alone and a JSON line has both. Events of other
+//! crates (async-nats through `tracing`, glommio through the `log` crate, which
+//! `tracing-log` forwards here) are written in the same form, their message prefixed with
+//! the crate's name and followed by their fields as `key=value`.
 //!
 //! `main` calls [`init`] once, before any shard starts. The file is written by a
 //! `tracing-appender` worker thread, so shard threads never wait on the disk; its queue
 //! is bounded (lines past it are dropped, not buffered without limit) and the returned
 //! [`LogGuard`] flushes it when `main` returns. Relayed messages are logged by
-//! [`relayed`], at DEBUG only, with `log_keys` applied by [`prune_payload`].
+//! [`relayed`], at DEBUG only, with `log_keys` applied by [`prune_payload`]. A config
+//! reload changes the level with [`set_level`].
 
 use std::borrow::Cow;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 use tracing::field::{Field, Visit};
@@ -25,9 +33,19 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Registry;
 
 use crate::config::{LogConfig, LogLevel};
+
+pub mod rotate;
+use rotate::LogFile;
+
+/// The installed subscriber's level, which [`set_level`] changes.
+static LEVEL: OnceLock<reload::Handle<LevelFilter, Registry>> = OnceLock::new();
+/// The log file [`init`] opened, which SIGUSR1 (or [`reopen_file`]) reopens.
+static FILE: OnceLock<LogFile> = OnceLock::new();
 
 /// The target of the one-line-per-relayed-message DEBUG events.
 pub const RELAY_TARGET: &str = "corecast::relay";
@@ -45,13 +63,31 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let now = chrono::Local::now().format(&self.date_format).to_string();
         let level = level_name(*event.metadata().level());
-        if self.json {
-            return writer.write_str(&json_line(&now, level, &self.name, event));
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let target = fields.log_target.clone();
+        let target = target.as_deref().unwrap_or(event.metadata().target());
+        // Another crate's event: its name opens the message.
+        let krate = (!target.starts_with("corecast")).then(|| target.split("::").next().unwrap_or(target));
+        if let Some(krate) = krate {
+            fields.message = format!("{krate}: {}", fields.message);
         }
+        if self.json {
+            let now = chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
+            return writer.write_str(&json_line(&now, level, &self.name, fields));
+        }
+        let now = chrono::Local::now().format(&self.date_format).to_string();
         write!(writer, "{now} - {} - {level} - ", self.name)?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        if krate.is_some() || target == RELAY_TARGET {
+            // Their fields are not in their message: written after it, as tracing does.
+            if let Some(krate) = krate {
+                write!(writer, "{krate}: ")?;
+            }
+            ctx.field_format().format_fields(writer.by_ref(), event)?;
+        } else {
+            writer.write_str(&fields.message)?;
+        }
         writeln!(writer)
     }
 }
@@ -61,6 +97,8 @@ where
 struct JsonFields {
     message: String,
     fields: Vec<(&'static str, Value)>,
+    /// The `log` crate's target of a record forwarded by `tracing-log`.
+    log_target: Option<String>,
 }
 
 impl JsonFields {
@@ -70,6 +108,11 @@ impl JsonFields {
                 self.message = match value {
                     Value::String(s) => s,
                     other => other.to_string(),
+                }
+            }
+            "log.target" => {
+                if let Value::String(target) = value {
+                    self.log_target = Some(target);
                 }
             }
             // tracing-log's copies of a `log` record's metadata, as the text format skips them.
@@ -103,9 +146,7 @@ impl Visit for JsonFields {
 
 /// One JSON object on one line: `timestamp`, `level`, `name`, `message`, then the fields
 /// in the order the event gave them (a field named like one of the four gets `field_`).
-fn json_line(timestamp: &str, level: &str, name: &str, event: &Event<'_>) -> String {
-    let mut fields = JsonFields::default();
-    event.record(&mut fields);
+fn json_line(timestamp: &str, level: &str, name: &str, fields: JsonFields) -> String {
     let mut out = String::with_capacity(128 + fields.message.len());
     let mut push = |key: &str, value: &Value| {
         out.push(if out.is_empty() { '{' } else { ',' });
@@ -149,30 +190,14 @@ fn filter(level: LogLevel) -> LevelFilter {
     }
 }
 
-/// The handle [`set_level`] changes the level through; set by [`init`], `None` when no
-/// sink is on (the level stays OFF).
-static LEVEL: std::sync::OnceLock<Option<LevelHandle>> = std::sync::OnceLock::new();
-
-type LevelHandle = tracing_subscriber::reload::Handle<LevelFilter, tracing_subscriber::Registry>;
-
-/// Sets the level of the installed subscriber (a SIGHUP reload of `logger.log_level`):
-/// events from then on are filtered at `level`. Without [`init`], or without any sink,
-/// it does nothing.
-pub fn set_level(level: LogLevel) {
-    if let Some(Some(handle)) = LEVEL.get() {
-        // Fails only if the subscriber is gone, when there is nothing left to filter.
-        let _ = handle.reload(filter(level));
-    }
-}
-
 /// The subscriber for `config`: a console sink and a file sink, each optional, and the
-/// handle its level can be changed through.
+/// handle that changes its level.
 fn subscriber<C, F>(
     config: &LogConfig,
     name: &str,
     console: Option<C>,
     file: Option<F>,
-) -> (impl Subscriber + Send + Sync, Option<LevelHandle>)
+) -> (impl Subscriber + Send + Sync, reload::Handle<LevelFilter, Registry>)
 where
     C: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     F: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -182,18 +207,35 @@ where
         date_format: config.date_format.clone(),
         json: config.json,
     };
-    let has_sink = console.is_some() || file.is_some();
-    let level = if has_sink {
+    let level = if console.is_some() || file.is_some() {
         filter(config.level)
     } else {
         LevelFilter::OFF
     };
-    let (level, handle) = tracing_subscriber::reload::Layer::new(level);
+    let (level, handle) = reload::Layer::new(level);
     let subscriber = tracing_subscriber::registry()
         .with(level)
         .with(console.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())))
         .with(file.map(|w| tracing_subscriber::fmt::layer().with_writer(w).event_format(format())));
-    (subscriber, has_sink.then_some(handle))
+    (subscriber, handle)
+}
+
+/// Changes the level of the subscriber [`init`] installed (a config reload calls this);
+/// events already below the old level are now written or not at once. Does nothing before
+/// [`init`], and keeps `Off` when no sink is enabled.
+pub fn set_level(level: LogLevel) {
+    if let Some(handle) = LEVEL.get() {
+        let _ = handle.modify(|current| {
+            if *current != LevelFilter::OFF || level == LogLevel::Off {
+                *current = filter(level);
+            }
+        });
+    }
+}
+
+/// Reopens the log file (what SIGUSR1 does): `None` without a file log.
+pub fn reopen_file() -> Option<std::io::Result<()>> {
+    FILE.get().map(LogFile::reopen)
 }
 
 /// The log file could not be opened.
@@ -231,12 +273,15 @@ pub fn log_file_path(config: &LogConfig, name: &str) -> PathBuf {
     dir.join(format!("{name}.log"))
 }
 
-/// Installs the global subscriber and forwards `log` records (glommio's) to it. Call once,
-/// before any shard starts. With `enable_file_log`, creates the log directory if needed
-/// and opens the file for appending, or says why it cannot.
+/// Installs the global subscriber and forwards `log` records (glommio's) to it, and has
+/// SIGUSR1 reopen the log file. Call once, before any shard starts. With
+/// `enable_file_log`, creates the log directory if needed and opens the file for
+/// appending, or says why it cannot.
 pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
     let (file, guard) = if config.file {
-        let (writer, guard) = tracing_appender::non_blocking(open_file(config, name)?);
+        let log_file = open_file(config, name)?;
+        let _ = FILE.set(log_file.clone());
+        let (writer, guard) = tracing_appender::non_blocking(log_file);
         (Some(writer), Some(guard))
     } else {
         (None, None)
@@ -246,7 +291,37 @@ pub fn init(config: &LogConfig, name: &str) -> Result<LogGuard, LogFileError> {
     if subscriber.try_init().is_ok() {
         let _ = LEVEL.set(handle);
     }
+    watch_reopen_signal();
     Ok(LogGuard { _worker: guard })
+}
+
+/// A thread that reopens the log file at every SIGUSR1 (logrotate's `postrotate`). Also
+/// installed without a file log, so that the signal never ends the process.
+fn watch_reopen_signal() {
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::warn!("cannot handle SIGUSR1 (log file reopen): {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("corecast-logreopen".into())
+        .spawn(move || {
+            let mut signals = signals;
+            for _ in signals.forever() {
+                match reopen_file() {
+                    Some(Ok(())) => tracing::info!("SIGUSR1 received; log file reopened"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "SIGUSR1 received; cannot reopen the log file ({e}); still writing to the old one")
+                    }
+                    None => tracing::info!("SIGUSR1 received; no log file to reopen"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the SIGUSR1 thread (log file reopen): {e}");
+    }
 }
 
 /// What `corecast check` does for the log: with `enable_file_log`, refuses a path [`init`]
@@ -298,15 +373,12 @@ fn may_create_in(dir: &std::path::Path) -> std::io::Result<()> {
 }
 
 /// Creates the log directory if needed and opens the file for appending.
-fn open_file(config: &LogConfig, name: &str) -> Result<std::fs::File, LogFileError> {
+fn open_file(config: &LogConfig, name: &str) -> Result<LogFile, LogFileError> {
     let path = log_file_path(config, name);
-    path.parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| OpenOptions::new().create(true).append(true).open(&path))
-        .map_err(|e| LogFileError {
-            path: path.clone(),
-            reason: e.to_string(),
-        })
+    LogFile::open(path.clone(), config.max_file_size, config.backup_count).map_err(|e| LogFileError {
+        path,
+        reason: e.to_string(),
+    })
 }
 
 /// Logs one relayed line at DEBUG (the caller checks that DEBUG is enabled first, so the
@@ -349,6 +421,7 @@ pub fn prune_payload<'a>(line: &'a str, log_keys: Option<&[String]>) -> Cow<'a, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Offset;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -379,7 +452,10 @@ mod tests {
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
-        assert!(lines[0].ends_with(" - relay - WARNING - Error: registering buffers in the main ring. Skipping"));
+        assert!(
+            lines[0].ends_with(" - relay - WARNING - glommio: Error: registering buffers in the main ring. Skipping"),
+            "{text}"
+        );
         assert!(lines[1].ends_with(" - relay - INFO - plain tracing event"));
     }
 
@@ -399,24 +475,74 @@ mod tests {
         let _ = tracing_log::LogTracer::init();
         let mut config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
         config.json = true;
+        // Text only: JSON lines always carry RFC 3339.
         config.date_format = "%Y".into();
         let text = capture(&config, || {
             tracing::warn!(peer = "1.2.3.4:5", count = 3u64, ok = true, "slow \"consumer\"");
             log::error!(target: "glommio", "from the log crate");
             relayed("1.2.3.4:5", "hello", None);
         });
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let mut lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2, "DEBUG is below INFO: {text}");
-        let year = chrono::Local::now().format("%Y").to_string();
+        let stamp = lines[0]["timestamp"].take();
+        let stamp = stamp.as_str().unwrap();
+        let parsed = chrono::DateTime::parse_from_rfc3339(stamp).unwrap_or_else(|e| panic!("{stamp}: {e}"));
+        let offset = chrono::Local::now().offset().fix();
+        assert_eq!(*parsed.offset(), offset, "local time with its offset: {stamp}");
+        assert!((chrono::Local::now().fixed_offset() - parsed).num_seconds().abs() < 600);
         assert_eq!(
             lines[0],
-            serde_json::json!({"timestamp": year, "level": "WARNING", "name": "relay",
+            serde_json::json!({"timestamp": null, "level": "WARNING", "name": "relay",
                 "message": "slow \"consumer\"", "peer": "1.2.3.4:5", "count": 3, "ok": true})
         );
         assert!(text.starts_with("{\"timestamp\":"), "field order: {text}");
-        assert_eq!(lines[1]["message"], "from the log crate");
+        assert_eq!(lines[1]["message"], "glommio: from the log crate");
         assert_eq!(lines[1]["level"], "ERROR");
         assert_eq!(lines[1].as_object().unwrap().len(), 4, "no log.* fields: {}", lines[1]);
+    }
+
+    #[test]
+    fn text_lines_of_corecast_say_it_in_the_message_and_other_crates_add_their_fields() {
+        let config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
+        let text = capture(&config, || {
+            tracing::info!(
+                peer = "1.2.3.4:5",
+                shard = 0u64,
+                "client connected: 1.2.3.4:5 (shard 0)"
+            );
+            tracing::info!(target: "async_nats::connector", server = 4222, max_payload = 1024, "connected successfully");
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].ends_with(" - relay - INFO - client connected: 1.2.3.4:5 (shard 0)"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(" - relay - INFO - async_nats: connected successfully server=4222 max_payload=1024"),
+            "{text}"
+        );
+        // The default timestamp is RFC 3339 with the offset.
+        let stamp = lines[0].split(" - ").next().unwrap();
+        assert!(chrono::DateTime::parse_from_rfc3339(stamp).is_ok(), "{stamp}");
+    }
+
+    #[test]
+    fn the_level_handle_changes_what_is_written_at_once() {
+        let config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
+        let out = Captured::default();
+        let writer = out.clone();
+        let (sub, handle) = subscriber(&config, "relay", Some(move || writer.clone()), NO_FILE);
+        tracing::subscriber::with_default(sub, || {
+            tracing::debug!("hidden");
+            handle.modify(|l| *l = filter(LogLevel::Debug)).unwrap();
+            tracing::debug!("shown");
+            handle.modify(|l| *l = filter(LogLevel::Error)).unwrap();
+            tracing::warn!("hidden too");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.ends_with(" - DEBUG - shown\n"), "{text}");
     }
 
     #[test]

@@ -9,10 +9,14 @@
 //! `fetch_add`: the hot path costs what the `Cell`s it replaced cost, and a reader on
 //! another thread sees each counter whole, possibly a few updates behind.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::backpressure::Rule;
+use crate::backpressure::{Rule, Stage};
 
 /// Why a connection ended. Every close has exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,10 +52,26 @@ pub enum CloseReason {
     /// On the TLS listener: `tls.max_handshakes` were in progress on the shard; closed at
     /// once with no bytes.
     TlsBusy,
+    /// The client's address is on the `deny` list or off the `allow` list; no bytes.
+    Denied,
+    /// `max_connections_per_ip` were open from the client's address (N7).
+    HostFull,
+    /// PROXY protocol on, and the connection came from outside `proxy_trusted`; no bytes.
+    ProxyUntrusted,
+    /// The PROXY header broke the specification; no bytes.
+    ProxyMalformed,
+    /// The PROXY header was longer than the protocol or the relay allows; no bytes.
+    ProxyOversize,
+    /// The connection ended before its PROXY header was complete.
+    ProxyTruncated,
+    /// The PROXY header was not complete within `proxy_header_timeout_ms`; no bytes.
+    ProxyTimeout,
+    /// A PROXY header with no client address (LOCAL, a health check): closed with no bytes.
+    ProxyLocal,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::PeerClosed,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -66,6 +86,14 @@ impl CloseReason {
         CloseReason::ResetBeforeServed,
         CloseReason::TlsHandshakeFailed,
         CloseReason::TlsBusy,
+        CloseReason::Denied,
+        CloseReason::HostFull,
+        CloseReason::ProxyUntrusted,
+        CloseReason::ProxyMalformed,
+        CloseReason::ProxyOversize,
+        CloseReason::ProxyTruncated,
+        CloseReason::ProxyTimeout,
+        CloseReason::ProxyLocal,
     ];
 
     /// The label used in logs and metrics.
@@ -85,6 +113,14 @@ impl CloseReason {
             CloseReason::ResetBeforeServed => "reset_before_served",
             CloseReason::TlsHandshakeFailed => "tls_handshake_failed",
             CloseReason::TlsBusy => "tls_busy",
+            CloseReason::Denied => "denied",
+            CloseReason::HostFull => "host_full",
+            CloseReason::ProxyUntrusted => "proxy_untrusted",
+            CloseReason::ProxyMalformed => "proxy_malformed",
+            CloseReason::ProxyOversize => "proxy_oversize",
+            CloseReason::ProxyTruncated => "proxy_truncated",
+            CloseReason::ProxyTimeout => "proxy_timeout",
+            CloseReason::ProxyLocal => "proxy_local",
         }
     }
 }
@@ -214,7 +250,7 @@ pub struct ShardStats {
     /// Times a sender's reads were paused by throttle, flow control or the process-wide
     /// bound on queued bytes.
     pub sender_pauses: Counter,
-    /// Total time of those pauses, in milliseconds.
+    /// Total time of those pauses, in milliseconds (exported in seconds).
     pub sender_pause_ms: Counter,
     /// `slow_consumer` closes, indexed like [`Rule::ALL`].
     pub slow_consumer_by_rule: [Counter; Rule::ALL.len()],
@@ -234,6 +270,12 @@ pub struct ShardStats {
     /// Times the main thread woke this shard's thread because its heartbeat was stale
     /// (glommio parked it with work queued; see `executor::kick`). Written by the main thread.
     pub kicks: Counter,
+    /// The relay's own delay, per batch: from its first line's read to the first socket
+    /// write on this shard after the batch was queued (see `Fanout::on_first_write`).
+    pub relay_delay: DelayHistogram,
+    /// The shard's open connections, for `/connections`: the shard inserts and removes
+    /// (once per connection), the admin thread clones the list at request time.
+    pub connections: Mutex<HashMap<u64, Arc<ConnStats>>>,
 }
 
 /// Every figure of one shard at one moment, for export.
@@ -388,11 +430,127 @@ impl ShardStats {
         }
     }
 
-    /// One line with every counter, `key=value` separated by spaces (logged at shutdown).
-    pub fn summary(&self) -> String {
-        self.snapshot().summary()
+    /// Registers an open connection for `/connections`.
+    pub fn add_connection(&self, id: u64, conn: Arc<ConnStats>) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, conn);
+    }
+
+    pub fn remove_connection(&self, id: u64) {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// The open connections now (the lock is held only to clone the list).
+    pub fn connection_list(&self) -> Vec<Arc<ConnStats>> {
+        let table = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        table.values().cloned().collect()
     }
 }
+
+/// Upper bounds of [`DelayHistogram`]'s buckets, in seconds: 50 µs to 1 s (the flush
+/// window is 1.5 ms by default; a delay past 1 s is counted only in `+Inf`).
+pub const DELAY_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// A latency histogram with one writer (its shard): per-bucket counts (not cumulative;
+/// the last one is `+Inf`) and the sum in nanoseconds. Observing is a bucket search over
+/// 14 bounds and two relaxed stores.
+#[derive(Default)]
+pub struct DelayHistogram {
+    buckets: [Counter; DELAY_BUCKETS.len() + 1],
+    sum_ns: Counter,
+}
+
+impl DelayHistogram {
+    pub fn observe(&self, delay: Duration) {
+        let secs = delay.as_secs_f64();
+        let i = DELAY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DELAY_BUCKETS.len());
+        self.buckets[i].add(1);
+        self.sum_ns.add(delay.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// `(sum in seconds, count, [(upper bound, count in that bucket)])`, `+Inf` last.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let counts: Vec<u64> = self.buckets.iter().map(Counter::get).collect();
+        let bounds = DELAY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(counts.iter().copied()).collect();
+        (self.sum_ns.get() as f64 / 1e9, counts.iter().sum(), buckets)
+    }
+}
+
+/// One connection's figures for `/connections`: written only by its shard (relaxed
+/// stores), read by the admin thread. Shared through an `Arc` held by the `Client` and by
+/// its shard's [`ShardStats::connections`] while it is open.
+pub struct ConnStats {
+    pub addr: SocketAddr,
+    pub shard: usize,
+    /// Unix time of the accept, in milliseconds.
+    pub connected_at_ms: u64,
+    /// Complete lines accepted for relaying.
+    pub lines_in: Counter,
+    pub bytes_in: Counter,
+    /// Envelopes written to its socket.
+    pub envelopes_out: Counter,
+    pub bytes_out: Counter,
+    /// Bytes queued for it and not yet taken by its socket, as of its last enqueue or write.
+    pub queued_bytes: Counter,
+    /// Its backpressure [`Stage`] as of the policy's last look at it.
+    stage: AtomicU8,
+}
+
+impl ConnStats {
+    pub fn new(addr: SocketAddr, shard: usize) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        ConnStats {
+            addr,
+            shard,
+            connected_at_ms: now.as_millis() as u64,
+            lines_in: Counter::default(),
+            bytes_in: Counter::default(),
+            envelopes_out: Counter::default(),
+            bytes_out: Counter::default(),
+            queued_bytes: Counter::default(),
+            stage: AtomicU8::new(Stage::None as u8),
+        }
+    }
+
+    pub fn set_stage(&self, stage: Stage) {
+        self.stage.store(stage as u8, Relaxed);
+    }
+
+    pub fn stage(&self) -> Stage {
+        Stage::from_u8(self.stage.load(Relaxed))
+    }
+}
+
+/// SIGHUP reloads by outcome, for `corecast_config_reloads_total{result}`: written by the
+/// main thread's reload, read by the admin thread.
+#[derive(Default)]
+pub struct ReloadCounts {
+    pub success: AtomicU64,
+    pub failure: AtomicU64,
+}
+
+impl ReloadCounts {
+    pub fn on_reload(&self, ok: bool) {
+        let counter = if ok { &self.success } else { &self.failure };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// The process's reload counts (one config per process).
+pub static CONFIG_RELOADS: ReloadCounts = ReloadCounts {
+    success: AtomicU64::new(0),
+    failure: AtomicU64::new(0),
+};
 
 impl StatsSnapshot {
     /// The plain counters (everything but the per-reason arrays), by name.
@@ -452,7 +610,8 @@ impl StatsSnapshot {
         self.dropped[i]
     }
 
-    /// One line with every counter, `key=value` separated by spaces.
+    /// One line with `accepted` and every other counter that is not zero, `key=value`
+    /// separated by spaces (a shard that saw little says little).
     pub fn summary(&self) -> String {
         let mut parts: Vec<String> = self.scalars().iter().map(|(k, v)| format!("{k}={v}")).collect();
         parts.extend(
@@ -471,6 +630,7 @@ impl StatsSnapshot {
                 .iter()
                 .map(|r| format!("dropped.{}={}", r.as_str(), self.dropped(*r))),
         );
+        parts.retain(|p| p.starts_with("accepted=") || !p.ends_with("=0"));
         parts.join(" ")
     }
 }

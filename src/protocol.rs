@@ -19,6 +19,8 @@ pub const NOTICE_SHUTDOWN: &str = "Warning: Server is shutting down.\n";
 pub const NOTICE_INVALID_UTF8: &str = "Warning: Message is not valid UTF-8. Disconnecting.\n";
 /// N6: `max_connections` reached; the connection is closed after it.
 pub const NOTICE_SERVER_FULL: &str = "Warning: Server is full. Please try again later.\n";
+/// N7: `max_connections_per_ip` reached for the client's address; closed after it.
+pub const NOTICE_HOST_FULL: &str = "Warning: Too many connections from your address. Please try again later.\n";
 
 /// N4: a line over `max_line_bytes`; the connection is closed after it.
 pub fn notice_line_too_long(max_line_bytes: usize) -> String {
@@ -402,6 +404,7 @@ mod tests {
             NOTICE_SHUTDOWN,
             NOTICE_INVALID_UTF8,
             NOTICE_SERVER_FULL,
+            NOTICE_HOST_FULL,
             &notice_line_too_long(10),
         ] {
             assert!(n.starts_with("Warning: ") && n.ends_with('\n'));

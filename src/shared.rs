@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 use crate::backpressure::{Policy, Stage};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::host_limit::HostSlots;
 use crate::metrics::ShardStats;
 use crate::quarantine::Quarantine;
 use crate::shutdown::ShutdownSignal;
@@ -81,9 +82,6 @@ pub struct Shared {
     live: ArcSwap<Config>,
     /// Bumped by every reload, so that a shard's heartbeat copies only after a change.
     generation: AtomicU64,
-    /// SIGHUP reloads that were applied and that were refused (invalid file), for
-    /// `corecast_config_reloads_total{result}`.
-    pub reloads: ReloadCounts,
     /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
     pub quarantine: Quarantine,
     /// A connection whose socket took more bytes than this has read, and its slow-consumer
@@ -103,6 +101,8 @@ pub struct Shared {
     stalled: Box<[AtomicUsize]>,
     /// Open connections in the process, against `max_connections`.
     pub connections: ConnectionSlots,
+    /// Open connections per client IP, against `max_connections_per_ip` (`None` when unset).
+    pub hosts: Option<HostSlots>,
     pub shutdown: ShutdownSignal,
     /// Each shard's counters: written only by that shard, read by the admin thread.
     pub stats: Box<[Arc<ShardStats>]>,
@@ -125,7 +125,6 @@ impl Shared {
         Shared {
             live: ArcSwap::from_pointee(config.clone()),
             generation: AtomicU64::new(0),
-            reloads: ReloadCounts::default(),
             tls_server: arc_swap::ArcSwapOption::empty(),
             quarantine: Quarantine::new(
                 config.quarantine_by,
@@ -140,6 +139,7 @@ impl Shared {
             stalled: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             partial_bytes: (0..config.shards).map(|_| AtomicU64::new(0)).collect(),
             connections: ConnectionSlots::new(config.max_connections),
+            hosts: config.max_connections_per_ip.map(HostSlots::new),
             shutdown: ShutdownSignal::default(),
             stats: (0..config.shards).map(|_| Arc::default()).collect(),
             epoch: Instant::now(),
@@ -167,7 +167,6 @@ impl Shared {
         self.connections.set_max(config.max_connections);
         self.live.store(Arc::new(config));
         self.generation.fetch_add(1, Ordering::Release);
-        self.reloads.success.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Shard `id`'s start-up step as it last reported it.
@@ -246,15 +245,6 @@ impl Shared {
     pub fn over_total_pending(&self, policy: &Policy) -> bool {
         policy.over_total(self.pending_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum())
     }
-}
-
-/// Counts of SIGHUP reloads by outcome.
-#[derive(Default)]
-pub struct ReloadCounts {
-    /// Applied (even when nothing changed).
-    pub success: AtomicU64,
-    /// Refused: the file could not be read or was invalid; the running config stayed.
-    pub failure: AtomicU64,
 }
 
 /// The reloadable values a shard's hot path obeys, copied out of the running config.
@@ -412,7 +402,6 @@ mod tests {
         assert_eq!(local.get().policy.write_deadline, Duration::from_millis(1234));
         assert_eq!(local.config().quarantine_strikes, 1);
         assert!(local.refresh().is_none());
-        assert_eq!(shared.reloads.success.load(Ordering::Relaxed), 1);
     }
 
     #[test]

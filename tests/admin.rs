@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::http::{
-    admin_connection_bound, envelopes_accounted, get, get_json, http_raw, relay_with_admin, scrape, scrape_until, sum,
-    Response, Sample,
+    admin_connection_bound, dropped_metric, envelopes_accounted, get, get_json, http_raw, relay_with_admin, scrape,
+    scrape_until, sum, Response, Sample, DROP_METRICS,
 };
 use crate::util::{corecast, temp_config, wait_until, Client, Relay, PATIENCE};
 
@@ -41,37 +41,44 @@ fn metrics_add_up_after_a_known_workload() {
     let m = scrape_until(admin, "every envelope accounted for", |m| {
         envelopes_accounted(m) >= 2 * lines
     });
-    assert_eq!(sum(&m, "corecast_lines_in_total", &[]), lines);
-    assert_eq!(sum(&m, "corecast_lines_in_total", &[]) * 2, envelopes_accounted(&m));
+    assert_eq!(sum(&m, "corecast_received_lines_total", &[]), lines);
     assert_eq!(
-        sum(&m, "corecast_envelopes_out_total", &[]),
+        sum(&m, "corecast_received_lines_total", &[]) * 2,
+        envelopes_accounted(&m)
+    );
+    assert_eq!(
+        sum(&m, "corecast_sent_envelopes_total", &[]),
         2 * lines,
         "nothing was dropped"
     );
-    assert_eq!(sum(&m, "corecast_dropped_total", &[]), 0);
-    assert_eq!(sum(&m, "corecast_bytes_in_total", &[]), sent_bytes);
-    assert_eq!(sum(&m, "corecast_bytes_out_total", &[]), received_bytes);
+    for dropped in DROP_METRICS {
+        assert_eq!(sum(&m, dropped, &[]), 0, "{dropped}");
+    }
+    assert_eq!(sum(&m, "corecast_received_bytes_total", &[]), sent_bytes);
+    assert_eq!(sum(&m, "corecast_sent_bytes_total", &[]), received_bytes);
     let writes = sum(&m, "corecast_socket_writes_total", &[]);
     assert!((1..=2 * lines).contains(&writes), "{writes} socket writes");
-    assert_eq!(sum(&m, "corecast_accepted_total", &[]), 3);
+    assert_eq!(sum(&m, "corecast_connections_accepted_total", &[]), 3);
     assert_eq!(sum(&m, "corecast_connections", &[]), 3);
-    assert_eq!(sum(&m, "corecast_closed_total", &[]), 0);
+    assert_eq!(sum(&m, "corecast_connections_closed_total", &[]), 0);
     assert_eq!(sum(&m, "corecast_quarantine_entries", &[]), 0);
     for shard in ["0", "1"] {
         assert_eq!(sum(&m, "corecast_shard_up", &[("shard", shard)]), 1);
         assert!(m
             .iter()
-            .any(|s| s.name == "corecast_lines_in_total" && s.labels["shard"] == shard));
+            .any(|s| s.name == "corecast_received_lines_total" && s.labels["shard"] == shard));
     }
     // Every close and drop reason is exported for every shard, even at zero.
     assert_eq!(
-        m.iter().filter(|s| s.name == "corecast_closed_total").count(),
+        m.iter()
+            .filter(|s| s.name == "corecast_connections_closed_total")
+            .count(),
         2 * corecast::metrics::CloseReason::ALL.len()
     );
-    assert_eq!(
-        m.iter().filter(|s| s.name == "corecast_dropped_total").count(),
-        2 * corecast::metrics::DropReason::ALL.len()
-    );
+    // One metric per unit: 3 line reasons, 3 envelope reasons, 2 connection reasons.
+    for (dropped, reasons) in DROP_METRICS.into_iter().zip([3, 3, 2]) {
+        assert_eq!(m.iter().filter(|s| s.name == dropped).count(), 2 * reasons, "{dropped}");
+    }
 
     // /stats carries the same figures, per shard and in total.
     let r = get(admin, "/stats");
@@ -86,27 +93,31 @@ fn metrics_add_up_after_a_known_workload() {
         let on = |name: &str| sum(&m, name, &[("shard", &id)]);
         assert_eq!(s["state"], "running");
         assert_eq!(s["connections"], on("corecast_connections"));
-        for key in [
-            "accepted",
-            "lines_in",
-            "envelopes_out",
-            "bytes_in",
-            "bytes_out",
-            "socket_writes",
-            "reads_at_runs",
+        for (key, metric) in [
+            ("accepted", "corecast_connections_accepted_total"),
+            ("lines_in", "corecast_received_lines_total"),
+            ("envelopes_out", "corecast_sent_envelopes_total"),
+            ("bytes_in", "corecast_received_bytes_total"),
+            ("bytes_out", "corecast_sent_bytes_total"),
+            ("socket_writes", "corecast_socket_writes_total"),
+            ("reads_at_runs", "corecast_reads_at_runs_total"),
         ] {
-            assert_eq!(s[key], on(&format!("corecast_{key}_total")), "shard {id} {key}");
+            assert_eq!(s[key], on(metric), "shard {id} {key}");
         }
         for (reason, n) in s["closed"].as_object().unwrap() {
             assert_eq!(
                 *n,
-                sum(&m, "corecast_closed_total", &[("shard", &id), ("reason", reason)])
+                sum(
+                    &m,
+                    "corecast_connections_closed_total",
+                    &[("shard", &id), ("reason", reason)]
+                )
             );
         }
         for (reason, n) in s["dropped"].as_object().unwrap() {
             assert_eq!(
                 *n,
-                sum(&m, "corecast_dropped_total", &[("shard", &id), ("reason", reason)])
+                sum(&m, &dropped_metric(reason), &[("shard", &id), ("reason", reason)])
             );
         }
     }
@@ -118,7 +129,8 @@ fn metrics_add_up_after_a_known_workload() {
     // A client leaving is a peer_closed close and one connection fewer.
     drop(clients.pop());
     scrape_until(admin, "one peer_closed close", |m| {
-        sum(m, "corecast_closed_total", &[("reason", "peer_closed")]) == 1 && sum(m, "corecast_connections", &[]) == 2
+        sum(m, "corecast_connections_closed_total", &[("reason", "peer_closed")]) == 1
+            && sum(m, "corecast_connections", &[]) == 2
     });
 }
 
@@ -144,12 +156,12 @@ fn drops_and_quarantine_show_on_metrics() {
     let got_by_stuck = rest.iter().filter(|b| **b == b'\n').count() as u64;
 
     let m = scrape_until(admin, "every line relayed and the slow consumer closed", |m| {
-        sum(m, "corecast_lines_in_total", &[]) == N as u64
-            && sum(m, "corecast_closed_total", &[("reason", "slow_consumer")]) == 1
+        sum(m, "corecast_received_lines_total", &[]) == N as u64
+            && sum(m, "corecast_connections_closed_total", &[("reason", "slow_consumer")]) == 1
     });
     // Delivered means the recipient got the whole envelope.
-    assert_eq!(sum(&m, "corecast_envelopes_out_total", &[]), got_by_stuck);
-    let dropped = sum(&m, "corecast_dropped_total", &[("reason", "slow_consumer")]);
+    assert_eq!(sum(&m, "corecast_sent_envelopes_total", &[]), got_by_stuck);
+    let dropped = sum(&m, "corecast_dropped_envelopes_total", &[("reason", "slow_consumer")]);
     assert!(dropped > 0, "undelivered envelopes are counted");
     // Each line had one recipient while the stuck client was connected and none after.
     assert!(envelopes_accounted(&m) <= N as u64, "{} > {N}", envelopes_accounted(&m));
@@ -164,9 +176,9 @@ fn drops_and_quarantine_show_on_metrics() {
     );
     assert!(again.read_to_eof().is_empty());
     scrape_until(admin, "the refused quarantined peer", |m| {
-        sum(m, "corecast_dropped_total", &[("reason", "quarantined")]) == 1
-            && sum(m, "corecast_closed_total", &[("reason", "quarantined")]) == 1
-            && sum(m, "corecast_accepted_total", &[]) == 3
+        sum(m, "corecast_refused_connections_total", &[("reason", "quarantined")]) == 1
+            && sum(m, "corecast_connections_closed_total", &[("reason", "quarantined")]) == 1
+            && sum(m, "corecast_connections_accepted_total", &[]) == 3
     });
 }
 
@@ -506,18 +518,22 @@ fn every_accepted_connection_ends_under_exactly_one_close_reason_through_a_reset
         }
         drop(stream);
     }
-    let closed = |m: &[Sample]| sum(m, "corecast_closed_total", &[]);
+    let closed = |m: &[Sample]| sum(m, "corecast_connections_closed_total", &[]);
     let m = scrape_until(admin, "every churned connection closed and accounted for", |m| {
-        let accepted = sum(m, "corecast_accepted_total", &[]);
+        let accepted = sum(m, "corecast_connections_accepted_total", &[]);
         let open = sum(m, "corecast_connections", &[]);
         accepted == CONNECTS as u64 + 1 && open == 1 && accepted == closed(m) + open
     });
-    let reset_early = sum(&m, "corecast_closed_total", &[("reason", "reset_before_served")]);
+    let reset_early = sum(
+        &m,
+        "corecast_connections_closed_total",
+        &[("reason", "reset_before_served")],
+    );
     eprintln!(
         "churn of {CONNECTS}: {reset_early} reset before served, {} read errors, {} peer closes, {} write errors",
-        sum(&m, "corecast_closed_total", &[("reason", "read_error")]),
-        sum(&m, "corecast_closed_total", &[("reason", "peer_closed")]),
-        sum(&m, "corecast_closed_total", &[("reason", "write_error")])
+        sum(&m, "corecast_connections_closed_total", &[("reason", "read_error")]),
+        sum(&m, "corecast_connections_closed_total", &[("reason", "peer_closed")]),
+        sum(&m, "corecast_connections_closed_total", &[("reason", "write_error")])
     );
     // /stats says the same.
     let stats: Value = serde_json::from_str(&get(admin, "/stats").body).unwrap();
@@ -638,4 +654,182 @@ fn healthz_and_metrics_answer_while_clients_hold_every_descriptor() {
         assert!(fds() >= NOFILE as usize - 1, "{} descriptors", fds());
     }
     drop(clients);
+}
+
+#[test]
+fn connections_lists_every_client_with_its_traffic_paged_and_sorted() {
+    let (relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#,
+        &["--shards", "2"],
+    );
+    let mut sender = relay.connect();
+    let mut reader = relay.connect();
+    let batch: String = (0..25).map(|i| format!("line {i}\n")).collect();
+    sender.send(batch.as_bytes());
+    let got = read_lines(&mut reader, 25);
+    let page = |query: &str| {
+        let r = get(admin, &format!("/connections{query}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.headers["content-type"], "application/json");
+        serde_json::from_str::<Value>(&r.body).unwrap()
+    };
+    // Counters are updated just after the socket calls, so a scrape may see them trail
+    // what the reader already has by a moment.
+    let mut all = page("");
+    wait_until(
+        "the sender's bytes and the reader's lines to show",
+        Duration::from_millis(20),
+        || {
+            all = page("");
+            let list = all["connections"].as_array().unwrap().clone();
+            list.iter().any(|c| c["bytes_in"] == batch.len() as u64) && list.iter().any(|c| c["lines_out"] == 25)
+        },
+    );
+    assert_eq!((all["total"].as_u64(), all["offset"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(all["sort"], "queued_bytes");
+    let by_addr = |addr: std::net::SocketAddr| {
+        all["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["addr"] == addr.to_string())
+            .unwrap_or_else(|| panic!("{addr} not in {all}"))
+            .clone()
+    };
+    let s = by_addr(sender.local_addr);
+    let r = by_addr(reader.local_addr);
+    assert_eq!((s["lines_in"].as_u64(), s["lines_out"].as_u64()), (Some(25), Some(0)));
+    assert_eq!(
+        (r["lines_in"].as_u64(), r["lines_out"].as_u64()),
+        (Some(0), Some(25)),
+        "{all}"
+    );
+    assert_eq!(r["bytes_out"], got);
+    assert_eq!(
+        (s["queued_bytes"].as_u64(), r["queued_bytes"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(s["backpressure_stage"], "none");
+    assert!(s["shard"].as_u64().unwrap() < 2);
+    let since = s["connected_since"].as_str().unwrap();
+    assert!(since.ends_with('Z') && since.len() == 24, "RFC 3339 UTC: {since}");
+
+    // Sorted by what is asked, largest first; pages neither skip nor repeat.
+    let first = page("?sort=lines_in&limit=1");
+    assert_eq!(first["connections"][0]["addr"], sender.local_addr.to_string());
+    assert_eq!(first["connections"].as_array().unwrap().len(), 1);
+    let second = page("?sort=lines_in&limit=1&offset=1");
+    assert_eq!(second["connections"][0]["addr"], reader.local_addr.to_string());
+    assert_eq!(page("?offset=2")["connections"], serde_json::json!([]));
+    for bad in ["?limit=0", "?sort=nope", "?color=red"] {
+        let r = get(admin, &format!("/connections{bad}"));
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    // A connection that closed is gone from the list.
+    drop(sender);
+    wait_until("the sender to leave /connections", Duration::from_millis(20), || {
+        page("")["total"] == 1
+    });
+}
+
+#[test]
+fn connections_sort_the_slow_consumer_first_by_queued_bytes() {
+    let (relay, admin) = relay_with_admin(
+        r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"write_deadline_ms":60000}}"#,
+        &["--shards", "1"],
+    );
+    let mut sender = relay.connect();
+    // Never reads, with a small receive buffer: once the kernel's buffers are full, what
+    // the socket refuses is queued in the relay (up to 32 MiB sent here).
+    let slow = relay.connect_from("127.0.0.1:0".parse().unwrap(), Some(4096));
+    let line = format!("{}\n", "x".repeat(64 << 10));
+    let mut top = Value::Null;
+    for _ in 0..512 {
+        sender.send(line.as_bytes());
+        let r = get(admin, "/connections?limit=1");
+        top = serde_json::from_str::<Value>(&r.body).unwrap()["connections"][0].clone();
+        if top["addr"] == slow.local_addr.to_string() && top["queued_bytes"].as_u64() > Some(64 << 10) {
+            break;
+        }
+    }
+    assert_eq!(top["addr"], slow.local_addr.to_string(), "{top}");
+    assert!(top["queued_bytes"].as_u64() > Some(64 << 10), "{top}");
+}
+
+#[test]
+fn metrics_carry_build_info_process_figures_the_delay_histogram_and_stage_labels() {
+    let (relay, admin) = relay_with_admin(r#"{}"#, &["--shards", "2"]);
+    let mut a = relay.connect();
+    let mut b = relay.connect();
+    a.send(b"one\n");
+    assert_eq!(b.line_str(), a.envelope("one"));
+    let m = scrape_until(admin, "a relay delay observed", |m| {
+        sum(m, "corecast_relay_delay_seconds_count", &[]) >= 1
+    });
+    let one = |name: &str, with: &[(&str, &str)]| {
+        let found: Vec<&Sample> = m
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && with
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {with:?}: {found:?}");
+        found[0].value
+    };
+    let info = m.iter().find(|s| s.name == "corecast_build_info").expect("build_info");
+    assert_eq!(info.labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!info.labels["commit"].is_empty());
+    assert_eq!(info.value, 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = one("process_start_time_seconds", &[]);
+    assert!(start <= now + 1.0 && start > now - 3600.0, "started {start}, now {now}");
+    assert!(one("process_open_fds", &[]) >= 4.0);
+    assert!(one("process_max_fds", &[]) >= one("process_open_fds", &[]));
+    assert!(one("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(one("process_cpu_seconds_total", &[]) >= 0.0);
+    // The histogram: cumulative buckets up to +Inf, which equals the count.
+    for shard in ["0", "1"] {
+        let buckets: Vec<f64> = m
+            .iter()
+            .filter(|s| s.name == "corecast_relay_delay_seconds_bucket" && s.labels["shard"] == shard)
+            .map(|s| s.value)
+            .collect();
+        assert_eq!(buckets.len(), 15, "{buckets:?}");
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+        let count = one("corecast_relay_delay_seconds_count", &[("shard", shard)]);
+        assert_eq!(
+            one(
+                "corecast_relay_delay_seconds_bucket",
+                &[("shard", shard), ("le", "+Inf")]
+            ),
+            count
+        );
+        // At rest every shard's stage is `none`, one series per stage.
+        assert_eq!(
+            one("corecast_backpressure_stage", &[("shard", shard), ("stage", "none")]),
+            1.0
+        );
+        assert_eq!(
+            one(
+                "corecast_backpressure_stage",
+                &[("shard", shard), ("stage", "throttle")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            one(
+                "corecast_backpressure_stage",
+                &[("shard", shard), ("stage", "flow_control")]
+            ),
+            0.0
+        );
+    }
+    assert_eq!(one("corecast_config_reloads_total", &[("result", "failure")]), 0.0);
+    assert_eq!(one("corecast_sender_pause_seconds_total", &[("shard", "0")]), 0.0);
 }

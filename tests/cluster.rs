@@ -166,16 +166,19 @@ impl Node {
         Node { relay, admin }
     }
 
-    /// `corecast_cluster_<name>` from `/metrics`.
+    /// `corecast_cluster_<name>` from `/metrics`; `name` may end in labels
+    /// (`dropped_envelopes{reason="disconnected"}`).
     fn metric(&self, name: &str) -> u64 {
         let (status, body) = http_get(self.admin, "/metrics").expect("scrape /metrics");
         assert_eq!(status, 200);
+        let (base, labels) = name.split_at(name.find('{').unwrap_or(name.len()));
         let full = format!("corecast_cluster_{name}");
+        let counter = format!("corecast_cluster_{base}_total{labels}");
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {
                 let (key, value) = l.split_once(' ')?;
-                (key == full || key == format!("{full}_total")).then(|| value.trim().parse::<f64>().ok())?
+                (key == full || key == counter).then(|| value.trim().parse::<f64>().ok())?
             })
             .unwrap_or_else(|| panic!("no {full} in /metrics:\n{body}")) as u64
     }
@@ -335,9 +338,9 @@ fn three_nodes_relay_every_line_to_every_other_client_byte_exact_and_in_order() 
     for node in &nodes {
         assert_eq!(node.metric("connected"), 1);
         assert_eq!(node.metric("gaps"), 0);
-        assert_eq!(node.metric("stale"), 0);
+        assert_eq!(node.metric("stale_messages"), 0);
         assert_eq!(node.metric("nodes_heard"), 2);
-        assert!(node.metric("envelopes_in") >= 4 * LINES);
+        assert!(node.metric("received_envelopes") >= 4 * LINES);
         let (status, body) = node.healthz();
         assert_eq!(status, 200);
         assert!(body.contains("cluster: connected"), "{body}");
@@ -492,21 +495,21 @@ fn a_node_whose_nats_server_dies_fails_over_and_resumes_within_two_seconds_in_or
     eprintln!("failover: node 2 from node 0: {}", missing(&got2, 0, &times0));
     let total0 = sent0.load(Ordering::Relaxed);
     let total1 = sent1.load(Ordering::Relaxed);
-    let unpublished0 = nodes[0].metric("dropped_disconnected");
+    let unpublished0 = nodes[0].metric(r#"dropped_envelopes{reason="disconnected"}"#);
     assert_eq!(
-        n2 + nodes[2].metric("lines_lost") + unpublished0,
+        n2 + nodes[2].metric("lost_envelopes") + unpublished0,
         total0,
         "node 0's lines at node 2: delivered + lost + unpublished"
     );
     assert_eq!(
-        n0 + nodes[0].metric("lines_lost"),
+        n0 + nodes[0].metric("lost_envelopes"),
         total1,
         "node 1's lines at node 0: delivered + lost"
     );
     eprintln!(
         "failover: node 0 lost {} of node 1's lines, node 2 lost {} and node 0 did not publish {unpublished0} of node 0's {total0}",
-        nodes[0].metric("lines_lost"),
-        nodes[2].metric("lines_lost"),
+        nodes[0].metric("lost_envelopes"),
+        nodes[2].metric("lost_envelopes"),
     );
 }
 
@@ -555,7 +558,7 @@ fn with_every_nats_server_gone_a_node_relays_locally_and_reports_it() {
     let (status, body) = node.healthz();
     assert_eq!(status, 200, "a node without its uplink still serves its own clients");
     assert!(body.contains("cluster: disconnected"), "{body}");
-    assert!(node.metric("dropped_disconnected") >= 50);
+    assert!(node.metric(r#"dropped_envelopes{reason="disconnected"}"#) >= 50);
     assert_eq!(node.metric("connected"), 0);
     let (_, stats) = http_get(node.admin, "/stats").unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();

@@ -119,9 +119,17 @@ fn relayed_messages_are_logged_only_at_debug() {
 }
 
 /// `2026-11-20 23:32:42.727`
+/// The default timestamp: RFC 3339 with milliseconds and the local offset,
+/// `2026-12-07T02:33:28.123+00:00`.
 fn chrono_like(s: &str) -> bool {
     let b = s.as_bytes();
-    b.len() == 23 && b[4] == b'-' && b[10] == b' ' && b[13] == b':' && b[19] == b'.'
+    b.len() == 29
+        && b[4] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[19] == b'.'
+        && matches!(b[23], b'+' | b'-')
+        && b[26] == b':'
 }
 
 /// `corecast <sub> args` run to its end (bounded), as (exit code, last stderr line).

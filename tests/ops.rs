@@ -72,10 +72,13 @@ fn json_logs_go_to_console_and_file_with_the_expected_fields() {
     let dir = test_dir("json");
     let config = format!(
         r#"{{"logger":{{"enable_file_log":true,"log_file_path":"{}","enable_json_log":true,
-            "date_format":"%Y-%m-%dT%H:%M:%S"}}}}"#,
+            "date_format":"%H:%M"}}}}"#,
         dir.display()
     );
-    let mut relay = Relay::with_config(&config, &["--name", "ops-json", "--log-level", "debug"]);
+    let mut relay = Relay::with_config(
+        &config,
+        &["--name", "ops-json", "--log-level", "debug", "--shards", "1"],
+    );
     let mut a = relay.connect();
     let mut b = relay.connect();
     a.send(b"hello \"json\"\n");
@@ -90,10 +93,12 @@ fn json_logs_go_to_console_and_file_with_the_expected_fields() {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{sink} line {l:?} is not JSON: {e}")))
             .collect();
         for l in &lines {
+            // JSON lines carry RFC 3339 with the offset, whatever date_format says.
             let ts = l["timestamp"].as_str().unwrap();
+            let b = ts.as_bytes();
             assert!(
-                ts.len() == 19 && ts.as_bytes()[10] == b'T',
-                "date_format not applied: {ts}"
+                ts.len() == 29 && b[10] == b'T' && b[19] == b'.' && matches!(b[23], b'+' | b'-') && b[26] == b':',
+                "not RFC 3339 with milliseconds and offset: {ts}"
             );
             assert!(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"].contains(&l["level"].as_str().unwrap()));
             assert_eq!(l["name"], "ops-json");
@@ -110,8 +115,112 @@ fn json_logs_go_to_console_and_file_with_the_expected_fields() {
         assert_eq!(relayed["level"], "DEBUG");
         assert_eq!(relayed["remote_addr"], a.local_addr.to_string());
         assert_eq!(relayed["content"], "hello \"json\"");
-        assert!(find("shard 0 stopped: accepted=").is_object());
+        // Structured fields: the data of the message, for filtering.
+        let connected = find(&format!("client connected: {}", a.local_addr));
+        assert_eq!(connected["peer"], a.local_addr.to_string());
+        assert_eq!(connected["shard"], 0);
+        let closed = find(&format!("client disconnected: {}", b.local_addr));
+        assert_eq!(closed["peer"], b.local_addr.to_string());
+        assert_eq!(closed["reason"], "shutdown");
+        let stopped = find("shard 0 stopped: accepted=");
+        assert_eq!(
+            (stopped["shard"].as_u64(), stopped["accepted"].as_u64()),
+            (Some(0), Some(2))
+        );
+        assert_eq!(stopped["lines_in"], 1);
+        assert!(stopped["message"].as_str().unwrap().len() < 300, "{stopped}");
+        assert_eq!(find("starting 1 shard on ")["shards"], 1);
     }
+}
+
+#[test]
+fn the_file_log_rotates_by_max_file_size_keeping_backup_count_files() {
+    let dir = test_dir("rotate");
+    let config = format!(
+        r#"{{"logger":{{"enable_file_log":true,"log_file_path":"{}","max_file_size":4000,"backup_count":2}},
+            "hyper_parameters":{{"rate_limit_msgs_per_minute":null}}}}"#,
+        dir.display()
+    );
+    let mut relay = Relay::with_config(&config, &["--name", "ops-rot", "--log-level", "debug"]);
+    let mut a = relay.connect();
+    let mut b = relay.connect();
+    // ~100 bytes of log per relayed line: 300 lines are ~30 kB, several rotations.
+    const LINES: usize = 300;
+    for i in 0..LINES {
+        a.send(format!("line {i:05}\n").as_bytes());
+    }
+    for i in 0..LINES {
+        assert_eq!(b.line_str(), a.envelope(&format!("line {i:05}")));
+    }
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0));
+
+    let file = |suffix: &str| std::fs::read_to_string(dir.join(format!("ops-rot.log{suffix}")));
+    assert!(file(".3").is_err(), "only backup_count backups are kept");
+    let files = [file(".2").unwrap(), file(".1").unwrap(), file("").unwrap()];
+    for f in &files {
+        assert!(
+            !f.is_empty() && f.len() < 4000,
+            "every file stays under max_file_size: {} bytes",
+            f.len()
+        );
+        assert!(
+            f.ends_with('\n') && f.lines().all(|l| l.contains(" - ops-rot - ")),
+            "whole lines only"
+        );
+    }
+    // Oldest to newest, the kept files hold the latest relayed lines in order, none missing.
+    let relayed: Vec<usize> = files
+        .concat()
+        .lines()
+        .filter_map(|l| l.split(" content=line ").nth(1))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(relayed.len() > 20, "{relayed:?}");
+    let first = relayed[0];
+    assert!(first > 0, "the oldest lines were rotated away");
+    assert_eq!(relayed, (first..LINES).collect::<Vec<_>>());
+}
+
+#[test]
+fn sigusr1_reopens_the_log_file_after_logrotate_moved_it() {
+    let dir = test_dir("reopen");
+    let config = format!(
+        r#"{{"logger":{{"enable_file_log":true,"log_file_path":"{}"}}}}"#,
+        dir.display()
+    );
+    let mut relay = Relay::with_config(&config, &["--name", "ops-reopen"]);
+    let path = dir.join("ops-reopen.log");
+    let moved = dir.join("ops-reopen.log.moved");
+    wait_until("the file log to say listening", Duration::from_millis(20), || {
+        std::fs::read_to_string(&path).is_ok_and(|t| t.contains("listening on"))
+    });
+    std::fs::rename(&path, &moved).unwrap();
+    let before = relay.connect();
+    // The file is written by a background thread: the line reaches the moved file (same
+    // inode) a moment after stderr.
+    let before_line = format!("client connected: {}", before.local_addr);
+    wait_until("the moved file to get the line", Duration::from_millis(20), || {
+        std::fs::read_to_string(&moved).is_ok_and(|t| t.contains(&before_line))
+    });
+    relay.signal(libc::SIGUSR1);
+    relay.log.wait_for("SIGUSR1 received; log file reopened");
+    let after = relay.connect();
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(), Some(0), "SIGUSR1 does not stop the relay");
+    let old = std::fs::read_to_string(&moved).unwrap();
+    let new = std::fs::read_to_string(&path).expect("a new file at the old path");
+    assert!(
+        old.contains(&format!("client connected: {}", before.local_addr)),
+        "{old}"
+    );
+    assert!(!old.contains("reopened"), "{old}");
+    assert!(new.lines().next().unwrap().contains("log file reopened"), "{new}");
+    assert!(
+        new.contains(&format!("client connected: {}", after.local_addr)),
+        "{new}"
+    );
+    assert!(new.contains("all shards drained; exiting"), "{new}");
 }
 
 #[test]

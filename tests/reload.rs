@@ -11,7 +11,7 @@ use std::time::Duration;
 use corecast::protocol;
 
 use crate::util::http::{scrape, sum};
-use crate::util::{corecast, temp_config, wait_until, Client, Relay};
+use crate::util::{connect_socket, corecast, temp_config, wait_until, Client, Relay};
 
 /// Starts a relay on `path` with no `--log-level` flag (a flag would beat the file's
 /// level on every reload too), plus `args`.
@@ -197,4 +197,29 @@ fn a_reload_under_load_loses_no_line_and_closes_nobody() {
         relay.log.count("config reloaded") >= 1
     });
     assert_eq!(relay.log.count("client disconnected"), 0, "{}", relay.log.text());
+}
+
+#[test]
+fn a_reload_that_denies_a_connected_client_closes_it_and_nobody_else() {
+    let path = temp_config(r#"{"logger":{"log_level":"info"},"hyper_parameters":{"deny":["10.0.0.0/8"]}}"#);
+    let relay = relay_on(&path, &["--shards", "2"]);
+    let mut kept = relay.connect_from("127.0.0.2:0".parse().unwrap(), None);
+    let mut denied = relay.connect_from("127.0.0.3:0".parse().unwrap(), None);
+    let mut other = relay.connect_from("127.0.0.4:0".parse().unwrap(), None);
+    reload(
+        &relay,
+        &path,
+        r#"{"logger":{"log_level":"info"},"hyper_parameters":{"deny":["10.0.0.0/8","127.0.0.3"]}}"#,
+    );
+    relay.log.wait_for("config reloaded; applied hyper_parameters.deny");
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {} (denied)", denied.local_addr));
+    assert!(denied.try_line().is_none(), "closed with no bytes");
+    kept.send(b"still allowed\n");
+    assert_eq!(other.line_str(), kept.envelope("still allowed"));
+    assert_eq!(relay.log.count("client disconnected"), 1, "{}", relay.log.text());
+    // A new connection from the denied address is refused at accept.
+    let stream = connect_socket(relay.addr, "127.0.0.3:0".parse().unwrap(), None).unwrap();
+    assert!(Client::from_stream(stream).try_line().is_none());
 }

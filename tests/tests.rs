@@ -5,12 +5,16 @@
 
 /// The admin endpoint: `/metrics`, `/healthz`, `/stats`, bad requests and its bounds.
 mod admin;
+/// Admission by network and the PROXY protocol: allow/deny, per-host cap, HAProxy in front.
+mod admission;
 /// Slow consumers with realistic blocking readers: who gets everything, who is closed.
 mod backpressure;
 /// Several nodes over a NATS cluster: cross-node delivery, NATS and node failures.
 mod cluster;
 /// Config files, flags, `corecast check`, config errors and the log format.
 mod config;
+/// The ops kit in deploy/: the dashboard's and alert rules' series exist in a real scrape.
+mod deploy;
 /// Fan-out: everyone else gets every line in per-sender order; the flush window and reads.
 mod fanout;
 /// Operations: file and JSON logs, `log_keys`, systemd readiness and the shipped unit.

@@ -8,7 +8,9 @@ binary and reads its readiness notification:
 - :class:`Server` starts in the background, reports its address, stops and waits, and
   works as a context manager;
 - ``python -m corecast`` is the command line;
-- ``import corecast.summoner`` registers corecast as a backend of the Summoner SDK.
+- :mod:`corecast.summoner` is a backend of the Summoner SDK (``"version": "corecast"`` or
+  ``"rust_corecast"``), registered by the wheel's ``corecast.pth`` hook when the SDK is
+  imported, so Summoner server scripts need no import line.
 """
 
 from importlib import metadata as _metadata

@@ -119,8 +119,14 @@ def wait_registered(log: Callable[[], List[str]], *clients: Client) -> None:
 class Script:
     """A Python script run with this environment's interpreter; its output is collected."""
 
-    def __init__(self, code: str, extra_path: Optional[Path] = None, own_group: bool = False):
-        env = dict(os.environ)
+    def __init__(
+        self,
+        code: str,
+        extra_path: Optional[Path] = None,
+        own_group: bool = False,
+        env: Optional[Dict[str, str]] = None,
+    ):
+        env = {**os.environ, **(env or {})}
         if extra_path is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(

@@ -1,7 +1,10 @@
-"""The Summoner hook: `import corecast.summoner` plus `"version": "corecast"`.
+"""The Summoner backend: an unchanged server script plus `"version": "corecast"`.
 
 The SDK is not on PyPI, so these tests run against `standin_sdk/`, which reproduces the
-SDK's backend dispatch (`RUST_MODULES`, the flattened payload, host/port precedence).
+SDK's backend resolution (`RUST_MODULES` filled at import, `rust` prefixes refused when
+unresolved, every other version falling to its Python relay, the flattened payload,
+host/port precedence). The wheel's `corecast.pth` registers corecast when the SDK is
+imported: no script here imports corecast before calling the SDK.
 """
 
 import json
@@ -9,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import venv
 
 import corecast
 from helpers import (
@@ -30,11 +34,11 @@ LOGGER = {
     "enable_json_log": True,
     "date_format": "%H:%M:%S",
     "log_keys": ["from", "to"],
+    "max_file_size": 1000,
+    "backup_count": 2,
     # Python-only keys of the SDK's logger: accepted, no effect.
     "console_log_format": "%(message)s",
     "log_format": "%(message)s",
-    "max_file_size": 1000,
-    "backup_count": 2,
 }
 HYPER = {
     "client_timeout_secs": 120,
@@ -73,7 +77,7 @@ HYPER = {
     "queue_monitor_capacity": 50,
 }
 #: Keys corecast accepts without applying them, so `corecast check` does not show them.
-INERT_LOGGER = {"console_log_format", "log_format", "max_file_size", "backup_count"}
+INERT_LOGGER = {"console_log_format", "log_format"}
 INERT_HYPER = {"connection_buffer_size", "command_buffer_size", "control_channel_capacity", "queue_monitor_capacity"}
 
 
@@ -129,10 +133,10 @@ def test_an_unchanged_summoner_server_runs_corecast_and_drains_on_sigint(tmp_pat
             }
         )
     )
+    # summoner-agents' server.py, as it is, but for the host and port arguments.
     script = Script(
         textwrap.dedent(
             f"""
-            import corecast.summoner
             from summoner.server import SummonerServer
             SummonerServer(name="hooked").run(host="10.9.9.9", port=1, config_path={str(path)!r})
             print("run returned", flush=True)
@@ -153,7 +157,11 @@ def test_an_unchanged_summoner_server_runs_corecast_and_drains_on_sigint(tmp_pat
         assert script.wait() == 0
     finally:
         script.kill()
-    assert script.stdout() == ["run returned"]
+    assert script.stdout() == [
+        f"[DEBUG] Loaded config from: {path}",
+        "[DEBUG] Config requested version 'corecast' -> resolved to 'corecast.summoner'",
+        "run returned",
+    ]
     assert any(" - hooked - INFO - listening on " in line for line in script.stderr())
 
 
@@ -163,18 +171,19 @@ def test_a_config_error_through_the_sdk_raises_config_error(tmp_path):
     script = Script(
         textwrap.dedent(
             f"""
-            import corecast, corecast.summoner
             from summoner.server import SummonerServer
             try:
                 SummonerServer(name="hooked").run(port=0, config_path={str(path)!r})
-            except corecast.ConfigError as e:
-                print("ConfigError:", e, flush=True)
+            except Exception as e:
+                print(f"{{type(e).__module__}}.{{type(e).__name__}}:", e, flush=True)
             """
         ),
         extra_path=STANDIN_SDK,
     )
     assert script.wait() == 0
-    assert script.stdout() == ['ConfigError: hyper_parameters.quarantine_by: expected "ip" or "addr", found "mac"']
+    assert script.stdout()[-1] == (
+        'corecast._errors.ConfigError: hyper_parameters.quarantine_by: expected "ip" or "addr", found "mac"'
+    )
 
 
 def test_without_the_sdk_the_import_says_so(tmp_path):
@@ -195,3 +204,92 @@ def test_without_the_sdk_the_import_says_so(tmp_path):
     )
     assert out.returncode == 1
     assert "ImportError: corecast.summoner needs the Summoner SDK" in out.stderr.decode()
+
+
+def test_the_hook_registers_both_versions_when_the_sdk_is_imported_and_not_before():
+    script = Script(
+        textwrap.dedent(
+            """
+            import sys
+            print("corecast" in sys.modules, flush=True)
+            from summoner.server import server as sdk
+            print(sorted(sdk.RUST_MODULES), flush=True)
+            print(all(sdk.RUST_MODULES[v] is sys.modules["corecast.summoner"] for v in ("corecast", "rust_corecast")))
+            """
+        ),
+        extra_path=STANDIN_SDK,
+    )
+    assert script.wait() == 0, script.stderr()
+    assert script.stdout() == ["False", "['corecast', 'rust_corecast']", "True"]
+
+
+def test_a_summoner_package_that_is_not_the_sdk_is_left_alone(tmp_path):
+    # PyPI's unrelated `summoner` project: no RUST_MODULES, so nothing to register.
+    package = tmp_path / "summoner" / "server"
+    package.mkdir(parents=True)
+    (tmp_path / "summoner" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "server.py").write_text("VALUE = 1\n")
+    script = Script(
+        "import sys, summoner.server.server as s; print(s.VALUE, 'corecast' in sys.modules)", extra_path=tmp_path
+    )
+    assert script.wait() == 0, script.stderr()
+    assert script.stdout() == ["1 False"]
+
+
+def _sdk_script(config_path) -> str:
+    return textwrap.dedent(
+        f"""
+        from summoner.server import SummonerServer
+        try:
+            SummonerServer(name="hooked").run(port=0, config_path={str(config_path)!r})
+        except Exception as e:
+            print(f"{{type(e).__name__}}: {{e}}", flush=True)
+        else:
+            print("run returned", flush=True)
+        """
+    )
+
+
+def test_a_corecast_that_cannot_be_imported_fails_instead_of_falling_back(tmp_path):
+    # A broken install: a `corecast` package without its Summoner backend shadows the
+    # real one, so registering fails when the SDK is imported.
+    (tmp_path / "shadow" / "corecast").mkdir(parents=True)
+    (tmp_path / "shadow" / "corecast" / "__init__.py").write_text("")
+    path = tmp_path / "server_config.json"
+    path.write_text(json.dumps({"version": "corecast", "hyper_parameters": {"worker_threads": 1}}))
+    script = Script(_sdk_script(path), extra_path=f"{tmp_path / 'shadow'}:{STANDIN_SDK}")
+    assert script.wait() == 0, script.stderr()
+    assert script.stdout()[-1].startswith(
+        f"RuntimeError: the config asks for corecast, but corecast cannot be loaded in this Python ({sys.executable}): "
+        "ImportError: cannot import name 'summoner' from 'corecast'"
+    ), script.stdout()
+    assert not any("Python server listening" in line for line in script.stderr())
+
+
+def test_a_missing_binary_fails_through_the_sdk(tmp_path):
+    path = tmp_path / "server_config.json"
+    path.write_text(json.dumps({"version": "corecast", "hyper_parameters": {"worker_threads": 1}}))
+    missing = tmp_path / "no-such-corecast"
+    script = Script(_sdk_script(path), extra_path=STANDIN_SDK, env={"CORECAST_BINARY": str(missing)})
+    assert script.wait() == 0, script.stderr()
+    assert script.stdout()[-1] == f"CorecastError: CORECAST_BINARY={missing} is not an executable file"
+
+
+def test_a_python_without_corecast_refuses_rust_corecast(tmp_path):
+    # "version": "rust_corecast" is refused by the SDK itself in an interpreter where
+    # corecast is not installed (here a fresh venv holding nothing but the stand-in SDK).
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)
+    path = tmp_path / "server_config.json"
+    path.write_text(json.dumps({"version": "rust_corecast"}))
+    out = subprocess.run(
+        [str(bare / "bin" / "python"), "-c", _sdk_script(path)],
+        env={"PYTHONPATH": str(STANDIN_SDK), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=PATIENCE,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().splitlines()[-1] == (
+        "RuntimeError: Rust backend 'rust_corecast' requested but not available. Installed options: (none)"
+    )

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Map, Value};
 
-use crate::backpressure::Rule;
-use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot};
+use crate::backpressure::{Rule, Stage};
+use crate::metrics::{CloseReason, DropReason, ShardState, StatsSnapshot, CONFIG_RELOADS};
 use crate::shared::Shared;
 use crate::supervisor::ThreadWatch;
 
@@ -173,10 +173,11 @@ impl std::fmt::Debug for ShardCollector {
     }
 }
 
-/// One per-shard series family: name (without prefix), help, type, and the value.
+/// One per-shard series family: name (without the `corecast_` prefix and, for counters,
+/// the `_total` the encoder appends), help, type, and the value.
 type Series = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
 
-const SERIES: [Series; 14] = [
+const SERIES: [Series; 13] = [
     (
         "connections",
         "Connections currently open on the shard.",
@@ -184,31 +185,31 @@ const SERIES: [Series; 14] = [
         |s| s.open,
     ),
     (
-        "accepted",
+        "connections_accepted",
         "Connections accepted, including ones closed at once by admission.",
         MetricType::Counter,
         |s| s.accepted,
     ),
     (
-        "lines_in",
+        "received_lines",
         "Complete lines received and accepted for relaying.",
         MetricType::Counter,
         |s| s.lines_in,
     ),
     (
-        "envelopes_out",
+        "sent_envelopes",
         "Envelopes written to recipients' sockets.",
         MetricType::Counter,
         |s| s.envelopes_out,
     ),
     (
-        "bytes_in",
+        "received_bytes",
         "Bytes read from client sockets.",
         MetricType::Counter,
         |s| s.bytes_in,
     ),
     (
-        "bytes_out",
+        "sent_bytes",
         "Bytes written to client sockets by their writers: envelopes and rate-limit notices (closing notices are not counted).",
         MetricType::Counter,
         |s| s.bytes_out,
@@ -230,12 +231,6 @@ const SERIES: [Series; 14] = [
         "Times a sender's reads were paused by throttle, flow control or the process-wide bound on queued memory.",
         MetricType::Counter,
         |s| s.sender_pauses,
-    ),
-    (
-        "sender_pause_ms",
-        "Total time of those pauses, in milliseconds.",
-        MetricType::Counter,
-        |s| s.sender_pause_ms,
     ),
     (
         "kicks",
@@ -263,6 +258,48 @@ const SERIES: [Series; 14] = [
     ),
 ];
 
+/// The metric each drop reason is counted in: one metric per unit.
+pub fn drop_metric(reason: DropReason) -> &'static str {
+    match reason {
+        DropReason::RateLimited | DropReason::LineTooLong | DropReason::InvalidUtf8 => "dropped_lines",
+        DropReason::SlowConsumer | DropReason::RecipientGone | DropReason::PeerGone => "dropped_envelopes",
+        DropReason::Quarantined | DropReason::ServerFull => "refused_connections",
+    }
+}
+
+/// The three drop metrics: name and help.
+const DROP_METRICS: [(&str, &str); 3] = [
+    (
+        "dropped_lines",
+        "Lines received and not relayed, by reason (rate_limited, line_too_long, invalid_utf8).",
+    ),
+    (
+        "dropped_envelopes",
+        "Envelopes queued for a recipient and never written, by reason (slow_consumer, recipient_gone, peer_gone).",
+    ),
+    (
+        "refused_connections",
+        "Connections refused at admission, by reason (quarantined, server_full).",
+    ),
+];
+
+/// The `stage` label of `corecast_backpressure_stage`.
+pub fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::None => "none",
+        Stage::Throttle => "throttle",
+        Stage::FlowControl => "flow_control",
+    }
+}
+
+const STAGES: [Stage; 3] = [Stage::None, Stage::Throttle, Stage::FlowControl];
+
+/// `corecast_build_info`'s `commit`: the build's git commit when the build recorded one.
+pub const COMMIT: &str = match option_env!("CORECAST_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
 fn encode_value(kind: MetricType, v: u64, encoder: prometheus_client::encoding::MetricEncoder) -> std::fmt::Result {
     match kind {
         MetricType::Counter => ConstCounter::new(v).encode(encoder),
@@ -282,8 +319,22 @@ impl Collector for ShardCollector {
                 encode_value(kind, value(snap), family.encode_family(&labels)?)?;
             }
         }
-        let mut family =
-            encoder.encode_descriptor("closed", "Connections closed, by reason.", None, MetricType::Counter)?;
+        let mut family = encoder.encode_descriptor(
+            "sender_pause_seconds",
+            "Total time of those pauses, in seconds.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (id, snap) in snaps.iter().enumerate() {
+            let seconds = snap.sender_pause_ms as f64 / 1000.0;
+            ConstCounter::new(seconds).encode(family.encode_family(&[("shard", id)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "connections_closed",
+            "Connections closed, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
         for (id, snap) in snaps.iter().enumerate() {
             for reason in CloseReason::ALL {
                 let labels = ([("shard", id)], [("reason", reason.as_str())]);
@@ -302,17 +353,13 @@ impl Collector for ShardCollector {
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
-        let mut family = encoder.encode_descriptor(
-            "dropped",
-            "Things not delivered, by reason: lines (rate_limited, line_too_long, invalid_utf8), \
-             envelopes (slow_consumer, recipient_gone) or connections (quarantined, server_full).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (id, snap) in snaps.iter().enumerate() {
-            for reason in DropReason::ALL {
-                let labels = ([("shard", id)], [("reason", reason.as_str())]);
-                ConstCounter::new(snap.dropped(reason)).encode(family.encode_family(&labels)?)?;
+        for (metric, help) in DROP_METRICS {
+            let mut family = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (id, snap) in snaps.iter().enumerate() {
+                for reason in DropReason::ALL.into_iter().filter(|r| drop_metric(*r) == metric) {
+                    let labels = ([("shard", id)], [("reason", reason.as_str())]);
+                    ConstCounter::new(snap.dropped(reason)).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -326,12 +373,16 @@ impl Collector for ShardCollector {
         }
         let mut family = encoder.encode_descriptor(
             "backpressure_stage",
-            "How much the shard's stalled recipients hold senders back now: 0 none, 1 throttle, 2 flow control.",
+            "1 for the stage the shard's stalled recipients hold senders back at now (none, throttle, flow_control), 0 for the others.",
             None,
             MetricType::Gauge,
         )?;
         for id in 0..snaps.len() {
-            ConstGauge::new(shared.shard_stage(id) as u8 as u64).encode(family.encode_family(&[("shard", id)])?)?;
+            let now = shared.shard_stage(id);
+            for stage in STAGES {
+                let labels = ([("shard", id)], [("stage", stage_name(stage))]);
+                ConstGauge::new(u64::from(stage == now)).encode(family.encode_family(&labels)?)?;
+            }
         }
         let mut family = encoder.encode_descriptor(
             "shard_up",
@@ -363,6 +414,25 @@ impl Collector for ShardCollector {
             let up = u64::from(!watch.is_down());
             ConstGauge::new(up).encode(family.encode_family(&[("thread", *name)])?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "relay_delay_seconds",
+            "The relay's own delay per batch: from its first line's read to the first socket write on the shard after it was queued.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (id, stats) in shared.stats.iter().enumerate() {
+            let (sum, count, buckets) = stats.relay_delay.snapshot();
+            family
+                .encode_family(&[("shard", id)])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let family = encoder.encode_descriptor(
+            "pending_bytes_limit",
+            "max_total_pending_bytes: the process-wide bound on corecast_pending_bytes summed over shards, past which every shard stops reading.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(shared.config.max_total_pending_bytes as u64).encode(family)?;
         let family = encoder.encode_descriptor(
             "quarantine_entries",
             "Entries in the quarantine table (shared by all shards).",
@@ -372,17 +442,25 @@ impl Collector for ShardCollector {
         ConstGauge::new(shared.quarantine.len() as u64).encode(family)?;
         let mut family = encoder.encode_descriptor(
             "config_reloads",
-            "SIGHUP reloads of the config file, by result: success (applied) or failure (refused whole, the running config kept).",
+            "SIGHUP config reloads, by result (success, failure: the file was refused and the running config kept).",
             None,
             MetricType::Counter,
         )?;
-        for (result, n) in [
-            ("success", &shared.reloads.success),
-            ("failure", &shared.reloads.failure),
+        for (result, counter) in [
+            ("success", &CONFIG_RELOADS.success),
+            ("failure", &CONFIG_RELOADS.failure),
         ] {
-            let n = n.load(std::sync::atomic::Ordering::Relaxed);
+            let n = counter.load(std::sync::atomic::Ordering::Relaxed);
             ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "build",
+            "The running build: version and git commit.",
+            None,
+            MetricType::Info,
+        )?;
+        let labels = [("version", env!("CARGO_PKG_VERSION")), ("commit", COMMIT)];
+        family.encode_info(&labels)?;
         Ok(())
     }
 }

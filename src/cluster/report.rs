@@ -21,7 +21,7 @@ fn get(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-const SERIES: [Series; 25] = [
+const SERIES: [Series; 18] = [
     (
         "connected",
         "1 while the node's NATS connection is up, else 0.",
@@ -41,61 +41,43 @@ const SERIES: [Series; 25] = [
         |s| get(&s.disconnects),
     ),
     (
-        "batches_out",
+        "sent_batches",
         "Batches the shards handed to the uplink.",
         MetricType::Counter,
         |s| get(&s.batches_out),
     ),
-    ("messages_out", "NATS messages published.", MetricType::Counter, |s| {
+    ("published_messages", "NATS messages published.", MetricType::Counter, |s| {
         get(&s.messages_out)
     }),
     (
-        "envelopes_out",
+        "published_envelopes",
         "Envelopes published to other nodes.",
         MetricType::Counter,
         |s| get(&s.envelopes_out),
     ),
     (
-        "bytes_out",
+        "published_bytes",
         "Bytes published, headers included.",
         MetricType::Counter,
         |s| get(&s.bytes_out),
     ),
     (
-        "messages_in",
+        "received_messages",
         "NATS messages from other nodes delivered to this node's shards.",
         MetricType::Counter,
         |s| get(&s.messages_in),
     ),
     (
-        "envelopes_in",
+        "received_envelopes",
         "Envelopes from other nodes delivered to this node's shards.",
         MetricType::Counter,
         |s| get(&s.envelopes_in),
     ),
     (
-        "bytes_in",
+        "received_bytes",
         "Bytes of those messages, headers included.",
         MetricType::Counter,
         |s| get(&s.bytes_in),
-    ),
-    (
-        "dropped_disconnected",
-        "Envelopes not published because the NATS connection was down (local clients got them).",
-        MetricType::Counter,
-        |s| get(&s.dropped_disconnected),
-    ),
-    (
-        "dropped_uplink_down",
-        "Envelopes not published because the uplink thread was down after a panic (local clients got them).",
-        MetricType::Counter,
-        |s| get(&s.dropped_uplink_down),
-    ),
-    (
-        "dropped_oversize",
-        "Envelopes larger than the NATS server's max_payload, never published.",
-        MetricType::Counter,
-        |s| get(&s.dropped_oversize),
     ),
     (
         "unresponsive",
@@ -116,37 +98,25 @@ const SERIES: [Series; 25] = [
         |s| get(&s.stalls),
     ),
     (
-        "dropped_stalled",
-        "Envelopes not published while NATS took nothing (local clients got them).",
-        MetricType::Counter,
-        |s| get(&s.dropped_stalled),
-    ),
-    (
-        "dropped_publish_error",
-        "Envelopes in messages whose publish failed.",
-        MetricType::Counter,
-        |s| get(&s.dropped_publish_error),
-    ),
-    (
         "gaps",
         "Gaps in another node's sequence numbers: messages NATS lost (at-most-once across a server failure).",
         MetricType::Counter,
         |s| get(&s.gaps),
     ),
     (
-        "lines_lost",
+        "lost_envelopes",
         "Envelopes lost in those gaps.",
         MetricType::Counter,
         |s| get(&s.lines_lost),
     ),
     (
-        "stale",
+        "stale_messages",
         "Messages dropped because their sequence number was already passed (duplicates, late copies).",
         MetricType::Counter,
         |s| get(&s.stale),
     ),
     (
-        "invalid",
+        "invalid_messages",
         "Messages on the subject that are not corecast's or are inconsistent: dropped.",
         MetricType::Counter,
         |s| get(&s.invalid),
@@ -156,18 +126,6 @@ const SERIES: [Series; 25] = [
         "Other nodes heard from since start.",
         MetricType::Gauge,
         |s| get(&s.nodes_heard),
-    ),
-    (
-        "lag_us",
-        "Publish-to-receive age of the last message from another node, in microseconds (wall clocks).",
-        MetricType::Gauge,
-        |s| get(&s.lag_us),
-    ),
-    (
-        "lag_max_us",
-        "Largest publish-to-receive age seen, in microseconds.",
-        MetricType::Gauge,
-        |s| get(&s.lag_max_us),
     ),
 ];
 
@@ -180,6 +138,37 @@ impl std::fmt::Debug for ClusterCollector {
     }
 }
 
+/// Envelopes not published, by reason: one metric, `cluster_dropped_envelopes{reason}`.
+/// Reads one figure of the uplink's counters.
+type Read = fn(&ClusterStats) -> u64;
+
+const DROPPED: [(&str, Read); 5] = [
+    // Not published because the NATS connection was down (local clients got them).
+    ("disconnected", |s| get(&s.dropped_disconnected)),
+    // Not published because the uplink thread was down after a panic (local clients got them).
+    ("uplink_down", |s| get(&s.dropped_uplink_down)),
+    // Larger than the NATS server's max_payload, never published.
+    ("oversize", |s| get(&s.dropped_oversize)),
+    // Not published while NATS took nothing (local clients got them).
+    ("stalled", |s| get(&s.dropped_stalled)),
+    // In messages whose publish failed.
+    ("publish_error", |s| get(&s.dropped_publish_error)),
+];
+
+/// Lag gauges, kept in microseconds, exported in seconds.
+const LAGS: [(&str, &str, Read); 2] = [
+    (
+        "cluster_lag_seconds",
+        "Publish-to-receive age of the last message from another node, in seconds (wall clocks).",
+        |s| get(&s.lag_us),
+    ),
+    (
+        "cluster_lag_max_seconds",
+        "Largest publish-to-receive age seen, in seconds.",
+        |s| get(&s.lag_max_us),
+    ),
+];
+
 impl Collector for ClusterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let stats = &self.0.stats;
@@ -190,6 +179,19 @@ impl Collector for ClusterCollector {
                 MetricType::Counter => ConstCounter::new(value(stats)).encode(family)?,
                 _ => ConstGauge::new(value(stats)).encode(family)?,
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "cluster_dropped_envelopes",
+            "Envelopes not published to other nodes, by reason (disconnected, oversize, stalled, publish_error); local clients got them.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, value) in DROPPED {
+            ConstCounter::new(value(stats)).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+        for (name, help, value) in LAGS {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value(stats) as f64 / 1e6).encode(family)?;
         }
         Ok(())
     }
@@ -214,8 +216,13 @@ impl Cluster {
         } else if self.is_connected() {
             let _ = writeln!(
                 line,
-                "cluster: connected ({} other nodes heard)",
-                get(&self.stats.nodes_heard)
+                "cluster: connected ({} other {} heard)",
+                get(&self.stats.nodes_heard),
+                if get(&self.stats.nodes_heard) == 1 {
+                    "node"
+                } else {
+                    "nodes"
+                }
             );
         } else {
             let since = get(&self.stats.disconnected_at_ms);
@@ -238,6 +245,11 @@ impl Cluster {
         for (name, _, _, value) in SERIES {
             m.insert(name.into(), value(&self.stats).into());
         }
+        for (reason, value) in DROPPED {
+            m.insert(format!("dropped_{reason}"), value(&self.stats).into());
+        }
+        m.insert("lag_us".into(), get(&self.stats.lag_us).into());
+        m.insert("lag_max_us".into(), get(&self.stats.lag_max_us).into());
         m.insert("connected".into(), self.is_connected().into());
         Value::Object(m)
     }

@@ -446,7 +446,7 @@ async fn publish_loop(cluster: &Cluster, client: &Client, subject: &Subject, st:
             if !*warned_oversize {
                 *warned_oversize = true;
                 tracing::warn!(
-                    "cluster: {} envelope(s) larger than the NATS max_payload ({} bytes) were not sent to other nodes; raise max_payload in the NATS server config (counted in corecast_cluster_dropped_oversize)",
+                    "cluster: {} envelope(s) larger than the NATS max_payload ({} bytes) were not sent to other nodes; raise max_payload in the NATS server config (counted in corecast_cluster_dropped_envelopes_total{{reason=\"oversize\"}})",
                     packer.oversize,
                     *room + HEADER_LEN
                 );
@@ -650,6 +650,7 @@ async fn receive_loop(cluster: &Cluster, mut subscriber: async_nats::Subscriber,
                 end,
                 count,
             }],
+            first_read: None,
         });
         // In order to every shard; waits while a shard's ring is full (that shard is
         // behind), which leaves messages in NATS's per-client buffer meanwhile.

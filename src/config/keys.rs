@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 use super::{int_value, invalid, Config, ConfigError, LogLevel, QuarantineBy};
 use crate::cluster::config::{is_valid_subject, is_valid_url, ClusterConfig, DEFAULT_SUBJECT, MAX_URLS};
 use crate::machine::Machine;
+use crate::netlist::{Cidr, NetList};
 use crate::tls::TlsConfig;
 
 /// Whether a SIGHUP reload applies a changed key to the running relay.
@@ -70,6 +71,11 @@ pub enum Kind {
     Addr,
     /// One `nats://` URL or an array of 1 to [`MAX_URLS`] of them.
     NatsUrls,
+    /// An array of IPv4/IPv6 networks in CIDR notation (a bare address is a /32 or /128);
+    /// an error names the entry's index.
+    Networks {
+        non_empty: bool,
+    },
     /// Accepted and ignored (Summoner keys without effect here).
     Ignored,
 }
@@ -77,6 +83,8 @@ pub enum Kind {
 const LEVEL_EXPECTED: &str = "one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, CRITICAL, OFF";
 pub(super) const ADDR_EXPECTED: &str = "an ip:port address such as \"127.0.0.1:9100\", or null";
 const URLS_EXPECTED: &str = "a list of nats:// URLs";
+const NETWORKS_EXPECTED: &str = "an array of networks such as \"10.0.0.0/8\" or \"2001:db8::/32\", or null";
+const NETWORKS_NONEMPTY: &str = "a non-empty array of networks such as \"10.0.0.0/8\", or null to admit every address";
 const URL_EXPECTED: &str = "a nats://host:port URL";
 
 impl Kind {
@@ -141,6 +149,25 @@ impl Kind {
                 }
                 Ok(json!(urls))
             }
+            Kind::Networks { non_empty } => {
+                let items = match v.as_array() {
+                    Some(items) if items.iter().all(Value::is_string) => items,
+                    _ => return Err(invalid(path, NETWORKS_EXPECTED, v)),
+                };
+                if non_empty && items.is_empty() {
+                    return Err(invalid(path, NETWORKS_NONEMPTY, v));
+                }
+                let mut cidrs = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().filter_map(Value::as_str).enumerate() {
+                    let cidr = item.trim().parse::<Cidr>().map_err(|reason| ConfigError::Invalid {
+                        key: format!("{path}[{i}]"),
+                        expected: "a network in CIDR notation (a.b.c.d/n or x:y::z/n)".into(),
+                        found: reason,
+                    })?;
+                    cidrs.push(cidr);
+                }
+                Ok(json!(NetList::from_cidrs(cidrs).to_strings()))
+            }
             Kind::Ignored => Ok(Value::Null),
         }
     }
@@ -161,6 +188,8 @@ impl Kind {
             Kind::TextList => "array of strings".into(),
             Kind::Addr => "`\"ip:port\"`".into(),
             Kind::NatsUrls => format!("1–{MAX_URLS} `nats://host:port` URLs (one may be a plain string)"),
+            Kind::Networks { non_empty: false } => "array of CIDR networks".into(),
+            Kind::Networks { non_empty: true } => "non-empty array of CIDR networks".into(),
             Kind::Ignored => "any".into(),
         }
     }
@@ -469,6 +498,16 @@ impl Field for PathBuf {
     }
 }
 
+impl Field for NetList {
+    fn to_json(&self) -> Value {
+        json!(self.to_strings())
+    }
+    fn from_json(v: &Value) -> Self {
+        let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+        NetList::parse(items.iter().filter_map(Value::as_str)).unwrap_or_default()
+    }
+}
+
 impl Field for LogLevel {
     fn to_json(&self) -> Value {
         json!(self.as_str())
@@ -568,16 +607,20 @@ pub static KEYS: &[Key] = &[
     key!("logger.enable_json_log", Kind::Bool, Refused, "", Restart, false,
         "every sink writes one JSON object per line (see [Logs](#logs))",
         |c| c.log.json),
-    key!("logger.date_format", DATE_FORMAT, Refused, "", Restart, "%Y-%m-%d %H:%M:%S.%3f",
-        "timestamp format in chrono's strftime syntax; an invalid format is a config error",
+    key!("logger.date_format", DATE_FORMAT, Refused, "", Restart, super::DEFAULT_DATE_FORMAT,
+        "timestamp format of text lines in chrono's strftime syntax (the default is RFC 3339 in local time with its offset); an invalid format is a config error. JSON lines always use RFC 3339 with the offset",
         |c| c.log.date_format),
     key!("logger.log_keys", Kind::TextList, Disables, "", Restart, Value::Null,
         "relayed-message DEBUG lines whose content is a JSON object keep only these keys",
         |c| c.log.log_keys),
     ignored!("logger.console_log_format", PYTHON_ONLY),
     ignored!("logger.log_format", PYTHON_ONLY),
-    ignored!("logger.max_file_size", PYTHON_ONLY),
-    ignored!("logger.backup_count", PYTHON_ONLY),
+    key!("logger.max_file_size", Kind::Int { min: 0, max: u64::MAX }, Refused, "bytes", Restart, 1_000_000,
+        "a file log line that would take `<name>.log` to this size or past it first rotates the file (as Python's `RotatingFileHandler`); `0` never rotates",
+        |c| c.log.max_file_size),
+    key!("logger.backup_count", Kind::Int { min: 0, max: 1000 }, Refused, "files", Restart, 3,
+        "rotated files kept: `<name>.log.1` (newest) … `<name>.log.<backup_count>`, the oldest is deleted; `0` never rotates (as in Python)",
+        |c| c.log.backup_count),
     Key {
         default: |m| json!(m.usable_cpus.max(1)),
         default_doc: "one per usable CPU",
@@ -667,6 +710,24 @@ pub static KEYS: &[Key] = &[
     key!("hyper_parameters.admin_addr", Kind::Addr, Disables, "", Restart, Value::Null,
         "where the [admin endpoint](#observability) listens; `null` serves none; port 0 picks one and logs it; flag `--admin` (corecast)",
         |c| c.admin_addr),
+    key!("hyper_parameters.allow", Kind::Networks { non_empty: true }, Disables, "", Live, Value::Null,
+        "when set, only clients in these networks are served ([admission by network](#admission-by-network)); a reload closes the connected clients it no longer admits (corecast)",
+        |c| c.allow),
+    key!("hyper_parameters.deny", Kind::Networks { non_empty: false }, KeepsDefault, "", Live, json!([]),
+        "clients in these networks are closed at accept with no bytes, even when allowed; a reload closes the connected clients it denies (corecast)",
+        |c| c.deny),
+    key!("hyper_parameters.max_connections_per_ip", Kind::Int { min: 1, max: 10_000_000 }, Disables, "connections", Restart, Value::Null,
+        "open connections per client IP address before new ones get N7; `null`: no cap (corecast)",
+        |c| c.max_connections_per_ip),
+    key!("hyper_parameters.proxy_protocol", Kind::Bool, Refused, "", Restart, false,
+        "every connection starts with a [PROXY protocol](#proxy-protocol) v1 or v2 header naming the client (corecast)",
+        |c| c.proxy_protocol),
+    key!("hyper_parameters.proxy_trusted", Kind::Networks { non_empty: false }, KeepsDefault, "", Live, json!([]),
+        "sources allowed to send a PROXY header, at least one when `proxy_protocol` is `true`; others are closed with no bytes (corecast)",
+        |c| c.proxy_trusted),
+    key!("hyper_parameters.proxy_header_timeout_ms", Kind::Int { min: 1, max: 60_000 }, Refused, "milliseconds", Live, 3000,
+        "time from accept to the end of the PROXY header (corecast)",
+        |c| c.proxy_header_timeout_ms),
     key!("hyper_parameters.tls.listen", LISTEN, Refused, "", Restart, Value::Null,
         "where TLS clients connect; not the plain or admin address; port 0 picks one and logs it (`listening for TLS on ...`)",
         get: |c| c.tls.as_ref().map_or(Value::Null, |t| Field::to_json(&t.listen)),
@@ -794,7 +855,19 @@ pub fn apply_defaults(config: &mut Config, machine: &Machine) {
 type Check = fn(&Config) -> Result<(), ConfigError>;
 
 /// Rules across keys, checked once the whole file is read.
-static CHECKS: &[Check] = &[tls_files_load];
+static CHECKS: &[Check] = &[proxy_needs_a_trusted_source, tls_files_load];
+
+/// Fail closed and loud: with nobody trusted every connection would be refused.
+fn proxy_needs_a_trusted_source(c: &Config) -> Result<(), ConfigError> {
+    if c.proxy_protocol && c.proxy_trusted.is_empty() {
+        return Err(invalid(
+            "hyper_parameters.proxy_trusted",
+            "at least one network when proxy_protocol is true",
+            &json!([]),
+        ));
+    }
+    Ok(())
+}
 
 /// The TLS files load and match (so `check` and `serve` refuse them with exit 78, naming
 /// the key).

@@ -158,6 +158,7 @@ pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>
         }
         let previous_read = client.on_inbound(now);
         shard.stats.on_read(n);
+        client.conn.bytes_in.add(n as u64);
         let (mut relayed, mut notify) = (0u64, false);
         let mut on_line = |line: &str| match limiter.as_mut().map_or(Decision::Allow, |b| b.check(now)) {
             Decision::Allow => {

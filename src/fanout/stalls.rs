@@ -156,7 +156,14 @@ impl Stalls {
         if matches!(strike, Strike::Counted { .. } | Strike::Quarantined { .. }) {
             self.stats.on_strike(matches!(strike, Strike::Quarantined { .. }));
         }
-        tracing::warn!("slow consumer {}: {why}; {action}", client.addr);
+        tracing::warn!(
+            peer = %client.addr,
+            shard = self.shard_id,
+            rule = rule.as_str(),
+            quarantined = matches!(strike, Strike::Quarantined { .. }),
+            "slow consumer {}: {why}; {action}",
+            client.addr
+        );
         client.request_close(CloseReason::SlowConsumer);
     }
 

@@ -103,7 +103,7 @@ pub fn parse_metrics(text: &str) -> Vec<Sample> {
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE line");
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram", "info"].contains(&kind), "{line}");
             types.insert(name.to_string(), kind.to_string());
             continue;
         }
@@ -127,11 +127,22 @@ pub fn parse_metrics(text: &str) -> Vec<Sample> {
             }
             None => (series, BTreeMap::new()),
         };
-        assert!(name.starts_with("corecast_"), "{name} lacks the corecast_ prefix");
-        let family = match name.strip_suffix("_total") {
-            Some(f) if types.get(f).map(String::as_str) == Some("counter") => f,
-            _ => name,
+        assert!(
+            name.starts_with("corecast_") || name.starts_with("process_"),
+            "{name} lacks the corecast_ prefix"
+        );
+        // The family a sample belongs to: counters end in _total, histograms in _bucket,
+        // _sum and _count, infos in _info.
+        let suffixed = |suffix: &str, kind: &str| {
+            name.strip_suffix(suffix)
+                .filter(|f| types.get(*f).map(String::as_str) == Some(kind))
         };
+        let family = suffixed("_total", "counter")
+            .or_else(|| suffixed("_bucket", "histogram"))
+            .or_else(|| suffixed("_sum", "histogram"))
+            .or_else(|| suffixed("_count", "histogram"))
+            .or_else(|| suffixed("_info", "info"))
+            .unwrap_or(name);
         assert!(types.contains_key(family), "{name} has no # TYPE line");
         assert!(helped.iter().any(|h| h == family), "{name} has no # HELP line");
         samples.push(Sample {
@@ -168,11 +179,29 @@ pub fn scrape(admin: SocketAddr) -> Vec<Sample> {
     parse_metrics(&r.body)
 }
 
+/// The three drop metrics, one per unit (lines, envelopes, connections).
+pub const DROP_METRICS: [&str; 3] = [
+    "corecast_dropped_lines_total",
+    "corecast_dropped_envelopes_total",
+    "corecast_refused_connections_total",
+];
+
+/// The drop metric that counts `reason`.
+pub fn dropped_metric(reason: &str) -> String {
+    let metric = match reason {
+        "rate_limited" | "line_too_long" | "invalid_utf8" => "dropped_lines",
+        "slow_consumer" | "recipient_gone" => "dropped_envelopes",
+        "quarantined" | "server_full" => "refused_connections",
+        other => panic!("unknown drop reason {other}"),
+    };
+    format!("corecast_{metric}_total")
+}
+
 /// Envelopes that reached a recipient or were dropped as undeliverable.
 pub fn envelopes_accounted(m: &[Sample]) -> u64 {
-    sum(m, "corecast_envelopes_out_total", &[])
-        + sum(m, "corecast_dropped_total", &[("reason", "slow_consumer")])
-        + sum(m, "corecast_dropped_total", &[("reason", "recipient_gone")])
+    sum(m, "corecast_sent_envelopes_total", &[])
+        + sum(m, "corecast_dropped_envelopes_total", &[("reason", "slow_consumer")])
+        + sum(m, "corecast_dropped_envelopes_total", &[("reason", "recipient_gone")])
 }
 
 /// Scrapes until `done` holds for the samples, within [`PATIENCE`].
