@@ -38,6 +38,10 @@ target=x86_64-unknown-linux-gnu
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 [ -n "$version" ] || { echo "dist/build.sh: no version in Cargo.toml" >&2; exit 1; }
 step() { printf '\n== %s\n' "$*" >&2; }
+# The wheel is built from the sdist, which has no .git: build.rs takes the commit for
+# `--version` and corecast_build_info from here instead.
+CORECAST_COMMIT=${CORECAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export CORECAST_COMMIT
 
 # -- tools ---------------------------------------------------------------------------------
 tools=$CARGO_TARGET_DIR/dist-tools

@@ -266,7 +266,7 @@ async fn shard_main(
     }
     glommio::spawn_local(summary_loop(shard.clone())).detach();
     glommio::spawn_local(lag_sweep_loop(fanout.clone())).detach();
-    glommio::spawn_local(heartbeat_loop(shared.clone(), shard.stats.clone())).detach();
+    glommio::spawn_local(heartbeat_loop(shard.clone())).detach();
     // SAFETY: the fd is a listening TCP socket we own; from here glommio owns it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
     // SAFETY: as above, the TLS listener's socket.
@@ -295,7 +295,7 @@ async fn shard_main(
     .await;
     shard.stats.set_state(ShardState::Draining);
     fanout.begin_shutdown();
-    let grace = Duration::from_millis(shard.config().shutdown_grace_ms);
+    let grace = Duration::from_millis(shared.live().shutdown_grace_ms);
     // Done when every connection task has ended and this shard's own flush and peer
     // receivers have finished (so its senders are closed and its peers can finish their
     // drains too).
@@ -346,11 +346,15 @@ async fn lag_sweep_loop(fanout: Rc<Fanout>) {
     fanout.stalls().sweep_loop(|| fanout.is_shutting_down()).await;
 }
 
-/// Proves the shard's thread still runs tasks, for `/healthz`. Runs until the executor
-/// ends (it is detached, so it does not hold the shard's future open).
-async fn heartbeat_loop(shared: Arc<Shared>, stats: Arc<ShardStats>) {
+/// Proves the shard's thread still runs tasks, for `/healthz`, and takes up the limits of
+/// a SIGHUP reload (so they apply within one interval). Runs until the executor ends (it
+/// is detached, so it does not hold the shard's future open).
+async fn heartbeat_loop(shard: Rc<Shard>) {
     loop {
-        stats.on_heartbeat(shared.clock_ms());
+        shard.stats.on_heartbeat(shard.shared.clock_ms());
+        if shard.fanout.refresh_tunables() {
+            tracing::debug!("shard {}: reloaded limits applied", shard.id);
+        }
         glommio::timer::sleep(HEARTBEAT_INTERVAL).await;
     }
 }

@@ -34,7 +34,7 @@ use crate::metrics::{CloseReason, DropReason, ShardStats};
 use crate::notify::Notify;
 use crate::pacing::{NextRun, Schedule, Scheduled};
 use crate::protocol;
-use crate::shared::Shared;
+use crate::shared::{LocalTunables, Shared, Tunables};
 use crate::shutdown::Drain;
 use crate::socket::Socket;
 use outgoing::Outgoing;
@@ -67,6 +67,9 @@ pub struct Fanout {
     reads: Reads,
     /// N1, shared by every rate-limited client on the shard.
     rate_limit_notice: LocalBatch,
+    /// The reloadable limits this shard obeys (shared with `stalls`); the heartbeat
+    /// refreshes them after a SIGHUP reload.
+    tunables: Rc<LocalTunables>,
     /// When the first line was read of each batch queued here since the last socket
     /// write of the flush task; the next write observes their relay delay. Bounded by
     /// [`MAX_AWAITING_WRITE`] (past it the oldest are not measured).
@@ -81,9 +84,11 @@ impl Fanout {
     pub fn new(shard_id: usize, shared: Arc<Shared>, stats: Arc<ShardStats>, drain: Rc<Drain>) -> Self {
         let ledger = Ledger::new(shared.pending_bytes_entry(shard_id));
         let window = Duration::from_micros(shared.config.flush_window_us);
+        let tunables = Rc::new(LocalTunables::new(shared.clone()));
         Fanout {
             shard_id,
-            stalls: Stalls::new(shard_id, shared.clone(), stats.clone()),
+            stalls: Stalls::new(shard_id, shared.clone(), stats.clone(), tunables.clone()),
+            tunables,
             shared,
             stats,
             drain,
@@ -98,6 +103,35 @@ impl Fanout {
             reads: Reads::new(shard_id),
             awaiting_write: RefCell::default(),
         }
+    }
+
+    /// The reloadable limits as this shard last copied them.
+    pub fn tunables(&self) -> Tunables {
+        self.tunables.get()
+    }
+
+    /// The running config as this shard last copied it (see [`LocalTunables`]).
+    pub fn config(&self) -> Arc<crate::config::Config> {
+        self.tunables.config()
+    }
+
+    /// Copies the running config and its reloadable limits after a reload (the heartbeat
+    /// calls this); true when there was one. When the reload changed the `allow` or `deny`
+    /// lists, closes the clients they no longer admit (`denied`); nobody else is touched.
+    pub fn refresh_tunables(&self) -> bool {
+        let Some(before) = self.tunables.refresh() else {
+            return false;
+        };
+        let now = self.tunables.config();
+        if before.allow != now.allow || before.deny != now.deny {
+            for client in self.clients.borrow().values() {
+                if !client.is_closing() && !now.admits(client.addr.ip()) {
+                    tracing::info!("closing {}: the reloaded allow/deny lists refuse it", client.addr);
+                    client.request_close(CloseReason::Denied);
+                }
+            }
+        }
+        true
     }
 
     /// Adds a client to this shard's fan-out for as long as the returned membership lives.
@@ -189,7 +223,7 @@ impl Fanout {
             // counted as the shutdown close counts the rest (`recipient_gone`): no
             // slow-consumer close happened.
             let refuse = client.refusing_envelopes().or_else(|| {
-                (client.is_closing() && client.queued_bytes() > self.shared.policy.max_pending_bytes)
+                (client.is_closing() && client.queued_bytes() > self.tunables.get().policy.max_pending_bytes)
                     .then_some(CloseReason::Shutdown)
             });
             if let Some(reason) = refuse {

@@ -46,9 +46,11 @@
 //!   [`host_limit`]: the process-wide count of connections per client IP.
 //! - [`log`]: console, file and JSON log sinks in the Summoner format.
 //! - [`notify`]: the shard-local wake-ups tasks wait on.
-//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`];
-//!   its defaults come from a [`machine::Machine`], and `cluster::config` parses its
-//!   cluster section, [`tls`] its TLS section and the rustls configuration.
+//! - [`config`]: CLI flags and `server_config.json` → one validated [`config::Config`],
+//!   every key declared once in the table of `config/keys.rs` (parsing, errors, defaults,
+//!   `check`'s JSON, what a reload applies, the docs table); its defaults come from a
+//!   [`machine::Machine`]; [`tls`] checks the TLS section's files and builds the rustls
+//!   configuration.
 //!
 //! What the configuration and the fan-out stand on:
 //! - [`cluster`]: optional: several nodes as one broadcast domain over NATS. The uplink,
@@ -76,6 +78,11 @@
 //! → [`client::Client::write_now`] writes each with one `sendmsg`. A socket that refuses
 //! data returns [`client::WriteOutcome::Stalled`]: `fanout/stalls.rs` applies the
 //! backpressure policy, and `connection/writer.rs` drains the rest when there is room.
+//!
+//! Reload: SIGHUP makes [`run_reloadable`]'s control loop read the config again through
+//! `main`'s source; [`config::Config::reloaded`] keeps the restart-only keys, and
+//! [`shared::Shared::reload`] publishes the rest, which each shard's heartbeat copies into
+//! its `Cell`-held tunables (no atomic per line).
 //!
 //! Start-up: [`run`] spawns the shards and waits up to 10 s for each to report that it is
 //! accepting; a shard that does not is named with the step it is stuck at, and a signal
@@ -122,6 +129,7 @@ use config::Config;
 use executor::ShardEvent;
 use metrics::ShardState;
 use shared::Shared;
+use signal_hook::consts::SIGHUP;
 use startup::StartupError;
 
 /// Why `run` returned with an error.
@@ -236,9 +244,25 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || wildcard_covers(a, b) || wildcard_covers(b, a))
 }
 
-/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`).
-/// Start-up failures return before anything listens.
-pub fn run(mut config: Config) -> Result<(), Error> {
+/// Where a SIGHUP reload reads the config from: the file and flags `main` loaded it from,
+/// giving the new config and its warnings, or why it is invalid.
+pub type ConfigSource = Box<dyn FnMut() -> Result<(Config, Vec<String>), config::ConfigError> + Send>;
+
+/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`), with
+/// no file to reload: SIGHUP re-applies `config` (a no-op). See [`run_reloadable`].
+pub fn run(config: Config) -> Result<(), Error> {
+    let same = config.clone();
+    run_reloadable(config, Box::new(move || Ok((same.clone(), Vec::new()))))
+}
+
+/// Runs the relay until SIGINT/SIGTERM has drained it (`Ok`) or a shard fails (`Err`);
+/// SIGHUP reloads the config from `source` (docs/protocol.md#reload). Start-up failures
+/// return before anything listens.
+pub fn run_reloadable(mut config: Config, source: ConfigSource) -> Result<(), Error> {
+    let mut reloader = Reloader {
+        source,
+        loaded: config.clone(),
+    };
     let addr = preflight(&config)?;
     let nofile = machine::raise_nofile_limit();
     let rings = plan_rings(&mut config);
@@ -273,9 +297,11 @@ pub fn run(mut config: Config) -> Result<(), Error> {
     let signals = signal_channel().map_err(|e| Error::Shard(format!("cannot install signal handlers: {e}")))?;
 
     let shards = config.shards;
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
     let purge_every = Duration::from_secs(config.quarantine_cleanup_interval_secs);
     let shared = Arc::new(Shared::new(config));
+    if let Some((_, listeners)) = &tls {
+        shared.tls_server.store(Some(listeners.server.clone()));
+    }
     let (events_tx, events) = crossbeam_channel::bounded(4 * shards + 16);
     let cpus = machine::usable_cpus().len().max(1);
     tracing::info!(
@@ -311,9 +337,13 @@ pub fn run(mut config: Config) -> Result<(), Error> {
     while started < shards {
         crossbeam_channel::select! {
             recv(signals) -> sig => {
+                if sig == Ok(SIGHUP) {
+                    reloader.reload(&shared);
+                    continue;
+                }
                 let why = format!("{} received during start-up", signal_name(sig.ok()));
-                let drain = Draining::start(&shared, grace, &why);
-                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every);
+                let drain = Draining::start(&shared, &why);
+                return control_loop(&shared, &signals, &events, handles, Some(drain), purge_every, reloader);
             }
             recv(events) -> event => match event {
                 Ok(ShardEvent::Started(_)) => started += 1,
@@ -364,7 +394,63 @@ pub fn run(mut config: Config) -> Result<(), Error> {
         "READY=1\nSTATUS=listening on {bound} with {}",
         counted(shards, "shard", "shards")
     ));
-    control_loop(&shared, &signals, &events, handles, None, purge_every)
+    control_loop(&shared, &signals, &events, handles, None, purge_every, reloader)
+}
+
+/// What SIGHUP reloads from, and what the file and flags said the last time they were
+/// read: a key that needs a restart is reported when the file changes it, not because the
+/// relay runs with another value (`run` may start fewer shards than asked for).
+struct Reloader {
+    source: ConfigSource,
+    loaded: Config,
+}
+
+impl Reloader {
+    /// SIGHUP: reads the config again and applies it, or keeps the running one whole if it
+    /// is invalid. Keys that need a restart keep their running values and are named in the
+    /// log.
+    fn reload(&mut self, shared: &Shared) {
+        let (new, warnings) = match (self.source)() {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                metrics::CONFIG_RELOADS.on_reload(false);
+                tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
+                return;
+            }
+        };
+        for w in &warnings {
+            tracing::warn!("SIGHUP: {w}");
+        }
+        let outcome = shared.live().reloaded(new.clone(), &self.loaded);
+        // The certificate files are read again (rotation); if they no longer load, the
+        // whole reload is refused like an invalid file.
+        let tls_server = match &outcome.config.tls {
+            None => None,
+            Some(tls) => match tls::server_config(tls, "hyper_parameters.tls") {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    metrics::CONFIG_RELOADS.on_reload(false);
+                    tracing::error!("SIGHUP: config reload refused, the running config is kept: {e}");
+                    return;
+                }
+            },
+        };
+        self.loaded = new;
+        if tls_server.is_some() {
+            shared.tls_server.store(tls_server);
+        }
+        for key in &outcome.kept {
+            tracing::warn!("SIGHUP: {key} changed but needs a restart; the running value is kept");
+        }
+        log::set_level(outcome.config.log.level);
+        shared.reload(outcome.config);
+        metrics::CONFIG_RELOADS.on_reload(true);
+        if outcome.applied.is_empty() {
+            tracing::info!("SIGHUP: config reloaded; no key that applies live changed");
+        } else {
+            tracing::info!("SIGHUP: config reloaded; applied {}", outcome.applied.join(", "));
+        }
+    }
 }
 
 /// Sizes the shards' io_uring rings by the locked-memory limit (raised to its hard limit
@@ -426,8 +512,10 @@ struct Draining {
 }
 
 impl Draining {
-    /// Starts every shard's drain, bounded by the shutdown grace; `why` opens the log line.
-    fn start(shared: &Shared, grace: Duration, why: &str) -> Draining {
+    /// Starts every shard's drain, bounded by the shutdown grace (as last reloaded); `why`
+    /// opens the log line.
+    fn start(shared: &Shared, why: &str) -> Draining {
+        let grace = Duration::from_millis(shared.live().shutdown_grace_ms);
         tracing::info!("{why}; draining (grace {} ms)", grace.as_millis());
         systemd_notify("STOPPING=1\nSTATUS=draining");
         shared.shutdown.trigger();
@@ -438,9 +526,10 @@ impl Draining {
     }
 }
 
-/// The control loop: signals, shard exits, and the quarantine purge, until every shard has
-/// drained (`Ok`) or one stops on its own (`Err`). `drain` is set when a signal came during
-/// start-up; shards still starting then start and drain at once.
+/// The control loop: signals (SIGHUP reloads, the others drain), shard exits, and the
+/// quarantine purge, until every shard has drained (`Ok`) or one stops on its own (`Err`).
+/// `drain` is set when a signal came during start-up; shards still starting then start and
+/// drain at once.
 fn control_loop(
     shared: &Shared,
     signals: &crossbeam_channel::Receiver<i32>,
@@ -448,9 +537,9 @@ fn control_loop(
     handles: Vec<executor::ShardThread>,
     mut drain: Option<Draining>,
     purge_every: Duration,
+    mut reloader: Reloader,
 ) -> Result<(), Error> {
     let shards = shared.config.shards;
-    let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
     let mut stopped = 0;
     let mut next_purge = Instant::now() + purge_every;
     let mut next_watch = Instant::now() + executor::HEARTBEAT_INTERVAL;
@@ -459,12 +548,20 @@ fn control_loop(
         let wake_at = drain.as_ref().map_or(next, |d| d.deadline.min(next));
         crossbeam_channel::select! {
             recv(signals) -> sig => {
+                if sig == Ok(SIGHUP) {
+                    if drain.is_some() {
+                        tracing::info!("SIGHUP during the drain; not reloading");
+                    } else {
+                        reloader.reload(shared);
+                    }
+                    continue;
+                }
                 let name = signal_name(sig.ok());
                 if drain.is_some() {
                     tracing::warn!("second signal ({name}) during the drain; exiting now");
                     std::process::exit(shutdown::EXIT_SECOND_SIGNAL);
                 }
-                drain = Some(Draining::start(shared, grace, &format!("{name} received")));
+                drain = Some(Draining::start(shared, &format!("{name} received")));
             }
             recv(events) -> event => match event {
                 Ok(ShardEvent::Stopped(id)) if drain.is_none() => return Err(shard_failure(id, handles)),
@@ -590,10 +687,11 @@ fn systemd_notify(state: &str) {
     }
 }
 
-/// SIGINT and SIGTERM, delivered by a small thread into a channel the control loop selects on.
+/// SIGINT, SIGTERM and SIGHUP, delivered by a small thread into a channel the control loop
+/// selects on.
 fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<i32>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let (tx, rx) = crossbeam_channel::bounded(4);
     std::thread::Builder::new()
         .name("corecast-signals".into())

@@ -40,11 +40,29 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token for a line arriving at `now`.
-    pub fn check(&mut self, now: Instant) -> Decision {
+    /// The same bucket at a new rate from `now` (a reload): the tokens earned so far are
+    /// kept up to the new capacity, so a lowered limit binds at once and a raised one
+    /// grants no burst beyond what the old one had saved.
+    pub fn with_rate(mut self, msgs_per_minute: u64, now: Instant) -> Self {
+        self.refill(now);
+        let capacity = msgs_per_minute as f64;
+        TokenBucket {
+            capacity,
+            per_sec: capacity / 60.0,
+            tokens: self.tokens.min(capacity),
+            ..self
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
         self.last_refill = now;
+    }
+
+    /// Takes one token for a line arriving at `now`.
+    pub fn check(&mut self, now: Instant) -> Decision {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Decision::Allow;
@@ -72,6 +90,23 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::per_minute(300, t0);
         assert_eq!(allowed(&mut b, t0, 1000), 300);
+    }
+
+    #[test]
+    fn a_new_rate_keeps_the_saved_tokens_up_to_its_capacity() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::per_minute(300, t0).with_rate(5, t0);
+        assert_eq!(allowed(&mut b, t0, 300), 5, "lowered: the new capacity binds at once");
+        // 5 per minute: one token every 12 s.
+        assert_eq!(allowed(&mut b, t0 + Duration::from_secs(12), 10), 1);
+        let t1 = t0 + Duration::from_secs(12);
+        let mut b = b.with_rate(600, t1);
+        assert_eq!(allowed(&mut b, t1, 10), 0, "raised: no burst beyond what was saved");
+        assert_eq!(
+            allowed(&mut b, t1 + Duration::from_secs(1), 20),
+            10,
+            "refills at the new rate"
+        );
     }
 
     #[test]

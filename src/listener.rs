@@ -90,7 +90,7 @@ fn admit(
 ) {
     let config = shard.config();
     let ip = addr.ip();
-    if config.deny.contains(ip) || config.allow.as_ref().is_some_and(|allow| !allow.contains(ip)) {
+    if !config.admits(ip) {
         close_unserved(shard, CloseReason::Denied, addr);
         return; // dropping the stream closes it
     }
@@ -182,7 +182,11 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Ar
                     );
                     continue;
                 };
-                on_accept(&shard, &scratch, stream, addr, tls.as_ref());
+                // The newest TLS configuration (a reload may have read new certificates).
+                let server = tls
+                    .as_ref()
+                    .map(|first| shard.shared.tls_server.load_full().unwrap_or_else(|| first.clone()));
+                on_accept(&shard, &scratch, stream, addr, server.as_ref());
             }
             Err(e) => {
                 errors_since_log += 1;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use corecast::config::{Cli, Command, Config};
+use corecast::config::{keys, Cli, Command, Config};
 use corecast::machine::Machine;
 
 /// sysexits.h EX_CONFIG: the configuration is wrong.
@@ -11,21 +11,30 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, check_only) = match cli.command {
-        None => (cli.serve, false),
-        Some(Command::Serve(args)) => (args, false),
-        Some(Command::Check(args)) => (args, true),
+    let (args, check) = match cli.command {
+        None => (cli.serve, None),
+        Some(Command::Serve(args)) => (args, None),
+        Some(Command::Check(check)) => (check.serve.clone(), Some(check)),
+        Some(Command::Keys) => {
+            print!("{}", keys::markdown());
+            return ExitCode::SUCCESS;
+        }
     };
-    let (config, warnings) = match Config::load(&args, &Machine::detect()) {
+    let machine = Machine::detect();
+    let (config, warnings) = match Config::load(&args, &machine) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("corecast: config error: {e}");
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if check_only {
+    if let Some(check) = check {
+        let kind = if check.strict { "config error" } else { "warning" };
         for w in &warnings {
-            eprintln!("corecast: warning: {w}");
+            eprintln!("corecast: {kind}: {w}");
+        }
+        if check.strict && !warnings.is_empty() {
+            return ExitCode::from(EX_CONFIG);
         }
         // What `serve` would refuse before listening, refused here the same way: the log
         // file as a config error (78), the rest as `run`'s start-up errors (1). Nothing is
@@ -55,7 +64,9 @@ fn main() -> ExitCode {
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    match corecast::run(config) {
+    // SIGHUP reads the file again, with the same flags over it.
+    let source = Box::new(move || Config::load(&args, &machine));
+    match corecast::run_reloadable(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corecast: error: {e}");

@@ -23,6 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,11 +159,14 @@ pub enum Strike {
 /// The shared table.
 pub struct Quarantine {
     by: QuarantineBy,
-    cooldown: Duration,
-    /// Strikes within [`STRIKE_WINDOW`] that quarantine a key; 1 quarantines at once.
-    strikes_to_quarantine: u32,
-    /// Closes of a key within this time after its last counted strike add nothing.
-    episode: Duration,
+    /// `quarantine_cooldown_secs` in milliseconds; a reload may change it ([`Quarantine::set_rules`]).
+    cooldown_ms: AtomicU64,
+    /// Strikes within [`STRIKE_WINDOW`] that quarantine a key; 1 quarantines at once. A
+    /// reload may change it.
+    strikes_to_quarantine: AtomicU32,
+    /// Closes of a key within this time after its last counted strike add nothing
+    /// (`write_deadline_ms`, in milliseconds; a reload may change it).
+    episode_ms: AtomicU64,
     max_entries: usize,
     snapshot: ArcSwap<Table>,
     /// Serialises writers (and holds the strikes, which only writers use); readers never
@@ -174,13 +178,26 @@ impl Quarantine {
     pub fn new(by: QuarantineBy, cooldown: Duration, strikes: u32, episode: Duration, max_entries: usize) -> Self {
         Quarantine {
             by,
-            cooldown,
-            strikes_to_quarantine: strikes.max(1),
-            episode,
+            cooldown_ms: AtomicU64::new(cooldown.as_millis() as u64),
+            strikes_to_quarantine: AtomicU32::new(strikes.max(1)),
+            episode_ms: AtomicU64::new(episode.as_millis() as u64),
             max_entries: max_entries.max(1),
             snapshot: ArcSwap::from_pointee(Table::default()),
             write: Mutex::new(Strikes::default()),
         }
+    }
+
+    /// Sets the cooldown, the strikes that quarantine and the episode (a reload): entries
+    /// already in the table keep their end time; strikes already counted count against
+    /// the new limit.
+    pub fn set_rules(&self, cooldown: Duration, strikes: u32, episode: Duration) {
+        self.cooldown_ms.store(cooldown.as_millis() as u64, Ordering::Relaxed);
+        self.strikes_to_quarantine.store(strikes.max(1), Ordering::Relaxed);
+        self.episode_ms.store(episode.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn cooldown(&self) -> Duration {
+        Duration::from_millis(self.cooldown_ms.load(Ordering::Relaxed))
     }
 
     /// The key a peer at `addr` is quarantined under.
@@ -204,15 +221,18 @@ impl Quarantine {
     /// Records a strike against `addr`'s key (a slow-consumer close); quarantines the key
     /// when this is its `strikes`-th within the window.
     pub fn strike(&self, addr: SocketAddr, now: Instant) -> Strike {
-        if self.cooldown.is_zero() {
+        let cooldown = self.cooldown();
+        if cooldown.is_zero() {
             return Strike::Off;
         }
         let key = self.key(addr);
-        let limit = self.strikes_to_quarantine;
+        let limit = self.strikes_to_quarantine.load(Ordering::Relaxed);
         let mut strikes = self.lock();
         let held = strikes.expire_key(key, now);
         let last = strikes.by_key.get(&key).and_then(|l| l.back()).map(|&(_, at)| at);
-        if last.is_some_and(|at| now.saturating_duration_since(at) < self.episode) {
+        if last.is_some_and(|at| {
+            now.saturating_duration_since(at) < Duration::from_millis(self.episode_ms.load(Ordering::Relaxed))
+        }) {
             return Strike::SameEpisode {
                 count: held as u32,
                 limit,
@@ -223,10 +243,7 @@ impl Quarantine {
             strikes.clear_key(key);
             strikes.compact_if_stale();
             self.publish(&mut strikes, |t| self.enter(t, key, now));
-            return Strike::Quarantined {
-                limit,
-                cooldown: self.cooldown,
-            };
+            return Strike::Quarantined { limit, cooldown };
         }
         strikes.push(key, now, self.max_entries);
         Strike::Counted {
@@ -237,7 +254,7 @@ impl Quarantine {
 
     /// Quarantines `addr`'s key for the cooldown at once, whatever its strikes.
     pub fn insert(&self, addr: SocketAddr, now: Instant) {
-        if self.cooldown.is_zero() {
+        if self.cooldown().is_zero() {
             return;
         }
         let key = self.key(addr);
@@ -248,7 +265,7 @@ impl Quarantine {
 
     /// Enters `key` for the cooldown, evicting the oldest entries past the bound.
     fn enter(&self, t: &mut Table, key: Key, now: Instant) {
-        t.entries.insert(key, (now, now + self.cooldown));
+        t.entries.insert(key, (now, now + self.cooldown()));
         t.order.push_back((now, key));
         while t.entries.len() > self.max_entries {
             let Some((entered, k)) = t.order.pop_front() else { break };
@@ -406,6 +423,26 @@ mod tests {
             Duration::ZERO,
             max_entries,
         )
+    }
+
+    #[test]
+    fn new_rules_apply_to_the_next_strike_and_keep_the_counted_ones_and_the_entries() {
+        let q = strikes(3, 100);
+        let (t0, peer, other) = (Instant::now(), addr("10.0.0.1:1"), addr("10.0.0.2:1"));
+        q.insert(other, t0);
+        assert_eq!(q.strike(peer, t0), Strike::Counted { count: 1, limit: 3 });
+        q.set_rules(Duration::from_secs(5), 2, Duration::ZERO);
+        assert_eq!(
+            q.strike(peer, t0 + MIN),
+            Strike::Quarantined {
+                limit: 2,
+                cooldown: Duration::from_secs(5)
+            }
+        );
+        assert!(!q.contains(peer, t0 + MIN + Duration::from_secs(5)), "the new cooldown");
+        assert!(q.contains(other, t0 + MIN), "an entry keeps its end time");
+        q.set_rules(Duration::ZERO, 2, Duration::ZERO);
+        assert_eq!(q.strike(peer, t0 + 2 * MIN), Strike::Off);
     }
 
     #[test]

@@ -66,8 +66,12 @@ impl Shard {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.shared.config
+    /// The running config as this shard last copied it: the start-up values of the keys
+    /// that need a restart, the last reload's for the others (taken up at the shard's
+    /// heartbeat). Read per connection or per accept; the per-line limits are in the
+    /// fan-out's tunables.
+    pub fn config(&self) -> Arc<Config> {
+        self.fanout.config()
     }
 
     pub fn is_shutting_down(&self) -> bool {

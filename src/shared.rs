@@ -4,10 +4,18 @@
 //! uplink's identity and counters. It crosses threads,
 //! so it is all atomics, locks taken rarely, or read-only after start-up. Built once by
 //! [`crate::run`]; every shard and the admin thread hold an `Arc` of it.
+//!
+//! A SIGHUP reload ([`Shared::reload`], on the main thread) swaps the running config in
+//! [`Shared::live`] and bumps a generation; each shard's heartbeat then copies the
+//! reloadable values it obeys into its [`LocalTunables`], a `Cell` the hot path reads
+//! without an atomic. The quarantine rules and the connection limit are set in place.
 
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use crate::backpressure::{Policy, Stage};
 use crate::cluster::Cluster;
@@ -65,8 +73,15 @@ impl StartupStep {
 /// State shared by every shard. It crosses threads on purpose, and none of it is touched
 /// per message except one relaxed load per shard when a sender's read relayed lines.
 pub struct Shared {
+    /// The config the relay started with. The keys a reload applies (`reload` column of
+    /// the key table) may since have changed: read those from [`Shared::live`], or on a
+    /// shard from its [`LocalTunables`].
     pub config: Config,
-    pub policy: Policy,
+    /// The running config: `config` with the reloadable keys as the last reload set them.
+    /// Written only by [`Shared::reload`].
+    live: ArcSwap<Config>,
+    /// Bumped by every reload, so that a shard's heartbeat copies only after a change.
+    generation: AtomicU64,
     /// Read on every accept (lock-free), written on slow-consumer disconnects and purges.
     pub quarantine: Quarantine,
     /// A connection whose socket took more bytes than this has read, and its slow-consumer
@@ -97,6 +112,10 @@ pub struct Shared {
     startup_steps: Box<[AtomicU8]>,
     /// The cluster uplink's identity and counters, when `hyper_parameters.cluster` is set.
     pub cluster: Option<Arc<Cluster>>,
+    /// The TLS listener's rustls configuration, set by `run` and replaced by a reload
+    /// (which reads the certificate files again); each TLS accept loads it, so new
+    /// handshakes use the newest and established sessions keep theirs.
+    pub tls_server: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// The admin endpoint's thread: its restarts and whether it is down (see `supervisor`).
     pub admin_thread: ThreadWatch,
 }
@@ -104,7 +123,9 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> Self {
         Shared {
-            policy: Policy::from_config(&config),
+            live: ArcSwap::from_pointee(config.clone()),
+            generation: AtomicU64::new(0),
+            tls_server: arc_swap::ArcSwapOption::empty(),
             quarantine: Quarantine::new(
                 config.quarantine_by,
                 Duration::from_secs(config.quarantine_cooldown_secs),
@@ -127,6 +148,25 @@ impl Shared {
             admin_thread: ThreadWatch::default(),
             config,
         }
+    }
+
+    /// The running config (see [`Shared::live`]).
+    pub fn live(&self) -> Arc<Config> {
+        self.live.load_full()
+    }
+
+    /// Makes `config` the running config: the quarantine rules and the connection limit at
+    /// once, each shard's tunables at its next heartbeat. `config` must keep the start-up
+    /// values of the keys that need a restart (`Config::reloaded` does).
+    pub fn reload(&self, config: Config) {
+        self.quarantine.set_rules(
+            Duration::from_secs(config.quarantine_cooldown_secs),
+            config.quarantine_strikes,
+            Duration::from_millis(config.write_deadline_ms),
+        );
+        self.connections.set_max(config.max_connections);
+        self.live.store(Arc::new(config));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Shard `id`'s start-up step as it last reported it.
@@ -200,33 +240,104 @@ impl Shared {
         Stage::from_u8(self.stage.iter().map(|s| s.load(Ordering::Relaxed)).max().unwrap_or(0))
     }
 
-    /// True while the memory queued for recipients, process-wide, is past
+    /// True while the memory queued for recipients, process-wide, is past `policy`'s
     /// `max_total_pending_bytes`.
-    pub fn over_total_pending(&self) -> bool {
-        self.policy
-            .over_total(self.pending_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum())
+    pub fn over_total_pending(&self, policy: &Policy) -> bool {
+        policy.over_total(self.pending_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum())
+    }
+}
+
+/// The reloadable values a shard's hot path obeys, copied out of the running config.
+#[derive(Debug, Clone, Copy)]
+pub struct Tunables {
+    pub policy: Policy,
+    /// `hyper_parameters.rate_limit_msgs_per_minute`; `None` disables.
+    pub rate_limit_msgs_per_minute: Option<u64>,
+}
+
+impl Tunables {
+    pub fn from_config(config: &Config) -> Self {
+        Tunables {
+            policy: Policy::from_config(config),
+            rate_limit_msgs_per_minute: config.rate_limit_msgs_per_minute,
+        }
+    }
+}
+
+/// One shard's copy of the running config and of the [`Tunables`] its hot path reads (per
+/// read and per stalled delivery, from a `Cell`, without an atomic), refreshed by the
+/// shard's heartbeat ([`LocalTunables::refresh`]) after a reload. Owned by the shard's
+/// fan-out, shared with its stall tracking.
+pub struct LocalTunables {
+    shared: Arc<Shared>,
+    current: Cell<Tunables>,
+    /// The running config as of the last refresh, for what is read per connection or per
+    /// accept ([`crate::shard::Shard::config`]).
+    config: RefCell<Arc<Config>>,
+    /// The [`Shared`] generation `current` was copied at.
+    generation: Cell<u64>,
+}
+
+impl LocalTunables {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let generation = shared.generation.load(Ordering::Acquire);
+        let config = shared.live();
+        LocalTunables {
+            current: Cell::new(Tunables::from_config(&config)),
+            config: RefCell::new(config),
+            generation: Cell::new(generation),
+            shared,
+        }
+    }
+
+    pub fn get(&self) -> Tunables {
+        self.current.get()
+    }
+
+    /// The running config as of the last refresh.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Copies the running config if a reload happened since the last copy; one atomic
+    /// load otherwise. Returns the config it replaced when there was a reload.
+    pub fn refresh(&self) -> Option<Arc<Config>> {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation == self.generation.get() {
+            return None;
+        }
+        let config = self.shared.live();
+        self.current.set(Tunables::from_config(&config));
+        self.generation.set(generation);
+        Some(self.config.replace(config))
     }
 }
 
 /// The process-wide count of open connections, against `max_connections`.
 pub struct ConnectionSlots {
     open: Arc<AtomicUsize>,
-    max: usize,
+    /// `max_connections`; a reload may change it (lowering it closes nobody: only new
+    /// connections are refused until enough have left).
+    max: AtomicUsize,
 }
 
 impl ConnectionSlots {
     pub fn new(max: usize) -> Self {
         ConnectionSlots {
             open: Arc::default(),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Takes a slot, or `None` when `max_connections` are open. The slot is given back
     /// when the returned guard is dropped, however the connection ends.
     pub fn try_take(&self) -> Option<ConnectionSlot> {
         let before = self.open.fetch_add(1, Ordering::Relaxed);
-        if before >= self.max {
+        if before >= self.max.load(Ordering::Relaxed) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
@@ -267,5 +378,44 @@ mod tests {
         let c = slots.try_take().unwrap();
         drop((b, c));
         assert_eq!(slots.open(), 0);
+    }
+
+    #[test]
+    fn a_shard_takes_up_a_reload_at_its_next_refresh_only() {
+        let config = Config::defaults_for(&crate::machine::Machine::detect());
+        let shared = Arc::new(Shared::new(config.clone()));
+        let local = LocalTunables::new(shared.clone());
+        assert!(local.refresh().is_none(), "nothing reloaded yet");
+        let mut next = config.clone();
+        next.rate_limit_msgs_per_minute = Some(7);
+        next.write_deadline_ms = 1234;
+        next.quarantine_strikes = 1;
+        shared.reload(next);
+        assert_eq!(
+            local.get().rate_limit_msgs_per_minute,
+            Some(300),
+            "a Cell, until the refresh"
+        );
+        let before = local.refresh().expect("a reload happened");
+        assert_eq!(before.rate_limit_msgs_per_minute, Some(300));
+        assert_eq!(local.get().rate_limit_msgs_per_minute, Some(7));
+        assert_eq!(local.get().policy.write_deadline, Duration::from_millis(1234));
+        assert_eq!(local.config().quarantine_strikes, 1);
+        assert!(local.refresh().is_none());
+    }
+
+    #[test]
+    fn a_lowered_connection_limit_keeps_the_open_slots_and_refuses_new_ones() {
+        let slots = ConnectionSlots::new(3);
+        let held: Vec<_> = (0..3).filter_map(|_| slots.try_take()).collect();
+        slots.set_max(1);
+        assert_eq!(slots.open(), 3, "nobody is closed");
+        assert!(slots.try_take().is_none());
+        drop(held);
+        let one = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        slots.set_max(2);
+        assert!(slots.try_take().is_some());
+        drop(one);
     }
 }

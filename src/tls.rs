@@ -1,8 +1,8 @@
 //! The `hyper_parameters.tls` section: a second listen address whose clients speak TLS
-//! (docs/protocol.md#tls), parsed from a `serde_json::Value` into one [`TlsConfig`], and the
-//! rustls server configuration built from its files ([`server_config`]). `config.rs` calls
-//! both while loading, so that `check` and `serve` refuse an unreadable certificate, a key
-//! that does not match it or a bad CA file with exit 78, naming the key; `run` builds the
+//! (docs/protocol.md#tls), one [`TlsConfig`] whose keys are declared in the config key
+//! table (`config/keys.rs`), and the rustls server configuration built from its files
+//! ([`server_config`]). The key table calls it while loading, so that `check` and `serve`
+//! refuse an unreadable certificate, a key that does not match it or a bad CA file with exit 78, naming the key; `run` builds the
 //! configuration again for the shards. `null` (or no key) means no TLS listener.
 //!
 //! TLS 1.2 and 1.3 only, ring as the crypto provider (no OpenSSL). With `client_ca_file`,
@@ -17,21 +17,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use serde_json::{json, Value};
-
-/// Default bound on one handshake, from accept to its last record.
-const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-/// Default bound on handshakes in progress per shard.
-const DEFAULT_MAX_HANDSHAKES: usize = 64;
-
-const KEYS: &[&str] = &[
-    "listen",
-    "cert_file",
-    "key_file",
-    "client_ca_file",
-    "handshake_timeout_ms",
-    "max_handshakes",
-];
 
 /// The TLS listener (docs/protocol.md#tls).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,92 +67,6 @@ fn invalid(key: &str, expected: &str, found: impl Into<String>) -> InvalidValue 
         key: key.to_string(),
         expected: expected.to_string(),
         found,
-    }
-}
-
-/// Parses the section found at `path` (normally `hyper_parameters.tls`): `Ok(None)` for
-/// `null`, else the validated config, whose files have been loaded once to check them.
-/// Unknown keys inside it are warnings, as elsewhere.
-pub fn parse(value: &Value, path: &str, warnings: &mut Vec<String>) -> Result<Option<TlsConfig>, InvalidValue> {
-    let map = match value {
-        Value::Null => return Ok(None),
-        Value::Object(map) => map,
-        other => {
-            return Err(invalid(
-                path,
-                "null or an object with \"listen\", \"cert_file\" and \"key_file\"",
-                other.to_string(),
-            ))
-        }
-    };
-    let key = |name: &str| format!("{path}.{name}");
-    let listen = match map.get("listen") {
-        Some(Value::String(text)) => text.parse().map_err(|_| {
-            invalid(
-                &key("listen"),
-                "an ip:port address",
-                Value::String(text.clone()).to_string(),
-            )
-        })?,
-        other => {
-            return Err(invalid(
-                &key("listen"),
-                "an ip:port address",
-                other.unwrap_or(&Value::Null).to_string(),
-            ))
-        }
-    };
-    let file = |name: &str, required: bool| -> Result<Option<PathBuf>, InvalidValue> {
-        match map.get(name) {
-            Some(Value::String(p)) if !p.is_empty() => Ok(Some(PathBuf::from(p))),
-            None | Some(Value::Null) if !required => Ok(None),
-            other => Err(invalid(
-                &key(name),
-                if required { "a file path" } else { "a file path or null" },
-                other.unwrap_or(&Value::Null).to_string(),
-            )),
-        }
-    };
-    let int = |name: &str, default: u64, min: u64, max: u64| -> Result<u64, InvalidValue> {
-        match map.get(name) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .filter(|n| (min..=max).contains(n))
-                .ok_or_else(|| invalid(&key(name), &format!("an integer from {min} to {max}"), v.to_string())),
-        }
-    };
-    let config = TlsConfig {
-        listen,
-        cert_file: file("cert_file", true)?.expect("required"),
-        key_file: file("key_file", true)?.expect("required"),
-        client_ca_file: file("client_ca_file", false)?,
-        handshake_timeout_ms: int("handshake_timeout_ms", DEFAULT_HANDSHAKE_TIMEOUT_MS, 100, 600_000)?,
-        max_handshakes: int("max_handshakes", DEFAULT_MAX_HANDSHAKES as u64, 1, 100_000)? as usize,
-    };
-    for name in map.keys() {
-        if !KEYS.contains(&name.as_str()) {
-            warnings.push(format!(
-                "unknown config key {path}.{name} ignored (known: {})",
-                KEYS.join(", ")
-            ));
-        }
-    }
-    server_config(&config, path)?;
-    Ok(Some(config))
-}
-
-impl TlsConfig {
-    /// The section as `corecast check` prints it.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "listen": self.listen.to_string(),
-            "cert_file": self.cert_file.display().to_string(),
-            "key_file": self.key_file.display().to_string(),
-            "client_ca_file": self.client_ca_file.as_ref().map(|p| p.display().to_string()),
-            "handshake_timeout_ms": self.handshake_timeout_ms,
-            "max_handshakes": self.max_handshakes,
-        })
     }
 }
 

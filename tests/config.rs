@@ -225,6 +225,116 @@ fn check_passes_beside_a_relay_that_already_serves_the_port() {
 }
 
 #[test]
+fn check_strict_makes_an_unknown_key_an_error_with_exit_78() {
+    let path = temp_config(r#"{"hyper_parameters": {"rate_limit_msg_per_minute": 5}}"#);
+    let lenient = check(&["--config", path.to_str().unwrap()]);
+    assert!(lenient.status.success(), "{}", stderr(&lenient));
+    assert!(
+        stderr(&lenient).contains("corecast: warning: unknown config key hyper_parameters.rate_limit_msg_per_minute")
+    );
+    let strict = check(&["--strict", "--config", path.to_str().unwrap()]);
+    assert_eq!(strict.status.code(), Some(78), "{}", stderr(&strict));
+    assert!(
+        stderr(&strict).contains(
+            "corecast: config error: unknown config key hyper_parameters.rate_limit_msg_per_minute ignored \
+             (did you mean hyper_parameters.rate_limit_msgs_per_minute?)"
+        ),
+        "{}",
+        stderr(&strict)
+    );
+    assert!(strict.stdout.is_empty());
+    let clean = temp_config(r#"{"hyper_parameters": {"rate_limit_msgs_per_minute": 5}}"#);
+    let out = check(&["--strict", "--config", clean.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn corecast_environment_variables_set_the_flags_and_a_flag_beats_its_variable() {
+    let path = temp_config(r#"{"port": 7000, "name": "from-file"}"#);
+    let out = corecast()
+        .args(["check"])
+        .env("CORECAST_CONFIG", &path)
+        .env("CORECAST_PORT", "7002")
+        .env("CORECAST_SHARDS", "3")
+        .env("CORECAST_LOG_LEVEL", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let effective: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(effective["name"], "from-file", "CORECAST_CONFIG names the file");
+    assert_eq!(effective["port"], 7002, "the variable beats the file");
+    assert_eq!(effective["hyper_parameters"]["worker_threads"], 3);
+    assert_eq!(effective["logger"]["log_level"], "DEBUG");
+    let out = corecast()
+        .args(["check", "--port", "7003"])
+        .env("CORECAST_PORT", "7002")
+        .output()
+        .unwrap();
+    let effective: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(effective["port"], 7003, "the flag beats the variable");
+    let out = corecast().args(["check"]).env("CORECAST_SHARDS", "0").output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr(&out).contains("--shards: expected an integer from 1 to 1024, found 0"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn help_shows_each_flags_key_default_and_variable() {
+    let out = corecast().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "[key: port] [default: 8888] [env: CORECAST_PORT=]",
+        "[key: host] [default: 127.0.0.1] [env: CORECAST_HOST=]",
+        "[default: one per usable CPU] [env: CORECAST_SHARDS=]",
+        "[key: logger.log_level] [default: INFO] [env: CORECAST_LOG_LEVEL=]",
+        "[key: hyper_parameters.admin_addr] [default: none] [env: CORECAST_ADMIN=]",
+    ] {
+        assert!(help.contains(needle), "{needle} not in:\n{help}");
+    }
+    let out = corecast().args(["check", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--strict"));
+}
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let out = corecast().arg("--version").output().unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    let commit = version
+        .trim()
+        .strip_prefix(concat!("corecast ", env!("CARGO_PKG_VERSION"), " (commit "))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{version:?}"));
+    // Built in a git checkout (as the tests are), the commit is HEAD's, unless the build
+    // was given one in CORECAST_COMMIT.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match (option_env!("CORECAST_COMMIT"), head) {
+        (Some(given), _) if !given.is_empty() => assert_eq!(commit, given),
+        (_, Some(head)) => assert!(commit.len() >= 7 && head.starts_with(commit), "{commit} vs {head}"),
+        _ => assert_eq!(commit, "unknown"),
+    }
+}
+
+#[test]
+fn keys_prints_the_declared_table() {
+    let out = corecast().arg("keys").output().unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table, corecast::config::keys::markdown());
+    assert!(table.contains(
+        "| `hyper_parameters.rate_limit_msgs_per_minute` | `300` | ≥ 0 or `null` | lines per minute | live |"
+    ));
+}
+
+#[test]
 fn check_with_a_file_log_creates_nothing() {
     let base = std::env::temp_dir().join(format!("corecast-check-{}", std::process::id()));
     std::fs::create_dir_all(&base).unwrap();

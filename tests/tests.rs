@@ -23,6 +23,8 @@ mod ops;
 mod policy;
 /// One test per fixed bug.
 mod regression;
+/// SIGHUP reload: live keys on connected clients, the log level, invalid files, restart-only keys.
+mod reload;
 /// Many shards: prompt start-up, a shard that does not start, fan-out over 8 and more.
 mod shards;
 /// Start-up checks: port in use, port guard, locked memory, io_uring.

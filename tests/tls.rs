@@ -496,3 +496,42 @@ fn a_tls_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     sender.shutdown();
     drop(draining);
 }
+
+#[test]
+fn sighup_reads_the_certificate_files_again_for_new_handshakes_and_keeps_established_sessions() {
+    let (first, second) = (Pki::new(), Pki::new());
+    // The files the relay serves, overwritten in place as certificate rotation does.
+    let live = Pki::new();
+    let copy = |from: &Pki| {
+        for name in ["server.pem", "server.key"] {
+            std::fs::copy(from.path(name), live.path(name)).unwrap();
+        }
+    };
+    copy(&first);
+    let json = format!(
+        r#"{{"hyper_parameters":{{"rate_limit_msgs_per_minute":null,{}}}}}"#,
+        live.section("")
+    );
+    let path = crate::util::temp_config(&json);
+    let relay = Relay::start(&["--shards", "1", "--config", path.to_str().unwrap()]);
+    let line = relay.log.wait_for("listening for TLS on ");
+    let addr: SocketAddr = line
+        .split("listening for TLS on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let mut before = PyClient::connect(addr, &first, PyOptions::default());
+    before.local_addr();
+    copy(&second);
+    relay.signal(libc::SIGHUP);
+    relay.log.wait_for("SIGHUP: config reloaded");
+    // New handshakes get the new certificate: a client trusting only the old CA fails.
+    let old_ca = PyClient::connect(addr, &first, PyOptions::default());
+    assert!(old_ca.status.starts_with("handshake-error"), "{}", old_ca.status);
+    let mut after = PyClient::connect(addr, &second, PyOptions::default());
+    let from = after.local_addr();
+    after.send(b"rotated\n");
+    // The session made before the reload is still served.
+    assert_eq!(before.line().unwrap(), envelope("rotated", from).into_bytes());
+}

@@ -20,6 +20,13 @@ from helpers import PATIENCE, REPO, STANDIN_SDK, cargo_version
 WHEEL_ENV = "CORECAST_WHEEL"
 
 
+def assert_version_line(text):
+    """`corecast <version> (commit <short hash>)`; `unknown` when built without git and
+    without CORECAST_COMMIT (build.rs)."""
+    pattern = rf"corecast {re.escape(cargo_version())} \(commit ([0-9a-f]{{7,}}|unknown)\)\n"
+    assert re.fullmatch(pattern, text), text
+
+
 def test_the_package_and_the_binary_are_installed_into_the_environment():
     site_packages = Path(sysconfig.get_path("purelib")).resolve()
     assert Path(corecast.__file__).resolve().is_relative_to(site_packages), corecast.__file__
@@ -29,18 +36,17 @@ def test_the_package_and_the_binary_are_installed_into_the_environment():
 
 
 def test_corecast_version_runs_from_the_environment():
-    version = f"corecast {cargo_version()}\n"
     out = subprocess.run(
         [str(Path(sys.prefix) / "bin" / "corecast"), "--version"],
         capture_output=True,
         timeout=PATIENCE,
         check=True,
     )
-    assert out.stdout.decode() == version
+    assert_version_line(out.stdout.decode())
     out = subprocess.run(
         [sys.executable, "-m", "corecast", "--version"], capture_output=True, timeout=PATIENCE, check=True
     )
-    assert out.stdout.decode() == version
+    assert_version_line(out.stdout.decode())
 
 
 def test_python_m_corecast_is_the_command_line_with_its_exit_status(tmp_path):
@@ -113,7 +119,7 @@ def test_a_release_wheel_installs_and_runs_without_a_rust_toolchain(tmp_path):
     out = subprocess.run(
         [str(env_dir / "bin" / "corecast"), "--version"], env=bare, capture_output=True, check=True, timeout=PATIENCE
     )
-    assert out.stdout.decode() == f"corecast {cargo_version()}\n"
+    assert_version_line(out.stdout.decode())
     out = subprocess.run(
         [str(env_dir / "bin" / "python"), "-c", "import corecast; print(corecast.binary_path())"],
         env=bare,

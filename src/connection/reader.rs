@@ -76,9 +76,10 @@ pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>
     let fanout = &shard.fanout;
     let reads = fanout.reads();
     let mut framer = Framer::new(config.max_line_bytes);
-    let mut limiter = config
-        .rate_limit_msgs_per_minute
-        .map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
+    // The rate this bucket was made for; a reload that changes the shard's rate gives the
+    // connection a bucket at the new rate (see `TokenBucket::with_rate`).
+    let mut rate = fanout.tunables().rate_limit_msgs_per_minute;
+    let mut limiter = rate.map(|per_minute| TokenBucket::per_minute(per_minute, Instant::now()));
     let (mut next, mut empty_turns) = (NextRead::Readiness, 0);
     // What the framer holds, as counted in the shard's partial lines; given back when this
     // future ends, however it ends.
@@ -147,6 +148,14 @@ pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>
             Err(_) => return CloseReason::ReadError,
         };
         let now = Instant::now();
+        let current = fanout.tunables().rate_limit_msgs_per_minute;
+        if current != rate {
+            rate = current;
+            limiter = current.map(|per_minute| match limiter.take() {
+                Some(bucket) => bucket.with_rate(per_minute, now),
+                None => TokenBucket::per_minute(per_minute, now),
+            });
+        }
         let previous_read = client.on_inbound(now);
         shard.stats.on_read(n);
         client.conn.bytes_in.add(n as u64);
@@ -240,7 +249,7 @@ impl Drop for HeldPartial<'_> {
 /// control waits until no recipient is at that stage (each recipient's allowance bounds
 /// it). Returns after no wait when nobody is behind.
 async fn pause_sender(shard: &Shard) {
-    let policy = &shard.shared.policy;
+    let policy = shard.fanout.tunables().policy;
     let start = Instant::now();
     match shard.shared.stage() {
         Stage::None => return,
@@ -259,11 +268,12 @@ async fn pause_sender(shard: &Shard) {
 /// Waits before a read while the process-wide bound on queued bytes is exceeded: TCP
 /// then pushes back on every sender until stalled recipients drain or are closed.
 async fn wait_for_pending_room(shard: &Shard) {
-    if !shard.shared.over_total_pending() {
+    let over = || shard.shared.over_total_pending(&shard.fanout.tunables().policy);
+    if !over() {
         return;
     }
     let start = Instant::now();
-    while shard.shared.over_total_pending() && !shard.is_shutting_down() {
+    while over() && !shard.is_shutting_down() {
         glommio::timer::sleep(PAUSE_POLL).await;
     }
     shard.stats.on_sender_pause(start.elapsed());

@@ -17,7 +17,7 @@ use crate::client::Client;
 use crate::metrics::{CloseReason, ShardStats};
 use crate::notify::Notify;
 use crate::quarantine::Strike;
-use crate::shared::Shared;
+use crate::shared::{LocalTunables, Shared};
 
 /// How often a shard re-examines its stalled recipients while it has any: the write
 /// deadline, the messages rule and the end of pause allowances are seen this late at most.
@@ -27,6 +27,8 @@ pub struct Stalls {
     shard_id: usize,
     shared: Arc<Shared>,
     stats: Arc<ShardStats>,
+    /// The shard's reloadable limits: the policy applied to stalled recipients.
+    tunables: Rc<LocalTunables>,
     /// Stalled recipients by id (usually none or a few); each leaves when it catches up
     /// or closes.
     stalled: RefCell<HashMap<u64, Rc<Client>>>,
@@ -40,11 +42,12 @@ pub struct Stalls {
 }
 
 impl Stalls {
-    pub fn new(shard_id: usize, shared: Arc<Shared>, stats: Arc<ShardStats>) -> Self {
+    pub fn new(shard_id: usize, shared: Arc<Shared>, stats: Arc<ShardStats>, tunables: Rc<LocalTunables>) -> Self {
         Stalls {
             shard_id,
             shared,
             stats,
+            tunables,
             stalled: RefCell::default(),
             stage: Cell::new(Stage::None),
             crowd_behind: Cell::new(false),
@@ -100,7 +103,7 @@ impl Stalls {
         let depth = client.stalled_depth();
         let bytes = client.queued_bytes();
         self.stats.on_stalled_depth(depth);
-        let verdict = client.observe_lag(&self.shared.policy, depth, bytes, self.crowd_behind.get(), now);
+        let verdict = client.observe_lag(&self.tunables.get().policy, depth, bytes, self.crowd_behind.get(), now);
         if let Some(rule) = verdict.close {
             self.close_slow_consumer(client, rule, &format!("{depth} messages / {bytes} bytes queued"));
         }
@@ -108,13 +111,14 @@ impl Stalls {
     }
 
     fn rule_text(&self, rule: Rule) -> String {
-        let c = &self.shared.config;
+        let p = self.tunables.get().policy;
+        let deadline_ms = p.write_deadline.as_millis();
         match rule {
-            Rule::Deadline => format!("accepted nothing for {} ms", c.write_deadline_ms),
-            Rule::Bytes => format!("over max_pending_bytes ({})", c.max_pending_bytes),
+            Rule::Deadline => format!("accepted nothing for {deadline_ms} ms"),
+            Rule::Bytes => format!("over max_pending_bytes ({})", p.max_pending_bytes),
             Rule::Messages => format!(
-                "over disconnect_threshold ({}) for {} ms",
-                c.backpressure.disconnect_threshold, c.write_deadline_ms
+                "over disconnect_threshold ({}) for {deadline_ms} ms",
+                p.thresholds.disconnect_threshold
             ),
         }
     }
@@ -215,7 +219,11 @@ mod tests {
 
     fn stalls(config: Config) -> (Stalls, Arc<Shared>) {
         let shared = Arc::new(Shared::new(config));
-        (Stalls::new(0, shared.clone(), shared.stats[0].clone()), shared)
+        let tunables = Rc::new(LocalTunables::new(shared.clone()));
+        (
+            Stalls::new(0, shared.clone(), shared.stats[0].clone(), tunables),
+            shared,
+        )
     }
 
     /// A stalled client with `n` envelopes of `len` bytes queued.
