@@ -713,7 +713,7 @@ fn an_uplink_that_panics_is_logged_counted_shown_down_and_restarted_and_drops_me
         assert_eq!(String::from_utf8_lossy(&b.line()), a.envelope(&content(0, i)));
     }
     let deadline = Instant::now() + PATIENCE;
-    while hooked.metric("dropped_uplink_down") < 20 {
+    while hooked.metric("dropped_envelopes{reason=\"uplink_down\"}") < 20 {
         assert!(
             Instant::now() < deadline,
             "the lines handed to the dead uplink were not counted"

@@ -190,7 +190,7 @@ pub const DROP_METRICS: [&str; 3] = [
 pub fn dropped_metric(reason: &str) -> String {
     let metric = match reason {
         "rate_limited" | "line_too_long" | "invalid_utf8" => "dropped_lines",
-        "slow_consumer" | "recipient_gone" => "dropped_envelopes",
+        "slow_consumer" | "recipient_gone" | "peer_gone" => "dropped_envelopes",
         "quarantined" | "server_full" => "refused_connections",
         other => panic!("unknown drop reason {other}"),
     };
