@@ -439,14 +439,30 @@ mod tests {
 
     #[test]
     fn log_crate_records_show_through_in_the_summoner_form() {
-        let _ = tracing_log::LogTracer::init();
         let out = Captured::default();
         let writer = out.clone();
         let config = crate::config::Config::defaults_for(&crate::machine::Machine::detect()).log;
         let (sub, _) = subscriber(&config, "relay", Some(move || writer.clone()), NO_FILE);
+        // Each record goes the way the `log` bridge sends it (`format_trace`), straight to
+        // this thread's subscriber: through the global `log` logger, the process-wide
+        // `log::max_level` that other tests running at once may lower would decide instead.
+        let record = |level, target, text| {
+            tracing_log::format_trace(
+                &log::Record::builder()
+                    .level(level)
+                    .target(target)
+                    .args(format_args!("{text}"))
+                    .build(),
+            )
+            .unwrap();
+        };
         tracing::subscriber::with_default(sub, || {
-            log::warn!(target: "glommio::sys::uring", "Error: registering buffers in the main ring. Skipping");
-            log::debug!(target: "glommio", "below the INFO level");
+            record(
+                log::Level::Warn,
+                "glommio::sys::uring",
+                "Error: registering buffers in the main ring. Skipping",
+            );
+            record(log::Level::Debug, "glommio", "below the INFO level");
             tracing::info!("plain tracing event");
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
