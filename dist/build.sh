@@ -13,7 +13,8 @@
 # be Linux 5.8 or newer (io_uring). glommio calls copy_file_range, which glibc has only
 # since 2.27: src/glibc_compat.rs defines it in the binary as the raw system call, so the
 # link needs nothing newer. `auditwheel show` checks the wheel's tag. With --aarch64 it
-# also cross-builds the aarch64 wheel (manylinux2014 too; not the .deb or the tarball).
+# also cross-builds the aarch64 wheel (manylinux2014 too; not the .deb or the tarball;
+# about 4 minutes more; not in CI).
 #
 # Needs: Rust (>= 1.85), Python 3 with venv, a C compiler, git. maturin, ziglang and
 # auditwheel come from PyPI into target/dist-tools; cargo-deb from crates.io.
