@@ -2,16 +2,19 @@
 # Builds every release artefact from one compile of the `dist` profile (stripped release):
 #
 #   corecast-VERSION.tar.gz                                   the sdist
-#   corecast-VERSION-py3-none-manylinux_2_28_x86_64...whl     the wheel, built FROM the sdist
+#   corecast-VERSION-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl
+#                                                             the wheel, built FROM the sdist
 #   corecast_VERSION-1_amd64.deb                              cargo-deb, same binary
 #   corecast-VERSION-x86_64-linux.tar.gz (+ .sha256)          binary, configs, unit, docs
 #
 # into dist/out/ (or $OUT). The wheel is built from the sdist, so a green run also shows
-# that the sdist builds. The binary is linked by zig against glibc 2.28 (manylinux_2_28),
-# so the wheel, the .deb and the tarball run on RHEL 8+, Debian 10+, Ubuntu 20.04+ alike;
-# `auditwheel show` checks the wheel's tag. Not glibc 2.17 (manylinux2014): glommio calls
-# copy_file_range, which glibc has since 2.27, and io_uring needs Linux 5.8, which no
-# distribution with an older glibc ships. With --aarch64 it also cross-builds for aarch64.
+# that the sdist builds. The binary is linked by zig against glibc 2.17 (manylinux2014), so
+# the wheel, the .deb and the tarball need no newer glibc than 2.17; the kernel must still
+# be Linux 5.8 or newer (io_uring). glommio calls copy_file_range, which glibc has only
+# since 2.27: src/glibc_compat.rs defines it in the binary as the raw system call, so the
+# link needs nothing newer. `auditwheel show` checks the wheel's tag. With --aarch64 it
+# also cross-builds the aarch64 wheel (manylinux2014 too; not the .deb or the tarball;
+# about 4 minutes more; not in CI).
 #
 # Needs: Rust (>= 1.85), Python 3 with venv, a C compiler, git. maturin, ziglang and
 # auditwheel come from PyPI into target/dist-tools; cargo-deb from crates.io.
@@ -75,20 +78,20 @@ sdist=$out/corecast-$version.tar.gz
 [ -f "$sdist" ] || { echo "dist/build.sh: maturin made no $sdist" >&2; exit 1; }
 
 build_wheel() {  # target triple
-    step "wheel for $1 from the sdist (manylinux_2_28, zig)"
+    step "wheel for $1 from the sdist (manylinux2014 = manylinux_2_17, zig)"
     local wheels=$CARGO_TARGET_DIR/dist-wheels-$1
     rm -rf "$wheels"
-    MATURIN_PEP517_ARGS="--profile dist --zig --compatibility manylinux_2_28 --target $1" \
+    MATURIN_PEP517_ARGS="--profile dist --zig --compatibility manylinux2014 --target $1" \
         "$tools/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$wheels" "$sdist"
     local wheel
     wheel=$(ls "$wheels"/corecast-"$version"-*.whl)
-    case $wheel in *manylinux_2_28*) ;; *) echo "dist/build.sh: $wheel is not manylinux_2_28" >&2; exit 1 ;; esac
+    case $wheel in *manylinux_2_17*) ;; *) echo "dist/build.sh: $wheel is not manylinux_2_17" >&2; exit 1 ;; esac
     auditwheel show "$wheel" | tee "$wheels/auditwheel.txt" >&2
     # auditwheel wraps its lines: join them before looking for the verdict.
     local verdict
     verdict=$(tr -s '\n ' '  ' <"$wheels/auditwheel.txt")
-    [[ $verdict == *'consistent with the following platform tag: "manylinux_2_28_'* ]] || {
-        echo "dist/build.sh: auditwheel does not confirm manylinux_2_28 for $wheel" >&2
+    [[ $verdict == *'consistent with the following platform tag: "manylinux_2_17_'* ]] || {
+        echo "dist/build.sh: auditwheel does not confirm manylinux_2_17 for $wheel" >&2
         exit 1
     }
     cp "$wheel" "$out/"

@@ -34,6 +34,7 @@ const LAYERS: &[&str] = &[
     "netlist",
     "machine",
     "supervisor",
+    "glibc_compat",
 ];
 
 fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {

@@ -67,6 +67,9 @@
 //! - [`machine`]: facts about the machine (usable CPUs, open-file and locked-memory
 //!   limits), read once by `main` and handed to [`config::Config::load`]; [`startup`] and
 //!   [`executor`] read them too.
+//! - `glibc_compat` (Linux with glibc only): the libc functions newer than glibc 2.17 that
+//!   dependencies call, defined here as raw system calls so the release binary links
+//!   against glibc 2.17 (manylinux2014).
 //!
 //! A line's path: `connection/reader.rs` frames it → [`fanout::Fanout::relay`] appends its
 //! envelope to the shard's outgoing batch → the flush task (`fanout/flush.rs`) takes the
@@ -119,6 +122,9 @@ pub mod socket;
 pub mod startup;
 pub mod supervisor;
 pub mod tls;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc_compat;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
