@@ -202,10 +202,13 @@ async fn handshake(
 /// `max_connections_per_ip` with N7 (docs/protocol.md#admission-and-accept-errors), as
 /// `reason` says; `slot` is given back when this returns.
 pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, reason: CloseReason, slot: Slot) {
+    // Counted before the farewell: a refusal holds no drain pass, so a shard that stops
+    // while the refused client still lingers (up to the farewell timeout) must not lose it
+    // from its final counts.
+    shard.stats.on_close(reason, false);
     if let Some(text) = notice(reason, 0) {
         Socket::plain(stream).farewell(&text).await;
     }
-    shard.stats.on_close(reason, false);
     drop(slot);
 }
 

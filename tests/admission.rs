@@ -123,6 +123,7 @@ fn past_max_connections_per_ip_a_host_gets_the_notice_and_other_hosts_are_served
     let mut third = Client::from_stream(connect_socket(relay.addr, host, None).unwrap());
     assert_eq!(third.line_str(), protocol::NOTICE_HOST_FULL);
     assert_eq!(third.read_to_eof(), b"");
+    drop(third);
     let mut other = relay.connect_from(addr("127.0.0.6:0"), None);
     other.send(b"another host\n");
     assert_eq!(b.line_str(), other.envelope("another host"));
