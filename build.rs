@@ -1,7 +1,8 @@
 //! Records the commit the binary is built from, for `--version` (and anything else that
-//! reports the build): `git rev-parse --short HEAD` when building inside a git checkout,
-//! else the `CORECAST_COMMIT` environment variable (set it when building from a tarball or
-//! an sdist, which carry no `.git`), else `unknown`. Exposed as `env!("CORECAST_COMMIT")`.
+//! reports the build): the `CORECAST_COMMIT` environment variable when it is set and not
+//! blank (set it when building from a tarball or an sdist, which carry no `.git`), else
+//! `git rev-parse --short HEAD` when building inside a git checkout, else `unknown`.
+//! Exposed as `env!("CORECAST_COMMIT")`.
 
 use std::process::Command;
 

@@ -65,6 +65,13 @@ pub async fn serve(
             None => return,
         },
     };
+    // Admitted under the lists of the accept; a reload may have changed them since (during
+    // the handshake, most likely), and the fan-out closes only the clients it already has.
+    if !shard.config().admits(addr.ip()) {
+        shard.stats.on_close(CloseReason::Denied, false);
+        tracing::debug!("refused {addr} ({})", CloseReason::Denied);
+        return;
+    }
     // The connection's one owner of its socket: dropped (closed) when this task ends, by
     // which time the client, which holds it weakly, can no longer reach it.
     let socket = Rc::new(socket);

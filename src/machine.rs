@@ -112,25 +112,22 @@ pub fn plan_rings(wanted: usize, limit: Option<u64>) -> RingPlan {
 /// after [`raise_memlock_limit`], or `None` when it charges nothing (an unlimited limit,
 /// or CAP_IPC_LOCK in effect, as for root).
 pub fn charged_memlock_limit() -> Option<u64> {
-    if has_ipc_lock() {
-        return None;
-    }
-    match memlock_limit() {
-        Some((soft, _)) if soft != libc::RLIM_INFINITY => Some(soft),
-        _ => None,
-    }
+    charged(|(soft, _)| soft)
 }
 
 /// [`charged_memlock_limit`] as it will be once [`raise_memlock_limit`] has run (the hard
 /// limit), without raising anything: what `corecast check` plans with.
 pub fn charged_memlock_limit_after_raise() -> Option<u64> {
+    charged(|(_, hard)| hard)
+}
+
+/// The RLIMIT_MEMLOCK figure `pick` takes (soft or hard), or `None` when the kernel
+/// charges nothing.
+fn charged(pick: fn((u64, u64)) -> u64) -> Option<u64> {
     if has_ipc_lock() {
         return None;
     }
-    match memlock_limit() {
-        Some((_, hard)) if hard != libc::RLIM_INFINITY => Some(hard),
-        _ => None,
-    }
+    memlock_limit().map(pick).filter(|&limit| limit != libc::RLIM_INFINITY)
 }
 
 /// Whether CAP_IPC_LOCK is in this process's effective set (then io_uring charges no

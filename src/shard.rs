@@ -16,7 +16,7 @@ use crate::notify::NotifyAll;
 use crate::shared::Shared;
 use crate::shutdown::Drain;
 
-/// N6 refusals a shard sends at once; past this a refused connection is just closed.
+/// N6 and N7 refusals a shard sends at once; past this a refused connection is just closed.
 const MAX_REFUSALS_IN_PROGRESS: usize = 32;
 /// The handshake queue's shares; glommio's default queue, where everything else runs,
 /// has 1000.
@@ -30,7 +30,7 @@ pub struct Shard {
     pub stats: Arc<ShardStats>,
     pub fanout: Rc<Fanout>,
     pub drain: Rc<Drain>,
-    /// N6 refusals in progress.
+    /// N6 and N7 refusals in progress.
     pub refusals: Slots,
     /// TLS handshakes in progress, at most `tls.max_handshakes` (a connection past it is
     /// closed at once, `tls_busy`).
@@ -139,7 +139,7 @@ impl Drop for Poller<'_> {
     }
 }
 
-/// A bounded number of things in progress on the shard: N6 refusals (each holds a
+/// A bounded number of things in progress on the shard: N6 and N7 refusals (each holds a
 /// descriptor for up to the farewell timeout) or TLS handshakes.
 pub struct Slots {
     taken: Rc<Cell<usize>>,

@@ -158,6 +158,23 @@ fn a_key_that_needs_a_restart_is_reported_and_its_running_value_kept() {
 }
 
 #[test]
+fn the_pending_bytes_limit_gauge_shows_a_reloaded_max_total_pending_bytes() {
+    let path = temp_config(r#"{"logger":{"log_level":"info"},"hyper_parameters":{"max_total_pending_bytes":1000000}}"#);
+    let relay = relay_on(&path, &["--shards", "1", "--admin", "127.0.0.1:0"]);
+    let admin = relay.admin_addr();
+    assert_eq!(sum(&scrape(admin), "corecast_pending_bytes_limit", &[]), 1_000_000);
+    reload(
+        &relay,
+        &path,
+        r#"{"logger":{"log_level":"info"},"hyper_parameters":{"max_total_pending_bytes":2000000}}"#,
+    );
+    relay
+        .log
+        .wait_for("config reloaded; applied hyper_parameters.max_total_pending_bytes");
+    assert_eq!(sum(&scrape(admin), "corecast_pending_bytes_limit", &[]), 2_000_000);
+}
+
+#[test]
 fn a_reload_under_load_loses_no_line_and_closes_nobody() {
     const LINES: usize = 20_000;
     let live = |delay: u64| {

@@ -535,3 +535,165 @@ fn sighup_reads_the_certificate_files_again_for_new_handshakes_and_keeps_establi
     // The session made before the reload is still served.
     assert_eq!(before.line().unwrap(), envelope("rotated", from).into_bytes());
 }
+
+/// A Python `ssl` client over memory BIOs: handshakes, then in one write sends a line, its
+/// close_notify and 8000 more bytes, the way a peer that ignores RFC 8446 §6.1 (or an
+/// attacker) may; prints `ok ADDR` after the handshake and `sent` after the write, then
+/// holds the socket open until its stdin closes.
+const PY_CLOSE_NOTIFY_THEN_MORE: &str = r#"
+import socket, ssl, sys
+port, ca = sys.argv[1:3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(ca)
+raw = socket.create_connection(("127.0.0.1", int(port)))
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        raw.sendall(outgoing.read())
+        data = raw.recv(65536)
+        if not data:
+            sys.exit("closed during the handshake")
+        incoming.write(data)
+raw.sendall(outgoing.read())
+print("ok %s:%d" % raw.getsockname(), flush=True)
+tls.write(b"before the close\n")
+try:
+    tls.unwrap()
+except ssl.SSLWantReadError:
+    pass
+raw.sendall(outgoing.read() + b"\0" * 8000)
+print("sent", flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn bytes_after_a_close_notify_end_the_tls_client_and_the_shard_goes_on() {
+    let pki = Pki::new();
+    let (relay, tls_addr) = start_relay(&pki.section(""));
+    let mut plain = relay.connect();
+    let mut other = relay.connect();
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            PY_CLOSE_NOTIFY_THEN_MORE,
+            &tls_addr.port().to_string(),
+            &pki.path("ca.pem"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let _stdin = child.stdin.take();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut reply = || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim_end().to_string()
+    };
+    let status = reply();
+    let local: SocketAddr = status
+        .strip_prefix("ok ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("handshake failed: {status:?}"));
+    assert_eq!(reply(), "sent");
+    // The line before the close_notify is relayed, the rest ignored and the client closed
+    // as having closed; the shard (the only one) still relays (it used to spin for ever).
+    assert_eq!(plain.line_str(), envelope("before the close", local));
+    relay
+        .log
+        .wait_for(&format!("client disconnected: {local} (peer_closed)"));
+    other.send(b"still relaying\n");
+    assert_eq!(plain.line_str(), other.envelope("still relaying"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A Python `ssl` client that connects, prints `connected ADDR`, and starts its handshake
+/// only when told (a line on stdin); then prints `read N` with what one read got (0 at
+/// the end of the stream) or `error KIND`, within 10 s.
+const PY_LATE_HANDSHAKE: &str = r#"
+import socket, ssl, sys
+port, ca = sys.argv[1:3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(ca)
+raw = socket.create_connection(("127.0.0.1", int(port)))
+raw.settimeout(10)
+print("connected %s:%d" % raw.getsockname(), flush=True)
+sys.stdin.readline()
+try:
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    print("read", len(s.recv(100)), flush=True)
+except Exception as e:
+    print("error", type(e).__name__, flush=True)
+"#;
+
+#[test]
+fn a_client_denied_by_a_reload_during_its_handshake_is_closed_after_it() {
+    let pki = Pki::new();
+    let config = |deny: &str| {
+        format!(
+            r#"{{"logger":{{"log_level":"info"}},"hyper_parameters":{{"deny":[{deny}],{}}}}}"#,
+            pki.section("")
+        )
+    };
+    let path = crate::util::temp_config(&config(""));
+    let mut cmd = corecast();
+    cmd.args(["--port", "0", "--shards", "1", "--config", path.to_str().unwrap()]);
+    let relay = Relay::spawn(cmd);
+    let line = relay.log.wait_for("listening for TLS on ");
+    let tls_addr: SocketAddr = line
+        .split("listening for TLS on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse the TLS address from {line:?}"));
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            PY_LATE_HANDSHAKE,
+            &tls_addr.port().to_string(),
+            &pki.path("ca.pem"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut reply = || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim_end().to_string()
+    };
+    assert!(reply().starts_with("connected "));
+    // Admitted at accept; the handshake waits. The reload denies the client's network.
+    std::fs::write(&path, config(r#""127.0.0.0/8""#)).unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.log.wait_for("config reloaded; applied hyper_parameters.deny");
+    // The shard has taken the lists up once a new plain client is closed at accept.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reloaded deny list never applied"
+        );
+        let probe = TcpStream::connect(relay.addr).unwrap();
+        probe.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        if matches!(std::io::Read::read(&mut &probe, &mut [0u8; 16]), Ok(0)) {
+            break;
+        }
+    }
+    writeln!(stdin, "go").unwrap();
+    stdin.flush().unwrap();
+    let outcome = reply();
+    assert!(
+        outcome == "read 0" || (outcome.starts_with("error ") && !outcome.contains("imeout")),
+        "the denied client was served: {outcome}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

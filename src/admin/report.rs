@@ -432,7 +432,8 @@ impl Collector for ShardCollector {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(shared.config.max_total_pending_bytes as u64).encode(family)?;
+        // The running value: the key applies live, so a reload changes the bound.
+        ConstGauge::new(shared.live().max_total_pending_bytes as u64).encode(family)?;
         let family = encoder.encode_descriptor(
             "quarantine_entries",
             "Entries in the quarantine table (shared by all shards).",

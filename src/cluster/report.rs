@@ -138,10 +138,10 @@ impl std::fmt::Debug for ClusterCollector {
     }
 }
 
-/// Envelopes not published, by reason: one metric, `cluster_dropped_envelopes{reason}`.
 /// Reads one figure of the uplink's counters.
 type Read = fn(&ClusterStats) -> u64;
 
+/// Envelopes not published, by reason: one metric, `cluster_dropped_envelopes{reason}`.
 const DROPPED: [(&str, Read); 5] = [
     // Not published because the NATS connection was down (local clients got them).
     ("disconnected", |s| get(&s.dropped_disconnected)),
@@ -182,7 +182,7 @@ impl Collector for ClusterCollector {
         }
         let mut family = encoder.encode_descriptor(
             "cluster_dropped_envelopes",
-            "Envelopes not published to other nodes, by reason (disconnected, oversize, stalled, publish_error); local clients got them.",
+            "Envelopes not published to other nodes, by reason (disconnected, uplink_down, oversize, stalled, publish_error); local clients got them.",
             None,
             MetricType::Counter,
         )?;

@@ -502,7 +502,7 @@ async fn publish_loop(cluster: &Cluster, client: &Client, subject: &Subject, st:
                         s.stalls.fetch_add(1, Ordering::Relaxed);
                         s.stalled.store(true, Ordering::Relaxed);
                         tracing::warn!(
-                            "cluster: NATS has taken nothing for {} ms though connected; relaying locally only until it does (counted in corecast_cluster_dropped_stalled)",
+                            "cluster: NATS has taken nothing for {} ms though connected; relaying locally only until it does (counted in corecast_cluster_dropped_envelopes_total{{reason=\"stalled\"}})",
                             PUBLISH_STALL.as_millis()
                         );
                     }
@@ -678,7 +678,7 @@ fn accept(
             if !*warned_invalid {
                 *warned_invalid = true;
                 tracing::warn!(
-                    "cluster: dropped a message on {:?}: {e} (counted in corecast_cluster_invalid; is another program publishing there?)",
+                    "cluster: dropped a message on {:?}: {e} (counted in corecast_cluster_invalid_messages_total; is another program publishing there?)",
                     cluster.config.subject
                 );
             }

@@ -90,11 +90,20 @@ impl TlsSession {
             }
             let mut rest = &buf[..n];
             while !rest.is_empty() {
-                session.conn.read_tls(&mut rest).map_err(HandshakeError::Io)?;
-                if let Err(e) = session.conn.process_new_packets() {
-                    // Tell the peer why (the alert rustls queued), without waiting.
-                    let _ = futures_lite::future::poll_fn(|cx| Poll::Ready(session.poll_flush(cx, stream))).await;
-                    return Err(HandshakeError::Tls(e));
+                if session.conn.read_tls(&mut rest).map_err(HandshakeError::Io)? == 0 {
+                    // Nothing taken: see `absorb`. The peer has closed.
+                    if session.conn.is_handshaking() {
+                        return Err(HandshakeError::Closed);
+                    }
+                    break;
+                }
+                match session.conn.process_new_packets() {
+                    Ok(state) => session.peer_closed |= state.peer_has_closed(),
+                    Err(e) => {
+                        // Tell the peer why (the alert rustls queued), without waiting.
+                        let _ = futures_lite::future::poll_fn(|cx| Poll::Ready(session.poll_flush(cx, stream))).await;
+                        return Err(HandshakeError::Tls(e));
+                    }
                 }
             }
         }
@@ -165,8 +174,13 @@ impl TlsSession {
         debug_assert!(out.len() >= MIN_PLAINTEXT_BUF);
         let mut got = 0;
         while !ciphertext.is_empty() {
-            if let Err(e) = self.conn.read_tls(&mut ciphertext) {
-                return Some(Err(e));
+            match self.conn.read_tls(&mut ciphertext) {
+                // Nothing taken: rustls takes at most 4 KiB a call and none after the peer's
+                // close_notify, whose followers are to be ignored (RFC 8446 §6.1). Calling
+                // again would take nothing again, for ever, and hang the shard.
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Some(Err(e)),
             }
             match self.conn.process_new_packets() {
                 Ok(state) => self.peer_closed |= state.peer_has_closed(),
