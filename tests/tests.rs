@@ -13,6 +13,8 @@ mod backpressure;
 mod cluster;
 /// Config files, flags, `corecast check`, config errors and the log format.
 mod config;
+/// The markdown documents' intra-repo links and anchors resolve.
+mod docs;
 /// The ops kit in deploy/: the dashboard's and alert rules' series exist in a real scrape.
 mod deploy;
 /// Fan-out: everyone else gets every line in per-sender order; the flush window and reads.

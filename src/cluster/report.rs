@@ -182,7 +182,7 @@ impl Collector for ClusterCollector {
         }
         let mut family = encoder.encode_descriptor(
             "cluster_dropped_envelopes",
-            "Envelopes not published to other nodes, by reason (disconnected, oversize, stalled, publish_error); local clients got them.",
+            "Envelopes not published to other nodes, by reason (disconnected, uplink_down, oversize, stalled, publish_error); local clients got them.",
             None,
             MetricType::Counter,
         )?;
