@@ -100,7 +100,11 @@ fn every_intra_repo_link_and_anchor_resolves() {
                 continue;
             }
             let (path, anchor) = target.split_once('#').unwrap_or((&target, ""));
-            let linked = if path.is_empty() { file.clone() } else { file.parent().unwrap().join(path) };
+            let linked = if path.is_empty() {
+                file.clone()
+            } else {
+                file.parent().unwrap().join(path)
+            };
             let name = file.strip_prefix(root).unwrap().display();
             if !linked.exists() {
                 broken.push(format!("{name}: {target} (no such file)"));
@@ -124,7 +128,10 @@ fn anchors_follow_githubs_rules() {
     let text = "# A `key`: the [link](x.md) & more\n```\n# not a heading\n```\n## Repeat\n## Repeat\n";
     let defined = anchors(text);
     assert!(defined.contains("a-key-the-link--more"), "{defined:?}");
-    assert!(defined.contains("repeat") && defined.contains("repeat-1"), "{defined:?}");
+    assert!(
+        defined.contains("repeat") && defined.contains("repeat-1"),
+        "{defined:?}"
+    );
     assert!(!defined.contains("not-a-heading"));
     assert_eq!(link_targets("see [a](b.md#c) and [d](#e)"), ["b.md#c", "#e"]);
 }
