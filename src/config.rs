@@ -80,7 +80,7 @@ pub struct ServeArgs {
         "TRACE, DEBUG, INFO, WARN/WARNING, ERROR, CRITICAL or OFF (any case)", LOG_LEVEL))]
     pub log_level: Option<String>,
     #[arg(long, value_name = "ADDR", env = "CORECAST_ADMIN", help = keys::flag_help(
-        "Serve /metrics, /healthz and /stats over HTTP on this ip:port (port 0 picks one and logs it)", ADMIN_ADDR))]
+        "Serve /metrics, /healthz, /stats and /connections over HTTP on this ip:port (port 0 picks one and logs it)", ADMIN_ADDR))]
     pub admin: Option<String>,
     /// Join a cluster over this NATS server (repeatable: list every server of the NATS
     /// cluster); replaces hyper_parameters.cluster.nats, subject "corecast" by default.

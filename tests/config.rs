@@ -33,6 +33,42 @@ fn every_shipped_config_validates_without_warnings() {
     assert!(seen >= 3, "expected default.json, dev.json and server_config.json");
 }
 
+/// configs/default.json is documented as listing every key with its default: `check` on it
+/// must print exactly what `check` prints without a file. Only the two keys whose default
+/// depends on the machine (`worker_threads`, `max_connections`) may be left out.
+#[test]
+fn default_json_lists_every_key_with_its_default() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.json");
+    let defaults = check(&[]);
+    let from_file = check(&["--config", path]);
+    assert!(defaults.status.success(), "{}", stderr(&defaults));
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    assert_eq!(
+        String::from_utf8_lossy(&from_file.stdout),
+        String::from_utf8_lossy(&defaults.stdout),
+        "configs/default.json sets a value that is not the default"
+    );
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let effective: serde_json::Value = serde_json::from_slice(&defaults.stdout).unwrap();
+    let mut missing = Vec::new();
+    missing_keys(&effective, &file, "", &mut missing);
+    missing.retain(|k| k != "hyper_parameters.worker_threads" && k != "hyper_parameters.max_connections");
+    assert!(missing.is_empty(), "configs/default.json lacks {missing:?}");
+}
+
+/// The paths of `effective`'s leaves (and null or absent sections) that `file` does not have.
+fn missing_keys(effective: &serde_json::Value, file: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    let Some(map) = effective.as_object() else { return };
+    for (key, value) in map {
+        let path = format!("{prefix}{key}");
+        match file.get(key) {
+            None => out.push(path),
+            Some(inner) if value.is_object() => missing_keys(value, inner, &format!("{path}."), out),
+            Some(_) => {}
+        }
+    }
+}
+
 #[test]
 fn check_prints_the_effective_config_with_flags_over_file_over_defaults() {
     let path = temp_config(r#"{"port": 7000, "host": "0.0.0.0", "logger": {"log_level": "warning"}}"#);

@@ -15,6 +15,8 @@ mod cluster;
 mod config;
 /// The ops kit in deploy/: the dashboard's and alert rules' series exist in a real scrape.
 mod deploy;
+/// The markdown documents' intra-repo links and anchors resolve.
+mod docs;
 /// Fan-out: everyone else gets every line in per-sender order; the flush window and reads.
 mod fanout;
 /// Operations: file and JSON logs, `log_keys`, systemd readiness and the shipped unit.

@@ -1023,7 +1023,7 @@ pub fn markdown() -> String {
         let mut range = key.kind.range_doc();
         match key.null {
             Null::Disables => range.push_str(" or `null`"),
-            Null::KeepsDefault if key.is_field() => range.push_str(" or `null` (the default)"),
+            Null::KeepsDefault if key.is_field() => range.push_str(" or `null` (keeps the default)"),
             _ => {}
         }
         out.push_str(&format!(
