@@ -576,17 +576,7 @@ fn bytes_after_a_close_notify_end_the_tls_client_and_the_shard_goes_on() {
     let (relay, tls_addr) = start_relay(&pki.section(""));
     let mut plain = relay.connect();
     let mut other = relay.connect();
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            PY_CLOSE_NOTIFY_THEN_MORE,
-            &tls_addr.port().to_string(),
-            &pki.path("ca.pem"),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let mut child = python_script(PY_CLOSE_NOTIFY_THEN_MORE, tls_addr, &pki);
     let _stdin = child.stdin.take();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut reply = || {
@@ -651,17 +641,7 @@ fn a_client_denied_by_a_reload_during_its_handshake_is_closed_after_it() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("cannot parse the TLS address from {line:?}"));
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            PY_LATE_HANDSHAKE,
-            &tls_addr.port().to_string(),
-            &pki.path("ca.pem"),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let mut child = python_script(PY_LATE_HANDSHAKE, tls_addr, &pki);
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut reply = || {
@@ -696,4 +676,15 @@ fn a_client_denied_by_a_reload_during_its_handshake_is_closed_after_it() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A Python `ssl` script run as `python3 -c SCRIPT PORT CA_FILE` against the TLS listener
+/// at `tls_addr`, with its standard input and output piped to the test.
+fn python_script(script: &str, tls_addr: SocketAddr, pki: &Pki) -> Child {
+    Command::new("python3")
+        .args(["-c", script, &tls_addr.port().to_string(), &pki.path("ca.pem")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3")
 }
