@@ -71,9 +71,6 @@ pub struct Client {
     stalled: Cell<bool>,
     /// Where it stands with the backpressure policy while stalled; its shard observes it.
     lag: Cell<Lag>,
-    /// Bytes its socket has taken over the connection's life: proof that it reads once
-    /// past what the kernel can hold for a peer that does not (quarantine strikes).
-    accepted: Cell<u64>,
     /// When the last inbound bytes arrived (idle timeout).
     last_inbound: Cell<Instant>,
     /// Wakes the writer half, which drains the outbox while the socket is stalled.
@@ -105,7 +102,6 @@ impl Client {
             outbox: RefCell::default(),
             stalled: Cell::new(false),
             lag: Cell::new(Lag::new(Instant::now())),
-            accepted: Cell::new(0),
             last_inbound: Cell::new(Instant::now()),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -199,7 +195,6 @@ impl Client {
             };
             let mut left = sent;
             stats.on_write(left);
-            self.accepted.set(self.accepted.get() + left as u64);
             self.conn.bytes_out.add(left as u64);
             while let Some(len) = outbox.front_len() {
                 if len > left {
@@ -247,7 +242,6 @@ impl Client {
     /// Records `n` bytes of the job in progress written at `now`.
     pub fn on_written(&self, n: usize, stats: &ShardStats, now: Instant) -> Written {
         stats.on_write(n);
-        self.accepted.set(self.accepted.get() + n as u64);
         self.conn.bytes_out.add(n as u64);
         if self.stalled.get() {
             self.update_lag(|lag| lag.on_progress(now));
@@ -314,9 +308,11 @@ impl Client {
         }
     }
 
-    /// Bytes the socket has taken since the connection opened.
+    /// Bytes the socket has taken since the connection opened (`/connections`'
+    /// `bytes_out`): proof that it reads once past what the kernel can hold for a peer that
+    /// does not (quarantine strikes).
     pub fn accepted_bytes(&self) -> u64 {
-        self.accepted.get()
+        self.conn.bytes_out.get()
     }
 
     /// `b`: bytes queued and not yet accepted by the socket.
