@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::http::{
-    admin_connection_bound, dropped_metric, envelopes_accounted, get, get_json, http_raw, relay_with_admin, scrape,
-    scrape_until, sum, Response, Sample, DROP_METRICS,
+    admin_connection_bound, dropped_metric, envelopes_accounted, get, get_json, http_raw, matching, relay_with_admin,
+    scrape, scrape_until, sum, Response, Sample, DROP_METRICS,
 };
 use crate::util::{corecast, temp_config, wait_until, Client, Relay, PATIENCE};
 
@@ -767,15 +767,7 @@ fn metrics_carry_build_info_process_figures_the_delay_histogram_and_stage_labels
         sum(m, "corecast_relay_delay_seconds_count", &[]) >= 1
     });
     let one = |name: &str, with: &[(&str, &str)]| {
-        let found: Vec<&Sample> = m
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && with
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect();
+        let found: Vec<&Sample> = matching(&m, name, with).collect();
         assert_eq!(found.len(), 1, "{name} {with:?}: {found:?}");
         found[0].value
     };

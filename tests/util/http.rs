@@ -154,18 +154,23 @@ pub fn parse_metrics(text: &str) -> Vec<Sample> {
     samples
 }
 
+/// The samples of a series whose labels include `with` (e.g. a reason).
+pub fn matching<'a>(
+    samples: &'a [Sample],
+    name: &'a str,
+    with: &'a [(&str, &str)],
+) -> impl Iterator<Item = &'a Sample> + 'a {
+    samples.iter().filter(move |s| {
+        s.name == name
+            && with
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    })
+}
+
 /// Sums a series over every label combination that includes `with` (e.g. a reason).
 pub fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> u64 {
-    samples
-        .iter()
-        .filter(|s| {
-            s.name == name
-                && with
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value as u64)
-        .sum()
+    matching(samples, name, with).map(|s| s.value as u64).sum()
 }
 
 pub fn scrape(admin: SocketAddr) -> Vec<Sample> {
