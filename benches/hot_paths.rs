@@ -261,7 +261,7 @@ fn fanout_enqueue(c: &mut Criterion) {
                     FIRST_RECIPIENT + i,
                     peer(127, i as u32 + 1, 50_000),
                     std::rc::Weak::new(),
-                    Entry::new(i % 8),
+                    Entry::new(),
                 )
             })
             .collect()

@@ -384,7 +384,7 @@ mod tests {
     }
 
     fn client(id: u64) -> Client {
-        Client::new(id, "127.0.0.1:2".parse().unwrap(), Weak::new(), Entry::new(0))
+        Client::new(id, "127.0.0.1:2".parse().unwrap(), Weak::new(), Entry::new())
     }
 
     #[test]

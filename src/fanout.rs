@@ -32,7 +32,7 @@ use crate::batch::{Batch, Ledger, LocalBatch};
 use crate::client::{Client, WriteOutcome, Written};
 use crate::metrics::{CloseReason, DropReason, ShardStats};
 use crate::notify::Notify;
-use crate::pacing::{NextRun, Schedule, Scheduled};
+use crate::pacing::{Entry, NextRun, Schedule};
 use crate::protocol;
 use crate::shared::{LocalTunables, Shared, Tunables};
 use crate::shutdown::Drain;
@@ -99,7 +99,7 @@ impl Fanout {
             outgoing: Outgoing::default(),
             in_flight: RefCell::default(),
             flush_wanted: Notify::default(),
-            schedule: Schedule::new(window, Instant::now()),
+            schedule: Schedule::new(window),
             reads: Reads::new(shard_id),
             awaiting_write: RefCell::default(),
         }
@@ -139,7 +139,7 @@ impl Fanout {
         let n = self.next_client.get();
         self.next_client.set(n + 1);
         let id = ((self.shard_id as u64) << 48) | n;
-        let client = Rc::new(Client::new(id, addr, socket, self.schedule.join()));
+        let client = Rc::new(Client::new(id, addr, socket, Entry::new()));
         self.clients.borrow_mut().insert(id, client.clone());
         self.stats.add_connection(id, client.conn.clone());
         self.stats.on_open();
@@ -153,7 +153,6 @@ impl Fanout {
         self.clients.borrow_mut().remove(&client.id);
         self.stats.remove_connection(client.id);
         self.reads.leave_ready_set(client);
-        self.schedule.leave(client.entry());
         self.stalls.forget(client);
     }
 
@@ -281,15 +280,13 @@ impl Fanout {
         }
     }
 
-    /// Writes every due client and every waiting client whose period started after tick
-    /// `last` and up to the current tick.
-    fn write_due(&self, last: u64) {
-        let clients = self.schedule.take_due(last);
+    /// The write pass: writes every listed recipient that can take a write now.
+    fn write_due(&self) {
+        let clients = self.schedule.take_due();
         for client in &clients {
             if client.is_closing() || client.writer_busy() {
                 continue;
             }
-            self.schedule.on_written(client.entry());
             match client.write_now(&self.stats) {
                 WriteOutcome::Done => self.on_first_write(),
                 WriteOutcome::Stalled => {
@@ -300,6 +297,12 @@ impl Fanout {
             }
         }
         self.schedule.recycle(clients);
+    }
+
+    /// Records a pass that started at `start` and did its last write at `end` (it sets
+    /// when the next may start, see `pacing`).
+    fn on_pass(&self, start: Instant, end: Instant) {
+        self.schedule.on_pass(start, end);
     }
 
     /// Tells stall tracking what the writer half's last write did.
@@ -318,39 +321,33 @@ impl Fanout {
         }
     }
 
-    /// When the flush task runs next, given the tick of its last run; readers in the ready
-    /// set go back to readiness if that is not soon.
-    fn next_run(&self, last: Option<u64>) -> NextRun {
+    /// When the flush task runs next; readers in the ready set go back to readiness if that
+    /// is not soon.
+    fn next_run(&self) -> NextRun {
         let lines = !self.outgoing.is_empty();
-        let next = self.schedule.next_run(last, lines, self.reads.turn_waiting());
-        let tick = self.schedule.pacer().map(|p| p.tick());
-        self.reads.set_next_run(next, tick, |id| {
+        let next = self.schedule.next_run(lines, self.reads.turn_waiting());
+        self.reads.set_next_run(next, self.schedule.window(), |id| {
             self.wake_reader(id);
         });
         next
     }
 
-    /// At the start of a run at `tick` (the last was at `last`): wakes the readers in the
-    /// ready set whose socket is readable and, at a read round, those waiting for one.
-    /// True if any reader was let go.
-    fn release_readers(&self, last: Option<u64>, tick: u64) -> bool {
+    /// At the start of a pass: wakes the readers in the ready set whose socket is readable
+    /// and those waiting for their turn. True if any reader was let go.
+    fn release_readers(&self) -> bool {
         let woken = self.reads.wake_ready(|id| self.wake_reader(id));
-        let turns = self.schedule.read_round_since(last, tick) && self.reads.release_turn();
+        let turns = self.reads.release_turn();
         woken || turns
-    }
-
-    /// Reads the clock into the schedule's current tick; returns it.
-    fn refresh_tick(&self) -> u64 {
-        self.schedule.refresh(Instant::now())
     }
 
     fn flush_wanted(&self) -> &Notify {
         &self.flush_wanted
     }
 
-    /// Time between read rounds (zero without a flush window).
-    pub fn read_round_interval(&self) -> Duration {
-        self.schedule.read_round_interval()
+    /// The flush window: write passes are at least this far apart, and a sender that
+    /// sends again within it is read at the next pass (zero without a window).
+    pub fn flush_window(&self) -> Duration {
+        self.schedule.window()
     }
 
     /// Wakes client `id`'s reader, if it is still connected.

@@ -27,10 +27,10 @@
 //! - [`fanout`]: the component that owns the fan-out state (clients, outgoing batch, write
 //!   schedule) and the tasks that drive it: the flush task and a receive loop per peer
 //!   (`fanout/flush.rs`); stall tracking and the slow-consumer close (`fanout/stalls.rs`);
-//!   read scheduling, read rounds and the ready set (`fanout/reads.rs`).
+//!   read scheduling, read turns and the ready set (`fanout/reads.rs`).
 //! - [`client`]: one recipient's outbox and the socket writes that drain it; a write
 //!   returns what happened ([`client::WriteOutcome`], [`client::Written`]).
-//! - [`pacing`]: the tick clock and the write schedule ([`pacing::Schedule`]).
+//! - [`pacing`]: the write-pass clock and the write schedule ([`pacing::Schedule`]).
 //!
 //! Shared between shards:
 //! - [`shared`]: what all shards share on purpose (config, policies, quarantine, published

@@ -255,7 +255,7 @@ pub struct ShardStats {
     /// `slow_consumer` closes, indexed like [`Rule::ALL`].
     pub slow_consumer_by_rule: [Counter; Rule::ALL.len()],
     /// Socket reads done at the flush task's runs rather than on a readiness wake-up of
-    /// their own: busy senders at read rounds, occasional ones found in the ready set.
+    /// their own: busy senders at their turns, occasional ones found in the ready set.
     pub reads_at_runs: Counter,
     /// Slow-consumer closes recorded as a strike against their key (quarantine on).
     pub quarantine_strikes: Counter,

@@ -99,7 +99,7 @@ impl Socket {
     }
 
     /// One non-blocking read into `buf`; `None` when nothing has arrived. For the flush
-    /// task's read rounds and ready set, where no readiness poll should be armed.
+    /// task's read turns and ready set, where no readiness poll should be armed.
     pub fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         match &self.tls {
             None => recv_now(self.fd, buf),

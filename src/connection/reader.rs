@@ -2,8 +2,8 @@
 //! applies the token bucket and hands lines to the shard's fan-out; holds the sender back
 //! when backpressure or the process-wide bound on queued memory says so.
 //!
-//! When it reads is up to the shard's read scheduling (`fanout::reads`): readiness, a read
-//! turn at a read round, or a wake-up from the ready set. It keeps only an unfinished line
+//! When it reads is up to the shard's read scheduling (`fanout::reads`): readiness, its
+//! turn at the start of a write pass, or a wake-up from the ready set. It keeps only an unfinished line
 //! (in its framer), so an idle connection holds no buffer.
 
 use std::cell::{Cell, RefCell};
@@ -23,7 +23,7 @@ use crate::shard::Shard;
 use crate::socket::Socket;
 
 /// Read turns in a row that may find nothing before a reader waits for readiness again: a
-/// sender that writes in bursts a little further apart than read rounds stays on turns.
+/// sender that writes in bursts a little further apart than write passes stays on turns.
 const EMPTY_TURNS: u32 = 2;
 /// How often a sender held back by flow control or the process-wide bound looks again.
 const PAUSE_POLL: Duration = Duration::from_millis(10);
@@ -53,7 +53,7 @@ impl ReadScratch {
 enum NextRead {
     /// Wait for readiness (glommio's io_uring poll).
     Readiness,
-    /// A plain `recv` at a read round (the flush task released the read turn).
+    /// A plain `recv` at the start of a pass (the flush task gave the turn).
     Turn,
     /// A plain `recv`: the flush task found the socket readable in the shard's ready set,
     /// or sent the reader back to readiness.
@@ -64,13 +64,13 @@ enum NextRead {
 /// lines to the shard; pauses when backpressure says so.
 ///
 /// A read waits for readiness, except in two cases where it is a plain non-blocking `recv`
-/// at the flush task's run, so that the lines join that run and no readiness poll (whose
-/// completion would wake the shard) is armed:
-/// - a sender that keeps sending is read at read rounds (see `fanout::reads`); after
+/// at the flush task's write pass, so that the lines join that pass and no readiness poll
+/// (whose completion would wake the shard) is armed:
+/// - a sender that keeps sending is read at every pass (see `fanout::reads`); after
 ///   [`EMPTY_TURNS`] turns in a row that find nothing it goes back to readiness;
 /// - an occasional sender on a busy shard waits in the shard's ready set and is read at the
-///   first run that finds its socket readable (see `Reads::read_at_runs`); when the shard
-///   stops running often, it goes back to readiness.
+///   first pass that finds its socket readable (see `Reads::read_at_runs`); when the shard
+///   goes idle, it goes back to readiness.
 pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>, socket: &Socket) -> CloseReason {
     let config = shard.config();
     let fanout = &shard.fanout;
@@ -198,14 +198,14 @@ pub async fn read_half(shard: &Shard, scratch: &ReadScratch, client: &Rc<Client>
             glommio::executor().yield_if_needed().await;
         } else if shard.shared.stage() != Stage::None {
             pause_sender(shard).await;
-        } else if relayed >= 2 || now.saturating_duration_since(previous_read) < fanout.read_round_interval() {
-            // A sender that keeps sending: read it again at the next read round, with all
-            // that arrived by then.
+        } else if relayed >= 2 || now.saturating_duration_since(previous_read) < fanout.flush_window() {
+            // A sender that keeps sending: read it again at the next pass, with all that
+            // arrived by then.
             reads.leave_ready_set(client);
             reads.next_turn().await;
             (next, empty_turns) = (NextRead::Turn, 0);
         } else if reads.read_at_runs(client) {
-            // An occasional single line on a busy shard: read the next one at the run that
+            // An occasional single line on a busy shard: read the next one at the pass that
             // finds it. (Otherwise it waits for readiness: a read turn would only delay it.)
             // What the flush task reported before this read is stale now.
             client.reader_woken().await;

@@ -1,6 +1,6 @@
-//! The tasks that drive a shard's [`Fanout`]: the flush task, which at most once per tick
-//! turns the lines accepted since its last run into one batch, delivers it locally and
-//! hands it to every peer, and one receive loop per peer, which delivers that peer's
+//! The tasks that drive a shard's [`Fanout`]: the flush task, which in each write pass
+//! turns the lines accepted since the last into one batch, delivers it locally, hands it to
+//! every peer and writes to the recipients, and one receive loop per peer, which delivers that peer's
 //! batches here.
 //!
 //! A peer is anything that takes this shard's batches through a [`mesh::Sender`] and sends
@@ -151,29 +151,29 @@ impl InFlight {
     }
 }
 
-/// The shard's flush task. At most once per tick, and only at ticks with something to do
-/// (see `pacing`), it lets waiting readers read (at read rounds, and those in the ready
-/// set whose socket is readable), turns the lines accepted since the last run into one
-/// batch, hands it to every local recipient's outbox and once to every peer, then writes
-/// to the recipients that are due. At shutdown it sends what is left and returns, which
-/// drops (closes) its senders: peer receivers then drain their ring and end.
+/// The shard's flush task. It runs write passes, only when there is something to do and
+/// no sooner than the pass clock allows (see `pacing`): it lets waiting readers read (those
+/// waiting for their turn, and those in the ready set whose socket is readable), turns the
+/// lines accepted since the last pass into one batch, hands it to every local recipient's
+/// outbox and once to every peer, then writes to every recipient with something queued.
+/// At shutdown it sends what is left and returns, which drops (closes) its senders: peer
+/// receivers then drain their ring and end.
 pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
     fanout.watch_in_flight(peers.in_flight.clone());
-    let mut last_tick: Option<u64> = None;
     loop {
-        // Everything a notification announces (lines, due or waiting clients, readers, the
-        // shutdown) is read below, so an earlier one, such as those the last run raised
+        // Everything a notification announces (lines, listed recipients, readers, the
+        // shutdown) is read below, so an earlier one, such as those the last pass raised
         // itself, need not wake this loop again.
         fanout.flush_wanted().clear();
         let stopping = fanout.is_shutting_down();
         if !stopping {
-            match fanout.next_run(last_tick) {
+            match fanout.next_run() {
                 NextRun::Idle => {
                     fanout.flush_wanted().wait().await;
                     continue;
                 }
                 NextRun::At(when) if when > Instant::now() => {
-                    // Something new may want an earlier run: wake for it too.
+                    // Something new may want an earlier pass (a full outbox): wake for it too.
                     let wait = when.saturating_duration_since(Instant::now());
                     or(glommio::timer::sleep(wait), fanout.flush_wanted().wait()).await;
                     continue;
@@ -181,10 +181,11 @@ pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
                 NextRun::At(_) | NextRun::Now => {}
             }
         }
-        let tick = fanout.refresh_tick();
+        let start = Instant::now();
         // Readers read what arrived since their last turn, and readers in the ready set
-        // whose socket is readable; their lines join this run.
-        if fanout.release_readers(last_tick, tick) {
+        // whose socket is readable; their lines join this pass. Readers woken by readiness
+        // in the same wake-up of the shard are queued ahead of this task and read too.
+        if fanout.release_readers() {
             futures_lite::future::yield_now().await;
         }
         while let Some(batch) = fanout.take_outgoing() {
@@ -192,8 +193,8 @@ pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
             fanout.deliver(batch.clone());
             peers.send(&batch, &fanout).await;
         }
-        fanout.write_due(last_tick.unwrap_or(tick.saturating_sub(1)));
-        last_tick = Some(tick);
+        fanout.write_due();
+        fanout.on_pass(start, Instant::now());
         if stopping {
             fanout.drain().on_flush_done();
             return;
@@ -205,7 +206,6 @@ pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
 /// peer closes its sender.
 pub async fn receive_loop(fanout: Rc<Fanout>, mut receiver: Receiver<Arc<Batch>>) {
     while let Some(batch) = receiver.recv().await {
-        fanout.refresh_tick();
         fanout.deliver(batch);
     }
     fanout.drain().on_receiver_done();

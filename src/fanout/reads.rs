@@ -1,12 +1,13 @@
 //! Read scheduling: when a shard's readers read, so that the lines they frame join the
-//! flush task's next run instead of each read waking the shard on its own.
+//! flush task's next write pass instead of each read waking the shard on its own.
 //!
-//! - A sender that keeps sending waits for the next *read round* (a read turn), which
-//!   the flush task releases at the start of a run (see `pacing`).
+//! - A sender that keeps sending waits for its *turn*, which the flush task gives at the
+//!   start of every pass (see `pacing`).
 //! - An occasional sender on a busy shard waits in the shard's [`ReadySet`] and is woken
-//!   by the first run that finds its socket readable. Only while the flush task's next run
-//!   is at most `READY_SET_TICKS` away: otherwise nothing would read it in time, and it
-//!   goes back to readiness.
+//!   by the first pass that finds its socket readable. Only while the next pass is at most
+//!   a flush window away: its line could not be written before that pass anyway. When the
+//!   shard goes idle it goes back to readiness, so that a line after a quiet spell wakes
+//!   the shard at once.
 //!
 //! The readers themselves are in `connection/reader.rs`; the flush task drives this.
 
@@ -15,25 +16,19 @@ use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::notify::NotifyAll;
-use crate::pacing::{self, NextRun};
+use crate::pacing::NextRun;
 use crate::ready_set::ReadySet;
 
-/// Occasional senders are read at the flush task's runs (from the ready set) only while
-/// its next run is at most this many ticks away: a line from such a sender then waits no
-/// longer to be read than a busy sender's does (a read round). At a hundred busy clients
-/// the slots in use are two ticks apart, so the shard runs that often anyway.
-const READY_SET_TICKS: u32 = pacing::READ_ROUND_TICKS as u32;
-
 pub struct Reads {
-    /// Readers that just relayed lines wait here for the next read round and then read at
-    /// the start of the flush task's run, so their lines join its batch. A sender that
-    /// keeps sending is then read a few times per window, each read taking all that
-    /// arrived since, instead of at every readiness wake-up.
+    /// Readers that just relayed lines wait here for their turn and then read at the start
+    /// of the flush task's next pass, so their lines join its batch. A sender that keeps
+    /// sending is then read once per pass, each read taking all that arrived since,
+    /// instead of at every readiness wake-up.
     turn: NotifyAll,
     /// Occasional senders read at the flush task's runs (`None` if the kernel refused an
     /// epoll set: then every reader uses readiness).
     ready_set: Option<ReadySet>,
-    /// The flush task's next run is within `READY_SET_TICKS`: readers may join the set.
+    /// The flush task's next pass is at most a flush window away: readers may join the set.
     runs_soon: Cell<bool>,
 }
 
@@ -50,17 +45,17 @@ impl Reads {
         }
     }
 
-    /// Waits for the next read round.
+    /// Waits for the next turn (the start of the next pass).
     pub async fn next_turn(&self) {
         self.turn.wait().await;
     }
 
-    /// True while readers wait for a read round.
+    /// True while readers wait for their turn.
     pub fn turn_waiting(&self) -> bool {
         self.turn.has_waiters()
     }
 
-    /// Starts a read round: every reader waiting for one reads now. True if any waited.
+    /// Gives the turn: every reader waiting for it reads now. True if any waited.
     pub fn release_turn(&self) -> bool {
         let waiting = self.turn.has_waiters();
         if waiting {
@@ -72,7 +67,7 @@ impl Reads {
     /// Puts an occasional sender's socket in the ready set, to be read at the flush task's
     /// runs instead of through a readiness wake-up of its own (each costs the shard an
     /// io_uring completion, a task wake-up and often a wake-up of its thread). Only while
-    /// the next run is near (see `READY_SET_TICKS`). False if the reader should wait for
+    /// the next pass is near (see the module docs). False if the reader should wait for
     /// readiness instead.
     pub fn read_at_runs(&self, client: &Client) -> bool {
         let Some(set) = &self.ready_set else {
@@ -87,7 +82,7 @@ impl Reads {
     }
 
     /// Takes a reader out of the ready set (it is closing, or it keeps sending and reads
-    /// at read rounds instead).
+    /// at its turns instead).
     pub fn leave_ready_set(&self, client: &Client) {
         if let Some(set) = &self.ready_set {
             set.remove(client.id);
@@ -105,14 +100,15 @@ impl Reads {
         woke
     }
 
-    /// Records when the flush task runs next (`tick` is the schedule's tick length, `None`
-    /// without a flush window). If that is not near, every reader in the ready set is
-    /// handed to `wake` and goes back to readiness: nothing would read it in time.
-    pub fn set_next_run(&self, next: NextRun, tick: Option<Duration>, mut wake: impl FnMut(u64)) {
-        let soon = match (next, tick) {
-            (NextRun::At(when), Some(tick)) => when <= Instant::now() + tick * READY_SET_TICKS,
-            // No flush window: runs follow the lines, with no ticks to ride on.
-            _ => false,
+    /// Records when the flush task runs next (`window` is the flush window, zero without
+    /// one). If that is not within a window, every reader in the ready set is handed to
+    /// `wake` and goes back to readiness: nothing would read it in time.
+    pub fn set_next_run(&self, next: NextRun, window: Duration, mut wake: impl FnMut(u64)) {
+        let soon = match next {
+            NextRun::At(when) => !window.is_zero() && when <= Instant::now() + window,
+            // No flush window: passes follow the lines, with nothing to ride on; idle: a
+            // line must wake the shard at once.
+            NextRun::Now | NextRun::Idle => false,
         };
         self.runs_soon.set(soon);
         if !soon {
@@ -133,7 +129,7 @@ mod tests {
     use crate::pacing::Entry;
     use crate::socket::Socket;
 
-    const TICK: Duration = Duration::from_micros(100);
+    const WINDOW: Duration = Duration::from_micros(500);
 
     #[test]
     fn a_reader_joins_the_ready_set_only_while_runs_are_near_and_is_woken_when_readable() {
@@ -142,11 +138,11 @@ mod tests {
             let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let ours = Rc::new(Socket::plain(listener.accept().await.unwrap()));
-            let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), Rc::downgrade(&ours), Entry::new(0));
-            let far = Instant::now() + TICK * (READY_SET_TICKS + 50);
-            reads.set_next_run(NextRun::At(far), Some(TICK), |_| {});
-            assert!(!reads.read_at_runs(&client), "the next run is far: readiness");
-            reads.set_next_run(NextRun::At(Instant::now()), Some(TICK), |_| {});
+            let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), Rc::downgrade(&ours), Entry::new());
+            let far = Instant::now() + WINDOW * 50;
+            reads.set_next_run(NextRun::At(far), WINDOW, |_| {});
+            assert!(!reads.read_at_runs(&client), "the next pass is far: readiness");
+            reads.set_next_run(NextRun::At(Instant::now()), WINDOW, |_| {});
             assert!(reads.read_at_runs(&client));
             let mut woken = Vec::new();
             assert!(!reads.wake_ready(|id| {
@@ -165,7 +161,7 @@ mod tests {
             assert_eq!(woken, [3]);
             // The flush task goes idle: the reader is sent back to readiness.
             let mut sent_back = Vec::new();
-            reads.set_next_run(NextRun::Idle, Some(TICK), |id| sent_back.push(id));
+            reads.set_next_run(NextRun::Idle, WINDOW, |id| sent_back.push(id));
             assert_eq!(sent_back, [3]);
             assert!(!reads.wake_ready(|_| true), "the set is empty");
         });

@@ -232,7 +232,7 @@ mod tests {
             id,
             "127.0.0.1:5".parse().unwrap(),
             std::rc::Weak::new(),
-            Entry::new(0),
+            Entry::new(),
         ));
         let line = "x".repeat(len);
         let batch = Batch::of(&vec![(1, line.as_str()); n], "127.0.0.1:6");
