@@ -270,7 +270,8 @@ fn per_line_writers_at_t10x30000_close_nobody_twice_in_a_row() {
 /// `compare` with nats-server when it is installed (as in CI): the report has, per
 /// workload, the latency by percentile per server, CPU per delivery and p99 with a point
 /// per round and server, and (with a peer) the per-round ratios; the JSON carries the
-/// metadata with every setting applied to each server; the CSV and `.hgrm` files agree.
+/// metadata with every setting applied to each server; the CSV and `.hgrm` files agree;
+/// every round has its send-cost probe and every run its multiple of the least.
 #[test]
 fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_server() {
     let _serial = one_at_a_time();
@@ -445,7 +446,63 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
         assert_eq!(row[col("server")], run["server"].as_str().unwrap());
         assert_eq!(row[col("p99_us")], run["result"]["latency_us"]["p99"].to_string());
         assert_eq!(row[col("delivered")], run["result"]["delivered"].to_string());
+        for key in ["least_ns_per_delivery", "cpu_over_least"] {
+            let field = row[col(key)];
+            match run["result"][key].as_f64() {
+                // serde_json's float parsing is not always correctly rounded.
+                Some(v) => assert!((field.parse::<f64>().unwrap() - v).abs() <= 1e-9 * v.abs(), "{key}"),
+                None => assert_eq!(field, "", "{key}"),
+            }
+        }
     }
+
+    // The physical anchor: a send-cost probe per round, and every run's CPU per delivery
+    // as a multiple of the least that probe gives the workload at the 1 ms default bound.
+    let anchor = &doc["anchor"];
+    assert_eq!(anchor["latency_bound_ms"], 1.0);
+    let probes = anchor["rounds"].as_array().unwrap();
+    assert_eq!(probes.len(), rounds, "{anchor}");
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+    for (round, probe) in probes.iter().enumerate() {
+        assert_eq!(probe["workload"], "T3x100");
+        assert_eq!(probe["round"], round);
+        let cost = &probe["send_cost"];
+        assert_eq!(cost["sockets"], 3, "{probe}");
+        for key in ["small_ns", "large_ns", "a_ns"] {
+            assert!(cost[key].as_f64().unwrap() > 0.0, "{probe}");
+        }
+        let (a, b) = (cost["a_ns"].as_f64().unwrap(), cost["b_ns_per_byte"].as_f64().unwrap());
+        // T3x100: each client receives the other two clients' 100 lines/s; 100-byte lines
+        // make 147-byte envelopes.
+        let least = &probe["least"];
+        assert_eq!(least["lines_per_s_per_recipient"], 200.0, "{probe}");
+        assert_eq!(least["envelope_bytes"], 147, "{probe}");
+        let w = least["writes_per_delivery"].as_f64().unwrap();
+        assert!(close(w, (1.0 - (-0.2f64).exp()) / 0.2), "{probe}");
+        let least_ns = least["ns_per_delivery"].as_f64().unwrap();
+        assert!(close(least_ns, w * a + b * 147.0), "{probe}");
+        for run in runs.iter().filter(|r| r["round"] == round) {
+            let r = &run["result"];
+            assert_eq!(r["least_ns_per_delivery"].as_f64(), Some(least_ns), "{run}");
+            match r["server_cpu_ns_per_delivery"].as_f64() {
+                Some(cpu) => assert!(close(r["cpu_over_least"].as_f64().unwrap(), cpu / least_ns), "{run}"),
+                None => assert!(r.get("cpu_over_least").is_none(), "{run}"),
+            }
+        }
+    }
+    let table = doc["table_markdown"].as_str().unwrap();
+    assert!(
+        table.lines().next().unwrap().contains("| CPU/delivery ÷ least |"),
+        "{table}"
+    );
+    let anchor_rows = html
+        .descendants()
+        .find(|n| n.has_tag_name("table") && n.attribute("id") == Some("anchor"))
+        .expect("the report has the anchor table")
+        .children()
+        .filter(|n| n.has_tag_name("tr"))
+        .count();
+    assert_eq!(anchor_rows, 1 + rounds);
     for s in servers {
         let hgrm = std::fs::read_to_string(format!("{prefix}-T3x100-{s}.hgrm")).unwrap();
         let total: u64 = hgrm

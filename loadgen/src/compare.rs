@@ -4,7 +4,10 @@
 //! run, started on a free loopback port and stopped by PID. Prints a markdown table of the
 //! medians and the corecast/peer ratios (median of the per-round ratios). A workload
 //! `T<clients>x<rate>` uses `--burst-us`; `T<clients>x<rate>b<µs>` sets its own burst, so
-//! `T10x30000b0` is the per-line-write variant.
+//! `T10x30000b0` is the per-line-write variant. Before each round the send-cost probe
+//! (`anchor.rs`) measures what a loopback send costs right now, between the servers' CPU
+//! and the generator's, and every run gets its CPU per delivery as a multiple of the least
+//! a relay could spend on the workload at `--latency-bound-ms`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use crate::anchor::{self, AnchorRound, Least};
 use crate::proto::Protocol;
 use crate::report::html::CompareRun;
 use crate::report::meta::{Meta, ServerInfo};
@@ -61,6 +65,12 @@ pub struct CompareArgs {
     /// Peers to include when installed.
     #[arg(long, value_delimiter = ',', default_value = "nats,redis")]
     pub peers: Vec<String>,
+    /// The latency bound of the physical anchor, in ms: how long a relay may hold a line
+    /// (the p99 it should meet). The least CPU per delivery is what writing every line
+    /// within this bound costs at the send cost measured before each round; the table's
+    /// "CPU/delivery ÷ least" is each server's CPU per delivery divided by it.
+    #[arg(long, default_value_t = 1.0)]
+    pub latency_bound_ms: f64,
     /// Write every run's result and the medians as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -250,6 +260,12 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             None => eprintln!("note: {program} is not installed; skipping it (Debian package {program})"),
         }
     }
+    if !(args.latency_bound_ms > 0.0 && args.latency_bound_ms.is_finite()) {
+        return Err(format!(
+            "--latency-bound-ms: {} is not a positive number of ms",
+            args.latency_bound_ms
+        ));
+    }
     let server_cpu: usize = args.server_cpu.parse().map_err(|_| "bad --server-cpu".to_string())?;
     let loadgen_cpus = parse_cpus(&args.loadgen_cpus)?;
     if let Some(&cpu) = loadgen_cpus.first() {
@@ -267,12 +283,34 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     );
 
     let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
+    let mut anchors: Vec<AnchorRound> = Vec::new();
     let mut table = String::from(
-        "| workload | server | delivered msgs/s | p99 latency | server CPU ns/delivery | lost | receivers closed | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | server | delivered msgs/s | p99 latency | server CPU ns/delivery | CPU/delivery ÷ least | lost | receivers closed | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for workload in &args.workloads {
         let (clients, rate, burst) = parse_workload(workload)?;
+        // Every client publishes, so each receives the lines of all the others.
+        let per_recipient = clients.saturating_sub(1) as f64 * rate;
         for round in 0..args.rounds {
+            // The anchor right before the round's servers, so that drift shows per round.
+            let probe = anchor::Probe::for_recipients(clients, Some(server_cpu), loadgen_cpus.first().copied());
+            let least = match anchor::measure(&probe) {
+                Ok(cost) => {
+                    let least = (rate > 0.0).then(|| Least::of(&cost, per_recipient, args.size, args.latency_bound_ms));
+                    eprintln!("{workload} round {} {}", round + 1, anchor_line(&cost, least.as_ref()));
+                    anchors.push(AnchorRound {
+                        workload: workload.clone(),
+                        round,
+                        send_cost: cost,
+                        least,
+                    });
+                    least
+                }
+                Err(e) => {
+                    eprintln!("{workload} round {} anchor: not measured: {e}", round + 1);
+                    None
+                }
+            };
             for server in &servers {
                 let running = start(server, server_cpu, &scratch)?;
                 let run_args = RunArgs {
@@ -307,7 +345,12 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                         ..OutputArgs::default()
                     },
                 };
-                let result = crate::runner::run(&run_args)?;
+                let mut result = crate::runner::run(&run_args)?;
+                result.least_ns_per_delivery = least.map(|l| l.ns_per_delivery);
+                result.cpu_over_least = result
+                    .server_cpu_ns_per_delivery
+                    .zip(least)
+                    .map(|(ns, l)| ns / l.ns_per_delivery);
                 eprintln!(
                     "{workload} round {} {:<13} {:>10.0} msgs/s  p99 {:>7} µs  {:>7.0} ns/delivery  lost {}  closed {}  generator {:.2} s CPU",
                     round + 1,
@@ -346,11 +389,17 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     .collect();
                 median(per_round).map_or("-".into(), |r| format!("{r:.2}"))
             };
+            let p99_ms = med(&|r| r.latency_us.p99 as f64).unwrap_or(0.0) / 1000.0;
+            // Above the bound the server wrote less often than the bound needs: its
+            // multiple flatters it, so it is marked.
+            let over_least = med(&|r| r.cpu_over_least.unwrap_or(f64::NAN)).map_or("-".into(), |m| {
+                let mark = if p99_ms > args.latency_bound_ms { "*" } else { "" };
+                format!("{m:.2}{mark}")
+            });
             table.push_str(&format!(
-                "| {workload} | {} | {:.0} | {:.2} ms | {:.0} | {:.0} | {:.0} | {ratio} |\n",
+                "| {workload} | {} | {:.0} | {p99_ms:.2} ms | {:.0} | {over_least} | {:.0} | {:.0} | {ratio} |\n",
                 server.name,
                 med(&|r| r.msgs_per_sec).unwrap_or(0.0),
-                med(&|r| r.latency_us.p99 as f64).unwrap_or(0.0) / 1000.0,
                 med(&|r| r.server_cpu_ns_per_delivery.unwrap_or(f64::NAN)).unwrap_or(f64::NAN),
                 med(&|r| r.lost as f64).unwrap_or(0.0),
                 med(&|r| r.readers_disconnected as f64).unwrap_or(0.0),
@@ -358,13 +407,17 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         }
     }
     println!("{table}");
-    println!("(medians of {} rounds; `b0`: each line written with its own write; receivers closed: those the server closed or warned; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds);
+    println!("(medians of {} rounds; `b0`: each line written with its own write; CPU/delivery ÷ least: the server's CPU per delivery divided by the least a relay could spend holding no line longer than {} ms, at the send cost measured before each round, median of per-round multiples, * when the server's p99 was above that bound; receivers closed: those the server closed or warned; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds, args.latency_bound_ms);
+    for line in anchor_summary(&anchors, &args.workloads) {
+        println!("{line}");
+    }
     if let Some(path) = &args.json {
         let runs: Vec<_> = all
             .iter()
             .map(|(w, round, name, r)| serde_json::json!({"workload": w, "round": round, "server": name, "result": r}))
             .collect();
-        let doc = serde_json::json!({ "meta": meta, "runs": runs, "table_markdown": table });
+        let anchor = serde_json::json!({ "latency_bound_ms": args.latency_bound_ms, "rounds": anchors });
+        let doc = serde_json::json!({ "meta": meta, "anchor": anchor, "runs": runs, "table_markdown": table });
         std::fs::write(
             path,
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n",
@@ -373,7 +426,50 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     let names: Vec<&str> = servers.iter().map(|s| s.name).collect();
-    write_outputs(&args.output, &meta, &all, &args.workloads, &names, &table)
+    write_outputs(&args.output, &meta, &all, &anchors, &args.workloads, &names, &table)
+}
+
+/// One round's probe for the terminal: the send cost, the fit and the least.
+fn anchor_line(cost: &anchor::SendCost, least: Option<&Least>) -> String {
+    let mut s = format!(
+        "anchor        a send costs {:.0} ns + {:.3} ns/B ({} sockets: {} B {:.0} ns, {} B {:.0} ns)",
+        cost.a_ns, cost.b_ns_per_byte, cost.sockets, cost.small_bytes, cost.small_ns, cost.large_bytes, cost.large_ns
+    );
+    if let Some(l) = least {
+        s.push_str(&format!(
+            "; least {:.0} ns/delivery ({:.3} writes/delivery at {} ms)",
+            l.ns_per_delivery, l.writes_per_delivery, l.latency_bound_ms
+        ));
+    }
+    s
+}
+
+/// Per workload, the medians over its rounds of the send cost and the least.
+fn anchor_summary(anchors: &[AnchorRound], workloads: &[String]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for w in workloads {
+        let rounds: Vec<&AnchorRound> = anchors.iter().filter(|a| &a.workload == w).collect();
+        let med = |f: &dyn Fn(&AnchorRound) -> Option<f64>| median(rounds.iter().filter_map(|a| f(a)).collect());
+        let (Some(a), Some(b)) = (
+            med(&|r| Some(r.send_cost.a_ns)),
+            med(&|r| Some(r.send_cost.b_ns_per_byte)),
+        ) else {
+            continue;
+        };
+        let mut line = format!(
+            "anchor {w}: a send costs {a:.0} ns + {b:.3} ns/B ({} sockets, median of {} rounds)",
+            rounds[0].send_cost.sockets,
+            rounds.len()
+        );
+        if let (Some(l), Some(least)) = (rounds[0].least, med(&|r| r.least.map(|l| l.ns_per_delivery))) {
+            line.push_str(&format!(
+                "; {:.0} lines/s per recipient need {:.3} writes per delivery at {} ms, envelopes of {} B: least {least:.0} ns per delivery",
+                l.lines_per_s_per_recipient, l.writes_per_delivery, l.latency_bound_ms, l.envelope_bytes
+            ));
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 /// What `--report`, `--hgrm`, `--csv` and `--charts` ask for, for a whole comparison.
@@ -381,6 +477,7 @@ fn write_outputs(
     out: &OutputArgs,
     meta: &Meta,
     all: &[(String, usize, &'static str, RunResult)],
+    anchors: &[AnchorRound],
     workloads: &[String],
     servers: &[&str],
     table: &str,
@@ -426,7 +523,10 @@ fn write_outputs(
         write_file(&csv::path(prefix, "timeline"), &csv::timeline(&names, &rows))?;
     }
     if let Some(path) = &out.report {
-        write_file(path, &html::compare_report(meta, &runs, workloads, servers, table))?;
+        write_file(
+            path,
+            &html::compare_report(meta, &runs, anchors, workloads, servers, table),
+        )?;
     }
     if let Some(dir) = &out.charts {
         write_charts(dir, &html::compare_charts(&runs, workloads, servers))?;

@@ -12,6 +12,7 @@
 //! SVG charts (`report/`), and record the versions, machine and settings they ran with.
 
 mod accounting;
+mod anchor;
 mod compare;
 mod engine;
 mod merge;

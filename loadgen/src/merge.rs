@@ -135,6 +135,8 @@ pub fn merge(
         server_cpu_ns_per_delivery: server_cpu_s
             .filter(|_| in_window > 0)
             .map(|s| s * 1e9 / in_window as f64),
+        least_ns_per_delivery: None,
+        cpu_over_least: None,
         server_rss_kib: rss.1,
         server_rss_bytes_per_connection: match rss {
             (Some(before), Some(after)) if args.scenario == Scenario::Idle => {

@@ -183,6 +183,13 @@ pub struct RunResult {
     /// The server's CPU time during the measured window (`--server-pid`).
     pub server_cpu_s: Option<f64>,
     pub server_cpu_ns_per_delivery: Option<f64>,
+    /// `compare`: the least CPU per delivery any relay could spend on this workload at
+    /// `--latency-bound-ms`, from the send-cost probe of this run's round (`anchor.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub least_ns_per_delivery: Option<f64>,
+    /// `compare`: `server_cpu_ns_per_delivery` divided by `least_ns_per_delivery`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_over_least: Option<f64>,
     /// The server's resident memory once every client was connected (`--server-pid`).
     pub server_rss_kib: Option<u64>,
     /// Idle scenario: growth of the server's RSS per connection.

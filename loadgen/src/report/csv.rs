@@ -50,6 +50,8 @@ pub fn summary(label_names: &[&str], rows: &[Row], percentiles: &[f64]) -> Strin
             "max_us",
             "server_cpu_s",
             "server_cpu_ns_per_delivery",
+            "least_ns_per_delivery",
+            "cpu_over_least",
             "loadgen_cpu_s",
             "readers_disconnected",
         ]
@@ -96,6 +98,8 @@ pub fn summary(label_names: &[&str], rows: &[Row], percentiles: &[f64]) -> Strin
             r.latency_us.max.to_string(),
             opt(r.server_cpu_s),
             opt(r.server_cpu_ns_per_delivery),
+            opt(r.least_ns_per_delivery),
+            opt(r.cpu_over_least),
             r.loadgen_cpu_s.to_string(),
             r.readers_disconnected.to_string(),
         ]);

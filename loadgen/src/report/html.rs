@@ -2,9 +2,10 @@
 //! nothing fetched), written as XHTML so any XML parser reads it. A run's report has the
 //! summary, the metadata and four charts (latency by percentile per receiver class,
 //! delivered rate and p99 per second, server CPU per delivery per second); a comparison's
-//! has the metadata, the table, and per workload the latency by percentile per server (all
-//! rounds), CPU per delivery and p99 with every round as a point, and the per-round ratios
-//! to corecast. [`run_charts`] and [`compare_charts`] are also what `--charts` writes.
+//! has the table, the physical anchor (each round's send cost and the least CPU per
+//! delivery it gives), the metadata, and per workload the latency by percentile per server
+//! (all rounds), CPU per delivery and p99 with every round as a point, and the per-round
+//! ratios to corecast. [`run_charts`] and [`compare_charts`] are also what `--charts` writes.
 
 use std::fmt::Write;
 
@@ -13,6 +14,7 @@ use hdrhistogram::Histogram;
 use super::chart::{escape, Axis, Chart, Series, Style};
 use super::meta::Meta;
 use super::{percentile_name, RunResult};
+use crate::anchor::AnchorRound;
 
 /// One run of a comparison.
 pub struct CompareRun<'a> {
@@ -302,6 +304,7 @@ pub fn run_report(r: &RunResult) -> String {
 pub fn compare_report<'r>(
     meta: &Meta,
     runs: &'r [CompareRun<'r>],
+    anchors: &[AnchorRound],
     workloads: &'r [String],
     servers: &[&'r str],
     table: &str,
@@ -316,6 +319,7 @@ pub fn compare_report<'r>(
     );
     body.push_str("<h2>Medians</h2>\n");
     body.push_str(&markdown_table(table));
+    body.push_str(&anchor_table(anchors));
     body.push_str(&meta_table(meta));
     for w in workloads {
         let _ = writeln!(body, "<h2>{}</h2>", escape(w));
@@ -340,6 +344,69 @@ fn page(title: &str, body: &str) -> String {
         "<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<title>{t}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<h1>{t}</h1>\n{body}</body>\n</html>\n",
         t = escape(title)
     )
+}
+
+/// Each round's send-cost probe and the least CPU per delivery it gives the workload.
+fn anchor_table(anchors: &[AnchorRound]) -> String {
+    let mut s = String::from("<h2>Physical anchor</h2>\n");
+    if anchors.is_empty() {
+        s.push_str("<p>No send cost was measured.</p>\n");
+        return s;
+    }
+    let bound = anchors
+        .iter()
+        .find_map(|a| a.least.map(|l| format!("{} ms", l.latency_bound_ms)))
+        .unwrap_or_else(|| "the latency bound".into());
+    let _ = writeln!(
+        s,
+        "<p>Before each round, the sender's CPU per loopback send (one send to each socket per burst, the sender on the servers' CPU, one epoll reader on the generator's), fitted as a + b·bytes. The least CPU per delivery is w·a + b·(envelope bytes), with w = (1 − e<sup>−λW</sup>)/(λW) writes per delivery for λ lines/s per recipient and W = {bound}.</p>"
+    );
+    s.push_str("<table id=\"anchor\">\n<tr>");
+    for h in [
+        "workload",
+        "round",
+        "sockets",
+        "small send (B / ns)",
+        "large send (B / ns)",
+        "a (ns per send)",
+        "b (ns per byte)",
+        "lines/s per recipient",
+        "writes per delivery",
+        "envelope (B)",
+        "least CPU per delivery (ns)",
+    ] {
+        let _ = write!(s, "<th>{}</th>", escape(h));
+    }
+    s.push_str("</tr>\n");
+    for a in anchors {
+        let c = &a.send_cost;
+        let mut cells = vec![
+            a.workload.clone(),
+            (a.round + 1).to_string(),
+            c.sockets.to_string(),
+            format!("{} / {:.0}", c.small_bytes, c.small_ns),
+            format!("{} / {:.0}", c.large_bytes, c.large_ns),
+            format!("{:.0}", c.a_ns),
+            format!("{:.3}", c.b_ns_per_byte),
+        ];
+        match &a.least {
+            Some(l) => cells.extend([
+                format!("{:.0}", l.lines_per_s_per_recipient),
+                format!("{:.4}", l.writes_per_delivery),
+                l.envelope_bytes.to_string(),
+                format!("{:.0}", l.ns_per_delivery),
+            ]),
+            None => cells.extend(std::iter::repeat_n("-".to_string(), 4)),
+        }
+        s.push_str("<tr>");
+        for (i, cell) in cells.iter().enumerate() {
+            let class = if i == 0 { "" } else { " class=\"n\"" };
+            let _ = write!(s, "<td{class}>{}</td>", escape(cell));
+        }
+        s.push_str("</tr>\n");
+    }
+    s.push_str("</table>\n");
+    s
 }
 
 fn meta_table(m: &Meta) -> String {
