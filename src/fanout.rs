@@ -280,13 +280,16 @@ impl Fanout {
         }
     }
 
-    /// The write pass: writes every listed recipient that can take a write now.
-    fn write_due(&self) {
+    /// The write pass: writes every listed recipient that can take a write now. True if it
+    /// wrote to any.
+    fn write_due(&self) -> bool {
         let clients = self.schedule.take_due();
+        let mut wrote = false;
         for client in &clients {
             if client.is_closing() || client.writer_busy() {
                 continue;
             }
+            wrote = true;
             match client.write_now(&self.stats) {
                 WriteOutcome::Done => self.on_first_write(),
                 WriteOutcome::Stalled => {
@@ -297,12 +300,13 @@ impl Fanout {
             }
         }
         self.schedule.recycle(clients);
+        wrote
     }
 
     /// Records a pass that started at `start` and did its last write at `end` (it sets
-    /// when the next may start, see `pacing`).
-    fn on_pass(&self, start: Instant, end: Instant) {
-        self.schedule.on_pass(start, end);
+    /// when the next may start, see `pacing`); `wrote`: it wrote to someone.
+    fn on_pass(&self, start: Instant, end: Instant, wrote: bool) {
+        self.schedule.on_pass(start, end, wrote);
     }
 
     /// Tells stall tracking what the writer half's last write did.
@@ -325,8 +329,10 @@ impl Fanout {
     /// is not soon.
     fn next_run(&self) -> NextRun {
         let lines = !self.outgoing.is_empty();
-        let next = self.schedule.next_run(lines, self.reads.turn_waiting());
-        self.reads.set_next_run(next, self.schedule.window(), |id| {
+        let next = self
+            .schedule
+            .next_run(lines, self.reads.turn_waiting(), self.reads.ready_set_waiting());
+        self.reads.set_next_run(next, !self.schedule.window().is_zero(), |id| {
             self.wake_reader(id);
         });
         next

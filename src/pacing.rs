@@ -11,15 +11,19 @@
 //!   at once when that much time has passed: a shard that was quiet writes a new line
 //!   without waiting. Under a steady stream the window is what coalesces: whatever arrives
 //!   within it rides in one write per recipient.
-//! - The gap is at least as long as the previous pass took ([`Pacer::on_pass`]): when
-//!   writing is expensive (a thousand recipients, a slow machine) the passes space out so
-//!   that they take at most about half of the shard's time, and each write carries more.
+//! - The gap is at least as long as passes take ([`Pacer::on_pass`], a moving average):
+//!   when writing is expensive (a thousand recipients, a slow machine) the passes space out
+//!   so that they take at most about half of the shard's time, and each write carries more.
 //!   This bounds the CPU spent per delivery under load, at a latency of about two passes.
+//!   A window of 0 turns pacing off: passes run back to back whenever there is something
+//!   to write (lowest latency, one write per recipient per pass at any load).
 //! - A recipient with [`FLUSH_BYTES`] queued makes the next pass start at once: a write
 //!   that large is efficient anyway, and a heavy stream should not wait for the window.
 //!
 //! Busy senders are read once per pass (read turns, `fanout::reads`), each read taking all
-//! that arrived since.
+//! that arrived since; while passes keep writing, occasional senders wait in the shard's
+//! ready set and are read by the next pass too, so that a steady flow of lines from many
+//! clients wakes the shard once per pass, not once per line.
 //!
 //! This file is the pass clock ([`Pacer`]); [`Schedule`] holds which recipients the next
 //! pass writes.
@@ -34,14 +38,16 @@ use std::time::{Duration, Instant};
 /// Queued bytes that make the next pass start at once.
 pub const FLUSH_BYTES: usize = 16 << 10;
 
-/// When the next pass may start, from how the last one went.
+/// When the next pass may start, from how the last ones went.
 #[derive(Debug)]
 pub struct Pacer {
     window: Duration,
     /// When the last pass started (`None`: there was none).
     last_start: Cell<Option<Instant>>,
-    /// How long the last pass took, from its start to its last write.
-    last_took: Cell<Duration>,
+    /// How long recent passes took, from start to last write: a moving average that gives
+    /// the last pass a quarter of the weight, so that one pass stretched by something else
+    /// (the thread preempted, a page fault) does not hold back the next by as much.
+    took: Cell<Duration>,
 }
 
 impl Pacer {
@@ -50,7 +56,7 @@ impl Pacer {
         (!window.is_zero()).then_some(Pacer {
             window,
             last_start: Cell::new(None),
-            last_took: Cell::new(Duration::ZERO),
+            took: Cell::new(Duration::ZERO),
         })
     }
 
@@ -59,17 +65,17 @@ impl Pacer {
     }
 
     /// The earliest the next pass may start: a window after the last one started, or as
-    /// long after it ended as it took, whichever is later (`None`: no pass yet, so now).
+    /// long after it as passes take, whichever is later (`None`: no pass yet, so now).
     pub fn earliest(&self) -> Option<Instant> {
         let start = self.last_start.get()?;
-        let took = self.last_took.get();
-        Some((start + self.window).max(start + took + took))
+        Some(start + self.window.max(self.took.get() * 2))
     }
 
     /// Records a pass that started at `start` and did its last write at `end`.
     pub fn on_pass(&self, start: Instant, end: Instant) {
         self.last_start.set(Some(start));
-        self.last_took.set(end.saturating_duration_since(start));
+        let took = end.saturating_duration_since(start);
+        self.took.set((self.took.get() * 3 + took) / 4);
     }
 }
 
@@ -90,15 +96,29 @@ mod tests {
     }
 
     #[test]
-    fn a_long_pass_is_followed_by_a_gap_as_long_as_itself() {
+    fn long_passes_are_followed_by_gaps_as_long_as_they_take() {
+        let p = Pacer::new(WINDOW).unwrap();
+        let mut t = Instant::now();
+        let took = Duration::from_millis(4);
+        for _ in 0..30 {
+            p.on_pass(t, t + took);
+            t += took * 2;
+        }
+        let gap = p.earliest().unwrap() - (t - took * 2);
+        assert!(gap > took * 2 * 99 / 100 && gap <= took * 2, "{gap:?}");
+        // Cheap passes after them bring the window back, a few passes later.
+        for _ in 0..30 {
+            p.on_pass(t, t + Duration::from_micros(10));
+            t += WINDOW;
+        }
+        assert_eq!(p.earliest(), Some(t - WINDOW + WINDOW));
+    }
+
+    #[test]
+    fn one_long_pass_stretches_the_next_gap_by_a_quarter_of_its_length() {
         let p = Pacer::new(WINDOW).unwrap();
         let t = Instant::now();
-        let took = Duration::from_millis(4);
-        p.on_pass(t, t + took);
-        assert_eq!(p.earliest(), Some(t + took * 2));
-        // A cheap pass after it brings the window back.
-        let t2 = t + took * 2;
-        p.on_pass(t2, t2 + Duration::from_micros(10));
-        assert_eq!(p.earliest(), Some(t2 + WINDOW));
+        p.on_pass(t, t + Duration::from_millis(8));
+        assert_eq!(p.earliest(), Some(t + Duration::from_millis(4)));
     }
 }

@@ -4,15 +4,13 @@
 //! - A sender that keeps sending waits for its *turn*, which the flush task gives at the
 //!   start of every pass (see `pacing`).
 //! - An occasional sender on a busy shard waits in the shard's [`ReadySet`] and is woken
-//!   by the first pass that finds its socket readable. Only while the next pass is at most
-//!   a flush window away: its line could not be written before that pass anyway. When the
-//!   shard goes idle it goes back to readiness, so that a line after a quiet spell wakes
-//!   the shard at once.
+//!   by the first pass that finds its socket readable. Only while a pass is coming: its
+//!   line could not be written before that pass anyway. When the shard goes idle it goes
+//!   back to readiness, so that a line after a quiet spell wakes the shard at once.
 //!
 //! The readers themselves are in `connection/reader.rs`; the flush task drives this.
 
 use std::cell::Cell;
-use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::notify::NotifyAll;
@@ -28,7 +26,7 @@ pub struct Reads {
     /// Occasional senders read at the flush task's runs (`None` if the kernel refused an
     /// epoll set: then every reader uses readiness).
     ready_set: Option<ReadySet>,
-    /// The flush task's next pass is at most a flush window away: readers may join the set.
+    /// A pass is coming: readers may join the set.
     runs_soon: Cell<bool>,
 }
 
@@ -81,6 +79,11 @@ impl Reads {
             && client.socket().is_some_and(|socket| set.insert(client.id, &socket))
     }
 
+    /// True while readers wait in the ready set.
+    pub fn ready_set_waiting(&self) -> bool {
+        self.ready_set.as_ref().is_some_and(|set| !set.is_empty())
+    }
+
     /// Takes a reader out of the ready set (it is closing, or it keeps sending and reads
     /// at its turns instead).
     pub fn leave_ready_set(&self, client: &Client) {
@@ -100,16 +103,13 @@ impl Reads {
         woke
     }
 
-    /// Records when the flush task runs next (`window` is the flush window, zero without
-    /// one). If that is not within a window, every reader in the ready set is handed to
-    /// `wake` and goes back to readiness: nothing would read it in time.
-    pub fn set_next_run(&self, next: NextRun, window: Duration, mut wake: impl FnMut(u64)) {
-        let soon = match next {
-            NextRun::At(when) => !window.is_zero() && when <= Instant::now() + window,
-            // No flush window: passes follow the lines, with nothing to ride on; idle: a
-            // line must wake the shard at once.
-            NextRun::Now | NextRun::Idle => false,
-        };
+    /// Records when the flush task runs next (`paced`: there is a flush window). When it
+    /// goes idle, or passes are not paced, every reader in the ready set is handed to `wake`
+    /// and goes back to readiness: no pass would read it.
+    pub fn set_next_run(&self, next: NextRun, paced: bool, mut wake: impl FnMut(u64)) {
+        // While a pass is coming, a line read before it could not be written earlier
+        // anyway: reading it at the pass loses nothing and saves the shard a wake-up.
+        let soon = paced && next != NextRun::Idle;
         self.runs_soon.set(soon);
         if !soon {
             if let Some(set) = &self.ready_set {
@@ -128,21 +128,23 @@ mod tests {
     use super::*;
     use crate::pacing::Entry;
     use crate::socket::Socket;
+    use std::time::{Duration, Instant};
 
     const WINDOW: Duration = Duration::from_micros(500);
 
     #[test]
-    fn a_reader_joins_the_ready_set_only_while_runs_are_near_and_is_woken_when_readable() {
+    fn a_reader_joins_the_ready_set_only_while_a_pass_is_coming_and_is_woken_when_readable() {
         glommio::LocalExecutor::default().run(async {
             let reads = Reads::new(0);
             let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let ours = Rc::new(Socket::plain(listener.accept().await.unwrap()));
             let client = Client::new(3, "127.0.0.1:7".parse().unwrap(), Rc::downgrade(&ours), Entry::new());
-            let far = Instant::now() + WINDOW * 50;
-            reads.set_next_run(NextRun::At(far), WINDOW, |_| {});
-            assert!(!reads.read_at_runs(&client), "the next pass is far: readiness");
-            reads.set_next_run(NextRun::At(Instant::now()), WINDOW, |_| {});
+            reads.set_next_run(NextRun::At(Instant::now() + WINDOW), false, |_| {});
+            assert!(!reads.read_at_runs(&client), "passes are not paced: readiness");
+            reads.set_next_run(NextRun::Idle, true, |_| {});
+            assert!(!reads.read_at_runs(&client), "no pass is coming: readiness");
+            reads.set_next_run(NextRun::At(Instant::now() + WINDOW), true, |_| {});
             assert!(reads.read_at_runs(&client));
             let mut woken = Vec::new();
             assert!(!reads.wake_ready(|id| {
@@ -161,7 +163,7 @@ mod tests {
             assert_eq!(woken, [3]);
             // The flush task goes idle: the reader is sent back to readiness.
             let mut sent_back = Vec::new();
-            reads.set_next_run(NextRun::Idle, WINDOW, |id| sent_back.push(id));
+            reads.set_next_run(NextRun::Idle, true, |id| sent_back.push(id));
             assert_eq!(sent_back, [3]);
             assert!(!reads.wake_ready(|_| true), "the set is empty");
         });
