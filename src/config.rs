@@ -694,7 +694,7 @@ mod tests {
 
     #[test]
     fn flush_window_is_bounded() {
-        assert_eq!(defaults().flush_window_us, 1500);
+        assert_eq!(defaults().flush_window_us, 500);
         assert_eq!(
             load(r#"{"hyper_parameters":{"flush_window_us":0}}"#)
                 .unwrap()

@@ -303,10 +303,10 @@ impl Fanout {
         wrote
     }
 
-    /// Records a pass that started at `start` and did its last write at `end` (it sets
+    /// Records a pass that started at `start` and spent `writing` on its writes (it sets
     /// when the next may start, see `pacing`); `wrote`: it wrote to someone.
-    fn on_pass(&self, start: Instant, end: Instant, wrote: bool) {
-        self.schedule.on_pass(start, end, wrote);
+    fn on_pass(&self, start: Instant, writing: Duration, wrote: bool) {
+        self.schedule.on_pass(start, writing, wrote);
     }
 
     /// Tells stall tracking what the writer half's last write did.

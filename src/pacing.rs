@@ -11,9 +11,10 @@
 //!   at once when that much time has passed: a shard that was quiet writes a new line
 //!   without waiting. Under a steady stream the window is what coalesces: whatever arrives
 //!   within it rides in one write per recipient.
-//! - The gap is at least as long as passes take ([`Pacer::on_pass`], a moving average):
-//!   when writing is expensive (a thousand recipients, a slow machine) the passes space out
-//!   so that they take at most about half of the shard's time, and each write carries more.
+//! - The gap is at least twice as long as passes spend writing ([`Pacer::on_pass`], a
+//!   moving average): when writing is expensive (a thousand recipients, a slow machine) the
+//!   passes space out so that writes take at most about half of the shard's time, and each
+//!   write carries more.
 //!   This bounds the CPU spent per delivery under load, at a latency of about two passes.
 //!   A window of 0 turns pacing off: passes run back to back whenever there is something
 //!   to write (lowest latency, one write per recipient per pass at any load).
@@ -44,10 +45,12 @@ pub struct Pacer {
     window: Duration,
     /// When the last pass started (`None`: there was none).
     last_start: Cell<Option<Instant>>,
-    /// How long recent passes took, from start to last write: a moving average that gives
-    /// the last pass a quarter of the weight, so that one pass stretched by something else
-    /// (the thread preempted, a page fault) does not hold back the next by as much.
-    took: Cell<Duration>,
+    /// How long the writes of recent passes took: a moving average that gives the last
+    /// pass a quarter of the weight, so that one pass stretched by something else (the
+    /// thread preempted, a page fault) does not hold back the next by as much. Only the
+    /// writes count: they are what passes amortise; reading and framing cost the same
+    /// however the lines are grouped.
+    writing: Cell<Duration>,
 }
 
 impl Pacer {
@@ -56,7 +59,7 @@ impl Pacer {
         (!window.is_zero()).then_some(Pacer {
             window,
             last_start: Cell::new(None),
-            took: Cell::new(Duration::ZERO),
+            writing: Cell::new(Duration::ZERO),
         })
     }
 
@@ -64,18 +67,18 @@ impl Pacer {
         self.window
     }
 
-    /// The earliest the next pass may start: a window after the last one started, or as
-    /// long after it as passes take, whichever is later (`None`: no pass yet, so now).
+    /// The earliest the next pass may start: a window after the last one started, or
+    /// twice as long as passes spend writing, whichever is later (`None`: no pass yet, so
+    /// now).
     pub fn earliest(&self) -> Option<Instant> {
         let start = self.last_start.get()?;
-        Some(start + self.window.max(self.took.get() * 2))
+        Some(start + self.window.max(self.writing.get() * 2))
     }
 
-    /// Records a pass that started at `start` and did its last write at `end`.
-    pub fn on_pass(&self, start: Instant, end: Instant) {
+    /// Records a pass that started at `start` and spent `writing` on its writes.
+    pub fn on_pass(&self, start: Instant, writing: Duration) {
         self.last_start.set(Some(start));
-        let took = end.saturating_duration_since(start);
-        self.took.set((self.took.get() * 3 + took) / 4);
+        self.writing.set((self.writing.get() * 3 + writing) / 4);
     }
 }
 
@@ -90,35 +93,35 @@ mod tests {
         let p = Pacer::new(WINDOW).unwrap();
         assert_eq!(p.earliest(), None);
         let t = Instant::now();
-        p.on_pass(t, t + Duration::from_micros(40));
+        p.on_pass(t, Duration::from_micros(40));
         assert_eq!(p.earliest(), Some(t + WINDOW));
         assert!(Pacer::new(Duration::ZERO).is_none());
     }
 
     #[test]
-    fn long_passes_are_followed_by_gaps_as_long_as_they_take() {
+    fn passes_that_write_long_are_followed_by_gaps_as_long_as_their_writes() {
         let p = Pacer::new(WINDOW).unwrap();
         let mut t = Instant::now();
         let took = Duration::from_millis(4);
         for _ in 0..30 {
-            p.on_pass(t, t + took);
+            p.on_pass(t, took);
             t += took * 2;
         }
         let gap = p.earliest().unwrap() - (t - took * 2);
         assert!(gap > took * 2 * 99 / 100 && gap <= took * 2, "{gap:?}");
         // Cheap passes after them bring the window back, a few passes later.
         for _ in 0..30 {
-            p.on_pass(t, t + Duration::from_micros(10));
+            p.on_pass(t, Duration::from_micros(10));
             t += WINDOW;
         }
         assert_eq!(p.earliest(), Some(t - WINDOW + WINDOW));
     }
 
     #[test]
-    fn one_long_pass_stretches_the_next_gap_by_a_quarter_of_its_length() {
+    fn one_long_pass_stretches_the_next_gap_by_half_its_writing_time() {
         let p = Pacer::new(WINDOW).unwrap();
         let t = Instant::now();
-        p.on_pass(t, t + Duration::from_millis(8));
+        p.on_pass(t, Duration::from_millis(8));
         assert_eq!(p.earliest(), Some(t + Duration::from_millis(4)));
     }
 }

@@ -154,16 +154,16 @@ fn one_client_per_shard(relay: &Relay) -> (Client, Client) {
     panic!("64 connections all landed on one shard:\n{}", relay.log.text());
 }
 
-/// A line from another shard that reaches a recipient already written in its current
-/// period waits for the next period, and the recipient's shard must wake up for it even
-/// when it has nothing of its own to do.
+/// A line from another shard that reaches a recipient's shard within a window of its last
+/// write pass waits for the next pass, and that shard must wake up for it even when it has
+/// nothing of its own to do.
 #[test]
-fn a_line_from_another_shard_waiting_for_the_next_period_is_delivered() {
+fn a_line_from_another_shard_waiting_for_the_next_pass_is_delivered() {
     let config = r#"{"hyper_parameters":{"rate_limit_msgs_per_minute":null,"flush_window_us":300000}}"#;
     let relay = Relay::with_config(config, &["--shards", "2"]);
     let (mut sender, mut receiver) = one_client_per_shard(&relay);
-    // The first line opens the receiver's period; the second one, sent once the first
-    // has arrived, has to wait for the next period.
+    // The first line is written at once (the receiver's shard has not written yet); the
+    // next ones, each sent once the one before has arrived, wait for the next pass.
     for i in 0..3 {
         sender.send(format!("line {i}\n").as_bytes());
         assert_eq!(receiver.line_str(), sender.envelope(&format!("line {i}")));
@@ -202,8 +202,8 @@ fn a_steady_stream_of_small_writes_arrives_complete() {
 
 #[test]
 fn senders_pausing_between_bursts_are_read_again_whenever_they_resume() {
-    // Bursts of several lines make a reader wait for read rounds; pauses shorter and longer
-    // than a round send it back to readiness in between, while the other sender reads.
+    // Bursts of several lines make a reader wait for read turns; pauses shorter and longer
+    // than a window send it back to readiness in between, while the other sender reads.
     const BURSTS: usize = 120;
     let relay = Relay::with_config(UNLIMITED, &["--shards", "1"]);
     let mut receiver = relay.connect();
@@ -248,8 +248,8 @@ fn senders_pausing_between_bursts_are_read_again_whenever_they_resume() {
 fn occasional_senders_on_a_busy_shard_are_read_at_its_runs() {
     const PROBES: usize = 10;
     const ROUNDS: usize = 6;
-    // A 40 ms window (5 ms ticks, read rounds every 15 ms) keeps the schedule far above
-    // the timing noise of a debug build on a busy machine.
+    // A 40 ms window (passes at most every 40 ms) keeps the schedule far above the timing
+    // noise of a debug build on a busy machine.
     let config = UNLIMITED.replace(
         "\"rate_limit_msgs_per_minute\":null",
         "\"rate_limit_msgs_per_minute\":null,\"flush_window_us\":40000",
@@ -263,7 +263,7 @@ fn occasional_senders_on_a_busy_shard_are_read_at_its_runs() {
     let busy_sender = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            // A line a millisecond: read at read rounds, which keep the shard running.
+            // A line a millisecond: read at its turns, which keep the passes coming.
             let deadline = std::time::Instant::now() + crate::util::PATIENCE;
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
@@ -276,7 +276,7 @@ fn occasional_senders_on_a_busy_shard_are_read_at_its_runs() {
     };
     let index: HashMap<SocketAddr, usize> = probes.iter().enumerate().map(|(i, c)| (c.local_addr, i)).collect();
     // Each probe sender sends a line every 30 ms: far apart enough never to be read at
-    // read rounds.
+    // read turns.
     for round in 0..ROUNDS {
         for (i, probe) in probes.iter_mut().enumerate() {
             probe.send(format!("p{i} {round}\n").as_bytes());

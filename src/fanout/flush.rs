@@ -193,8 +193,9 @@ pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
             fanout.deliver(batch.clone());
             peers.send(&batch, &fanout).await;
         }
+        let writes = Instant::now();
         let wrote = fanout.write_due();
-        fanout.on_pass(start, Instant::now(), wrote);
+        fanout.on_pass(start, writes.elapsed(), wrote);
         if stopping {
             fanout.drain().on_flush_done();
             return;

@@ -119,12 +119,12 @@ impl<T: Scheduled + Clone> Schedule<T> {
         items
     }
 
-    /// Records a pass that started at `start` and did its last write at `end`; `wrote`:
+    /// Records a pass that started at `start` and spent `writing` on its writes; `wrote`:
     /// it wrote to at least one recipient.
-    pub fn on_pass(&self, start: Instant, end: Instant, wrote: bool) {
+    pub fn on_pass(&self, start: Instant, writing: Duration, wrote: bool) {
         self.last_wrote.set(wrote);
         if let Some(pacer) = &self.pacer {
-            pacer.on_pass(start, end);
+            pacer.on_pass(start, writing);
         }
     }
 
@@ -167,7 +167,7 @@ mod tests {
     fn pass(s: &Schedule<Rc<Item>>, start: Instant, took: Duration) -> Vec<&'static str> {
         let items = s.take_due();
         let out = items.iter().map(|i| i.name).collect();
-        s.on_pass(start, start + took, !items.is_empty());
+        s.on_pass(start, took, !items.is_empty());
         s.recycle(items);
         out
     }
@@ -212,7 +212,7 @@ mod tests {
         let s = Schedule::new(WINDOW);
         let a = item("a");
         let t = Instant::now();
-        s.on_pass(t, t, false);
+        s.on_pass(t, Duration::ZERO, false);
         assert!(s.offer(&a, 1));
         assert_eq!(s.next_run(false, false, false), NextRun::At(t + WINDOW));
         assert!(s.offer(&a, FLUSH_BYTES), "already listed, but now urgent");
@@ -234,7 +234,7 @@ mod tests {
         let t = Instant::now();
         // A first pass of 12 ms counts a quarter in the average: the next is 6 ms later.
         let took = Duration::from_millis(12);
-        s.on_pass(t, t + took, false);
+        s.on_pass(t, took, false);
         assert!(s.offer(&a, 1));
         assert_eq!(s.next_run(false, false, false), NextRun::At(t + took / 2));
     }

@@ -359,7 +359,7 @@ fn anchor_table(anchors: &[AnchorRound]) -> String {
         .unwrap_or_else(|| "the latency bound".into());
     let _ = writeln!(
         s,
-        "<p>Before each round, the sender's CPU per loopback send (one send to each socket per burst, the sender on the servers' CPU, one epoll reader on the generator's), fitted as a + b·bytes. The least CPU per delivery is w·a + b·(envelope bytes), with w = (1 − e<sup>−λW</sup>)/(λW) writes per delivery for λ lines/s per recipient and W = {bound}.</p>"
+        "<p>Before each round, the sender's CPU per loopback send (one send to each socket per burst, the sender on the servers' CPU, one epoll reader on the generator's), fitted as a + b·bytes. The least CPU per delivery is w·a + b·(envelope bytes), with w = 1/(1 + λW) writes per delivery for λ lines/s per recipient and W = {bound}.</p>"
     );
     s.push_str("<table id=\"anchor\">\n<tr>");
     for h in [
