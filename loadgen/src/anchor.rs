@@ -361,7 +361,7 @@ mod tests {
         assert!(close(w, 1.0 / 3.97), "{w}");
         assert!((w - 0.2519).abs() < 1e-4, "{w}");
         // Rare lines: almost every line needs its own write.
-        assert!(writes_per_delivery(1.0, 0.001) > 0.9995);
+        assert!(writes_per_delivery(1.0, 0.001) > 0.998);
         assert!(writes_per_delivery(1e-12, 0.001) <= 1.0);
         assert_eq!(writes_per_delivery(0.0, 0.001), 1.0);
         // Many lines: one write per bound carries them all.
@@ -403,8 +403,8 @@ mod tests {
         assert!(close(least.ns_per_delivery, w * 4120.0 + 0.2 * 147.0));
         assert_eq!(least.envelope_bytes, 147);
         assert!(close(least.writes_per_delivery, w));
-        // About 1.3 µs: the figure docs/performance.md derives by hand for T100x30.
-        assert!((1300.0..1400.0).contains(&least.ns_per_delivery), "{least:?}");
+        // About 1.07 µs: 0.252 writes per delivery at 4.12 µs, plus 29 ns for the bytes.
+        assert!((1050.0..1090.0).contains(&least.ns_per_delivery), "{least:?}");
     }
 
     #[test]
