@@ -14,12 +14,12 @@
 //! - The gap is at least twice as long as passes spend writing ([`Pacer::on_pass`], a
 //!   moving average): when writing is expensive (a thousand recipients, a slow machine) the
 //!   passes space out so that writes take at most about half of the shard's time, and each
-//!   write carries more.
-//!   This bounds the CPU spent per delivery under load, at a latency of about two passes.
-//!   A window of 0 turns pacing off: passes run back to back whenever there is something
-//!   to write (lowest latency, one write per recipient per pass at any load).
+//!   write carries more. This bounds the CPU spent per delivery under load, at a latency
+//!   of about two passes.
 //! - A recipient with [`FLUSH_BYTES`] queued makes the next pass start at once: a write
 //!   that large is efficient anyway, and a heavy stream should not wait for the window.
+//! - A window of 0 turns pacing off: passes run back to back whenever there is something
+//!   to write (lowest latency, one write per recipient per pass at any load).
 //!
 //! Busy senders are read once per pass (read turns, `fanout::reads`), each read taking all
 //! that arrived since; while passes keep writing, occasional senders wait in the shard's

@@ -3,8 +3,8 @@
 //! when backpressure or the process-wide bound on queued memory says so.
 //!
 //! When it reads is up to the shard's read scheduling (`fanout::reads`): readiness, its
-//! turn at the start of a write pass, or a wake-up from the ready set. It keeps only an unfinished line
-//! (in its framer), so an idle connection holds no buffer.
+//! turn at the start of a write pass, or a wake-up from the ready set. It keeps only an
+//! unfinished line (in its framer), so an idle connection holds no buffer.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;

@@ -1,7 +1,7 @@
 //! The tasks that drive a shard's [`Fanout`]: the flush task, which in each write pass
 //! turns the lines accepted since the last into one batch, delivers it locally, hands it to
-//! every peer and writes to the recipients, and one receive loop per peer, which delivers that peer's
-//! batches here.
+//! every peer and writes to the recipients, and one receive loop per peer, which delivers
+//! that peer's batches here.
 //!
 //! A peer is anything that takes this shard's batches through a [`mesh::Sender`] and sends
 //! its own through a [`mesh::Receiver`]: today the other shards, over the full mesh of
@@ -173,7 +173,8 @@ pub async fn flush_loop(fanout: Rc<Fanout>, mut peers: Peers) {
                     continue;
                 }
                 NextRun::At(when) if when > Instant::now() => {
-                    // Something new may want an earlier pass (a full outbox): wake for it too.
+                    // Something new may want an earlier pass (a full outbox, the shutdown):
+                    // wake for it too.
                     let wait = when.saturating_duration_since(Instant::now());
                     or(glommio::timer::sleep(wait), fanout.flush_wanted().wait()).await;
                     continue;

@@ -23,7 +23,7 @@ pub struct Reads {
     /// sending is then read once per pass, each read taking all that arrived since,
     /// instead of at every readiness wake-up.
     turn: NotifyAll,
-    /// Occasional senders read at the flush task's runs (`None` if the kernel refused an
+    /// Occasional senders read at the flush task's passes (`None` if the kernel refused an
     /// epoll set: then every reader uses readiness).
     ready_set: Option<ReadySet>,
     /// A pass is coming: readers may join the set.
@@ -63,7 +63,7 @@ impl Reads {
     }
 
     /// Puts an occasional sender's socket in the ready set, to be read at the flush task's
-    /// runs instead of through a readiness wake-up of its own (each costs the shard an
+    /// passes instead of through a readiness wake-up of its own (each costs the shard an
     /// io_uring completion, a task wake-up and often a wake-up of its thread). Only while
     /// the next pass is near (see the module docs). False if the reader should wait for
     /// readiness instead.
