@@ -417,7 +417,7 @@ fn healthz_answers_promptly_while_hundreds_of_connections_are_silent_or_half_sen
     let mut latencies = Vec::new();
     for _ in 0..5 {
         let (took, r) = timed_healthz(admin);
-        assert_eq!((r.status, r.body.as_str()), (200, "ok: 1 shards running\n"));
+        assert_eq!((r.status, r.body.as_str()), (200, "ok: 1 shard running\n"));
         latencies.push(took);
     }
     let worst = *latencies.iter().max().unwrap();

@@ -65,7 +65,7 @@ impl ShardHealth {
     }
 }
 
-/// `/healthz`: 200 and `ok: N shards running`, or 503 and one line per unhealthy shard.
+/// `/healthz`: 200 and `ok: N shards running` (`1 shard`), or 503 and one line per unhealthy shard.
 pub fn healthz(shared: &Shared) -> (u16, String) {
     let mut problems = String::new();
     for id in 0..shared.stats.len() {
@@ -75,7 +75,8 @@ pub fn healthz(shared: &Shared) -> (u16, String) {
     }
     let cluster = shared.cluster.as_ref().map(|c| c.health_line()).unwrap_or_default();
     if problems.is_empty() {
-        (200, format!("ok: {} shards running\n{cluster}", shared.stats.len()))
+        let shards = crate::counted(shared.stats.len(), "shard", "shards");
+        (200, format!("ok: {shards} running\n{cluster}"))
     } else {
         (503, format!("unhealthy\n{problems}{cluster}"))
     }
