@@ -12,12 +12,21 @@
 //! hundred ms at most on an idle machine), closes its sockets and joins its threads before
 //! it returns.
 //!
+//! Then, on the same sockets, it measures the *fan-out floor* ([`FanoutFloor`]): lines of
+//! the small size, each sent to every socket in turn once the reader has read the last one
+//! and gone back to sleep, each send carrying the time its line started. The reader notes
+//! when each arrives. Their p99 is the latency of one line relayed alone to that many
+//! recipients by a relay that costs nothing but its sends: no relay on this machine, with
+//! this many recipients, can have a lower p99 at any load.
+//!
 //! The least ([`least_ns_per_delivery`]) is `w·a + b·E` ns per delivery: `w` writes per
 //! delivery ([`writes_per_delivery`]), each paying the fixed cost `a`, and every delivered
 //! envelope of `E` bytes paying `b` per byte once, however writes group it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -64,6 +73,19 @@ pub struct SendCost {
     pub b_ns_per_byte: f64,
 }
 
+/// The fan-out floor: when one line, sent to every socket in turn with nothing else
+/// running, reached the reader, from the start of its first send.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FanoutFloor {
+    /// Lines sent, each to every socket.
+    pub lines: usize,
+    /// Deliveries timed (lines × sockets).
+    pub deliveries: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
 /// A workload's least CPU per delivery at a latency bound, from one probe.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Least {
@@ -85,6 +107,7 @@ pub struct AnchorRound {
     /// From 0, as the runs' `round`.
     pub round: usize,
     pub send_cost: SendCost,
+    pub floor: FanoutFloor,
     /// None for an unpaced workload (rate 0): its lines per second are not known ahead.
     pub least: Option<Least>,
 }
@@ -196,8 +219,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs the probe: sets up the pairs, measures, and closes everything before returning.
-pub fn measure(probe: &Probe) -> Result<SendCost, String> {
+/// The `p`-th percentile (0–100) of `sorted` (ascending, not empty), nearest rank.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Runs the probe: sets up the pairs, measures the send cost and then the fan-out floor,
+/// and closes everything before returning.
+pub fn measure(probe: &Probe) -> Result<(SendCost, FanoutFloor), String> {
     if probe.sockets == 0 || probe.bursts == 0 || probe.repeats == 0 {
         return Err("the send-cost probe needs at least one socket, burst and repeat".into());
     }
@@ -222,21 +252,28 @@ pub fn measure(probe: &Probe) -> Result<SendCost, String> {
     }
     drop(listener);
 
+    let epoch = Instant::now();
+    let timed = Arc::new(AtomicUsize::new(0));
     let reader_cpu = probe.reader_cpu;
+    let cost_bytes = cost_phase_bytes(probe);
+    let reader_timed = timed.clone();
     let reader = thread::Builder::new()
         .name("send-cost-reader".into())
-        .spawn(move || read_until_closed(receivers, reader_cpu))
+        .spawn(move || read_until_closed(receivers, reader_cpu, cost_bytes, epoch, &reader_timed))
         .map_err(|e| format!("send-cost probe: cannot start the reader: {e}"))?;
     let p = *probe;
     let sender = thread::Builder::new()
         .name("send-cost-sender".into())
         .spawn(move || {
-            let costs = send_bursts(&mut senders, &p);
+            let result = send_bursts(&mut senders, &p).and_then(|costs| {
+                send_lines(&mut senders, p.bursts, epoch, &timed)?;
+                Ok(costs)
+            });
             // The reader ends when every socket has reached EOF, also after an error.
             for s in &senders {
                 let _ = s.shutdown(Shutdown::Write);
             }
-            costs
+            result
         })
         .map_err(|e| format!("send-cost probe: cannot start the sender: {e}"))?;
     let costs = sender
@@ -246,9 +283,25 @@ pub fn measure(probe: &Probe) -> Result<SendCost, String> {
         .join()
         .map_err(|_| "send-cost probe: the reader panicked".to_string())?;
     let (small_ns, large_ns) = costs?;
-    read?;
+    let mut latencies = read?;
+    if latencies.len() != probe.bursts * probe.sockets {
+        return Err(format!(
+            "send-cost probe: {} of {} fan-out deliveries arrived",
+            latencies.len(),
+            probe.bursts * probe.sockets
+        ));
+    }
+    latencies.sort_unstable();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let floor = FanoutFloor {
+        lines: probe.bursts,
+        deliveries: latencies.len(),
+        p50_us: us(percentile(&latencies, 50.0)),
+        p99_us: us(percentile(&latencies, 99.0)),
+        max_us: us(latencies[latencies.len() - 1]),
+    };
     let (a_ns, b_ns_per_byte) = fit((SMALL_BYTES as f64, small_ns), (LARGE_BYTES as f64, large_ns));
-    Ok(SendCost {
+    let cost = SendCost {
         sockets: probe.sockets,
         bursts: probe.bursts,
         repeats: probe.repeats,
@@ -258,7 +311,15 @@ pub fn measure(probe: &Probe) -> Result<SendCost, String> {
         large_ns,
         a_ns,
         b_ns_per_byte,
-    })
+    };
+    Ok((cost, floor))
+}
+
+/// Bytes each socket receives in the send-cost phase ([`send_bursts`]): what the reader
+/// skips before the fan-out floor's lines begin.
+fn cost_phase_bytes(p: &Probe) -> u64 {
+    let pair = (SMALL_BYTES + LARGE_BYTES) as u64;
+    pair + (p.repeats * p.bursts) as u64 * pair
 }
 
 /// The sending thread: one warm-up burst per size, then `repeats` times `bursts` bursts
@@ -293,22 +354,97 @@ fn send_bursts(senders: &mut [TcpStream], p: &Probe) -> Result<(f64, f64), Strin
     Ok((median(small), median(large)))
 }
 
+/// The fan-out floor's sending side: `lines` lines of [`SMALL_BYTES`], each sent to every
+/// socket in turn and stamped with the time (ns since `epoch`) its first send began. A line
+/// goes out once the reader has timed every earlier delivery (`timed`) and then slept for
+/// [`BURST_GAP`], so that each is relayed alone to a reader that is asleep.
+fn send_lines(senders: &mut [TcpStream], lines: usize, epoch: Instant, timed: &AtomicUsize) -> Result<(), String> {
+    let mut line = [b'x'; SMALL_BYTES];
+    for i in 0..lines {
+        let earlier = i * senders.len();
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        while timed.load(Ordering::Acquire) < earlier {
+            if Instant::now() > deadline {
+                return Err(format!("send-cost probe: line {i} of the fan-out floor was not read in time"));
+            }
+            thread::sleep(Duration::from_micros(100));
+        }
+        thread::sleep(BURST_GAP);
+        let sent = epoch.elapsed().as_nanos() as u64;
+        line[..8].copy_from_slice(&sent.to_le_bytes());
+        for s in senders.iter_mut() {
+            s.write_all(&line)
+                .map_err(|e| format!("send-cost probe: a send failed: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One socket's stream as the reader sees it: [`cost_phase_bytes`] to skip, then lines of
+/// [`SMALL_BYTES`] whose first 8 bytes are the time their line was sent.
+#[derive(Debug)]
+struct FloorStream {
+    skip: u64,
+    /// Bytes seen so far.
+    seen: u64,
+    /// The current line's stamp as far as it arrived.
+    stamp: [u8; 8],
+}
+
+impl FloorStream {
+    fn new(skip: u64) -> FloorStream {
+        FloorStream { skip, seen: 0, stamp: [0; 8] }
+    }
+
+    /// Takes `bytes` that arrived at `now` (ns since the epoch); pushes the latency of each
+    /// line whose stamp they complete onto `out`.
+    fn feed(&mut self, mut bytes: &[u8], now: u64, out: &mut Vec<u64>) {
+        while !bytes.is_empty() {
+            if self.seen < self.skip {
+                let n = bytes.len().min((self.skip - self.seen) as usize);
+                bytes = &bytes[n..];
+                self.seen += n as u64;
+                continue;
+            }
+            let at = ((self.seen - self.skip) % SMALL_BYTES as u64) as usize;
+            let n = bytes.len().min(SMALL_BYTES - at);
+            if at < 8 {
+                let stamp = n.min(8 - at);
+                self.stamp[at..at + stamp].copy_from_slice(&bytes[..stamp]);
+                if at + stamp == 8 {
+                    out.push(now.saturating_sub(u64::from_le_bytes(self.stamp)));
+                }
+            }
+            bytes = &bytes[n..];
+            self.seen += n as u64;
+        }
+    }
+}
+
 /// The reading thread: drains every socket through one epoll set (mio, edge-triggered)
-/// until each has reached EOF, or fails at [`READER_DEADLINE`].
-fn read_until_closed(receivers: Vec<TcpStream>, cpu: Option<usize>) -> Result<(), String> {
+/// until each has reached EOF, or fails at [`READER_DEADLINE`]. Returns the latency (ns)
+/// of every fan-out floor delivery, counting them in `timed` as they arrive.
+fn read_until_closed(
+    receivers: Vec<TcpStream>,
+    cpu: Option<usize>,
+    cost_bytes: u64,
+    epoch: Instant,
+    timed: &AtomicUsize,
+) -> Result<Vec<u64>, String> {
     if let Some(cpu) = cpu {
         pin_current_thread(cpu);
     }
     let err = |e: std::io::Error| format!("send-cost probe: reader: {e}");
     let mut poll = mio::Poll::new().map_err(err)?;
-    let mut open: Vec<Option<mio::net::TcpStream>> = Vec::with_capacity(receivers.len());
+    let mut open: Vec<Option<(mio::net::TcpStream, FloorStream)>> = Vec::with_capacity(receivers.len());
     for (i, r) in receivers.into_iter().enumerate() {
         let mut r = mio::net::TcpStream::from_std(r);
         poll.registry()
             .register(&mut r, mio::Token(i), mio::Interest::READABLE)
             .map_err(err)?;
-        open.push(Some(r));
+        open.push(Some((r, FloorStream::new(cost_bytes))));
     }
+    let mut latencies = Vec::new();
     let mut left = open.len();
     let mut events = mio::Events::with_capacity(1024);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -326,12 +462,16 @@ fn read_until_closed(receivers: Vec<TcpStream>, cpu: Option<usize>) -> Result<()
         }
         for ev in events.iter() {
             let slot = &mut open[ev.token().0];
-            let Some(stream) = slot.as_mut() else { continue };
+            let Some((stream, floor)) = slot.as_mut() else { continue };
             // Edge-triggered: read until the socket is empty.
             let closed = loop {
                 match stream.read(&mut chunk) {
                     Ok(0) => break true,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        let before = latencies.len();
+                        floor.feed(&chunk[..n], epoch.elapsed().as_nanos() as u64, &mut latencies);
+                        timed.fetch_add(latencies.len() - before, Ordering::Release);
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(_) => break true,
@@ -343,7 +483,7 @@ fn read_until_closed(receivers: Vec<TcpStream>, cpu: Option<usize>) -> Result<()
             }
         }
     }
-    Ok(())
+    Ok(latencies)
 }
 
 #[cfg(test)]
@@ -416,12 +556,52 @@ mod tests {
             sender_cpu: None,
             reader_cpu: None,
         };
-        let cost = measure(&probe).unwrap();
+        let (cost, floor) = measure(&probe).unwrap();
         for v in [cost.small_ns, cost.large_ns, cost.a_ns] {
             assert!(v.is_finite() && v > 0.0, "{cost:?}");
         }
         assert!(cost.b_ns_per_byte.is_finite() && cost.b_ns_per_byte >= 0.0, "{cost:?}");
         assert_eq!((cost.sockets, cost.small_bytes, cost.large_bytes), (3, 150, 16384));
+        // Every delivery of the fan-out floor's 4 lines to 3 sockets was timed.
+        assert_eq!((floor.lines, floor.deliveries), (4, 12), "{floor:?}");
+        assert!(floor.p50_us > 0.0 && floor.p50_us <= floor.p99_us, "{floor:?}");
+        assert!(floor.p99_us <= floor.max_us && floor.max_us.is_finite(), "{floor:?}");
         assert!(measure(&Probe { sockets: 0, ..probe }).is_err());
+    }
+
+    #[test]
+    fn the_floor_reader_skips_the_cost_phase_and_times_each_line_by_its_stamp() {
+        let line = |sent: u64| {
+            let mut l = vec![b'x'; SMALL_BYTES];
+            l[..8].copy_from_slice(&sent.to_le_bytes());
+            l
+        };
+        let mut stream = vec![b'y'; 1000];
+        stream.extend(line(5_000));
+        stream.extend(line(9_000));
+        stream.extend(line(20_000));
+        // Whole, and in pieces that split the skipped part, the stamps and the lines.
+        for piece in [stream.len(), 1, 3, 7, 149, 151, 997] {
+            let mut f = FloorStream::new(1000);
+            let mut out = Vec::new();
+            for (i, chunk) in stream.chunks(piece).enumerate() {
+                f.feed(chunk, 30_000 + i as u64, &mut out);
+            }
+            assert_eq!(out.len(), 3, "pieces of {piece}");
+            // Each line is timed by the read that completed its stamp.
+            let done = |offset: usize| 30_000 + ((offset + 7) / piece) as u64;
+            let want = [done(1000) - 5_000, done(1150) - 9_000, done(1300) - 20_000];
+            assert_eq!(out, want, "pieces of {piece}");
+        }
+        assert_eq!(cost_phase_bytes(&Probe::for_recipients(100, None, None)), (1 + 3 * 20) * (150 + 16384));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=200).collect();
+        assert_eq!(percentile(&v, 50.0), 100);
+        assert_eq!(percentile(&v, 99.0), 198);
+        assert_eq!(percentile(&v, 100.0), 200);
+        assert_eq!(percentile(&[7], 99.0), 7);
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::anchor::{self, AnchorRound, Least};
+use crate::anchor::{self, AnchorRound, FanoutFloor, Least};
 use crate::proto::Protocol;
 use crate::report::html::CompareRun;
 use crate::report::meta::{Meta, ServerInfo};
@@ -285,7 +285,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
     let mut anchors: Vec<AnchorRound> = Vec::new();
     let mut table = String::from(
-        "| workload | server | delivered msgs/s | p99 latency | server CPU ns/delivery | CPU/delivery ÷ least | lost | receivers closed | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | server | delivered msgs/s | p99 latency | p99 ÷ floor | server CPU ns/delivery | CPU/delivery ÷ least | lost | receivers closed | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for workload in &args.workloads {
         let (clients, rate, burst) = parse_workload(workload)?;
@@ -294,21 +294,26 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         for round in 0..args.rounds {
             // The anchor right before the round's servers, so that drift shows per round.
             let probe = anchor::Probe::for_recipients(clients, Some(server_cpu), loadgen_cpus.first().copied());
-            let least = match anchor::measure(&probe) {
-                Ok(cost) => {
+            let (least, floor) = match anchor::measure(&probe) {
+                Ok((cost, floor)) => {
                     let least = (rate > 0.0).then(|| Least::of(&cost, per_recipient, args.size, args.latency_bound_ms));
-                    eprintln!("{workload} round {} {}", round + 1, anchor_line(&cost, least.as_ref()));
+                    eprintln!(
+                        "{workload} round {} {}",
+                        round + 1,
+                        anchor_line(&cost, &floor, least.as_ref())
+                    );
                     anchors.push(AnchorRound {
                         workload: workload.clone(),
                         round,
                         send_cost: cost,
+                        floor,
                         least,
                     });
-                    least
+                    (least, Some(floor))
                 }
                 Err(e) => {
                     eprintln!("{workload} round {} anchor: not measured: {e}", round + 1);
-                    None
+                    (None, None)
                 }
             };
             for server in &servers {
@@ -351,6 +356,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     .server_cpu_ns_per_delivery
                     .zip(least)
                     .map(|(ns, l)| ns / l.ns_per_delivery);
+                result.floor_p99_us = floor.map(|f| f.p99_us);
+                result.p99_over_floor = floor.map(|f| result.latency_us.p99 as f64 / f.p99_us);
                 eprintln!(
                     "{workload} round {} {:<13} {:>10.0} msgs/s  p99 {:>7} µs  {:>7.0} ns/delivery  lost {}  closed {}  generator {:.2} s CPU",
                     round + 1,
@@ -396,8 +403,9 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 let mark = if p99_ms > args.latency_bound_ms { "*" } else { "" };
                 format!("{m:.2}{mark}")
             });
+            let over_floor = med(&|r| r.p99_over_floor.unwrap_or(f64::NAN)).map_or("-".into(), |m| format!("{m:.2}"));
             table.push_str(&format!(
-                "| {workload} | {} | {:.0} | {p99_ms:.2} ms | {:.0} | {over_least} | {:.0} | {:.0} | {ratio} |\n",
+                "| {workload} | {} | {:.0} | {p99_ms:.2} ms | {over_floor} | {:.0} | {over_least} | {:.0} | {:.0} | {ratio} |\n",
                 server.name,
                 med(&|r| r.msgs_per_sec).unwrap_or(0.0),
                 med(&|r| r.server_cpu_ns_per_delivery.unwrap_or(f64::NAN)).unwrap_or(f64::NAN),
@@ -407,7 +415,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         }
     }
     println!("{table}");
-    println!("(medians of {} rounds; `b0`: each line written with its own write; CPU/delivery ÷ least: the server's CPU per delivery divided by the least a relay could spend holding no line longer than {} ms, at the send cost measured before each round, median of per-round multiples, * when the server's p99 was above that bound; receivers closed: those the server closed or warned; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds, args.latency_bound_ms);
+    println!("(medians of {} rounds; `b0`: each line written with its own write; p99 ÷ floor: the server's p99 divided by the p99 of one line sent alone to as many loopback sockets by a sender that does nothing else (the fan-out floor, measured before each round), median of per-round multiples; CPU/delivery ÷ least: the server's CPU per delivery divided by the least a relay could spend holding no line longer than {} ms, at the send cost measured before each round, median of per-round multiples, * when the server's p99 was above that bound; receivers closed: those the server closed or warned; last column: corecast's CPU per delivery divided by the server's, median of per-round ratios)", args.rounds, args.latency_bound_ms);
     for line in anchor_summary(&anchors, &args.workloads) {
         println!("{line}");
     }
@@ -429,11 +437,20 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     write_outputs(&args.output, &meta, &all, &anchors, &args.workloads, &names, &table)
 }
 
-/// One round's probe for the terminal: the send cost, the fit and the least.
-fn anchor_line(cost: &anchor::SendCost, least: Option<&Least>) -> String {
+/// One round's probe for the terminal: the send cost, the fit, the fan-out floor and the
+/// least.
+fn anchor_line(cost: &anchor::SendCost, floor: &FanoutFloor, least: Option<&Least>) -> String {
     let mut s = format!(
-        "anchor        a send costs {:.0} ns + {:.3} ns/B ({} sockets: {} B {:.0} ns, {} B {:.0} ns)",
-        cost.a_ns, cost.b_ns_per_byte, cost.sockets, cost.small_bytes, cost.small_ns, cost.large_bytes, cost.large_ns
+        "anchor        a send costs {:.0} ns + {:.3} ns/B ({} sockets: {} B {:.0} ns, {} B {:.0} ns); a line alone to all: p50 {:.0} µs, p99 {:.0} µs",
+        cost.a_ns,
+        cost.b_ns_per_byte,
+        cost.sockets,
+        cost.small_bytes,
+        cost.small_ns,
+        cost.large_bytes,
+        cost.large_ns,
+        floor.p50_us,
+        floor.p99_us
     );
     if let Some(l) = least {
         s.push_str(&format!(
@@ -456,8 +473,9 @@ fn anchor_summary(anchors: &[AnchorRound], workloads: &[String]) -> Vec<String> 
         ) else {
             continue;
         };
+        let floor = med(&|r| Some(r.floor.p99_us)).unwrap_or(f64::NAN);
         let mut line = format!(
-            "anchor {w}: a send costs {a:.0} ns + {b:.3} ns/B ({} sockets, median of {} rounds)",
+            "anchor {w}: a send costs {a:.0} ns + {b:.3} ns/B ({} sockets, median of {} rounds); fan-out floor (p99 of a line sent alone to every socket) {floor:.0} µs",
             rounds[0].send_cost.sockets,
             rounds.len()
         );

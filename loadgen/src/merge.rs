@@ -137,6 +137,8 @@ pub fn merge(
             .map(|s| s * 1e9 / in_window as f64),
         least_ns_per_delivery: None,
         cpu_over_least: None,
+        floor_p99_us: None,
+        p99_over_floor: None,
         server_rss_kib: rss.1,
         server_rss_bytes_per_connection: match rss {
             (Some(before), Some(after)) if args.scenario == Scenario::Idle => {

@@ -190,6 +190,13 @@ pub struct RunResult {
     /// `compare`: `server_cpu_ns_per_delivery` divided by `least_ns_per_delivery`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_over_least: Option<f64>,
+    /// `compare`: the fan-out floor of this run's round (`anchor.rs`): the p99 of one line
+    /// sent alone to as many loopback sockets by a sender that does nothing else, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_p99_us: Option<f64>,
+    /// `compare`: the run's p99 divided by `floor_p99_us`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_over_floor: Option<f64>,
     /// The server's resident memory once every client was connected (`--server-pid`).
     pub server_rss_kib: Option<u64>,
     /// Idle scenario: growth of the server's RSS per connection.

@@ -52,6 +52,8 @@ pub fn summary(label_names: &[&str], rows: &[Row], percentiles: &[f64]) -> Strin
             "server_cpu_ns_per_delivery",
             "least_ns_per_delivery",
             "cpu_over_least",
+            "floor_p99_us",
+            "p99_over_floor",
             "loadgen_cpu_s",
             "readers_disconnected",
         ]
@@ -100,6 +102,8 @@ pub fn summary(label_names: &[&str], rows: &[Row], percentiles: &[f64]) -> Strin
             opt(r.server_cpu_ns_per_delivery),
             opt(r.least_ns_per_delivery),
             opt(r.cpu_over_least),
+            opt(r.floor_p99_us),
+            opt(r.p99_over_floor),
             r.loadgen_cpu_s.to_string(),
             r.readers_disconnected.to_string(),
         ]);

@@ -359,7 +359,7 @@ fn anchor_table(anchors: &[AnchorRound]) -> String {
         .unwrap_or_else(|| "the latency bound".into());
     let _ = writeln!(
         s,
-        "<p>Before each round, the sender's CPU per loopback send (one send to each socket per burst, the sender on the servers' CPU, one epoll reader on the generator's), fitted as a + b·bytes. The least CPU per delivery is w·a + b·(envelope bytes), with w = 1/(1 + λW) writes per delivery for λ lines/s per recipient and W = {bound}.</p>"
+        "<p>Before each round, the sender's CPU per loopback send (one send to each socket per burst, the sender on the servers' CPU, one epoll reader on the generator's), fitted as a + b·bytes; then the fan-out floor: lines of the small size sent alone to every socket in turn, each once the reader had read the last and slept, timed from the start of the line's first send to its arrival at the reader (no relay can have a lower p99 with that many recipients). The least CPU per delivery is w·a + b·(envelope bytes), with w = 1/(1 + λW) writes per delivery for λ lines/s per recipient and W = {bound}.</p>"
     );
     s.push_str("<table id=\"anchor\">\n<tr>");
     for h in [
@@ -370,6 +370,7 @@ fn anchor_table(anchors: &[AnchorRound]) -> String {
         "large send (B / ns)",
         "a (ns per send)",
         "b (ns per byte)",
+        "fan-out floor p50 / p99 (µs)",
         "lines/s per recipient",
         "writes per delivery",
         "envelope (B)",
@@ -388,6 +389,7 @@ fn anchor_table(anchors: &[AnchorRound]) -> String {
             format!("{} / {:.0}", c.large_bytes, c.large_ns),
             format!("{:.0}", c.a_ns),
             format!("{:.3}", c.b_ns_per_byte),
+            format!("{:.0} / {:.0}", a.floor.p50_us, a.floor.p99_us),
         ];
         match &a.least {
             Some(l) => cells.extend([
