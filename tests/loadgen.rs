@@ -271,7 +271,8 @@ fn per_line_writers_at_t10x30000_close_nobody_twice_in_a_row() {
 /// workload, the latency by percentile per server, CPU per delivery and p99 with a point
 /// per round and server, and (with a peer) the per-round ratios; the JSON carries the
 /// metadata with every setting applied to each server; the CSV and `.hgrm` files agree;
-/// every round has its send-cost probe and every run its multiple of the least.
+/// every round has its send-cost probe and fan-out floor, and every run its multiple of the
+/// least and of the floor.
 #[test]
 fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_server() {
     let _serial = one_at_a_time();
@@ -446,7 +447,12 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
         assert_eq!(row[col("server")], run["server"].as_str().unwrap());
         assert_eq!(row[col("p99_us")], run["result"]["latency_us"]["p99"].to_string());
         assert_eq!(row[col("delivered")], run["result"]["delivered"].to_string());
-        for key in ["least_ns_per_delivery", "cpu_over_least"] {
+        for key in [
+            "least_ns_per_delivery",
+            "cpu_over_least",
+            "floor_p99_us",
+            "p99_over_floor",
+        ] {
             let field = row[col(key)];
             match run["result"][key].as_f64() {
                 // serde_json's float parsing is not always correctly rounded.
@@ -481,6 +487,17 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
         assert!(close(w, 1.0 / 1.2), "{probe}");
         let least_ns = least["ns_per_delivery"].as_f64().unwrap();
         assert!(close(least_ns, w * a + b * 147.0), "{probe}");
+        // The fan-out floor: every delivery of its lines timed, percentiles in order.
+        let floor = &probe["floor"];
+        let lines = floor["lines"].as_u64().unwrap();
+        assert!(lines >= 4, "{probe}");
+        assert_eq!(floor["deliveries"].as_u64(), Some(lines * 3), "{probe}");
+        let (p50, p99, max) = (
+            floor["p50_us"].as_f64().unwrap(),
+            floor["p99_us"].as_f64().unwrap(),
+            floor["max_us"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{probe}");
         for run in runs.iter().filter(|r| r["round"] == round) {
             let r = &run["result"];
             assert_eq!(r["least_ns_per_delivery"].as_f64(), Some(least_ns), "{run}");
@@ -488,11 +505,18 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
                 Some(cpu) => assert!(close(r["cpu_over_least"].as_f64().unwrap(), cpu / least_ns), "{run}"),
                 None => assert!(r.get("cpu_over_least").is_none(), "{run}"),
             }
+            assert_eq!(r["floor_p99_us"].as_f64(), Some(p99), "{run}");
+            let over = r["latency_us"]["p99"].as_f64().unwrap() / p99;
+            assert!(close(r["p99_over_floor"].as_f64().unwrap(), over), "{run}");
         }
     }
     let table = doc["table_markdown"].as_str().unwrap();
     assert!(
-        table.lines().next().unwrap().contains("| CPU/delivery ÷ least |"),
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .contains("| p99 latency | p99 ÷ floor | server CPU ns/delivery | CPU/delivery ÷ least |"),
         "{table}"
     );
     let anchor_rows = html

@@ -365,7 +365,9 @@ fn send_lines(senders: &mut [TcpStream], lines: usize, epoch: Instant, timed: &A
         let deadline = Instant::now() + WRITE_TIMEOUT;
         while timed.load(Ordering::Acquire) < earlier {
             if Instant::now() > deadline {
-                return Err(format!("send-cost probe: line {i} of the fan-out floor was not read in time"));
+                return Err(format!(
+                    "send-cost probe: line {i} of the fan-out floor was not read in time"
+                ));
             }
             thread::sleep(Duration::from_micros(100));
         }
@@ -393,7 +395,11 @@ struct FloorStream {
 
 impl FloorStream {
     fn new(skip: u64) -> FloorStream {
-        FloorStream { skip, seen: 0, stamp: [0; 8] }
+        FloorStream {
+            skip,
+            seen: 0,
+            stamp: [0; 8],
+        }
     }
 
     /// Takes `bytes` that arrived at `now` (ns since the epoch); pushes the latency of each
@@ -593,7 +599,10 @@ mod tests {
             let want = [done(1000) - 5_000, done(1150) - 9_000, done(1300) - 20_000];
             assert_eq!(out, want, "pieces of {piece}");
         }
-        assert_eq!(cost_phase_bytes(&Probe::for_recipients(100, None, None)), (1 + 3 * 20) * (150 + 16384));
+        assert_eq!(
+            cost_phase_bytes(&Probe::for_recipients(100, None, None)),
+            (1 + 3 * 20) * (150 + 16384)
+        );
     }
 
     #[test]
