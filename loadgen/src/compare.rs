@@ -7,7 +7,8 @@
 //! `T10x30000b0` is the per-line-write variant. Before each round the send-cost probe
 //! (`anchor.rs`) measures what a loopback send costs right now, between the servers' CPU
 //! and the generator's, and every run gets its CPU per delivery as a multiple of the least
-//! a relay could spend on the workload at `--latency-bound-ms`.
+//! a relay could spend on the workload at `--latency-bound-ms`, and its p99 as a multiple
+//! of the fan-out floor the same probe measures (a line sent alone to every socket).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;

@@ -2,8 +2,8 @@
 //! nothing fetched), written as XHTML so any XML parser reads it. A run's report has the
 //! summary, the metadata and four charts (latency by percentile per receiver class,
 //! delivered rate and p99 per second, server CPU per delivery per second); a comparison's
-//! has the table, the physical anchor (each round's send cost and the least CPU per
-//! delivery it gives), the metadata, and per workload the latency by percentile per server
+//! has the table, the physical anchor (each round's send cost, fan-out floor and the least
+//! CPU per delivery it gives), the metadata, and per workload the latency by percentile per server
 //! (all rounds), CPU per delivery and p99 with every round as a point, and the per-round
 //! ratios to corecast. [`run_charts`] and [`compare_charts`] are also what `--charts` writes.
 
