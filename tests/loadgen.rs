@@ -546,6 +546,67 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `compare --corecast-windows 0`: corecast with back-to-back write passes runs as a server
+/// of its own beside the default one, with its window in its recorded settings, and both
+/// deliver everything.
+#[test]
+fn compare_runs_corecast_with_another_flush_window_as_a_server_of_its_own() {
+    let _serial = one_at_a_time();
+    let json = std::env::temp_dir().join(format!("corecast-compare-windows-{}.json", std::process::id()));
+    let argv = [
+        "corecast-loadgen",
+        "compare",
+        "--corecast-bin",
+        env!("CARGO_BIN_EXE_corecast"),
+        "--workloads",
+        "T3x100",
+        "--rounds",
+        "1",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--peers",
+        "",
+        "--corecast-windows",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    assert_eq!(corecast_loadgen::main_with(argv), ExitCode::SUCCESS);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let servers: Vec<&str> = doc["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["server"].as_str().unwrap())
+        .collect();
+    assert_eq!(servers, ["corecast", "corecast-w0"]);
+    for run in doc["runs"].as_array().unwrap() {
+        let r = &run["result"];
+        assert!(r["delivered"].as_u64().unwrap() > 0, "{run}");
+        assert_eq!(r["delivered"], r["expected"], "{run}");
+    }
+    let settings = |i: usize| doc["meta"]["servers"][i]["settings"].to_string();
+    assert!(!settings(0).contains("flush_window_us"), "{}", settings(0));
+    assert!(settings(1).contains(r#"\"flush_window_us\":0"#), "{}", settings(1));
+    let table = doc["table_markdown"].as_str().unwrap();
+    assert!(table.contains("| T3x100 | corecast-w0 |"), "{table}");
+    // A window listed twice is refused before anything starts.
+    let twice = [
+        "corecast-loadgen",
+        "compare",
+        "--corecast-bin",
+        env!("CARGO_BIN_EXE_corecast"),
+        "--corecast-windows",
+        "0,0",
+        "--peers",
+        "",
+    ];
+    assert_ne!(corecast_loadgen::main_with(twice), ExitCode::SUCCESS);
+}
+
 #[test]
 fn fan_out_over_tls_is_complete_with_the_generators_tls() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

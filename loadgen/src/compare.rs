@@ -66,6 +66,11 @@ pub struct CompareArgs {
     /// Peers to include when installed.
     #[arg(long, value_delimiter = ',', default_value = "nats,redis")]
     pub peers: Vec<String>,
+    /// Also run corecast with each of these `flush_window_us` values, as servers of their
+    /// own named `corecast-w<µs>` beside the one with the default (`0`: back-to-back write
+    /// passes, its lowest-latency setting).
+    #[arg(long, value_delimiter = ',')]
+    pub corecast_windows: Vec<u64>,
     /// The latency bound of the physical anchor, in ms: how long a relay may hold a line
     /// (the p99 it should meet). The least CPU per delivery is what writing every line
     /// within this bound costs at the send cost measured before each round; the table's
@@ -82,9 +87,11 @@ pub struct CompareArgs {
 /// A server under test.
 #[derive(Debug, Clone)]
 struct Server {
-    name: &'static str,
+    name: String,
     protocol: Protocol,
     program: PathBuf,
+    /// corecast's config file contents (see [`corecast_config`]).
+    config: Option<String>,
 }
 
 impl Server {
@@ -93,8 +100,8 @@ impl Server {
         let mut cmd = Command::new(&self.program);
         match self.protocol {
             Protocol::Summoner => {
-                let config = scratch.join("corecast-bench.json");
-                let _ = std::fs::write(&config, CORECAST_CONFIG);
+                let config = scratch.join(format!("{}-bench.json", self.name));
+                let _ = std::fs::write(&config, self.config.as_deref().unwrap_or_default());
                 cmd.args(["--host", "127.0.0.1", "--port", port, "--shards", "1", "--config"])
                     .arg(config);
             }
@@ -123,16 +130,21 @@ impl Server {
     fn settings(&self, scratch: &std::path::Path) -> Vec<String> {
         let cmd = self.command("<port>", scratch);
         let mut settings: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        if self.protocol == Protocol::Summoner {
-            settings.push(format!("(config file: {CORECAST_CONFIG})"));
+        if let Some(config) = &self.config {
+            settings.push(format!("(config file: {config})"));
         }
         settings
     }
 }
 
-/// corecast's config in a comparison: quiet logs, no rate limit (the peers have none).
-const CORECAST_CONFIG: &str =
-    r#"{"logger":{"log_level":"WARNING"},"hyper_parameters":{"rate_limit_msgs_per_minute":null}}"#;
+/// corecast's config in a comparison: quiet logs, no rate limit (the peers have none), and
+/// the flush window when one is given.
+fn corecast_config(flush_window_us: Option<u64>) -> String {
+    let window = flush_window_us.map_or(String::new(), |us| format!(r#","flush_window_us":{us}"#));
+    format!(
+        r#"{{"logger":{{"log_level":"WARNING"}},"hyper_parameters":{{"rate_limit_msgs_per_minute":null{window}}}}}"#
+    )
+}
 
 /// A started server, stopped by PID when dropped.
 struct Running {
@@ -241,10 +253,24 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         ));
     }
     let mut servers = vec![Server {
-        name: "corecast",
+        name: "corecast".into(),
         protocol: Protocol::Summoner,
-        program: corecast,
+        program: corecast.clone(),
+        config: Some(corecast_config(None)),
     }];
+    let mut windows = args.corecast_windows.clone();
+    windows.sort_unstable();
+    if windows.windows(2).any(|w| w[0] == w[1]) {
+        return Err("--corecast-windows: a window is listed twice".into());
+    }
+    for &us in &args.corecast_windows {
+        servers.push(Server {
+            name: format!("corecast-w{us}"),
+            protocol: Protocol::Summoner,
+            program: corecast.clone(),
+            config: Some(corecast_config(Some(us))),
+        });
+    }
     crate::report::check_percentiles(&args.output.percentiles)?;
     for peer in args.peers.iter().filter(|p| !p.is_empty()) {
         let (name, protocol, program) = match peer.as_str() {
@@ -254,9 +280,10 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         };
         match find_on_path(program) {
             Some(path) => servers.push(Server {
-                name,
+                name: name.into(),
                 protocol,
                 program: path,
+                config: None,
             }),
             None => eprintln!("note: {program} is not installed; skipping it (Debian package {program})"),
         }
@@ -279,11 +306,11 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     let meta = Meta::collect(
         servers
             .iter()
-            .map(|s| ServerInfo::of_program(s.name, &s.program, s.settings(&scratch)))
+            .map(|s| ServerInfo::of_program(&s.name, &s.program, s.settings(&scratch)))
             .collect(),
     );
 
-    let mut all: Vec<(String, usize, &'static str, RunResult)> = Vec::new();
+    let mut all: Vec<(String, usize, String, RunResult)> = Vec::new();
     let mut anchors: Vec<AnchorRound> = Vec::new();
     let mut table = String::from(
         "| workload | server | delivered msgs/s | p99 latency | p99 ÷ floor | server CPU ns/delivery | CPU/delivery ÷ least | lost | receivers closed | CPU/delivery vs corecast |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -371,7 +398,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     result.loadgen_cpu_s
                 );
                 drop(running);
-                all.push((workload.clone(), round, server.name, result));
+                all.push((workload.clone(), round, server.name.clone(), result));
             }
         }
         for server in &servers {
@@ -392,7 +419,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                                 .find(|r| &r.0 == workload && r.1 == round && r.2 == name)
                                 .and_then(|r| r.3.server_cpu_ns_per_delivery)
                         };
-                        Some(get("corecast")? / get(server.name)?)
+                        Some(get("corecast")? / get(&server.name)?)
                     })
                     .collect();
                 median(per_round).map_or("-".into(), |r| format!("{r:.2}"))
@@ -434,7 +461,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    let names: Vec<&str> = servers.iter().map(|s| s.name).collect();
+    let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
     write_outputs(&args.output, &meta, &all, &anchors, &args.workloads, &names, &table)
 }
 
@@ -495,7 +522,7 @@ fn anchor_summary(anchors: &[AnchorRound], workloads: &[String]) -> Vec<String> 
 fn write_outputs(
     out: &OutputArgs,
     meta: &Meta,
-    all: &[(String, usize, &'static str, RunResult)],
+    all: &[(String, usize, String, RunResult)],
     anchors: &[AnchorRound],
     workloads: &[String],
     servers: &[&str],
@@ -556,6 +583,20 @@ fn write_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn corecast_configs_are_json_with_the_window_only_when_given() {
+        let plain: serde_json::Value = serde_json::from_str(&corecast_config(None)).unwrap();
+        assert_eq!(
+            plain["hyper_parameters"]["rate_limit_msgs_per_minute"],
+            serde_json::Value::Null
+        );
+        assert!(plain["hyper_parameters"].get("flush_window_us").is_none(), "{plain}");
+        assert_eq!(plain["logger"]["log_level"], "WARNING");
+        let zero: serde_json::Value = serde_json::from_str(&corecast_config(Some(0))).unwrap();
+        assert_eq!(zero["hyper_parameters"]["flush_window_us"], 0);
+        assert!(zero["hyper_parameters"]["rate_limit_msgs_per_minute"].is_null());
+    }
 
     #[test]
     fn workloads_parse_and_medians_ignore_missing_values() {

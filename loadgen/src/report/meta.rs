@@ -91,7 +91,10 @@ impl ServerInfo {
             program: Some(program.display().to_string()),
             // Only corecast's own version line is read for a commit: Redis's carries a
             // build id and a zero sha that are not one.
-            commit: version.as_deref().filter(|_| name == "corecast").and_then(commit_in),
+            commit: version
+                .as_deref()
+                .filter(|_| name.starts_with("corecast"))
+                .and_then(commit_in),
             version,
             settings,
         }
