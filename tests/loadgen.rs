@@ -267,6 +267,25 @@ fn per_line_writers_at_t10x30000_close_nobody_twice_in_a_row() {
     }
 }
 
+/// `corecast-loadgen compare` with this build's corecast on `T3x100`, 1 s runs after 0.5 s
+/// of warm-up, and `extra` flags.
+fn compare_t3x100(extra: &[&str]) -> ExitCode {
+    let mut argv = vec![
+        "corecast-loadgen",
+        "compare",
+        "--corecast-bin",
+        env!("CARGO_BIN_EXE_corecast"),
+        "--workloads",
+        "T3x100",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+    ];
+    argv.extend_from_slice(extra);
+    corecast_loadgen::main_with(argv)
+}
+
 /// `compare` with nats-server when it is installed (as in CI): the report has, per
 /// workload, the latency by percentile per server, CPU per delivery and p99 with a point
 /// per round and server, and (with a peer) the per-round ratios; the JSON carries the
@@ -291,31 +310,10 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
     std::fs::create_dir_all(&dir).unwrap();
     let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
     let (json, report, prefix) = (path("c.json"), path("c.html"), path("c"));
-    let argv = [
-        "corecast-loadgen",
-        "compare",
-        "--corecast-bin",
-        env!("CARGO_BIN_EXE_corecast"),
-        "--workloads",
-        "T3x100",
-        "--rounds",
-        "2",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.5",
-        "--peers",
-        if nats { "nats" } else { "" },
-        "--json",
-        &json,
-        "--report",
-        &report,
-        "--hgrm",
-        &prefix,
-        "--csv",
-        &prefix,
-    ];
-    assert_eq!(corecast_loadgen::main_with(argv), ExitCode::SUCCESS);
+    let peers = if nats { "nats" } else { "" };
+    let extra = ["--rounds", "2", "--peers", peers, "--json", &json, "--report", &report];
+    let outputs = ["--hgrm", &prefix, "--csv", &prefix];
+    assert_eq!(compare_t3x100(&[&extra[..], &outputs[..]].concat()), ExitCode::SUCCESS);
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = doc["runs"].as_array().unwrap();
     assert_eq!(runs.len(), rounds * servers.len());
@@ -553,19 +551,9 @@ fn compare_writes_a_report_with_a_chart_per_view_and_the_settings_of_every_serve
 fn compare_runs_corecast_with_another_flush_window_as_a_server_of_its_own() {
     let _serial = one_at_a_time();
     let json = std::env::temp_dir().join(format!("corecast-compare-windows-{}.json", std::process::id()));
-    let argv = [
-        "corecast-loadgen",
-        "compare",
-        "--corecast-bin",
-        env!("CARGO_BIN_EXE_corecast"),
-        "--workloads",
-        "T3x100",
+    let extra = [
         "--rounds",
         "1",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.5",
         "--peers",
         "",
         "--corecast-windows",
@@ -573,7 +561,7 @@ fn compare_runs_corecast_with_another_flush_window_as_a_server_of_its_own() {
         "--json",
         json.to_str().unwrap(),
     ];
-    assert_eq!(corecast_loadgen::main_with(argv), ExitCode::SUCCESS);
+    assert_eq!(compare_t3x100(&extra), ExitCode::SUCCESS);
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     let servers: Vec<&str> = doc["runs"]
@@ -594,17 +582,10 @@ fn compare_runs_corecast_with_another_flush_window_as_a_server_of_its_own() {
     let table = doc["table_markdown"].as_str().unwrap();
     assert!(table.contains("| T3x100 | corecast-w0 |"), "{table}");
     // A window listed twice is refused before anything starts.
-    let twice = [
-        "corecast-loadgen",
-        "compare",
-        "--corecast-bin",
-        env!("CARGO_BIN_EXE_corecast"),
-        "--corecast-windows",
-        "0,0",
-        "--peers",
-        "",
-    ];
-    assert_ne!(corecast_loadgen::main_with(twice), ExitCode::SUCCESS);
+    assert_ne!(
+        compare_t3x100(&["--corecast-windows", "0,0", "--peers", ""]),
+        ExitCode::SUCCESS
+    );
 }
 
 #[test]
