@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::measure::{median, pin_current_thread};
 use crate::proto::{self, Header, HEADER_LEN};
-use crate::runner::pin_current_thread;
 
 /// The small send: about one envelope of a 100-byte line (147 B).
 pub const SMALL_BYTES: usize = 150;
@@ -209,16 +209,6 @@ fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// The `p`-th percentile (0–100) of `sorted` (ascending, not empty), nearest rank.
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
@@ -351,7 +341,8 @@ fn send_bursts(senders: &mut [TcpStream], p: &Probe) -> Result<(f64, f64), Strin
             out.push(ns as f64 / (p.bursts * senders.len()) as f64);
         }
     }
-    Ok((median(small), median(large)))
+    // Each has one value per repeat, and there is at least one repeat.
+    Ok((median(small).unwrap_or(f64::NAN), median(large).unwrap_or(f64::NAN)))
 }
 
 /// The fan-out floor's sending side: `lines` lines of [`SMALL_BYTES`], each sent to every

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::anchor::{self, AnchorRound, FanoutFloor, Least};
+use crate::measure::{median, parse_cpus, pin_current_thread};
 use crate::proto::Protocol;
 use crate::report::html::CompareRun;
 use crate::report::meta::{Meta, ServerInfo};
 use crate::report::RunResult;
 use crate::report::{csv, hgrm, html, write_charts, write_file};
-use crate::runner::{parse_cpus, pin_current_thread};
 use crate::{OutputArgs, RunArgs, Scenario};
 
 #[derive(Debug, Clone, Args)]
@@ -223,20 +223,6 @@ fn parse_workload(w: &str) -> Result<(usize, f64, Option<u64>), String> {
         None => (rest, None),
     };
     Ok((c.parse().map_err(|_| bad())?, r.parse().map_err(|_| bad())?, burst))
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 pub fn run(args: &CompareArgs) -> Result<(), String> {
@@ -599,14 +585,11 @@ mod tests {
     }
 
     #[test]
-    fn workloads_parse_and_medians_ignore_missing_values() {
+    fn workloads_parse() {
         assert_eq!(parse_workload("T100x30").unwrap(), (100, 30.0, None));
         assert_eq!(parse_workload("T10x30000b0").unwrap(), (10, 30000.0, Some(0)));
         assert_eq!(parse_workload("T10x30000b250").unwrap(), (10, 30000.0, Some(250)));
         assert!(parse_workload("100x30").is_err());
         assert!(parse_workload("T10x30000b").is_err());
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0]), Some(2.0));
-        assert_eq!(median(vec![]), None);
     }
 }

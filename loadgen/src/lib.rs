@@ -15,6 +15,7 @@ mod accounting;
 mod anchor;
 mod compare;
 mod engine;
+mod measure;
 mod merge;
 mod proto;
 mod reader;

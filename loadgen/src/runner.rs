@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, Conn, Control, Plan, Report, PHASE_RUN, PHASE_STOP};
+use crate::measure::{clock_ticks_per_sec, own_cpu, parse_cpus, pin_current_thread, server_cpu_ticks, server_rss_kib};
 use crate::proto::{Protocol, HEADER_LEN};
 use crate::reader::{ReaderClass, ReaderMix};
 use crate::report::live::LiveMonitor;
@@ -367,64 +368,6 @@ fn parse_ips(spec: &str) -> Result<Vec<IpAddr>, String> {
     spec.split(',').map(|s| s.trim().parse().map_err(|_| bad())).collect()
 }
 
-/// `1`, `2-3`, `0,2`.
-pub fn parse_cpus(spec: &str) -> Result<Vec<usize>, String> {
-    let bad = || format!("bad CPU list {spec:?}");
-    let mut cpus = Vec::new();
-    for part in spec.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) = (
-                    a.trim().parse().map_err(|_| bad())?,
-                    b.trim().parse().map_err(|_| bad())?,
-                );
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(part.trim().parse().map_err(|_| bad())?),
-        }
-    }
-    Ok(cpus)
-}
-
-pub fn pin_current_thread(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads the set we own.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-/// This process's CPU time (user + system).
-fn own_cpu() -> Duration {
-    // SAFETY: getrusage fills the struct we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-pub fn clock_ticks_per_sec() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-}
-
-/// utime + stime of `pid`, in clock ticks.
-pub fn server_cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-/// Resident memory of `pid`, in KiB.
-pub fn server_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,8 +377,5 @@ mod tests {
         assert_eq!(parse_ips("127.0.0.2-127.0.0.4").unwrap().len(), 3);
         assert_eq!(parse_ips("127.0.0.2,::1").unwrap().len(), 2);
         assert!(parse_ips("127.0.0.9-127.0.0.2").is_err());
-        assert_eq!(parse_cpus("1").unwrap(), vec![1]);
-        assert_eq!(parse_cpus("0,2-3").unwrap(), vec![0, 2, 3]);
-        assert!(parse_cpus("x").is_err());
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::engine::Control;
-use crate::runner::{clock_ticks_per_sec, server_cpu_ticks};
+use crate::measure::{clock_ticks_per_sec, server_cpu_ticks};
 
 pub struct LiveMonitor {
     bar: Option<indicatif::ProgressBar>,
