@@ -99,7 +99,7 @@ mod tests {
     }
 
     #[test]
-    fn passes_that_write_long_are_followed_by_gaps_as_long_as_their_writes() {
+    fn passes_that_write_long_are_followed_by_gaps_twice_their_writing_time() {
         let p = Pacer::new(WINDOW).unwrap();
         let mut t = Instant::now();
         let took = Duration::from_millis(4);

@@ -84,14 +84,18 @@ fn start_relay_with(hyper: &str, args: &[&str]) -> (Relay, SocketAddr) {
         &format!(r#"{{"hyper_parameters":{{"rate_limit_msgs_per_minute":null,{hyper}}}}}"#),
         &all,
     );
+    let addr = tls_addr(&relay);
+    (relay, addr)
+}
+
+/// The TLS listener's address, from the relay's log.
+fn tls_addr(relay: &Relay) -> SocketAddr {
     let line = relay.log.wait_for("listening for TLS on ");
-    let addr = line
-        .split("listening for TLS on ")
+    line.split("listening for TLS on ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse the TLS address from {line:?}"));
-    (relay, addr)
+        .unwrap_or_else(|| panic!("cannot parse the TLS address from {line:?}"))
 }
 
 /// A Python `ssl` client driven over its stdin: `send HEX`, `line` (prints the next line
@@ -514,13 +518,7 @@ fn sighup_reads_the_certificate_files_again_for_new_handshakes_and_keeps_establi
     );
     let path = crate::util::temp_config(&json);
     let relay = Relay::start(&["--shards", "1", "--config", path.to_str().unwrap()]);
-    let line = relay.log.wait_for("listening for TLS on ");
-    let addr: SocketAddr = line
-        .split("listening for TLS on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let addr = tls_addr(&relay);
     let mut before = PyClient::connect(addr, &first, PyOptions::default());
     before.local_addr();
     copy(&second);
@@ -634,14 +632,7 @@ fn a_client_denied_by_a_reload_during_its_handshake_is_closed_after_it() {
     let mut cmd = corecast();
     cmd.args(["--port", "0", "--shards", "1", "--config", path.to_str().unwrap()]);
     let relay = Relay::spawn(cmd);
-    let line = relay.log.wait_for("listening for TLS on ");
-    let tls_addr: SocketAddr = line
-        .split("listening for TLS on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse the TLS address from {line:?}"));
-    let mut child = python_script(PY_LATE_HANDSHAKE, tls_addr, &pki);
+    let mut child = python_script(PY_LATE_HANDSHAKE, tls_addr(&relay), &pki);
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut reply = || {

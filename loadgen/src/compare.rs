@@ -140,10 +140,14 @@ impl Server {
 /// corecast's config in a comparison: quiet logs, no rate limit (the peers have none), and
 /// the flush window when one is given.
 fn corecast_config(flush_window_us: Option<u64>) -> String {
-    let window = flush_window_us.map_or(String::new(), |us| format!(r#","flush_window_us":{us}"#));
-    format!(
-        r#"{{"logger":{{"log_level":"WARNING"}},"hyper_parameters":{{"rate_limit_msgs_per_minute":null{window}}}}}"#
-    )
+    let mut config = serde_json::json!({
+        "logger": {"log_level": "WARNING"},
+        "hyper_parameters": {"rate_limit_msgs_per_minute": null},
+    });
+    if let Some(us) = flush_window_us {
+        config["hyper_parameters"]["flush_window_us"] = us.into();
+    }
+    config.to_string()
 }
 
 /// A started server, stopped by PID when dropped.
@@ -475,7 +479,8 @@ fn anchor_line(cost: &anchor::SendCost, floor: &FanoutFloor, least: Option<&Leas
     s
 }
 
-/// Per workload, the medians over its rounds of the send cost and the least.
+/// Per workload, the medians over its rounds of the send cost, the fan-out floor and the
+/// least.
 fn anchor_summary(anchors: &[AnchorRound], workloads: &[String]) -> Vec<String> {
     let mut lines = Vec::new();
     for w in workloads {

@@ -3,9 +3,9 @@
 //! summary, the metadata and four charts (latency by percentile per receiver class,
 //! delivered rate and p99 per second, server CPU per delivery per second); a comparison's
 //! has the table, the physical anchor (each round's send cost, fan-out floor and the least
-//! CPU per delivery it gives), the metadata, and per workload the latency by percentile per server
-//! (all rounds), CPU per delivery and p99 with every round as a point, and the per-round
-//! ratios to corecast. [`run_charts`] and [`compare_charts`] are also what `--charts` writes.
+//! CPU per delivery it gives), the metadata, and per workload the latency by percentile
+//! per server (all rounds), CPU per delivery and p99 with every round as a point, and the
+//! per-round ratios to corecast. [`run_charts`] and [`compare_charts`] are also what `--charts` writes.
 
 use std::fmt::Write;
 
@@ -346,7 +346,8 @@ fn page(title: &str, body: &str) -> String {
     )
 }
 
-/// Each round's send-cost probe and the least CPU per delivery it gives the workload.
+/// Each round's probe: the send cost, the fan-out floor and the least CPU per delivery it
+/// gives the workload.
 fn anchor_table(anchors: &[AnchorRound]) -> String {
     let mut s = String::from("<h2>Physical anchor</h2>\n");
     if anchors.is_empty() {
